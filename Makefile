@@ -1,0 +1,39 @@
+# plantwatch: the two commands an operator needs on a fresh machine are `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_SECONDS ?= 120
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench bench-skab lint clean
+
+# The venv is (re)built when pyproject.toml or the lock file changes.
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Full test suite (unit + integration against a real local broker + slow fault tests).
+test: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest $(PYTEST_ARGS)
+
+## Everything except the slow soak/fault tests.
+test-fast: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+## Embedded broker, simulated plant, detector, trainer and live alerts.
+demo: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/plantwatch demo --seconds $(DEMO_SECONDS)
+
+bench: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.run_all
+
+bench-skab: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.skab
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
