@@ -1,0 +1,388 @@
+"""One typed settings object for every plantwatch process.
+
+Values come from, in increasing order of precedence: the defaults below, a TOML file,
+``PLANTWATCH_<SECTION>__<KEY>`` environment variables and ``--set section.key=value`` CLI
+flags. Unknown keys, wrong types and impossible values are refused with a
+:class:`SettingsError` that names the key, so a typo in a deployment fails at start-up
+instead of silently running with a default.
+
+Each field carries a ``doc`` in its metadata: the configuration reference in the README
+is generated from it (``plantwatch config --reference``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_PREFIX = "PLANTWATCH_"
+
+PUMP_FEATURES: tuple[str, ...] = (
+    "Accelerometer1RMS",
+    "Accelerometer2RMS",
+    "Current",
+    "Pressure",
+    "Temperature",
+    "Thermocouple",
+    "Voltage",
+    "VolumeFlowRateRMS",
+)
+
+
+class SettingsError(ValueError):
+    """A setting is unknown, of the wrong type or impossible; the message names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"setting '{key}': {message}")
+        self.key = key
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with its documentation (immutable defaults only)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+def _check(key: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise SettingsError(key, message)
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str = _f("", "host:port[,host:port…] of the Kafka cluster; empty starts the embedded local broker (demo, tests)")
+    client_id: str = _f("plantwatch", "Kafka client id prefix")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = _f("PLAINTEXT", "transport security")
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = _f("", "SASL mechanism when security_protocol is SASL_*")
+    sasl_username: str = _f("", "SASL user name")
+    sasl_password: str = _f("", "SASL password (prefer the PLANTWATCH_KAFKA__SASL_PASSWORD environment variable)")
+    ssl_cafile: str = _f("", "CA bundle (PEM) to verify the brokers")
+    ssl_certfile: str = _f("", "client certificate (PEM) for mutual TLS")
+    ssl_keyfile: str = _f("", "client private key (PEM) for mutual TLS")
+    ssl_check_hostname: bool = _f(True, "verify the broker host name against its certificate")
+    session_timeout_ms: int = _f(6000, "consumer group session timeout; group joins take about half of it on some brokers")
+    heartbeat_interval_ms: int = _f(1000, "consumer heartbeat interval (must be below session_timeout_ms / 3)")
+    max_poll_interval_ms: int = _f(300000, "longest time between polls before the member is expelled")
+    max_poll_records: int = _f(5000, "records per poll: one decode pass and one scoring call per poll")
+    fetch_max_bytes: int = _f(52428800, "largest fetch response")
+    max_partition_fetch_bytes: int = _f(4194304, "largest fetch per partition")
+    request_timeout_ms: int = _f(30000, "client request timeout")
+
+    def __post_init__(self) -> None:
+        p = "kafka."
+        _check(p + "session_timeout_ms", self.session_timeout_ms > 0, "must be > 0")
+        _check(p + "heartbeat_interval_ms", 0 < self.heartbeat_interval_ms * 3 <= self.session_timeout_ms,
+               "must be > 0 and at most a third of session_timeout_ms")
+        _check(p + "max_poll_records", self.max_poll_records >= 1, "must be >= 1")
+        _check(p + "max_poll_interval_ms", self.max_poll_interval_ms >= self.session_timeout_ms,
+               "must be >= session_timeout_ms")
+        if self.security_protocol.startswith("SASL"):
+            _check(p + "sasl_mechanism", self.sasl_mechanism != "", f"required with {self.security_protocol}")
+            _check(p + "sasl_username", self.sasl_username != "", f"required with {self.security_protocol}")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            _check(p + name, path == "" or Path(path).is_file(), f"file not found: {path}")
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    readings: str = _f("plant.readings", "input topic, key = asset id")
+    alerts: str = _f("plant.alerts", "alert events (open/update/close), key = asset id")
+    dlq: str = _f("", "dead-letter topic for rejected readings; empty means '<readings>.dlq'")
+    models: str = _f("plant.models", "control topic announcing published model versions")
+    partitions: int = _f(4, "partitions used when plantwatch creates the topics")
+
+    def __post_init__(self) -> None:
+        for name in ("readings", "alerts", "models"):
+            _check("topics." + name, bool(getattr(self, name)), "must not be empty")
+        _check("topics.partitions", self.partitions >= 1, "must be >= 1")
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.dlq or f"{self.readings}.dlq"
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    period_s: float = _f(1.0, "grid period: readings are aggregated (mean) into steps of this length")
+    allowed_lateness_s: float = _f(5.0, "readings up to this much older than the asset's newest are still placed on the grid")
+    max_future_s: float = _f(300.0, "readings stamped further than this ahead of the wall clock are rejected, so they cannot drag the watermark")
+    carry_forward_steps: int = _f(5, "a missing feature keeps its last value for at most this many steps")
+    gap_reset_steps: int = _f(30, "a gap of more empty steps than this resets the asset instead of inventing data")
+
+    def __post_init__(self) -> None:
+        _check("grid.period_s", self.period_s > 0, "must be > 0")
+        _check("grid.allowed_lateness_s", self.allowed_lateness_s >= 0, "must be >= 0")
+        _check("grid.max_future_s", self.max_future_s > 0, "must be > 0")
+        _check("grid.carry_forward_steps", self.carry_forward_steps >= 0, "must be >= 0")
+        _check("grid.gap_reset_steps", self.gap_reset_steps >= 1, "must be >= 1")
+
+    @property
+    def period_ms(self) -> int:
+        return max(1, round(self.period_s * 1000))
+
+    @property
+    def lateness_ms(self) -> int:
+        return round(self.allowed_lateness_s * 1000)
+
+    @property
+    def max_future_ms(self) -> int:
+        return round(self.max_future_s * 1000)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    features: tuple[str, ...] = _f(PUMP_FEATURES, "feature (sensor) names, in model order")
+    timesteps: int = _f(32, "training window length in grid steps (truncated-BPTT chunk)")
+    chunks_per_run: int = _f(8, "consecutive windows whose LSTM state is carried during training")
+    units: tuple[int, ...] = _f((64, 32), "LSTM layer sizes, first to last (at least two layers)")
+    epochs: int = _f(40, "maximum training epochs (early stopping on a time-ordered validation split)")
+    patience: int = _f(5, "epochs without validation improvement before stopping")
+    streams: int = _f(32, "parallel streams per training batch (the stateful batch size)")
+    learning_rate: float = _f(2e-3, "Adam learning rate")
+    validation_fraction: float = _f(0.2, "time-ordered tail of each asset's history held out for early stopping and calibration")
+    per_asset_scaling: bool = _f(True, "learn feature scaling per asset from its own history (one network serves a fleet)")
+    seed: int = _f(0, "random seed for weight initialisation and batching")
+
+    def __post_init__(self) -> None:
+        _check("model.features", len(self.features) >= 1, "at least one feature")
+        _check("model.features", len(set(self.features)) == len(self.features), "duplicate feature names")
+        _check("model.timesteps", self.timesteps >= 2, "must be >= 2")
+        _check("model.chunks_per_run", self.chunks_per_run >= 1, "must be >= 1")
+        _check("model.units", len(self.units) >= 2 and all(u >= 1 for u in self.units),
+               "at least two LSTM layers, each >= 1 unit")
+        _check("model.epochs", self.epochs >= 1, "must be >= 1")
+        _check("model.patience", self.patience >= 1, "must be >= 1")
+        _check("model.streams", self.streams >= 1, "must be >= 1")
+        _check("model.learning_rate", self.learning_rate > 0, "must be > 0")
+        _check("model.validation_fraction", 0 < self.validation_fraction < 1, "must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ThresholdSettings:
+    smoothing_alpha: float = _f(0.3, "EWMA weight of the newest step score (1 = no smoothing)")
+    quantile: float = _f(0.995, "quantile of smoothed held-out normal scores the calibrated threshold starts from")
+    margin: float = _f(1.25, "the calibrated threshold is the quantile times this margin")
+    adapt_alpha: float = _f(0.002, "EWMA weight with which each asset's normal score level adapts online (0 = off)")
+    adapt_z: float = _f(4.0, "the online threshold is the adapted mean plus this many adapted standard deviations")
+    open_after: int = _f(2, "consecutive steps above the threshold before an alert opens")
+    close_after: int = _f(5, "consecutive steps below close_ratio × threshold before an alert closes")
+    close_ratio: float = _f(0.8, "hysteresis: an alert closes below this fraction of the threshold")
+    update_every: int = _f(30, "an open alert emits an update at most every this many steps (and when its peak grows)")
+    top_features: int = _f(3, "features named in an alert, by contribution")
+
+    def __post_init__(self) -> None:
+        p = "threshold."
+        _check(p + "smoothing_alpha", 0 < self.smoothing_alpha <= 1, "must be in (0, 1]")
+        _check(p + "quantile", 0 < self.quantile < 1, "must be in (0, 1)")
+        _check(p + "margin", self.margin > 0, "must be > 0")
+        _check(p + "adapt_alpha", 0 <= self.adapt_alpha < 1, "must be in [0, 1)")
+        _check(p + "adapt_z", self.adapt_z > 0, "must be > 0")
+        _check(p + "open_after", self.open_after >= 1, "must be >= 1")
+        _check(p + "close_after", self.close_after >= 1, "must be >= 1")
+        _check(p + "close_ratio", 0 < self.close_ratio <= 1, "must be in (0, 1]")
+        _check(p + "update_every", self.update_every >= 1, "must be >= 1")
+        _check(p + "top_features", self.top_features >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    group_id: str = _f("plantwatch-detector", "consumer group of the detectors")
+    input_format: Literal["auto", "wide", "narrow"] = _f("auto", "reading format on the readings topic")
+    unknown_features: Literal["reject", "ignore"] = _f("reject", "what a reading naming a feature outside the model does")
+    max_record_bytes: int = _f(65536, "larger records go to the DLQ")
+    poll_timeout_ms: int = _f(500, "longest wait for records in one poll")
+    registry_poll_s: float = _f(30.0, "how often the registry is checked for a new current model (the control topic is faster)")
+    http_port: int = _f(0, "port of the /metrics, /healthz and /readyz endpoints (0 = off)")
+
+    def __post_init__(self) -> None:
+        _check("detector.group_id", bool(self.group_id), "must not be empty")
+        _check("detector.max_record_bytes", self.max_record_bytes >= 64, "must be >= 64")
+        _check("detector.poll_timeout_ms", self.poll_timeout_ms >= 1, "must be >= 1")
+        _check("detector.registry_poll_s", self.registry_poll_s > 0, "must be > 0")
+        _check("detector.http_port", 0 <= self.http_port <= 65535, "must be a port number or 0")
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    uri: str = _f("var/registry", "model registry: a local path or any pyarrow filesystem URI (s3://, gs://, hdfs://)")
+    keep: int = _f(5, "published versions kept (older ones are deleted, pinned ones never)")
+
+    def __post_init__(self) -> None:
+        _check("registry.uri", bool(self.uri), "must not be empty")
+        _check("registry.keep", self.keep >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    uri: str = _f("var/archive", "Parquet archive root: a local path or any pyarrow filesystem URI")
+    group_id: str = _f("plantwatch-archiver", "consumer group of the archivers")
+    flush_rows: int = _f(200000, "a Parquet file is closed after this many readings")
+    flush_seconds: float = _f(60.0, "… or after this many seconds")
+
+    def __post_init__(self) -> None:
+        _check("archive.uri", bool(self.uri), "must not be empty")
+        _check("archive.flush_rows", self.flush_rows >= 1, "must be >= 1")
+        _check("archive.flush_seconds", self.flush_seconds > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
+    format: Literal["auto", "json", "console"] = _f("auto", "json lines, console, or auto (console on a terminal)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    topics: TopicSettings = field(default_factory=TopicSettings)
+    grid: GridSettings = field(default_factory=GridSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    threshold: ThresholdSettings = field(default_factory=ThresholdSettings)
+    detector: DetectorSettings = field(default_factory=DetectorSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in fields(Settings)}
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Convert a TOML value or a string (env/CLI) to the field's type, or refuse it."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        _check(key, value in allowed, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        _check(key, isinstance(items, (list, tuple)), f"must be a list, got {type(value).__name__}")
+        return tuple(_coerce(key, item, v) for v in items)
+    if hint is bool:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            _check(key, low in {"true", "false", "1", "0", "yes", "no"}, f"must be true or false, got {value!r}")
+            return low in {"true", "1", "yes"}
+        _check(key, isinstance(value, bool), f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise SettingsError(key, f"must be an integer, got {value!r}") from None
+        _check(key, isinstance(value, int) and not isinstance(value, bool), f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise SettingsError(key, f"must be a number, got {value!r}") from None
+        _check(key, isinstance(value, (int, float)) and not isinstance(value, bool), f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _check(key, isinstance(value, str), f"must be a string, got {value!r}")
+        return value
+    raise SettingsError(key, f"unsupported type {hint}")  # pragma: no cover - a programming error
+
+
+def _merge(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    sections = _section_types()
+    if section not in sections or not name:
+        raise SettingsError(key, f"unknown section; expected one of {', '.join(sections)}")
+    hints = typing.get_type_hints(sections[section])
+    if name not in hints:
+        raise SettingsError(key, f"unknown key; {section} has {', '.join(hints)}")
+    tree.setdefault(section, {})[name] = _coerce(key, hints[name], value)
+
+
+def _env_items(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    items = []
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
+            items.append((f"{section}.{key}", value))
+    return sorted(items)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: defaults < TOML file < environment < overrides (CLI)."""
+    tree: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise SettingsError("config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError("config", f"{path} is not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise SettingsError(section, "must be a [section] table")
+            for name, value in values.items():
+                _merge(tree, f"{section}.{name}", value)
+    for key, value in _env_items(os.environ if env is None else env):
+        _merge(tree, key, value)
+    for key, value in (overrides or {}).items():
+        _merge(tree, key, value)
+    sections = _section_types()
+    return Settings(**{name: cls(**tree.get(name, {})) for name, cls in sections.items()})
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """Parse CLI ``--set section.key=value`` pairs."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or "." not in key:
+            raise SettingsError(pair, "expected section.key=value")
+        out[key.strip()] = value
+    return out
+
+
+def to_dict(settings: Settings, *, redact: bool = True) -> dict[str, dict[str, Any]]:
+    """Settings as plain data (for logs and `plantwatch config`); secrets are redacted."""
+    out = dataclasses.asdict(settings)
+    if redact and out["kafka"]["sasl_password"]:
+        out["kafka"]["sasl_password"] = "***"
+    return out
+
+
+def reference_markdown() -> str:
+    """The configuration reference, generated from the fields above."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section, cls in _section_types().items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            type_name = _type_name(hints[f.name])
+            lines.append(f"| `{section}.{f.name}` | {type_name} | `{shown}` | {f.metadata.get('doc', '')} |")
+    return "\n".join(lines)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " \\| ".join(repr(a) if a else "''" for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"list of {typing.get_args(hint)[0].__name__}"
+    if isinstance(hint, types.GenericAlias):  # pragma: no cover
+        return str(hint)
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,145 @@
+"""The event-time grid: aggregation, lateness, future cap, carry-forward, holes and gaps."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.grid import NO_POS, AssetGrid, FleetGrid, GridConfig, GridSteps
+
+CFG = GridConfig(period_ms=1000, lateness_ms=3000, max_future_ms=60_000, carry_forward_steps=2,
+                 gap_reset_steps=10, n_features=2)
+
+
+def feed(grid: FleetGrid, rows: list[tuple[str, int, int, float]], now_ms: int | None = None):
+    """rows: (asset, ts_ms, feature, value); one record per row."""
+    a = np.array([r[0] for r in rows], dtype=object)
+    ts = np.array([r[1] for r in rows], np.int64)
+    f = np.array([r[2] for r in rows], np.int32)
+    v = np.array([r[3] for r in rows], float)
+    idx = np.arange(len(rows), dtype=np.int64)
+    return grid.ingest(a, ts, f, v, idx, idx, now_ms)
+
+
+def both(asset: str, ts: int, x: float, y: float) -> list[tuple[str, int, int, float]]:
+    return [(asset, ts, 0, x), (asset, ts, 1, y)]
+
+
+def test_readings_in_a_step_are_averaged_and_closed_after_lateness() -> None:
+    g = FleetGrid(CFG)
+    rows = both("a", 0, 1.0, 10.0) + both("a", 500, 3.0, 30.0)
+    r = feed(g, rows)
+    assert len(r.steps) == 0  # watermark 500 has not passed step 0 + lateness
+    r = feed(g, both("a", 4000, 0.0, 0.0))  # watermark 4000 - 3000 lateness closes step 0
+    assert r.steps.step.tolist() == [0]
+    np.testing.assert_allclose(r.steps.values[0], [2.0, 20.0])
+    assert r.steps.reset.tolist() == [True]  # first step of an asset starts from a clean state
+    assert r.steps.n_readings.tolist() == [4]
+
+
+def test_out_of_order_within_lateness_lands_in_its_step_and_later_is_late() -> None:
+    g = FleetGrid(CFG)
+    feed(g, both("a", 5000, 1.0, 1.0))
+    feed(g, both("a", 7000, 1.0, 1.0))
+    r = feed(g, both("a", 4200, 5.0, 5.0))  # 2.8 s behind the watermark: accepted
+    assert len(r.late_records) == 0
+    feed(g, both("a", 12000, 1.0, 1.0))  # closes steps up to 8
+    r = feed(g, both("a", 6500, 9.0, 9.0))  # step 6 is closed: late
+    assert r.late_records.tolist() == [0, 1] and r.counters.late == 2
+    out = feed(g, both("a", 30000, 0, 0)).steps
+    assert 6 not in out.step.tolist()  # step 6 was emitted before; a closed step never changes
+
+
+def test_future_timestamps_are_rejected_and_do_not_move_the_watermark() -> None:
+    g = FleetGrid(CFG)
+    now = 100_000
+    feed(g, both("a", now, 1.0, 1.0), now_ms=now)
+    r = feed(g, both("a", now + 10**9, 1.0, 1.0), now_ms=now)
+    assert r.future_records.tolist() == [0, 1]
+    assert g.assets["a"].watermark_ms == now
+    r = feed(g, both("a", now + 500, 2.0, 2.0), now_ms=now)
+    assert r.counters.late == 0
+
+
+def test_missing_feature_carried_forward_up_to_limit_then_hole_and_reset() -> None:
+    g = FleetGrid(CFG)
+    rows = both("a", 0, 1.0, 1.0)
+    rows += [("a", t * 1000, 0, float(t)) for t in range(1, 8)]  # feature 1 stops after step 0
+    rows += both("a", 8000, 8.0, 8.0)
+    rows += both("a", 20000, 0.0, 0.0)
+    steps = feed(g, rows).steps
+    # steps 1,2 carry feature 1 (limit 2); 3..7 are holes; 8 restarts with reset; 9,10 carry
+    # both features; 11..16 (closed by the watermark 20 s - 3 s lateness) are holes again
+    assert steps.step.tolist() == [0, 1, 2, 8, 9, 10]
+    np.testing.assert_allclose(steps.values[1:3, 1], [1.0, 1.0])
+    assert steps.reset.tolist()[:4] == [True, False, False, True]
+
+
+def test_long_gap_resets_the_asset_without_inventing_steps() -> None:
+    g = FleetGrid(CFG)
+    feed(g, both("a", 0, 1.0, 1.0))
+    r = feed(g, both("a", 10**8, 2.0, 2.0) + both("a", 10**8 + 5000, 2.0, 2.0))
+    assert r.steps.step.tolist() == [0, 10**5, 10**5 + 1]  # nothing invented across the gap
+    assert r.steps.reset.tolist() == [True, True, False]
+    assert r.counters.gap_resets == 1
+
+
+def test_flush_closes_everything_and_pending_positions_track_open_steps() -> None:
+    g = FleetGrid(CFG)
+    feed(g, both("a", 0, 1.0, 1.0) + both("b", 0, 2.0, 2.0))
+    assert g.assets["a"].oldest_pending_pos() == 0
+    assert g.assets["b"].oldest_pending_pos() == 2
+    r = g.flush()
+    assert sorted(r.steps.asset.tolist()) == ["a", "b"]
+    assert g.assets["a"].oldest_pending_pos() == NO_POS
+
+
+def test_snapshot_restore_round_trip_gives_identical_future_output() -> None:
+    rows = [("a", t * 700, t % 2, float(t)) for t in range(40)]
+    g1 = FleetGrid(CFG)
+    feed(g1, rows[:20])
+    g2 = FleetGrid(CFG)
+    g2.assets["a"] = AssetGrid.restore(2, g1.assets["a"].snapshot())
+    out1, out2 = feed(g1, rows[20:]).steps, feed(g2, rows[20:]).steps
+    assert out1.step.tolist() == out2.step.tolist()
+    np.testing.assert_array_equal(out1.values, out2.values)
+
+
+def _collect(rows: list[tuple[str, int, int, float]], batch: int) -> GridSteps:
+    g = FleetGrid(CFG)
+    parts = [feed(g, rows[i:i + batch]).steps for i in range(0, len(rows), batch)]
+    parts.append(g.flush().steps)
+    return GridSteps.concat(parts, 2)
+
+
+@st.composite
+def shuffled_within_lateness(draw):  # type: ignore[no-untyped-def]
+    """Readings of two assets, and an arrival order where no reading is later than the lateness bound."""
+    n = draw(st.integers(5, 60))
+    gaps = draw(st.lists(st.integers(0, 1500), min_size=n, max_size=n))
+    ts = np.cumsum(gaps)
+    rows = [(draw(st.sampled_from(["a", "b"])), int(t), draw(st.integers(0, 1)), float(draw(st.integers(-50, 50))))
+            for t in ts]
+    # Shuffle inside blocks spanning at most the lateness: every reading is then at most
+    # `lateness` behind the newest one seen before it.
+    blocks, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or ts[i] - ts[start] > CFG.lateness_ms:
+            block = rows[start:i]
+            blocks.append(draw(st.permutations(block)))
+            start = i
+    arrival = [r for b in blocks for r in b]
+    batch = draw(st.integers(1, 10))
+    return rows, arrival, batch
+
+
+@settings(max_examples=150, deadline=None)
+@given(shuffled_within_lateness())
+def test_any_arrival_order_within_lateness_gives_the_sorted_grid(case) -> None:  # type: ignore[no-untyped-def]
+    rows, arrival, batch = case
+    expected = _collect(rows, 1)
+    got = _collect(arrival, batch)
+    key_e = sorted(zip(expected.asset, expected.step, map(tuple, expected.values), expected.reset))
+    key_g = sorted(zip(got.asset, got.step, map(tuple, got.values), got.reset))
+    assert key_e == key_g
