@@ -1,0 +1,54 @@
+"""Command-line options shared by the commands that read CSV/Parquet tables of readings."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pandas as pd
+
+from pipeline.settings import Settings
+from pipeline.tables import TableError, read_table
+
+
+def add_table_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="CSV or Parquet file of readings (one row per asset and time)")
+    p.add_argument("--time-col", default="ts", help="timestamp column: epoch ms or ISO-8601 (default: ts)")
+    p.add_argument("--asset-col", default=None, help="asset id column (default: the whole file is one asset)")
+    p.add_argument("--asset", default=None, help="asset id when there is no asset column (default: the file name)")
+    p.add_argument("--sep", default=None, help="CSV separator (default: sniffed, ',' or ';')")
+    p.add_argument("--features", default=None,
+                   help="comma-separated feature columns, or 'all' for every numeric column but time/asset/label "
+                        "(default: model.features from the settings)")
+    p.add_argument("--label-col", default=None, help="0/1 label column: rows labelled 1 are left out of fitting")
+    p.add_argument("--ignore-cols", default="", help="comma-separated columns that are never features (with --features all)")
+    p.add_argument("--rows", type=int, default=None, help="use only the first N rows")
+
+
+def load_table(args: argparse.Namespace) -> pd.DataFrame:
+    try:
+        frame = read_table(args.data, sep=args.sep)
+    except TableError as exc:
+        from cli.main import UsageError
+
+        raise UsageError(str(exc)) from None
+    return frame.iloc[: args.rows] if args.rows else frame
+
+
+def features_for(args: argparse.Namespace, frame: pd.DataFrame, settings: Settings) -> tuple[str, ...]:
+    if args.features is None:
+        return settings.model.features
+    if args.features == "all":
+        skip = {args.time_col, args.asset_col, args.label_col, *args.ignore_cols.split(",")}
+        return tuple(c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c]))
+    return tuple(f.strip() for f in args.features.split(",") if f.strip())
+
+
+def with_features(settings: Settings, features: tuple[str, ...]) -> Settings:
+    return dataclasses.replace(settings, model=dataclasses.replace(settings.model, features=features))
+
+
+def default_asset(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    return args.asset or Path(args.data).stem

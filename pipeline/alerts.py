@@ -1,0 +1,114 @@
+"""The alert lifecycle: open, update, close, with hysteresis and deterministic ids.
+
+An alert opens after ``open_after`` consecutive smoothed scores above the threshold and
+starts at the first of them; it closes after ``close_after`` consecutive scores below
+``close_ratio × threshold`` (hysteresis, so an alert hovering at the threshold does not
+flap). While open it emits an update every ``update_every`` steps or when its peak grows
+by a fifth. Its id is a hash of (asset, start step, model version): replaying the same
+readings with the same model after a crash re-emits the same ids, so consumers of the
+alert topic can de-duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from pipeline.bundle import ThresholdParams
+from pipeline.state import FleetState
+
+AlertState = Literal["open", "update", "close"]
+PEAK_GROWTH_FOR_UPDATE = 1.2
+
+
+def alert_id(asset: str, start_step: int, model_version: str) -> str:
+    return hashlib.sha256(f"{asset}\x1f{start_step}\x1f{model_version}".encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    alert_id: str
+    asset: str
+    state: AlertState
+    start_ms: int              # event time of the first abnormal step
+    end_ms: int | None         # event time the asset was back to normal (close only)
+    step_ms: int               # event time of the step that caused this event
+    score: float               # smoothed score at that step
+    peak_score: float
+    threshold: float
+    top_features: tuple[tuple[str, float], ...]  # (feature, share of the alert's squared error)
+    model_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["top_features"] = [{"feature": f, "contribution": round(c, 4)} for f, c in self.top_features]
+        return d
+
+
+def _top(contrib: np.ndarray, features: tuple[str, ...], k: int) -> tuple[tuple[str, float], ...]:
+    total = float(contrib.sum())
+    if total <= 0 or not np.isfinite(total):
+        return ()
+    order = np.argsort(-contrib, kind="stable")[:k]
+    return tuple((features[i], float(contrib[i] / total)) for i in order)
+
+
+def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray,
+                  smoothed: np.ndarray, threshold: np.ndarray, errors: np.ndarray, p: ThresholdParams,
+                  features: tuple[str, ...], period_ms: int, model_version: str) -> list[AlertEvent]:
+    """Advance the lifecycle of one step for each of ``rows`` (distinct assets)."""
+    cols = state.cols
+    valid = np.isfinite(smoothed) & np.isfinite(errors).all(axis=1)
+    above = valid & (smoothed > threshold)
+    below = valid & (smoothed < p.close_ratio * threshold)
+
+    count = np.where(above, cols["above"][rows] + 1, 0)
+    cols["above"][rows] = count
+    cols["run_start"][rows] = np.where(above & (count == 1), steps, cols["run_start"][rows])
+
+    is_open = cols["alert_open"][rows]
+    sq = np.where(valid[:, None], errors**2, 0.0)
+    state.alert_contrib[rows[is_open & above]] += sq[is_open & above]
+    cols["below"][rows] = np.where(is_open & below, cols["below"][rows] + 1, 0)
+    cols["alert_peak"][rows] = np.where(is_open & valid, np.fmax(cols["alert_peak"][rows], smoothed),
+                                        cols["alert_peak"][rows])
+    cols["alert_steps"][rows] += is_open
+
+    events: list[AlertEvent] = []
+    opening = ~is_open & (count >= p.open_after)
+    closing = is_open & (cols["below"][rows] >= p.close_after)
+    since_event = steps - cols["alert_last_event"][rows]
+    grown = cols["alert_peak"][rows] > PEAK_GROWTH_FOR_UPDATE * cols["alert_peak_sent"][rows]
+    updating = is_open & ~closing & ((since_event >= p.update_every) | grown)
+
+    for i in np.flatnonzero(opening | closing | updating):
+        r = rows[i]
+        if opening[i]:
+            cols["alert_open"][r] = True
+            cols["alert_start"][r] = cols["run_start"][r]
+            cols["alert_peak"][r] = smoothed[i]
+            cols["alert_steps"][r] = count[i]
+            cols["below"][r] = 0
+            state.alert_contrib[r] = sq[i]
+            kind: AlertState = "open"
+        else:
+            kind = "close" if closing[i] else "update"
+        start = int(cols["alert_start"][r])
+        end_step = int(steps[i]) - p.close_after + 1 if kind == "close" else None
+        events.append(AlertEvent(
+            alert_id=alert_id(str(assets[i]), start, model_version), asset=str(assets[i]), state=kind,
+            start_ms=start * period_ms, end_ms=None if end_step is None else end_step * period_ms,
+            step_ms=int(steps[i]) * period_ms, score=float(smoothed[i]), peak_score=float(cols["alert_peak"][r]),
+            threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
+            model_version=model_version,
+        ))
+        cols["alert_last_event"][r] = steps[i]
+        cols["alert_peak_sent"][r] = cols["alert_peak"][r]
+        if kind == "close":
+            cols["alert_open"][r] = False
+            cols["above"][r] = 0
+            state.alert_contrib[r] = 0.0
+    return events

@@ -1,0 +1,233 @@
+"""A model bundle: everything the detector needs to score, in one versioned directory.
+
+Files::
+
+    manifest.json   features, grid period, window length, layer sizes, threshold parameters,
+                    training metadata, the sha256 of every other file, and its own checksum
+    weights.npz     the network weights as plain arrays
+    scaling.npz     global and per-asset feature scaling, per-feature error scales
+
+Loading reads JSON and ``np.load(allow_pickle=False)`` only, and rebuilds the network from
+code: no bytes from a bundle are ever executed. Every file is verified against the
+manifest, and the manifest against its own checksum, before anything is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.settings import ThresholdSettings
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.npz"
+SCALING = "scaling.npz"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, incomplete, corrupted or inconsistent."""
+
+
+@dataclass
+class Scaler:
+    """Feature standardisation, global and optionally per asset (one network serves a fleet)."""
+
+    mean: np.ndarray   # (F,)
+    scale: np.ndarray  # (F,)
+    asset_names: tuple[str, ...] = ()
+    asset_mean: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))   # (A, F)
+    asset_scale: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))  # (A, F)
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.asset_names)}
+
+    def rows_for(self, assets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and scale rows for each asset; unknown assets get the global scaling."""
+        if not self.asset_names:
+            n = len(assets)
+            return np.broadcast_to(self.mean, (n, len(self.mean))), np.broadcast_to(self.scale, (n, len(self.scale)))
+        idx = np.fromiter((self._index.get(a, -1) for a in assets), np.int64, len(assets))
+        mean = np.vstack([self.asset_mean, self.mean])[idx]
+        scale = np.vstack([self.asset_scale, self.scale])[idx]
+        return mean, scale
+
+    def transform(self, assets: np.ndarray, values: np.ndarray) -> np.ndarray:
+        mean, scale = self.rows_for(assets)
+        return (values - mean) / scale
+
+    def inverse(self, assets: np.ndarray, scaled: np.ndarray) -> np.ndarray:
+        mean, scale = self.rows_for(assets)
+        return scaled * scale + mean
+
+
+@dataclass(frozen=True)
+class ThresholdParams:
+    """Threshold behaviour frozen into the bundle: settings plus what calibration learned."""
+
+    threshold: float            # calibrated on held-out normal data
+    normal_mean: float          # mean of smoothed held-out normal scores (seeds online adaptation)
+    normal_std: float
+    smoothing_alpha: float
+    adapt_alpha: float
+    adapt_z: float
+    open_after: int
+    close_after: int
+    close_ratio: float
+    update_every: int
+    top_features: int
+
+    @classmethod
+    def from_settings(cls, s: ThresholdSettings, threshold: float, normal_mean: float, normal_std: float) -> ThresholdParams:
+        return cls(threshold, normal_mean, normal_std, s.smoothing_alpha, s.adapt_alpha, s.adapt_z,
+                   s.open_after, s.close_after, s.close_ratio, s.update_every, s.top_features)
+
+
+@dataclass
+class ModelBundle:
+    version: str
+    features: tuple[str, ...]
+    period_ms: int
+    timesteps: int
+    units: tuple[int, ...]
+    warmup_steps: int               # steps after a state reset that are not scored
+    scaler: Scaler
+    error_scale: np.ndarray         # (F,) RMS of scaled next-step errors at training time
+    thresholds: ThresholdParams
+    weights: list[np.ndarray]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return _sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def encode_bundle(bundle: ModelBundle) -> dict[str, bytes]:
+    """The bundle's files as bytes (manifest last, since it holds the others' checksums)."""
+    files = {
+        WEIGHTS: _npz_bytes({f"w{i:03d}": w for i, w in enumerate(bundle.weights)}),
+        SCALING: _npz_bytes({
+            "mean": bundle.scaler.mean, "scale": bundle.scaler.scale,
+            "asset_names": np.array(bundle.scaler.asset_names, dtype=np.str_),
+            "asset_mean": bundle.scaler.asset_mean, "asset_scale": bundle.scaler.asset_scale,
+            "error_scale": bundle.error_scale,
+        }),
+    }
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "version": bundle.version,
+        "features": list(bundle.features),
+        "period_ms": bundle.period_ms,
+        "timesteps": bundle.timesteps,
+        "units": list(bundle.units),
+        "warmup_steps": bundle.warmup_steps,
+        "n_weights": len(bundle.weights),
+        "thresholds": dataclasses.asdict(bundle.thresholds),
+        "metadata": bundle.metadata,
+        "files": {name: _sha256(data) for name, data in files.items()},
+    }
+    manifest["checksum"] = _manifest_checksum(manifest)
+    files[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    return files
+
+
+def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
+    """Verify and rebuild a bundle from its files' bytes; raises BundleError on any defect."""
+    if MANIFEST not in files:
+        raise BundleError("manifest.json is missing")
+    try:
+        manifest = json.loads(files[MANIFEST])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest.json is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("checksum") != _manifest_checksum(manifest):
+        raise BundleError("manifest checksum mismatch")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"unsupported bundle format {manifest.get('format_version')!r}")
+    for name, digest in manifest["files"].items():
+        if name not in files:
+            raise BundleError(f"{name} is missing")
+        if _sha256(files[name]) != digest:
+            raise BundleError(f"{name} checksum mismatch (corrupted or truncated)")
+    try:
+        with np.load(io.BytesIO(files[WEIGHTS]), allow_pickle=False) as z:
+            weights = [z[f"w{i:03d}"] for i in range(int(manifest["n_weights"]))]
+        with np.load(io.BytesIO(files[SCALING]), allow_pickle=False) as z:
+            scaling = {k: z[k] for k in z.files}
+        features = tuple(manifest["features"])
+        units = tuple(int(u) for u in manifest["units"])
+        scaler = Scaler(scaling["mean"], scaling["scale"], tuple(str(a) for a in scaling["asset_names"]),
+                        scaling["asset_mean"], scaling["asset_scale"])
+        bundle = ModelBundle(
+            version=str(manifest["version"]), features=features, period_ms=int(manifest["period_ms"]),
+            timesteps=int(manifest["timesteps"]), units=units, warmup_steps=int(manifest["warmup_steps"]),
+            scaler=scaler, error_scale=scaling["error_scale"],
+            thresholds=ThresholdParams(**manifest["thresholds"]), weights=weights,
+            metadata=dict(manifest.get("metadata", {})),
+        )
+    except (KeyError, TypeError, ValueError, OSError) as exc:
+        raise BundleError(f"bundle content is inconsistent: {exc}") from None
+    _check_shapes(bundle)
+    return bundle
+
+
+def _check_shapes(b: ModelBundle) -> None:
+    """Refuse a bundle whose arrays do not fit its declared features and layers."""
+    f = b.n_features
+    expected: list[tuple[int, ...]] = []
+    prev = f
+    for u in b.units:
+        expected += [(prev, 4 * u), (u, 4 * u), (4 * u,)]
+        prev = u
+    expected += [(prev, f), (f,)]
+    got = [tuple(w.shape) for w in b.weights]
+    if got != expected:
+        raise BundleError(f"weights do not match {f} features and layers {b.units}: {got} != {expected}")
+    for name, arr in (("mean", b.scaler.mean), ("scale", b.scaler.scale), ("error_scale", b.error_scale)):
+        if arr.shape != (f,) or not np.all(np.isfinite(arr)):
+            raise BundleError(f"{name} must be {f} finite numbers")
+    if np.any(b.scaler.scale <= 0) or np.any(b.error_scale <= 0):
+        raise BundleError("scales must be positive")
+    if b.scaler.asset_names and b.scaler.asset_mean.shape != (len(b.scaler.asset_names), f):
+        raise BundleError("per-asset scaling does not match the asset list")
+
+
+def save_bundle(bundle: ModelBundle, uri: str) -> None:
+    """Write a bundle directory (not atomic by itself: the registry publishes atomically)."""
+    fs, path = storage.resolve(uri)
+    for name, data in encode_bundle(bundle).items():
+        storage.write_bytes(fs, storage.join(path, name), data)
+
+
+def load_bundle(uri: str, expected_features: tuple[str, ...] | None = None) -> ModelBundle:
+    """Read and verify a bundle directory; with ``expected_features`` also refuse a feature mismatch."""
+    fs, path = storage.resolve(uri)
+    try:
+        files = {name: storage.read_bytes(fs, storage.join(path, name)) for name in (MANIFEST, WEIGHTS, SCALING)}
+    except (FileNotFoundError, OSError) as exc:
+        raise BundleError(f"cannot read bundle at {uri}: {exc}") from None
+    bundle = decode_bundle(files)
+    if expected_features is not None and bundle.features != tuple(expected_features):
+        raise BundleError(f"bundle features {list(bundle.features)} differ from the configured {list(expected_features)}")
+    return bundle

@@ -1,0 +1,101 @@
+"""The stacked LSTM that predicts the next grid step, in its two shapes.
+
+* The **training model** is stateful with a fixed batch of S parallel streams
+  (``Input(batch_shape=(S, T, F))``): ``fit`` carries each stream's state from one
+  T-step window to the next, which is truncated back-propagation through time. The
+  network therefore learns under the same carried state it sees in production.
+* The **inference model** has the same layers and weights but takes the LSTM states
+  as inputs and returns them, plus a step mask: any number of assets, each with any
+  number of new steps, are scored in one call, and each asset's ``(h, c)`` is carried
+  between calls by the caller. Masked (padding) steps leave the state untouched, so
+  chunked and whole-sequence feeding give the same outputs.
+
+Layers are built from code and weights travel as plain arrays: loading a bundle never
+deserialises code.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from collections.abc import Sequence  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def build_training_model(n_features: int, units: Sequence[int], streams: int, timesteps: int,
+                         learning_rate: float, seed: int) -> keras.Model:
+    """Stateful stacked LSTM for truncated-BPTT training, next-step targets, MSE loss."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input(batch_shape=(streams, timesteps, n_features), name="x")
+    h = x
+    for i, u in enumerate(units):
+        h = keras.layers.LSTM(u, return_sequences=True, stateful=True, name=f"lstm{i}")(h)
+    y = keras.layers.Dense(n_features, name="head")(h)
+    model = keras.Model(x, y)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate, clipnorm=1.0), loss="mse")
+    return model
+
+
+def reset_training_state(model: keras.Model) -> None:
+    """Zero the carried state of every stream (Keras 3 has no Model.reset_states)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.LSTM):
+            layer.reset_state()
+
+
+def build_inference_model(n_features: int, units: Sequence[int]) -> keras.Model:
+    """Stateless twin of the training model: ``[x, mask, h0, c0, h1, c1, …] -> [y, h0', c0', …]``."""
+    x = keras.Input((None, n_features), name="x")
+    mask = keras.Input((None,), dtype="bool", name="mask")
+    states_in, states_out = [], []
+    h = x
+    for i, u in enumerate(units):
+        hi, ci = keras.Input((u,), name=f"h{i}"), keras.Input((u,), name=f"c{i}")
+        states_in += [hi, ci]
+        h, ho, co = keras.layers.LSTM(u, return_sequences=True, return_state=True, name=f"lstm{i}")(
+            h, mask=mask, initial_state=[hi, ci])
+        states_out += [ho, co]
+    y = keras.layers.Dense(n_features, name="head")(h)
+    return keras.Model([x, mask, *states_in], [y, *states_out])
+
+
+class StepFunction:
+    """One compiled call that advances many streams by any number of steps.
+
+    The input signature has ``None`` batch and time dimensions, so it is traced once and
+    never again, whatever the poll size.
+    """
+
+    def __init__(self, n_features: int, units: Sequence[int], weights: Sequence[np.ndarray]) -> None:
+        self.n_features = n_features
+        self.units = tuple(units)
+        self.model = build_inference_model(n_features, units)
+        self.model.set_weights(list(weights))
+        signature = [tf.TensorSpec((None, None, n_features), tf.float32), tf.TensorSpec((None, None), tf.bool)]
+        signature += [tf.TensorSpec((None, u), tf.float32) for u in self.units for _ in range(2)]
+        self._fn = tf.function(self._call, input_signature=signature, reduce_retracing=True)
+
+    def _call(self, x: tf.Tensor, mask: tf.Tensor, *states: tf.Tensor) -> list[tf.Tensor]:
+        return self.model([x, mask, *states], training=False)
+
+    def __call__(self, x: np.ndarray, mask: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = self._fn(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(mask, tf.bool),
+                       *[tf.convert_to_tensor(s, tf.float32) for s in states])
+        return out[0].numpy(), [s.numpy() for s in out[1:]]
+
+    def zero_states(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, u), np.float32) for u in self.units for _ in range(2)]
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1, 64)) -> None:
+        """Trace and run once so the first real poll pays no compilation."""
+        for b in batch_sizes:
+            self(np.zeros((b, 1, self.n_features), np.float32), np.ones((b, 1), bool), self.zero_states(b))
+
+    @property
+    def tracing_count(self) -> int:
+        return int(self._fn.experimental_get_tracing_count())

@@ -1,0 +1,405 @@
+"""Reading schema and batch decoding of raw ``plant.readings`` record values.
+
+Record formats (UTF-8 JSON objects; the Kafka key is the asset id)::
+
+    wide    {"asset": "pump-7", "ts": 1583748873000, "values": {"Pressure": 1.2, "Current": 3.4}}
+    narrow  {"asset": "pump-7", "sensor": "Pressure", "ts": "2020-03-09T10:14:33Z", "value": 1.2}
+
+A wide record may carry any subset of the model's features. ``ts`` is either a number of
+**milliseconds** since the Unix epoch or an ISO-8601 string (``2020-03-09T10:14:33Z``,
+``2020-03-09 10:14:33.250``, ``2020-03-09T12:14:33+02:00``); a string without an offset is
+UTC. Values are JSON numbers; ``true``/``false``, strings, ``null``, ``NaN`` and
+``Infinity`` are refused.
+
+A record with a ``"values"`` key is wide; one with ``"sensor"`` or ``"value"`` is narrow (so a
+narrow record lacking one of the two is reported as ``missing_field``, which says more
+than ``unknown_format``). Anything else is ``unknown_format``.
+
+Decoding never raises on bad input and never drops a record silently: every record of a
+batch either contributes rows to the result or appears exactly once in
+:attr:`DecodedBatch.rejects` with one of :data:`REASONS`, so the consumer can route it
+to the dead-letter topic and count it. A wide record is accepted or rejected whole, so a
+grid step never receives half of a sensor snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+import numpy as np
+
+REASONS: tuple[str, ...] = (
+    "empty",
+    "oversize",
+    "bad_encoding",
+    "malformed_json",
+    "not_object",
+    "unknown_format",
+    "missing_field",
+    "bad_asset",
+    "bad_timestamp",
+    "absurd_timestamp",
+    "bad_value",
+    "non_finite",
+    "unknown_feature",
+    "empty_values",
+)
+
+_DETAIL_CHARS = 200
+_SHOWN_CHARS = 60
+_INT64_MAX = 2**63 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+_MISSING = object()
+_WIDE_FIELDS = ("asset", "ts", "values")
+_NARROW_FIELDS = ("asset", "ts", "sensor", "value")
+
+Format = Literal["auto", "wide", "narrow"]
+UnknownFeatures = Literal["reject", "ignore"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A record that produced no rows, and why (the DLQ header and metric label)."""
+
+    index: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds beyond which a record is garbage rather than a reading."""
+
+    max_record_bytes: int = 65536
+    min_ts_ms: int = 946684800000  # 2000-01-01T00:00:00Z
+    max_ts_ms: int = 7258118400000  # 2200-01-01T00:00:00Z
+    max_asset_len: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_record_bytes <= 0 or self.max_asset_len <= 0:
+            raise ValueError("max_record_bytes and max_asset_len must be > 0")
+        if not -_INT64_MAX <= self.min_ts_ms <= self.max_ts_ms <= _INT64_MAX:
+            raise ValueError("need min_ts_ms <= max_ts_ms, both within int64")
+
+
+@dataclass
+class DecodedBatch:
+    """Long format: one row per (record, feature) value."""
+
+    record_index: np.ndarray  # int64 (n,), index of the source record in the input batch
+    asset: np.ndarray  # object array of str (n,)
+    ts_ms: np.ndarray  # int64 (n,)
+    feature: np.ndarray  # int32 (n,), index into the `features` given to decode_batch
+    value: np.ndarray  # float64 (n,)
+    rejects: list[Reject]
+    n_records: int  # number of input records
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+
+class _Rejected(Exception):
+    """Internal signal: the record being decoded is unusable."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _clip(text: str, limit: int = _DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _shown(value: object) -> str:
+    """A short repr of part of a payload, safe to put in a detail."""
+    return _clip(repr(value), _SHOWN_CHARS)
+
+
+# ---------------------------------------------------------------- timestamps
+
+
+def parse_timestamp_ms(ts: object) -> int:
+    """Epoch milliseconds from a number of ms, an ISO-8601 string or a datetime.
+
+    Fractions of a millisecond are floored, so a string and its numeric twin agree.
+    Naive strings and datetimes are UTC. Raises ValueError (never another error) for
+    bools, non-finite numbers, unparsable strings and other types.
+    """
+    if isinstance(ts, (bool, np.bool_)):
+        raise ValueError(f"timestamp is a boolean: {ts!r}")
+    if isinstance(ts, numbers.Integral):
+        return int(ts)
+    if isinstance(ts, numbers.Real):
+        as_float = float(ts)
+        if not math.isfinite(as_float):
+            raise ValueError(f"timestamp is not finite: {as_float!r}")
+        return math.floor(as_float)
+    if isinstance(ts, str):
+        return _iso_ms(ts)
+    if isinstance(ts, datetime):
+        return _datetime_ms(ts)
+    raise ValueError(f"timestamp must be a number of ms or an ISO-8601 string, not {type(ts).__name__}")
+
+
+def _iso_ms(text: str) -> int:
+    try:
+        parsed = datetime.fromisoformat(text.strip().upper())
+    except ValueError as err:
+        raise ValueError(f"unparsable ISO-8601 timestamp {_shown(text)}: {err}") from None
+    return _datetime_ms(parsed)
+
+
+def _datetime_ms(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // _MS
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode_wide(asset: str, ts_ms: int, values: Mapping[str, float]) -> bytes:
+    """Compact JSON of one wide record (numpy scalars accepted)."""
+    payload = {"asset": asset, "ts": int(ts_ms), "values": {name: float(v) for name, v in values.items()}}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def encode_narrow(asset: str, ts_ms: int, sensor: str, value: float) -> bytes:
+    """Compact JSON of one narrow record (numpy scalars accepted)."""
+    payload = {"asset": asset, "sensor": sensor, "ts": int(ts_ms), "value": float(value)}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------- per-record steps
+
+
+def _load(raw: bytes | str | None, limits: DecodeLimits) -> dict[str, object]:
+    """Bytes to a JSON object; the cheap size checks come before any parsing."""
+    if raw is None or len(raw) == 0:
+        raise _Rejected("empty", "no value")
+    if isinstance(raw, bytes):
+        _check_size(len(raw), limits)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _Rejected("bad_encoding", f"not UTF-8: {err.reason} at byte {err.start}") from None
+    elif isinstance(raw, str):
+        text = raw
+        if len(text) * 4 > limits.max_record_bytes:  # only then can the UTF-8 form be too long
+            _check_size(len(text.encode("utf-8", "surrogatepass")), limits)
+    else:
+        raise TypeError(f"record values must be bytes, str or None, not {type(raw).__name__}")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as err:  # ValueError covers JSONDecodeError and int-digit limits
+        raise _Rejected("malformed_json", _clip(str(err) or type(err).__name__)) from None
+    if type(obj) is not dict:
+        raise _Rejected("not_object", f"JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
+def _check_size(n_bytes: int, limits: DecodeLimits) -> None:
+    if n_bytes > limits.max_record_bytes:
+        raise _Rejected("oversize", f"{n_bytes} bytes > {limits.max_record_bytes}")
+
+
+def _fields(obj: dict[str, object], fmt: Format) -> tuple[str, tuple[object, ...]]:
+    """The record's format and its payload fields, after format detection."""
+    get = obj.get
+    if fmt == "wide" or (fmt == "auto" and "values" in obj):
+        kind, got = "wide", (get("asset", _MISSING), get("ts", _MISSING), get("values", _MISSING))
+        names: tuple[str, ...] = _WIDE_FIELDS
+    elif fmt == "narrow" or "sensor" in obj or "value" in obj:
+        kind, got = "narrow", (get("asset", _MISSING), get("ts", _MISSING), get("sensor", _MISSING), get("value", _MISSING))
+        names = _NARROW_FIELDS
+    else:
+        raise _Rejected("unknown_format", f"neither wide nor narrow; keys {_shown(sorted(obj)[:8])}")
+    if any(field is _MISSING for field in got):
+        missing = [name for name, field in zip(names, got) if field is _MISSING]
+        raise _Rejected("missing_field", f"{kind} record without {', '.join(missing)}")
+    return kind, got
+
+
+def _asset(asset: object, limits: DecodeLimits) -> str:
+    if type(asset) is not str or not asset:
+        raise _Rejected("bad_asset", f"asset must be a non-empty string, got {_shown(asset)}")
+    if len(asset) > limits.max_asset_len:
+        raise _Rejected("bad_asset", f"asset longer than {limits.max_asset_len} chars")
+    if not asset.isprintable() and any(unicodedata.category(ch) in ("Cc", "Cs") for ch in asset):
+        raise _Rejected("bad_asset", f"asset with control or surrogate characters: {_shown(asset)}")
+    return asset
+
+
+def _ts_ms(ts: object, limits: DecodeLimits) -> int:
+    if type(ts) is int:
+        ms = ts
+    else:
+        try:
+            ms = parse_timestamp_ms(ts)
+        except ValueError as err:
+            raise _Rejected("bad_timestamp", _clip(str(err))) from None
+    if not limits.min_ts_ms <= ms <= limits.max_ts_ms:
+        raise _Rejected("absurd_timestamp", f"ts {_clip(str(ms), _SHOWN_CHARS)} ms outside [{limits.min_ts_ms}, {limits.max_ts_ms}]")
+    return ms
+
+
+def _number(name: str, value: object) -> float:
+    """A reading value as float; NaN/inf pass here and are caught vectorised later."""
+    kind = type(value)
+    if kind is float:
+        return value  # type: ignore[return-value]
+    if kind is int:
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except OverflowError:
+            raise _Rejected("non_finite", f"{_shown(name)}: integer beyond float range") from None
+    raise _Rejected("bad_value", f"{_shown(name)}: {kind.__name__} {_shown(value)} is not a number")
+
+
+def _wide_values(
+    values: object, index: Mapping[str, int], ignore_unknown: bool, features_out: list[int], values_out: list[float]
+) -> int:
+    """Append a wide record's (feature, value) pairs, all or nothing; returns how many."""
+    if type(values) is not dict:
+        raise _Rejected("bad_value", f"values must be an object, got {type(values).__name__}")
+    if not values:
+        raise _Rejected("empty_values", "values is an empty object")
+    start = len(features_out)
+    try:
+        for name, value in values.items():
+            feature = index.get(name)
+            if feature is None:
+                if ignore_unknown:
+                    continue
+                raise _Rejected("unknown_feature", f"unknown feature {_shown(name)}")
+            features_out.append(feature)
+            values_out.append(value if type(value) is float else _number(name, value))  # type: ignore[arg-type]
+    except _Rejected:
+        del features_out[start:], values_out[start:]
+        raise
+    if len(features_out) == start:
+        raise _Rejected("unknown_feature", f"no known feature among {_shown(sorted(values)[:8])}")
+    return len(features_out) - start
+
+
+def _narrow_value(
+    sensor: object, value: object, index: Mapping[str, int], features_out: list[int], values_out: list[float]
+) -> int:
+    feature = index.get(sensor) if type(sensor) is str else None
+    if feature is None:
+        raise _Rejected("unknown_feature", f"unknown sensor {_shown(sensor)}")
+    number = _number(sensor, value)  # type: ignore[arg-type]
+    features_out.append(feature)
+    values_out.append(number)
+    return 1
+
+
+# ---------------------------------------------------------------- batch
+
+
+@dataclass
+class _Columns:
+    """Per-record columns (index, asset, ts, row count) and per-row columns (feature, value)."""
+
+    records: list[int]
+    assets: list[str]
+    ts: list[int]
+    counts: list[int]
+    features: list[int]
+    values: list[float]
+
+
+def decode_batch(
+    records: Sequence[bytes | str | None],
+    features: Sequence[str],
+    *,
+    fmt: Format = "auto",
+    limits: DecodeLimits = DecodeLimits(),
+    unknown_features: UnknownFeatures = "reject",
+) -> DecodedBatch:
+    """Decode raw record values in one pass into long-format columns plus rejects.
+
+    ``features`` fixes the feature order: ``DecodedBatch.feature`` indexes into it.
+    Rejects are sorted by record index.
+    """
+    index = _feature_index(features)
+    if fmt not in ("auto", "wide", "narrow"):
+        raise ValueError(f"fmt must be 'auto', 'wide' or 'narrow', not {fmt!r}")
+    if unknown_features not in ("reject", "ignore"):
+        raise ValueError(f"unknown_features must be 'reject' or 'ignore', not {unknown_features!r}")
+    ignore_unknown = unknown_features == "ignore"
+    cols = _Columns([], [], [], [], [], [])
+    rejects: list[Reject] = []
+    n_records = 0
+    for i, raw in enumerate(records):
+        n_records += 1
+        try:
+            kind, got = _fields(_load(raw, limits), fmt)
+            asset = _asset(got[0], limits)
+            ts = _ts_ms(got[1], limits)
+            if kind == "wide":
+                count = _wide_values(got[2], index, ignore_unknown, cols.features, cols.values)
+            else:
+                count = _narrow_value(got[2], got[3], index, cols.features, cols.values)
+        except _Rejected as rejected:
+            rejects.append(Reject(i, rejected.reason, rejected.detail))
+            continue
+        cols.records.append(i)
+        cols.assets.append(asset)
+        cols.ts.append(ts)
+        cols.counts.append(count)
+    return _assemble(cols, rejects, features, n_records)
+
+
+def _feature_index(features: Iterable[str]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for position, name in enumerate(features):
+        if name in index:
+            raise ValueError(f"duplicate feature name {name!r}")
+        index[name] = position
+    if not index:
+        raise ValueError("features must not be empty")
+    return index
+
+
+def _assemble(cols: _Columns, rejects: list[Reject], features: Sequence[str], n_records: int) -> DecodedBatch:
+    """Lists to arrays; records holding a NaN/inf value are moved to the rejects whole."""
+    counts = np.asarray(cols.counts, dtype=np.int64)
+    record_index = np.asarray(cols.records, dtype=np.int64)
+    assets = np.empty(len(cols.assets), dtype=object)
+    assets[:] = cols.assets
+    ts_ms = np.asarray(cols.ts, dtype=np.int64)
+    feature = np.asarray(cols.features, dtype=np.int32)
+    value = np.asarray(cols.values, dtype=np.float64)
+    row_record = np.repeat(np.arange(len(counts)), counts)
+    finite = np.isfinite(value)
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite)
+        bad_records, first = np.unique(row_record[bad_rows], return_index=True)
+        for record, row in zip(bad_records.tolist(), bad_rows[first].tolist()):
+            detail = f"{_shown(features[int(feature[row])])}: {float(value[row])!r}"
+            rejects.append(Reject(int(record_index[record]), "non_finite", detail))
+        rejects.sort(key=lambda reject: reject.index)
+        keep_record = np.ones(len(counts), dtype=bool)
+        keep_record[bad_records] = False
+        keep_row = keep_record[row_record]
+        record_index, assets, ts_ms, counts = record_index[keep_record], assets[keep_record], ts_ms[keep_record], counts[keep_record]
+        feature, value = feature[keep_row], value[keep_row]
+    return DecodedBatch(
+        record_index=np.repeat(record_index, counts),
+        asset=np.repeat(assets, counts),
+        ts_ms=np.repeat(ts_ms, counts),
+        feature=feature,
+        value=value,
+        rejects=rejects,
+        n_records=n_records,
+    )

@@ -1,0 +1,97 @@
+"""Scoring closed grid steps with each asset's LSTM state carried between calls.
+
+All new steps of all assets in one poll go through one batched call: the steps are cut
+into segments (one per asset, or more where the grid asked for a reset), padded to the
+longest segment and masked. The score of a step is how far it is from the prediction
+made one step earlier, per feature, in units of the error scale seen at training time:
+
+    e_f   = (x_f - x̂_f) / error_scale_f          (scaled units)
+    score = sqrt(mean_f e_f²)                    contribution_f = e_f² / Σ e²
+
+Steps within ``warmup_steps`` of a reset advance the state but are not scored, because
+a cold LSTM state predicts poorly and would raise false alarms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.bundle import ModelBundle
+from pipeline.grid import GridSteps
+from pipeline.model import StepFunction
+from pipeline.state import FleetState
+
+
+@dataclass
+class ScoredSteps:
+    asset: np.ndarray    # object (n,)
+    step: np.ndarray     # int64 (n,)
+    rows: np.ndarray     # int64 (n,): FleetState row of each step's asset
+    score: np.ndarray    # float64 (n,), NaN when not scored (warm-up)
+    errors: np.ndarray   # float64 (n, F) normalised per-feature errors, NaN when not scored
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+
+def segment_bounds(asset: np.ndarray, reset: np.ndarray) -> np.ndarray:
+    """Start index of every segment: where the asset changes or the grid asked for a reset."""
+    n = len(asset)
+    if n == 0:
+        return np.empty(0, np.int64)
+    starts = np.ones(n, bool)
+    starts[1:] = (asset[1:] != asset[:-1]) | reset[1:]
+    return np.flatnonzero(starts)
+
+
+def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, steps: GridSteps) -> ScoredSteps:
+    """Advance every asset through its new steps in one model call and score each step."""
+    n, f = len(steps), bundle.n_features
+    rows = state.rows(steps.asset)
+    if n == 0:
+        return ScoredSteps(steps.asset, steps.step, rows, np.empty(0), np.empty((0, f)))
+    scaled = bundle.scaler.transform(steps.asset, steps.values).astype(np.float32)
+
+    starts = segment_bounds(steps.asset, steps.reset)
+    lengths = np.diff(np.append(starts, n))
+    seg_rows = rows[starts]
+    seg_reset = steps.reset[starts]
+    n_seg, width = len(starts), int(lengths.max())
+    seg_of = np.repeat(np.arange(n_seg), lengths)
+    pos = np.arange(n) - starts[seg_of]
+
+    x = np.zeros((n_seg, width, f), np.float32)
+    mask = np.zeros((n_seg, width), bool)
+    x[seg_of, pos] = scaled
+    mask[seg_of, pos] = True
+    init = [np.where(seg_reset[:, None], 0.0, a[seg_rows]).astype(np.float32) for a in state.lstm]
+    y, final = model(x, mask, init)
+
+    # The prediction for a step was made one step earlier: inside the segment, or carried
+    # from the previous poll for a segment's first step.
+    carried_ok = ~seg_reset & state.cols["has_pred"][seg_rows]
+    pred = np.empty((n, f), np.float32)
+    first = pos == 0
+    pred[~first] = y[seg_of[~first], pos[~first] - 1]
+    pred[first] = state.last_pred[seg_rows]
+    has_pred = ~first | carried_ok[seg_of]
+    base = np.where(seg_reset, 0, state.cols["since_reset"][seg_rows])
+    since = base[seg_of] + pos
+    valid = has_pred & (since >= bundle.warmup_steps)
+
+    errors = (scaled - pred) / bundle.error_scale
+    errors[~valid] = np.nan
+    score = np.sqrt(np.mean(errors**2, axis=1))
+
+    # Carry each asset's state from its last segment of this poll.
+    last_seg = np.flatnonzero(np.append(seg_rows[1:] != seg_rows[:-1], True))
+    r = seg_rows[last_seg]
+    for a, fin in zip(state.lstm, final):
+        a[r] = fin[last_seg]
+    state.last_pred[r] = y[last_seg, lengths[last_seg] - 1]
+    state.cols["has_pred"][r] = True
+    state.cols["since_reset"][r] = base[last_seg] + lengths[last_seg]
+    state.cols["last_step"][r] = steps.step[starts[last_seg] + lengths[last_seg] - 1]
+    return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64))
