@@ -17,14 +17,34 @@ deserialises code.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from collections.abc import Sequence  # noqa: E402
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """TensorFlow's native start-up lines are written before its log level applies; keep
+    them out of the JSON log stream. Python exceptions are unaffected."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _native_stderr_silenced():
+    import keras
+    import tensorflow as tf
+
+    tf.constant(0.0) + 1.0  # the first op prints the CPU-feature notice; let it happen here
 
 
 def build_training_model(n_features: int, units: Sequence[int], streams: int, timesteps: int,

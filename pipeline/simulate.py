@@ -68,12 +68,12 @@ _LAG_HORIZON: Final = 30.0           # kinks older than this many time constants
 # (knot spacing ms, sd) of the load's wander: slow and medium are thermally lagged, fast is not
 _LOAD_SLOW: Final = (600_000, 0.035)
 _LOAD_MID: Final = (90_000, 0.02)
-_LOAD_FAST: Final = (5_000, 0.025)
+_LOAD_FAST: Final = (2_000, 0.025)
 _AMBIENT_WANDER: Final = (1_800_000, 0.4)
 _MAINS_WANDER: Final = (300_000, 1.0)
 
 # Anomaly magnitudes, as (low, high) of a uniform draw.
-_SPIKE_SD: Final = (8.0, 12.0)       # excursion, in noise sd
+_SPIKE_SD: Final = (9.0, 13.0)       # excursion, in noise sd
 _DRIFT_SD: Final = (6.0, 9.0)        # offset reached at the end of the window, in noise sd
 _BURST_FACTOR: Final = (5.0, 8.0)    # noise multiplier
 
@@ -544,16 +544,24 @@ class PlantSimulator:
                 for i, (name, (lo, hi)) in enumerate(_PARAM_RANGES.items())}
 
     def _drivers(self, assets: IntArray, t: IntArray, p: Mapping[str, FloatArray],
-                 salt: int) -> _Drivers:
-        """Latents of ``assets`` at times ``t``; ``salt`` selects independent wander streams
-        (same regime and daily cycle) for the decoupled trajectory of a correlation break."""
+                 alt_from: int | None) -> _Drivers:
+        """Latents of ``assets`` at times ``t``.
+
+        With ``alt_from`` (ms) they are the decoupled trajectory of a correlation break:
+        independent wander streams, and the setpoint held at its value at ``alt_from``, so
+        the broken sensor starts where it was and then ignores what the others follow.
+        """
         cfg = self.config
         tau = _THERMAL_TAU_MS
-        if self._block:
+        salt = 0 if alt_from is None else _ALT_SALT
+        if not self._block:
+            regime = regime_lag = p["load_base"]
+        elif alt_from is None:
             regime, regime_lag = _regime(self._key(_Stream.REGIME, assets), t, self._block,
                                          self._ramp, tau, p["load_base"])
         else:
-            regime = regime_lag = p["load_base"]
+            regime = regime_lag = _regime(self._key(_Stream.REGIME, assets), np.array([alt_from]),
+                                          self._block, self._ramp, tau, p["load_base"])[0]
         daily, daily_lag = _daily(t, cfg.day_ms, p["daily_amp"], p["daily_phase"] - np.pi / 2, tau)
         slow, slow_lag = _wander(self._key(_Stream.LOAD_SLOW, assets, salt), t, *_LOAD_SLOW, tau)
         mid, mid_lag = _wander(self._key(_Stream.LOAD_MID, assets, salt), t, *_LOAD_MID, tau)
@@ -566,10 +574,10 @@ class PlantSimulator:
                         lagged_load=regime_lag + daily_lag + slow_lag + mid_lag,
                         ambient=24.0 + amb_cycle + amb_wander, mains=231.0 + mains)
 
-    def _signals(self, assets: IntArray, steps: IntArray, salt: int = 0) -> FloatArray:
-        """Noise-free sensor values, (F, S, A)."""
+    def _signals(self, assets: IntArray, steps: IntArray, alt_from: int | None = None) -> FloatArray:
+        """Noise-free sensor values, (F, S, A); ``alt_from`` as in :meth:`_drivers`."""
         p = {k: v[assets][None, :] for k, v in self._params.items()}
-        drv = self._drivers(assets, steps * self.config.period_ms, p, salt)
+        drv = self._drivers(assets, steps * self.config.period_ms, p, alt_from)
         out = np.empty((len(self._dims), steps.size, assets.size))
         for f, name in enumerate(self.config.features):
             out[f] = _sensor(name, drv, p)
@@ -603,6 +611,8 @@ class PlantSimulator:
             col = int(self._column[asset])
             first, end = int(self._an_first[i]), int(self._an_end[i])
             c0, c1 = max(first, k0) - k0, min(end, k1) - k0
+            if c0 >= c1:  # a window narrower than a period holds no grid step
+                continue
             labels[c0:c1, col] = 1
             for sensor in an.sensors:
                 f = self.config.features.index(sensor)
@@ -631,9 +641,10 @@ class PlantSimulator:
                 return np.full(win.size, self._signals(one, last)[f, 0, 0] + self._noise(asset, last, f)[0])
             case "noise_burst":
                 return current + (_between(_BURST_FACTOR, u) - 1.0) * self._noise(asset, win, f)
-            case _:  # correlation_break: same noise, signal from independent latents
+            case _:  # correlation_break: same noise, signal from decoupled latents
                 one = np.array([asset], dtype=np.int64)
-                return self._signals(one, win, salt=_ALT_SALT)[f, :, 0] + self._noise(asset, win, f)
+                alt = self._signals(one, win, alt_from=first * self.config.period_ms)
+                return alt[f, :, 0] + self._noise(asset, win, f)
 
 
 def _between(bounds: tuple[float, float], u: float) -> float:
