@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("cli.fit_cmd", "train a model bundle from a CSV/Parquet file of normal readings"),
     "replay": ("cli.replay_cmd", "score a CSV/Parquet file through grid, model, thresholds and alerts"),
     "broker": ("cli.broker_cmd", "run the embedded Kafka-compatible broker in the foreground"),
+    "detect": ("cli.detect_cmd", "run the detector daemon: score readings from Kafka, publish alerts"),
+    "simulate": ("cli.simulate_cmd", "simulate a plant: produce readings to Kafka or write normal history"),
 }
 
 

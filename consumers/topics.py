@@ -22,7 +22,8 @@ def standard_topics(settings: Settings) -> dict[str, int]:
     The model announcements go through one partition so every detector sees them in order.
     """
     t = settings.topics
-    return {t.readings: t.partitions, t.alerts: t.partitions, t.dlq_topic: t.partitions, t.models: 1}
+    return {t.readings: t.partitions, t.alerts: t.partitions, t.dlq_topic: t.partitions, t.models: 1,
+            t.state_topic: t.partitions}
 
 
 def replication_factor(broker_count: int) -> int:

@@ -36,7 +36,7 @@ class AlertEvent:
     start_ms: int              # event time of the first abnormal step
     end_ms: int | None         # event time the asset was back to normal (close only)
     step_ms: int               # event time of the step that caused this event
-    score: float               # smoothed score at that step
+    score: float               # alert score at that step (1 = the calibrated threshold)
     peak_score: float
     threshold: float
     top_features: tuple[tuple[str, float], ...]  # (feature, share of the alert's squared error)
@@ -57,11 +57,14 @@ def _top(contrib: np.ndarray, features: tuple[str, ...], k: int) -> tuple[tuple[
 
 
 def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray,
-                  smoothed: np.ndarray, threshold: np.ndarray, errors: np.ndarray, p: ThresholdParams,
+                  smoothed: np.ndarray, threshold: np.ndarray, contrib: np.ndarray, p: ThresholdParams,
                   features: tuple[str, ...], period_ms: int, model_version: str) -> list[AlertEvent]:
-    """Advance the lifecycle of one step for each of ``rows`` (distinct assets)."""
+    """Advance the lifecycle of one step for each of ``rows`` (distinct assets).
+
+    ``smoothed`` is the alert score, ``contrib`` (k, F) each feature's non-negative weight in it.
+    """
     cols = state.cols
-    valid = np.isfinite(smoothed) & np.isfinite(errors).all(axis=1)
+    valid = np.isfinite(smoothed)
     above = valid & (smoothed > threshold)
     below = valid & (smoothed < p.close_ratio * threshold)
 
@@ -70,7 +73,7 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
     cols["run_start"][rows] = np.where(above & (count == 1), steps, cols["run_start"][rows])
 
     is_open = cols["alert_open"][rows]
-    sq = np.where(valid[:, None], errors**2, 0.0)
+    sq = np.where(valid[:, None], contrib, 0.0)
     state.alert_contrib[rows[is_open & above]] += sq[is_open & above]
     cols["below"][rows] = np.where(is_open & below, cols["below"][rows] + 1, 0)
     cols["alert_peak"][rows] = np.where(is_open & valid, np.fmax(cols["alert_peak"][rows], smoothed),

@@ -70,12 +70,17 @@ class Scaler:
 
 @dataclass(frozen=True)
 class ThresholdParams:
-    """Threshold behaviour frozen into the bundle: settings plus what calibration learned."""
+    """Threshold behaviour frozen into the bundle: settings plus what calibration learned.
 
-    threshold: float            # calibrated on held-out normal data
-    normal_mean: float          # mean of smoothed held-out normal scores (seeds online adaptation)
+    The alert score is the largest per-feature term, each in units of its own calibrated
+    level (arrays in the bundle), so ``threshold`` (the alert level of that score) is 1.
+    """
+
+    threshold: float            # alert level of the combined score (1 = the calibrated levels)
+    normal_mean: float          # mean of the combined score on held-out normal data (seeds adaptation)
     normal_std: float
     smoothing_alpha: float
+    novelty_alpha: float
     adapt_alpha: float
     adapt_z: float
     open_after: int
@@ -85,9 +90,10 @@ class ThresholdParams:
     top_features: int
 
     @classmethod
-    def from_settings(cls, s: ThresholdSettings, threshold: float, normal_mean: float, normal_std: float) -> ThresholdParams:
-        return cls(threshold, normal_mean, normal_std, s.smoothing_alpha, s.adapt_alpha, s.adapt_z,
-                   s.open_after, s.close_after, s.close_ratio, s.update_every, s.top_features)
+    def from_settings(cls, s: ThresholdSettings, *, normal_mean: float, normal_std: float) -> ThresholdParams:
+        return cls(1.0, normal_mean, normal_std, s.smoothing_alpha, s.novelty_alpha,
+                   s.adapt_alpha, s.adapt_z, s.open_after, s.close_after, s.close_ratio, s.update_every,
+                   s.top_features)
 
 
 @dataclass
@@ -100,6 +106,11 @@ class ModelBundle:
     warmup_steps: int               # steps after a state reset that are not scored
     scaler: Scaler
     error_scale: np.ndarray         # (F,) RMS of scaled next-step errors at training time
+    novelty_coef: np.ndarray        # (2F, F) each feature from the others and their squares, scaled units
+    novelty_scale: np.ndarray       # (F,) RMS of those cross-sectional residuals at training time
+    flat_limit: np.ndarray          # (F,) steps a value may repeat unchanged before it counts as stuck
+    forecast_level: np.ndarray      # (F,) calibrated level of sqrt(EWMA(e_f²)), the LSTM term
+    novelty_level: np.ndarray       # (F,) calibrated level of sqrt(EWMA(r_f²)), the cross-sectional term
     thresholds: ThresholdParams
     weights: list[np.ndarray]
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +143,9 @@ def encode_bundle(bundle: ModelBundle) -> dict[str, bytes]:
             "mean": bundle.scaler.mean, "scale": bundle.scaler.scale,
             "asset_names": np.array(bundle.scaler.asset_names, dtype=np.str_),
             "asset_mean": bundle.scaler.asset_mean, "asset_scale": bundle.scaler.asset_scale,
-            "error_scale": bundle.error_scale,
+            "error_scale": bundle.error_scale, "novelty_coef": bundle.novelty_coef,
+            "novelty_scale": bundle.novelty_scale, "flat_limit": bundle.flat_limit,
+            "forecast_level": bundle.forecast_level, "novelty_level": bundle.novelty_level,
         }),
     }
     manifest: dict[str, Any] = {
@@ -182,7 +195,9 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
         bundle = ModelBundle(
             version=str(manifest["version"]), features=features, period_ms=int(manifest["period_ms"]),
             timesteps=int(manifest["timesteps"]), units=units, warmup_steps=int(manifest["warmup_steps"]),
-            scaler=scaler, error_scale=scaling["error_scale"],
+            scaler=scaler, error_scale=scaling["error_scale"], novelty_coef=scaling["novelty_coef"],
+            novelty_scale=scaling["novelty_scale"], flat_limit=scaling["flat_limit"],
+            forecast_level=scaling["forecast_level"], novelty_level=scaling["novelty_level"],
             thresholds=ThresholdParams(**manifest["thresholds"]), weights=weights,
             metadata=dict(manifest.get("metadata", {})),
         )
@@ -204,10 +219,15 @@ def _check_shapes(b: ModelBundle) -> None:
     got = [tuple(w.shape) for w in b.weights]
     if got != expected:
         raise BundleError(f"weights do not match {f} features and layers {b.units}: {got} != {expected}")
-    for name, arr in (("mean", b.scaler.mean), ("scale", b.scaler.scale), ("error_scale", b.error_scale)):
+    for name, arr in (("mean", b.scaler.mean), ("scale", b.scaler.scale), ("error_scale", b.error_scale),
+                      ("novelty_scale", b.novelty_scale), ("flat_limit", b.flat_limit),
+                      ("forecast_level", b.forecast_level), ("novelty_level", b.novelty_level)):
         if arr.shape != (f,) or not np.all(np.isfinite(arr)):
             raise BundleError(f"{name} must be {f} finite numbers")
-    if np.any(b.scaler.scale <= 0) or np.any(b.error_scale <= 0):
+    if b.novelty_coef.shape != (2 * f, f) or not np.all(np.isfinite(b.novelty_coef)):
+        raise BundleError(f"novelty_coef must be a finite {2 * f}x{f} matrix")
+    if min(b.scaler.scale.min(), b.error_scale.min(), b.novelty_scale.min(), b.forecast_level.min(),
+           b.novelty_level.min(), b.flat_limit.min()) <= 0:
         raise BundleError("scales must be positive")
     if b.scaler.asset_names and b.scaler.asset_mean.shape != (len(b.scaler.asset_names), f):
         raise BundleError("per-asset scaling does not match the asset list")

@@ -17,10 +17,10 @@ from pipeline.bundle import ModelBundle
 from pipeline.grid import GridConfig, GridCounters, GridResult, GridSteps
 from pipeline.model import StepFunction
 from pipeline.readings import DecodedBatch
-from pipeline.scoring import score_steps
+from pipeline.scoring import rank_within_asset, score_steps
 from pipeline.settings import GridSettings
 from pipeline.state import FleetState
-from pipeline.thresholds import update_thresholds
+from pipeline.thresholds import TermLevels, update_thresholds
 
 
 @dataclass
@@ -28,10 +28,11 @@ class EngineOutput:
     asset: np.ndarray       # object (n,): one row per closed grid step
     step: np.ndarray        # int64 (n,)
     values: np.ndarray      # float64 (n, F) grid values
-    score: np.ndarray       # float64 (n,), NaN while warming up
-    smoothed: np.ndarray    # float64 (n,)
-    threshold: np.ndarray   # float64 (n,)
-    errors: np.ndarray      # float64 (n, F) normalised per-feature errors
+    score: np.ndarray       # float64 (n,) RMS forecast error, NaN while warming up
+    smoothed: np.ndarray    # float64 (n,) the alert score (largest term, 1 = calibrated threshold)
+    threshold: np.ndarray   # float64 (n,) the asset's threshold in force (>= 1)
+    errors: np.ndarray      # float64 (n, F) normalised per-feature forecast errors
+    terms: np.ndarray = field(default_factory=lambda: np.empty((0, 3)))  # (n, 3) forecast, novelty, flatline
     events: list[AlertEvent] = field(default_factory=list)
     late_records: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     future_records: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
@@ -41,17 +42,6 @@ class EngineOutput:
         return len(self.step)
 
 
-def rank_within_asset(asset: np.ndarray) -> np.ndarray:
-    """Position of each step within its asset's run (steps come grouped by asset)."""
-    n = len(asset)
-    if n == 0:
-        return np.empty(0, np.int64)
-    starts = np.ones(n, bool)
-    starts[1:] = asset[1:] != asset[:-1]
-    first = np.flatnonzero(starts)
-    return np.arange(n) - np.repeat(first, np.diff(np.append(first, n)))
-
-
 class DetectionEngine:
     """Per-asset state plus one model; process a batch, get scores and alert events."""
 
@@ -59,9 +49,10 @@ class DetectionEngine:
         self.bundle = bundle
         self.grid_cfg = GridConfig(bundle.period_ms, grid.lateness_ms, grid.max_future_ms,
                                    grid.carry_forward_steps, grid.gap_reset_steps, bundle.n_features)
-        self.state = FleetState(self.grid_cfg, bundle.units, bundle.n_features)
+        self.state = FleetState(self.grid_cfg, bundle.units, bundle.n_features, history=bundle.warmup_steps)
         self.model = StepFunction(bundle.n_features, bundle.units, bundle.weights)
         self.model.warm_up()
+        self.levels = TermLevels.of(bundle)
 
     @property
     def model_version(self) -> str:
@@ -90,15 +81,20 @@ class DetectionEngine:
         scored = score_steps(self.state, self.model, b, steps)
         n = len(steps)
         smoothed, threshold = np.full(n, np.nan), np.full(n, np.nan)
+        terms = np.full((n, 3), np.nan)
         events: list[AlertEvent] = []
         rank = rank_within_asset(steps.asset)
         # Steps of one asset are sequential (EWMA, hysteresis); different assets are vectorised.
         for r in range(int(rank.max()) + 1 if n else 0):
             sel = np.flatnonzero(rank == r)
             rows = scored.rows[sel]
-            smoothed[sel], threshold[sel] = update_thresholds(self.state, rows, scored.score[sel], b.thresholds)
+            combined, threshold[sel] = update_thresholds(self.state, rows, steps.values[sel], scored.errors[sel],
+                                                         scored.novelty[sel], self.levels, b.thresholds)
+            smoothed[sel] = combined.score
+            terms[sel] = np.stack([combined.forecast, combined.novelty, combined.flat], axis=1)
             events += update_alerts(self.state, rows, steps.asset[sel], steps.step[sel], smoothed[sel],
-                                    threshold[sel], scored.errors[sel], b.thresholds, b.features,
+                                    threshold[sel], combined.contributions, b.thresholds, b.features,
                                     b.period_ms, b.version)
         return EngineOutput(steps.asset, steps.step, steps.values, scored.score, smoothed, threshold,
-                            scored.errors, events, result.late_records, result.future_records, result.counters)
+                            scored.errors, terms, events, result.late_records, result.future_records,
+                            result.counters)

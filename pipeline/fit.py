@@ -29,10 +29,10 @@ from pipeline.bundle import ModelBundle, Scaler, ThresholdParams
 from pipeline.grid import FleetGrid, GridConfig, GridSteps
 from pipeline.model import StepFunction, build_training_model, reset_training_state
 from pipeline.readings import DecodedBatch
-from pipeline.scoring import score_steps, segment_bounds
+from pipeline.scoring import novelty_design, score_steps, segment_bounds
 from pipeline.settings import Settings
 from pipeline.state import FleetState
-from pipeline.thresholds import calibrate, smooth_series
+from pipeline.thresholds import TermLevels, calibrate_levels, combine, ewma_series, flat_runs
 
 MIN_SCALE = 1e-6
 
@@ -100,7 +100,7 @@ def fit_scaler(steps: GridSteps, train: np.ndarray, per_asset: bool) -> Scaler:
 
 def training_runs(scaled: np.ndarray, steps: GridSteps, train: np.ndarray, timesteps: int, chunks: int,
                   streams: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Inputs and next-step targets of shape (runs, chunks·T, F) from the training segments.
+    """Inputs and next-step change targets of shape (runs, chunks·T, F) from the training segments.
 
     Runs never cross a reset or an asset boundary. Few runs → overlapping starts.
     """
@@ -118,7 +118,8 @@ def training_runs(scaled: np.ndarray, steps: GridSteps, train: np.ndarray, times
         stride = max(1, timesteps // 4)
     picks = [s[o:o + length + 1] for s in usable for o in range(0, len(s) - length, stride)]
     runs = np.stack([scaled[p] for p in picks]).astype(np.float32)
-    return runs[:, :-1], runs[:, 1:], chunks
+    # Targets are the change to the next step; scoring adds it back to the current value.
+    return runs[:, :-1], runs[:, 1:] - runs[:, :-1], chunks
 
 
 def _version(weights: list[np.ndarray]) -> str:
@@ -126,13 +127,30 @@ def _version(weights: list[np.ndarray]) -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{digest}"
 
 
+def novelty_model(scaled: np.ndarray, ridge: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature as a ridge regression on the others and their squares (pump curves are
+    not linear); the rows of a feature's own terms are zero. Returns (2F, F) coefficients
+    and the residual RMS per feature."""
+    n, f = scaled.shape
+    design = novelty_design(scaled)
+    coef = np.zeros((2 * f, f))
+    gram = design.T @ design
+    for j in range(f):
+        others = [i for i in range(2 * f) if i % f != j]
+        a = gram[np.ix_(others, others)] + ridge * n * np.eye(len(others))
+        coef[others, j] = np.linalg.solve(a, gram[others, j])
+    resid = scaled - design @ coef
+    return coef, np.maximum(np.sqrt(np.mean(resid**2, axis=0)), MIN_SCALE)
+
+
 def _provisional(settings: Settings, period_ms: int, scaler: Scaler, weights: list[np.ndarray],
                  warmup: int) -> ModelBundle:
-    """A bundle with unit error scale, to read raw scaled errors off the production path."""
+    """A bundle with unit scales, to read raw scaled errors off the production path."""
     f = len(settings.model.features)
-    dummy = ThresholdParams.from_settings(settings.threshold, 1.0, 0.0, 1.0)
+    dummy = ThresholdParams.from_settings(settings.threshold, normal_mean=0.0, normal_std=1.0)
+    one = np.ones(f)
     return ModelBundle("provisional", settings.model.features, period_ms, settings.model.timesteps,
-                       settings.model.units, warmup, scaler, np.ones(f), dummy, weights)
+                       settings.model.units, warmup, scaler, one, np.zeros((2 * f, f)), one, one, one, one, dummy, weights)
 
 
 def scaled_errors(bundle: ModelBundle, model: StepFunction, settings: Settings, steps: GridSteps) -> np.ndarray:
@@ -189,12 +207,9 @@ def fit_bundle(batch: DecodedBatch, settings: Settings, *, metadata: dict[str, A
     err = scaled_errors(_provisional(settings, period_ms, scaler, best_weights, warmup), scorer, settings, steps)
     scored = np.isfinite(err).all(axis=1)
     error_scale = np.maximum(np.sqrt(np.mean(err[scored] ** 2, axis=0)), MIN_SCALE)
-    score = np.sqrt(np.mean((err / error_scale) ** 2, axis=1))
-    smoothed = np.concatenate([
-        smooth_series(score[a:b], settings.threshold.smoothing_alpha)
-        for a, b in _asset_spans(steps)
-    ])
-    thresholds = calibrate(smoothed[hold & scored], settings.threshold)
+    novelty_coef, novelty_scale = novelty_model(scaled[train])
+    novelty = (scaled - novelty_design(scaled) @ novelty_coef) / novelty_scale
+    thresholds, levels = _calibrate(steps, err / error_scale, novelty, hold & scored, settings)
     report.duration_s = time.monotonic() - t0
     import keras
     import tensorflow as tf
@@ -213,8 +228,31 @@ def fit_bundle(batch: DecodedBatch, settings: Settings, *, metadata: dict[str, A
         **(metadata or {}),
     }
     bundle = ModelBundle(_version(best_weights), m.features, period_ms, m.timesteps, m.units, warmup, scaler,
-                         error_scale, thresholds, best_weights, meta)
+                         error_scale, novelty_coef, novelty_scale, levels.flat, levels.forecast, levels.novelty,
+                         thresholds, best_weights, meta)
     return bundle, report
+
+
+def _calibrate(steps: GridSteps, errors: np.ndarray, novelty: np.ndarray, held_out: np.ndarray,
+               settings: Settings) -> tuple[ThresholdParams, TermLevels]:
+    """Thresholds of the score terms from held-out normal steps, the way the engine computes them."""
+    t = settings.threshold
+    spans = _asset_spans(steps)
+    fc = np.concatenate([ewma_series(errors[a:b] ** 2, t.smoothing_alpha) for a, b in spans])
+    nv = np.concatenate([ewma_series(novelty[a:b] ** 2, t.novelty_alpha) for a, b in spans])
+    runs = np.concatenate([flat_runs(steps.values[a:b]) for a, b in spans])
+    train_runs = runs[~held_out].max(axis=0) if (~held_out).any() else np.zeros(steps.values.shape[1])
+    flat_limit = np.maximum(t.flat_factor * train_runs, max(t.flat_min_steps, settings.grid.carry_forward_steps + 2))
+    # The LSTM can overfit its training steps, so its term is calibrated on held-out steps only;
+    # the cross-sectional map has F-1 coefficients per feature, so its slow term is calibrated
+    # on the whole history, which holds far more independent excursions of a slow EWMA.
+    levels = TermLevels(calibrate_levels(fc[held_out], t.quantile, t.margin),
+                        calibrate_levels(nv[np.isfinite(nv).all(axis=1)], t.quantile, t.margin),
+                        flat_limit.astype(np.float64))
+    combined = combine(fc[held_out], nv[held_out], runs[held_out], levels).score
+    combined = combined[np.isfinite(combined)]
+    p = ThresholdParams.from_settings(t, normal_mean=float(np.mean(combined)), normal_std=float(np.std(combined)))
+    return p, levels
 
 
 def _asset_spans(steps: GridSteps) -> list[tuple[int, int]]:

@@ -56,6 +56,7 @@ class GridSteps:
     values: np.ndarray   # float64 (n, F)
     reset: np.ndarray    # bool (n,): the asset's model state must restart before this step
     n_readings: np.ndarray  # int32 (n,): readings aggregated into the step (0 = fully carried forward)
+    pos: np.ndarray      # int64 (n,): smallest source position of the step's readings (NO_POS if none)
 
     def __len__(self) -> int:
         return len(self.step)
@@ -63,7 +64,7 @@ class GridSteps:
     @classmethod
     def empty(cls, n_features: int) -> GridSteps:
         return cls(np.empty(0, dtype=object), np.empty(0, np.int64), np.empty((0, n_features)),
-                   np.empty(0, bool), np.empty(0, np.int32))
+                   np.empty(0, bool), np.empty(0, np.int32), np.empty(0, np.int64))
 
     @classmethod
     def concat(cls, parts: list[GridSteps], n_features: int) -> GridSteps:
@@ -72,7 +73,11 @@ class GridSteps:
             return cls.empty(n_features)
         return cls(np.concatenate([p.asset for p in parts]), np.concatenate([p.step for p in parts]),
                    np.concatenate([p.values for p in parts]), np.concatenate([p.reset for p in parts]),
-                   np.concatenate([p.n_readings for p in parts]))
+                   np.concatenate([p.n_readings for p in parts]), np.concatenate([p.pos for p in parts]))
+
+    def take(self, idx: np.ndarray) -> GridSteps:
+        return GridSteps(self.asset[idx], self.step[idx], self.values[idx], self.reset[idx], self.n_readings[idx],
+                         self.pos[idx])
 
 
 @dataclass
@@ -146,7 +151,7 @@ class AssetGrid:
     def close(self, cfg: GridConfig, up_to_step: int | None = None) -> tuple[list[Any], GridCounters]:
         """Close every step the watermark has passed (or every step up to ``up_to_step``).
 
-        Returns rows ``(step, values, reset, n_readings)`` and the counters of holes/resets.
+        Returns rows ``(step, values, reset, n_readings, min_pos)`` and the counters of holes/resets.
         """
         counters = GridCounters()
         rows: list[Any] = []
@@ -186,15 +191,16 @@ class AssetGrid:
 
     def _close_one(self, cfg: GridConfig, step: int, o: _OpenStep | None, rows: list[Any],
                    counters: GridCounters) -> None:
-        n = 0
+        n, min_pos = 0, NO_POS
         if o is not None:
+            min_pos = o.min_pos
             seen = o.count > 0
             self.last_value[seen] = o.sum[seen] / o.count[seen]
             self.last_step[seen] = step
             n = o.n
         fresh = step - self.last_step <= cfg.carry_forward_steps
         if fresh.all():
-            rows.append((step, self.last_value.copy(), self.pending_reset, n))
+            rows.append((step, self.last_value.copy(), self.pending_reset, n, min_pos))
             self.pending_reset = False
             counters.emitted += 1
         else:
@@ -296,4 +302,5 @@ def _rows_to_steps(name: str, rows: list[Any], n_features: int) -> GridSteps:
         np.stack([r[1] for r in rows]),
         np.fromiter((r[2] for r in rows), bool, len(rows)),
         np.fromiter((r[3] for r in rows), np.int32, len(rows)),
+        np.fromiter((r[4] for r in rows), np.int64, len(rows)),
     )

@@ -1,4 +1,4 @@
-"""The stacked LSTM that predicts the next grid step, in its two shapes.
+"""The stacked LSTM that predicts the change to the next grid step, in its two shapes.
 
 * The **training model** is stateful with a fixed batch of S parallel streams
   (``Input(batch_shape=(S, T, F))``): ``fit`` carries each stream's state from one

@@ -2,11 +2,17 @@
 
 All new steps of all assets in one poll go through one batched call: the steps are cut
 into segments (one per asset, or more where the grid asked for a reset), padded to the
-longest segment and masked. The score of a step is how far it is from the prediction
-made one step earlier, per feature, in units of the error scale seen at training time:
+longest segment and masked. The network predicts the *change* to the next step (so
+it carries over to operating levels it saw little of); the score of a step is how far it
+is from the prediction made one step earlier, per feature, in units of the error scale
+seen at training time:
 
     e_f   = (x_f - x̂_f) / error_scale_f          (scaled units)
-    score = sqrt(mean_f e_f²)                    contribution_f = e_f² / Σ e²
+    score = sqrt(mean_f e_f²)                    (reported; alerts use the terms in thresholds.py)
+
+Beside it, the cross-sectional residual ``r_f`` says how far feature f is from what the
+other features of the same step predict (a linear map learned at fit time), in units of
+its training spread.
 
 Steps within ``warmup_steps`` of a reset advance the state but are not scored, because
 a cold LSTM state predicts poorly and would raise false alarms.
@@ -29,11 +35,18 @@ class ScoredSteps:
     asset: np.ndarray    # object (n,)
     step: np.ndarray     # int64 (n,)
     rows: np.ndarray     # int64 (n,): FleetState row of each step's asset
-    score: np.ndarray    # float64 (n,), NaN when not scored (warm-up)
-    errors: np.ndarray   # float64 (n, F) normalised per-feature errors, NaN when not scored
+    score: np.ndarray    # float64 (n,) RMS of the forecast errors, NaN when not scored (warm-up)
+    errors: np.ndarray   # float64 (n, F) normalised per-feature forecast errors, NaN when not scored
+    novelty: np.ndarray  # float64 (n, F) normalised cross-sectional residuals (no warm-up needed)
 
     def __len__(self) -> int:
         return len(self.step)
+
+
+def rank_within_asset(asset: np.ndarray) -> np.ndarray:
+    """Position of each step within its asset's run (steps come grouped by asset)."""
+    first = segment_bounds(asset, np.zeros(len(asset), bool))
+    return np.arange(len(asset)) - np.repeat(first, np.diff(np.append(first, len(asset))))
 
 
 def segment_bounds(asset: np.ndarray, reset: np.ndarray) -> np.ndarray:
@@ -51,7 +64,7 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     n, f = len(steps), bundle.n_features
     rows = state.rows(steps.asset)
     if n == 0:
-        return ScoredSteps(steps.asset, steps.step, rows, np.empty(0), np.empty((0, f)))
+        return ScoredSteps(steps.asset, steps.step, rows, np.empty(0), np.empty((0, f)), np.empty((0, f)))
     scaled = bundle.scaler.transform(steps.asset, steps.values).astype(np.float32)
 
     starts = segment_bounds(steps.asset, steps.reset)
@@ -68,6 +81,8 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     mask[seg_of, pos] = True
     init = [np.where(seg_reset[:, None], 0.0, a[seg_rows]).astype(np.float32) for a in state.lstm]
     y, final = model(x, mask, init)
+    # The network predicts the change to the next step: prediction = current value + change.
+    y = y + x
 
     # The prediction for a step was made one step earlier: inside the segment, or carried
     # from the previous poll for a segment's first step.
@@ -94,4 +109,18 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     state.cols["has_pred"][r] = True
     state.cols["since_reset"][r] = base[last_seg] + lengths[last_seg]
     state.cols["last_step"][r] = steps.step[starts[last_seg] + lengths[last_seg] - 1]
-    return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64))
+    state.remember(rows, steps.values.astype(np.float32), steps.pos, steps.reset, rank_within_asset(steps.asset))
+    novelty = cross_sectional_residuals(bundle, scaled)
+    return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64), novelty)
+
+
+def novelty_design(scaled: np.ndarray) -> np.ndarray:
+    """Regressors of the cross-sectional map: every scaled feature and its square."""
+    x = scaled.astype(np.float64)
+    return np.hstack([x, x**2])
+
+
+def cross_sectional_residuals(bundle: ModelBundle, scaled: np.ndarray) -> np.ndarray:
+    """How far each scaled feature is from its prediction by the others, in training units."""
+    x = scaled.astype(np.float64)
+    return (x - novelty_design(x) @ bundle.novelty_coef) / bundle.novelty_scale

@@ -96,6 +96,7 @@ class TopicSettings:
     alerts: str = _f("plant.alerts", "alert events (open/update/close), key = asset id")
     dlq: str = _f("", "dead-letter topic for rejected readings; empty means '<readings>.dlq'")
     models: str = _f("plant.models", "control topic announcing published model versions")
+    state: str = _f("", "detector state hand-over topic (per-asset snapshots, key = asset; compact it); empty means '<readings>.state'")
     partitions: int = _f(4, "partitions used when plantwatch creates the topics")
 
     def __post_init__(self) -> None:
@@ -106,6 +107,10 @@ class TopicSettings:
     @property
     def dlq_topic(self) -> str:
         return self.dlq or f"{self.readings}.dlq"
+
+    @property
+    def state_topic(self) -> str:
+        return self.state or f"{self.readings}.state"
 
 
 @dataclass(frozen=True)
@@ -166,9 +171,12 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class ThresholdSettings:
-    smoothing_alpha: float = _f(0.3, "EWMA weight of the newest step score (1 = no smoothing)")
-    quantile: float = _f(0.995, "quantile of smoothed held-out normal scores the calibrated threshold starts from")
-    margin: float = _f(1.25, "the calibrated threshold is the quantile times this margin")
+    smoothing_alpha: float = _f(0.3, "EWMA weight of the newest squared forecast error per feature (1 = no smoothing)")
+    novelty_alpha: float = _f(0.05, "EWMA weight of the newest squared cross-sectional residual per feature (slow: sustained shifts)")
+    quantile: float = _f(0.995, "quantile of each smoothed score term on held-out normal data its threshold starts from")
+    margin: float = _f(1.25, "each term's calibrated threshold is that quantile times this margin")
+    flat_factor: float = _f(2.0, "a value repeated unchanged for more than this times the longest run seen in training is stuck")
+    flat_min_steps: int = _f(10, "… and never fewer steps than this")
     adapt_alpha: float = _f(0.002, "EWMA weight with which each asset's normal score level adapts online (0 = off)")
     adapt_z: float = _f(4.0, "the online threshold is the adapted mean plus this many adapted standard deviations")
     open_after: int = _f(2, "consecutive steps above the threshold before an alert opens")
@@ -180,8 +188,11 @@ class ThresholdSettings:
     def __post_init__(self) -> None:
         p = "threshold."
         _check(p + "smoothing_alpha", 0 < self.smoothing_alpha <= 1, "must be in (0, 1]")
+        _check(p + "novelty_alpha", 0 < self.novelty_alpha <= 1, "must be in (0, 1]")
         _check(p + "quantile", 0 < self.quantile < 1, "must be in (0, 1)")
         _check(p + "margin", self.margin > 0, "must be > 0")
+        _check(p + "flat_factor", self.flat_factor >= 1, "must be >= 1")
+        _check(p + "flat_min_steps", self.flat_min_steps >= 2, "must be >= 2")
         _check(p + "adapt_alpha", 0 <= self.adapt_alpha < 1, "must be in [0, 1)")
         _check(p + "adapt_z", self.adapt_z > 0, "must be > 0")
         _check(p + "open_after", self.open_after >= 1, "must be >= 1")

@@ -8,14 +8,24 @@ of history without either one simulating from an origin.
 
 Physics, per asset, driven by a few latents so the sensors are correlated:
 
-* load = regime setpoint + daily demand cycle + slow wander + fast process fluctuation.
-  The regime setpoint steps (with a short ramp) to another level about
+* load = regime setpoint + daily demand cycle + slow and medium wander + fast process
+  fluctuation. The setpoint moves (with a 30 s ramp) to another level about
   ``regime_change_per_day`` times a day; that is normal operation, never labelled.
 * Current, flow, pressure and vibration follow the load (affinity laws: flow ~ speed,
-  pressure and vibration ~ speed²).
-* Temperature follows the slow part of the load through a first-order thermal lag.
+  pressure and vibration ~ speed²); the shared fast fluctuation keeps them correlated
+  even over a minute.
+* Temperature follows the load without its fast fluctuation (the thermal mass filters
+  it) through a first-order thermal lag.
 * Thermocouple reads the plant's ambient temperature (daily cycle + wander); Voltage is the
   plant's mains voltage minus a drop proportional to the asset's current.
+* Each asset draws its own operating point (base load, gains, offsets) from the seed.
+
+Anomalies are applied on top of the normal readings, only to their sensors and steps:
+``spike``/``drift`` add an offset, ``stuck`` repeats the reading of the step before,
+``noise_burst`` adds independent noise, ``correlation_break`` swaps the sensor's signal
+for one driven by independent load wander with the setpoint held, keeping its own noise.
+Magnitudes are in units of the sensor's short-term sd (noise and fast fluctuation), so
+they stand out from what the sensor does step to step.
 
 Wander components are piecewise-linear interpolations of hashed random knots; the
 setpoint is piecewise linear too. The thermal lag is therefore computed in *closed form*:
@@ -69,13 +79,17 @@ _LAG_HORIZON: Final = 30.0           # kinks older than this many time constants
 _LOAD_SLOW: Final = (600_000, 0.035)
 _LOAD_MID: Final = (90_000, 0.02)
 _LOAD_FAST: Final = (2_000, 0.025)
+# Sensitivity of each sensor to the load at the nominal operating point (DEFAULT_FEATURES order)
+_LOAD_GAIN: Final[tuple[float, ...]] = (0.22, 0.27, 2.0, 0.78, 0.0, 0.0, 1.6, 40.0)
 _AMBIENT_WANDER: Final = (1_800_000, 0.4)
 _MAINS_WANDER: Final = (300_000, 1.0)
 
-# Anomaly magnitudes, as (low, high) of a uniform draw.
-_SPIKE_SD: Final = (9.0, 13.0)       # excursion, in noise sd
-_DRIFT_SD: Final = (6.0, 9.0)        # offset reached at the end of the window, in noise sd
-_BURST_FACTOR: Final = (5.0, 8.0)    # noise multiplier
+# Anomaly magnitudes, uniform in (low, high), in units of a sensor's short-term sd: its
+# measurement noise and the fast load fluctuation it sees, so an anomaly stands out from
+# what the sensor does step to step, not just from its noise.
+_SPIKE_SD: Final = (15.0, 20.0)      # excursion: an order of magnitude above the short-term spread
+_DRIFT_SD: Final = (6.0, 9.0)        # offset reached at the end of the window
+_BURST_FACTOR: Final = (5.0, 8.0)    # short-term sd multiplier
 
 # Per-asset operating point: name -> uniform range.
 _PARAM_RANGES: Final[dict[str, tuple[float, float]]] = {
@@ -119,6 +133,7 @@ class _Stream(IntEnum):
     JITTER = 9
     ANOMALY = 10
     PLAN = 11
+    BURST = 12
 
 
 @dataclass(frozen=True)
@@ -380,8 +395,8 @@ def plan_anomalies(config: PlantConfig, start_ms: int, end_ms: int, *, per_asset
                    kinds: Sequence[str] = ANOMALY_KINDS, min_gap_steps: int = 200,
                    seed: int | None = None, duration_steps: tuple[int, int] = (30, 120),
                    spike_steps: tuple[int, int] = (3, 5)) -> list[Anomaly]:
-    """Deterministic anomaly schedule; anomalies of one asset never overlap and are min_gap_steps apart,
-    none starts in the first min_gap_steps of the range.
+    """Deterministic anomaly schedule; anomalies of one asset never overlap and are
+    min_gap_steps apart, none starts in the first min_gap_steps of the range.
 
     Kinds cycle over assets (every kind appears once ``n_assets * per_asset >= len(kinds)``);
     durations are uniform in ``duration_steps`` (``spike_steps`` for spikes), both inclusive;
@@ -404,10 +419,11 @@ def plan_anomalies(config: PlantConfig, start_ms: int, end_ms: int, *, per_asset
     period = config.period_ms
     first_step, end_step = _ceil_div(start_ms, period), _ceil_div(end_ms, period)
     n = per_asset
-    rotation = int(_unit(_hash(_keys(s, _Stream.PLAN, np.array([_PLANT])), np.zeros(1, np.int64)))[0, 0]
-                   * len(kinds))
+    plant_key = _keys(s, _Stream.PLAN, np.array([_PLANT]))
+    rotation = int(_unit(_hash(plant_key, np.zeros((1, 1), np.int64)))[0, 0] * len(kinds))
     assets = np.arange(config.n_assets, dtype=np.int64)
-    u = _unit(_hash(_keys(s, _Stream.PLAN, assets), np.arange(3 * n + 1, dtype=np.int64)[:, None])).T
+    counters = np.arange(3 * n + 1, dtype=np.int64)[:, None]
+    u = _unit(_hash(_keys(s, _Stream.PLAN, assets), counters)).T    # (asset, draw)
     kind_ix = (rotation + assets[:, None] * n + np.arange(n)[None, :]) % len(kinds)
     is_spike = np.array([k == "spike" for k in kinds])[kind_ix]
     lo = np.where(is_spike, spike_steps[0], duration_steps[0])
@@ -422,7 +438,7 @@ def plan_anomalies(config: PlantConfig, start_ms: int, end_ms: int, *, per_asset
                                                           1e-300)).astype(np.int64)
     begin = first_step + np.cumsum(min_gap_steps + extra[:, :n], axis=1)
     begin[:, 1:] += np.cumsum(dur, axis=1)[:, :-1]
-    out = []
+    out: list[Anomaly] = []
     for a, asset in enumerate(config.asset_ids):
         for m in range(n):
             kind = kinds[int(kind_ix[a, m])]
@@ -463,19 +479,22 @@ class PlantSimulator:
         self._dims = [DEFAULT_FEATURES.index(f) for f in config.features]
         scale = config.noise_scale
         self._noise_sd = np.array(_NOISE_SD) * scale
-        self._ref_sd = np.array(_NOISE_SD) * (scale if scale > 0 else 1.0)
+        process = np.array(_LOAD_GAIN) * _LOAD_FAST[1]
+        short_term = np.hypot(self._noise_sd, process)
+        self._ref_sd = np.where(short_term > 0, short_term, np.array(_NOISE_SD))
         self._params = self._draw_params()
         p = config.period_ms
         self._an_asset = np.array([index[a.asset] for a in self.anomalies], dtype=np.int64)
-        self._an_first = np.array([_ceil_div(a.start_ms, p) for a in self.anomalies], dtype=np.int64)
-        self._an_end = np.array([_ceil_div(a.end_ms, p) for a in self.anomalies], dtype=np.int64)
+        self._an_first = np.array([_ceil_div(a.start_ms, p) for a in self.anomalies], np.int64)
+        self._an_end = np.array([_ceil_div(a.end_ms, p) for a in self.anomalies], np.int64)
         rate = config.regime_change_per_day
         self._block = max(4, round(config.day_ms / rate)) if rate > 0 else 0
         self._ramp = max(1, min(_RAMP_MS, self._block // 4))
 
     def frame(self, start_ms: int, end_ms: int) -> pd.DataFrame:
-        """Columns: asset (str), ts_ms (int64), one float64 column per feature, label (int8, 1 inside an
-        anomaly of that asset). One row per asset per period in [start_ms, end_ms), sorted by (ts_ms, asset).
+        """Columns: asset (str), ts_ms (int64), one float64 column per feature, label (int8,
+        1 inside an anomaly of that asset). One row per asset per period in [start_ms, end_ms),
+        sorted by (ts_ms, asset).
 
         A reading of grid step k is stamped ``k * period_ms + jitter`` with jitter in
         [0, jitter_ms] (so it stays in its step whether steps are floored or rounded); a
@@ -548,8 +567,9 @@ class PlantSimulator:
         """Latents of ``assets`` at times ``t``.
 
         With ``alt_from`` (ms) they are the decoupled trajectory of a correlation break:
-        independent wander streams, and the setpoint held at its value at ``alt_from``, so
-        the broken sensor starts where it was and then ignores what the others follow.
+        the setpoint held at its value at ``alt_from`` and independent load wander (and plant
+        ambient/mains wander), so the broken sensor starts near its level but stops following
+        the moves the other sensors share.
         """
         cfg = self.config
         tau = _THERMAL_TAU_MS
@@ -574,7 +594,8 @@ class PlantSimulator:
                         lagged_load=regime_lag + daily_lag + slow_lag + mid_lag,
                         ambient=24.0 + amb_cycle + amb_wander, mains=231.0 + mains)
 
-    def _signals(self, assets: IntArray, steps: IntArray, alt_from: int | None = None) -> FloatArray:
+    def _signals(self, assets: IntArray, steps: IntArray,
+                 alt_from: int | None = None) -> FloatArray:
         """Noise-free sensor values, (F, S, A); ``alt_from`` as in :meth:`_drivers`."""
         p = {k: v[assets][None, :] for k, v in self._params.items()}
         drv = self._drivers(assets, steps * self.config.period_ms, p, alt_from)
@@ -625,8 +646,9 @@ class PlantSimulator:
         function of the anomaly and the step, so a window cut across slices is the same as whole."""
         d = self._dims[f]
         first, end = window
+        one = np.array([asset], dtype=np.int64)
         counter = (first * len(ANOMALY_KINDS) + ANOMALY_KINDS.index(an.kind)) * 8 + d
-        h = int(_hash(self._key(_Stream.ANOMALY, np.array([asset])), np.array([[counter]]))[0, 0])
+        h = int(_hash(self._key(_Stream.ANOMALY, one), np.array([[counter]]))[0, 0])
         u = (h >> 11) * 2.0**-53
         sign = 1.0 if h & 1 else -1.0
         match an.kind:
@@ -637,12 +659,13 @@ class PlantSimulator:
                 return current + sign * _between(_DRIFT_SD, u) * self._ref_sd[d] * frac
             case "stuck":
                 last = np.array([first - 1], dtype=np.int64)
-                one = np.array([asset], dtype=np.int64)
-                return np.full(win.size, self._signals(one, last)[f, 0, 0] + self._noise(asset, last, f)[0])
+                reading = self._signals(one, last)[f, 0, 0] + self._noise(asset, last, f)[0]
+                return np.full(win.size, reading)
             case "noise_burst":
-                return current + (_between(_BURST_FACTOR, u) - 1.0) * self._noise(asset, win, f)
+                extra = math.sqrt(_between(_BURST_FACTOR, u) ** 2 - 1.0) * self._ref_sd[d]
+                z = _normals(_hash(self._key(_Stream.BURST, one), win[:, None] * 8 + d))[0]
+                return current + extra * z[:, 0]
             case _:  # correlation_break: same noise, signal from decoupled latents
-                one = np.array([asset], dtype=np.int64)
                 alt = self._signals(one, win, alt_from=first * self.config.period_ms)
                 return alt[f, :, 0] + self._noise(asset, win, f)
 

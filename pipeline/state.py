@@ -2,8 +2,11 @@
 
 Numeric state lives in row-per-asset arrays so a poll touches all its assets with
 vectorised operations: the LSTM ``(h, c)`` per layer, the last next-step prediction,
-steps since the last reset, the smoothed score and the online threshold statistics, and
-the alert state machine. The event-time grid of each asset sits beside them. A snapshot
+steps since the last reset, the per-feature score terms and the online threshold statistics, and
+the alert state machine, and a ring of the asset's last ``history`` grid steps (raw values
+and source positions) — enough to re-warm a fresh LSTM state after a crash (replay from
+the oldest position) or for a new model (feed the values). The event-time grid of each
+asset sits beside them. A snapshot
 of one asset is plain JSON-able data; restoring it into any detector (after a restart or
 a rebalance) continues that asset exactly where it was.
 """
@@ -15,15 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.grid import AssetGrid, FleetGrid, GridConfig
+from pipeline.grid import NO_POS, AssetGrid, FleetGrid, GridConfig
 
 # Names of the per-asset float/int/bool columns (besides the LSTM states and vectors).
 _SCALARS: dict[str, type] = {
     "has_pred": bool,      # last_pred holds a prediction for the asset's next step
     "last_step": np.int64,  # last scored grid step
     "since_reset": np.int64,
-    "smoothed": np.float64,  # EWMA of the step score (NaN until the first score)
-    "adapt_mean": np.float64,  # online normal level of the smoothed score
+    "adapt_mean": np.float64,  # online normal level of the combined score
     "adapt_var": np.float64,
     "above": np.int64,     # consecutive steps above the threshold
     "below": np.int64,     # consecutive steps below the closing level while an alert is open
@@ -34,33 +36,50 @@ _SCALARS: dict[str, type] = {
     "alert_last_event": np.int64,  # step of the last event of the open alert
     "alert_steps": np.int64,
     "run_start": np.int64,  # first step of the current run above the threshold
+    "recent_head": np.int64,  # next slot of the recent-steps ring
+    "recent_n": np.int64,   # valid steps in the ring (since the last reset, at most `history`)
 }
+_VECTORS: dict[str, type] = {"forecast_ewma": np.float64, "novelty_ewma": np.float64, "prev_value": np.float64,
+                             "flat_run": np.int64}
 
 
 class FleetState:
     """Rows of per-asset state, grown on demand."""
 
-    def __init__(self, grid_cfg: GridConfig, units: Sequence[int], n_features: int, capacity: int = 64) -> None:
+    def __init__(self, grid_cfg: GridConfig, units: Sequence[int], n_features: int, history: int = 1,
+                 capacity: int = 64) -> None:
         self.grid = FleetGrid(grid_cfg)
         self.units = tuple(units)
         self.n_features = n_features
+        self.history = max(1, history)
         self.index: dict[str, int] = {}
-        self.names: list[str] = []
+        self.names: list[str | None] = []
+        self._free: list[int] = []
         self._cap = 0
+        self.recent_values = np.empty((0, self.history, n_features), np.float32)
+        self.recent_pos = np.empty((0, self.history), np.int64)
         self.lstm: list[np.ndarray] = [np.empty((0, u), np.float32) for u in self.units for _ in range(2)]
         self.last_pred = np.empty((0, n_features), np.float32)
         self.alert_contrib = np.empty((0, n_features))  # summed feature contributions of the open alert
+        # Per-feature score state: EWMA of squared forecast errors and of squared novelty
+        # residuals, the previous raw values and how long each has stayed unchanged.
+        self.vectors: dict[str, np.ndarray] = {name: np.empty((0, n_features), dt) for name, dt in _VECTORS.items()}
         self.cols: dict[str, np.ndarray] = {name: np.empty(0, t) for name, t in _SCALARS.items()}
         self._grow(capacity)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.index)
 
     def _grow(self, capacity: int) -> None:
         extra = capacity - self._cap
         self.lstm = [np.vstack([a, np.zeros((extra, a.shape[1]), np.float32)]) for a in self.lstm]
         self.last_pred = np.vstack([self.last_pred, np.zeros((extra, self.n_features), np.float32)])
         self.alert_contrib = np.vstack([self.alert_contrib, np.zeros((extra, self.n_features))])
+        self.recent_values = np.concatenate(
+            [self.recent_values, np.zeros((extra, self.history, self.n_features), np.float32)])
+        self.recent_pos = np.concatenate([self.recent_pos, np.full((extra, self.history), NO_POS, np.int64)])
+        for name, arr in self.vectors.items():
+            self.vectors[name] = np.vstack([arr, np.zeros((extra, self.n_features), arr.dtype)])
         for name, col in self.cols.items():
             self.cols[name] = np.concatenate([col, np.zeros(extra, col.dtype)])
         self._cap = capacity
@@ -71,6 +90,10 @@ class FleetState:
             a[rows] = 0.0
         self.last_pred[rows] = 0.0
         self.alert_contrib[rows] = 0.0
+        self.recent_values[rows] = 0.0
+        self.recent_pos[rows] = NO_POS
+        for name, arr in self.vectors.items():
+            arr[rows] = np.nan if arr.dtype == np.float64 else 0
         for name, col in self.cols.items():
             col[rows] = np.nan if col.dtype == np.float64 else 0
         self.cols["adapt_var"][rows] = np.nan
@@ -81,13 +104,60 @@ class FleetState:
         for i, name in enumerate(assets):
             r = self.index.get(name)
             if r is None:
-                r = len(self.names)
-                if r >= self._cap:
-                    self._grow(max(2 * self._cap, 64))
+                if self._free:
+                    r = self._free.pop()
+                    self.names[r] = name
+                else:
+                    r = len(self.names)
+                    if r >= self._cap:
+                        self._grow(max(2 * self._cap, 64))
+                    self.names.append(name)
                 self.index[name] = r
-                self.names.append(name)
             out[i] = r
         return out
+
+    def drop(self, assets: Sequence[str]) -> None:
+        """Forget assets (e.g. their partition moved to another detector); rows are reused."""
+        for name in assets:
+            r = self.index.pop(name, None)
+            if r is not None:
+                self.grid.assets.pop(name, None)
+                self.names[r] = None
+                self._init_rows(np.array([r]))
+                self._free.append(r)
+
+    def remember(self, rows: np.ndarray, values: np.ndarray, pos: np.ndarray, reset: np.ndarray,
+                 rank: np.ndarray) -> None:
+        """Append scored steps to each asset's ring (``rank`` = position within the asset in this call)."""
+        if len(rows) == 0:
+            return
+        h = self.history
+        head, count = self.cols["recent_head"], self.cols["recent_n"]
+        uniq, inv, n_new = np.unique(rows, return_inverse=True, return_counts=True)
+        keep = rank >= n_new[inv] - h  # only the last `history` steps can survive in the ring
+        slot = (head[rows] + rank) % h
+        self.recent_values[rows[keep], slot[keep]] = values[keep]
+        self.recent_pos[rows[keep], slot[keep]] = pos[keep]
+        head[uniq] = (head[uniq] + n_new) % h
+        # A reset starts a new run: steps before it are not continuous with the ones after.
+        last_reset = np.full(len(uniq), -1)
+        np.maximum.at(last_reset, inv, np.where(reset, rank, -1))
+        count[uniq] = np.minimum(h, np.where(last_reset >= 0, n_new - last_reset, count[uniq] + n_new))
+
+    def recent(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The asset's remembered steps since its last reset, oldest first: (values, positions)."""
+        n = int(self.cols["recent_n"][row])
+        head = int(self.cols["recent_head"][row])
+        slots = (head - n + np.arange(n)) % self.history
+        return self.recent_values[row, slots], self.recent_pos[row, slots]
+
+    def replay_position(self, asset: str) -> int:
+        """Oldest source position a restart must re-read to rebuild this asset (NO_POS: nothing)."""
+        r = self.index[asset]
+        _, pos = self.recent(r)
+        grid = self.grid.assets.get(asset)
+        pending = grid.oldest_pending_pos() if grid is not None else NO_POS
+        return int(min(pending, pos.min(initial=NO_POS)))
 
     def reset_model_state(self, rows: np.ndarray) -> None:
         """Forget LSTM state and prediction (after a gap, or for a new model)."""
@@ -105,6 +175,9 @@ class FleetState:
             "lstm": [a[r].tolist() for a in self.lstm],
             "last_pred": self.last_pred[r].tolist(),
             "alert_contrib": self.alert_contrib[r].tolist(),
+            "recent_values": self.recent_values[r].tolist(),
+            "recent_pos": self.recent_pos[r].tolist(),
+            "vectors": {name: [_plain(x) for x in arr[r]] for name, arr in self.vectors.items()},
             "cols": {name: _plain(col[r]) for name, col in self.cols.items()},
         }
 
@@ -116,6 +189,10 @@ class FleetState:
             a[r] = v
         self.last_pred[r] = snap["last_pred"]
         self.alert_contrib[r] = snap["alert_contrib"]
+        self.recent_values[r] = snap["recent_values"]
+        self.recent_pos[r] = snap["recent_pos"]
+        for name, values in snap["vectors"].items():
+            self.vectors[name][r] = [np.nan if v is None else v for v in values]
         for name, v in snap["cols"].items():
             self.cols[name][r] = np.nan if v is None else v
 

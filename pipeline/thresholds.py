@@ -1,59 +1,147 @@
-"""Learned thresholds: calibrated on held-out normal data, adapted online per asset.
+"""Learned thresholds: three score terms, each calibrated on held-out normal data, combined
+into one alert score and adapted online per asset.
 
-* **Smoothing**: the step score is smoothed with an EWMA, so one noisy step does not
-  alert while a sustained deviation does (telemanom smooths its errors the same way).
-* **Calibration** (fit time): the threshold starts at a high quantile of the smoothed
-  scores of held-out normal data, times a safety margin.
-* **Online adaptation** (in the spirit of telemanom's nonparametric dynamic threshold):
-  each asset tracks the mean and variance of its own smoothed score while it is normal,
-  and its threshold is ``max(calibrated, mean + z·sd)`` — a noisier asset earns a higher
-  threshold, and a quiet one never drops below the calibrated floor. Adaptation pauses
-  while the asset is above its threshold or alerting, so a fault is not learned as normal.
+The terms, per feature f of a step:
+
+* **forecast** — EWMA of the squared next-step error ``e_f²`` of the LSTM (fast,
+  ``smoothing_alpha``): spikes, noise bursts, abrupt breaks in the dynamics.
+* **novelty** — EWMA of the squared cross-sectional residual ``r_f²`` (how far feature f
+  is from what the other features say it should be; slow, ``novelty_alpha``): drifts,
+  level shifts and broken correlations that a next-step forecaster adapts to.
+* **flatline** — how long the raw value has not changed, against the longest unchanged
+  run seen in training: stuck sensors.
+
+Each feature's term is divided by its own calibrated level (a high quantile of that term
+on held-out normal data, Bonferroni-adjusted for the number of features, times a
+margin): a feature the others explain well gets a tight level, a wandering one a loose
+level. The combined score — the largest of all — is in units of "calibrated level" and
+alerts above ``threshold`` (1). The features of the dominating term explain the alert.
+
+**Online adaptation** (in the spirit of telemanom's nonparametric dynamic threshold):
+each asset tracks the mean and variance of its own combined score while it is normal,
+and its threshold is ``max(calibrated, mean + z·sd)`` — a noisier asset earns a higher
+threshold, a quiet one never drops below the calibrated level. Adaptation pauses while
+the asset is above its threshold or alerting, so a fault is not learned as normal.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from pipeline.bundle import ThresholdParams
-from pipeline.settings import ThresholdSettings
+from pipeline.bundle import ModelBundle, ThresholdParams
 from pipeline.state import FleetState
 
 
-def smooth_series(scores: np.ndarray, alpha: float) -> np.ndarray:
-    """EWMA of one asset's score series; NaN (unscored) steps keep the previous level."""
-    out = np.empty(len(scores))
-    level = np.nan
-    for i, s in enumerate(scores):
-        if not np.isnan(s):
-            level = s if np.isnan(level) else alpha * s + (1 - alpha) * level
+def ewma(prev: np.ndarray, x: np.ndarray, alpha: float) -> np.ndarray:
+    """One EWMA step; a NaN level starts at x, a NaN x keeps the level."""
+    out = np.where(np.isnan(prev), x, alpha * x + (1 - alpha) * prev)
+    return np.where(np.isnan(x), prev, out)
+
+
+def ewma_series(x: np.ndarray, alpha: float) -> np.ndarray:
+    """EWMA along axis 0 of one asset's series (n,) or (n, F)."""
+    out = np.empty_like(x, dtype=np.float64)
+    level = np.full(x.shape[1:], np.nan)
+    for i in range(len(x)):
+        level = ewma(level, x[i], alpha)
         out[i] = level
     return out
 
 
-def calibrate(smoothed_normal: np.ndarray, settings: ThresholdSettings) -> ThresholdParams:
-    """Threshold parameters from smoothed scores of held-out normal data."""
-    s = smoothed_normal[np.isfinite(smoothed_normal)]
-    if len(s) < 10:
-        raise ValueError(f"need at least 10 scored held-out steps to calibrate a threshold, got {len(s)}")
-    threshold = float(np.quantile(s, settings.quantile)) * settings.margin
-    return ThresholdParams.from_settings(settings, threshold=threshold, normal_mean=float(np.mean(s)),
-                                         normal_std=float(np.std(s)))
+def flat_runs(values: np.ndarray) -> np.ndarray:
+    """For one asset's raw series (n, F): steps each value has stayed exactly unchanged."""
+    runs = np.zeros(values.shape, np.int64)
+    for i in range(1, len(values)):
+        runs[i] = np.where(values[i] == values[i - 1], runs[i - 1] + 1, 0)
+    return runs
 
 
-def update_thresholds(state: FleetState, rows: np.ndarray, score: np.ndarray,
-                      p: ThresholdParams) -> tuple[np.ndarray, np.ndarray]:
-    """Advance smoothing and adaptation for one step of each of ``rows`` (distinct assets).
+def _ratios(ewma_sq: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Per-feature term in units of its level (NaN where not yet scored)."""
+    return np.sqrt(np.maximum(ewma_sq, 0.0)) / level
 
-    Returns the smoothed score and the threshold in force for each row.
+
+def _term(ratios: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        peak = np.max(np.where(np.isnan(ratios), -np.inf, ratios), axis=-1)
+    return np.where(np.isfinite(peak), peak, np.nan)
+
+
+@dataclass(frozen=True)
+class TermLevels:
+    """Per-feature calibrated levels of the three terms (from the bundle)."""
+
+    forecast: np.ndarray  # (F,)
+    novelty: np.ndarray   # (F,)
+    flat: np.ndarray      # (F,) steps unchanged
+
+    @classmethod
+    def of(cls, bundle: ModelBundle) -> TermLevels:
+        return cls(bundle.forecast_level, bundle.novelty_level, bundle.flat_limit)
+
+
+@dataclass
+class CombinedScore:
+    score: np.ndarray          # (k,) the largest term, in units of calibrated threshold
+    contributions: np.ndarray  # (k, F) per-feature weights of the dominating term
+    forecast: np.ndarray       # (k,) each term, for plots and diagnostics
+    novelty: np.ndarray
+    flat: np.ndarray
+
+
+def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.ndarray,
+            levels: TermLevels) -> CombinedScore:
+    """The alert score and its explanation from the per-feature term states (k, F)."""
+    fc = _ratios(forecast_ewma, levels.forecast)
+    nv = _ratios(novelty_ewma, levels.novelty)
+    t_fc, t_nv = _term(fc), _term(nv)
+    flat_ratio = flat_run / levels.flat
+    t_fl = flat_ratio.max(axis=-1)
+    terms = np.stack([np.nan_to_num(t_fc, nan=-1.0), np.nan_to_num(t_nv, nan=-1.0), t_fl], axis=-1)
+    which = terms.argmax(axis=-1)
+    score = terms.max(axis=-1)
+    score = np.where(np.isnan(t_fc) & np.isnan(t_nv), np.nan, score)
+    contrib = np.where((which == 0)[:, None], np.nan_to_num(fc), np.where((which == 1)[:, None], np.nan_to_num(nv),
+                                                                          flat_ratio))
+    return CombinedScore(score, contrib, t_fc, t_nv, t_fl)
+
+
+def calibrate_levels(ewma_sq: np.ndarray, quantile: float, margin: float) -> np.ndarray:
+    """Per-feature level of one term from held-out normal steps (k, F).
+
+    Each feature uses quantile ``1 - (1 - q) / F`` so that the largest of the F terms
+    exceeds 1 about as rarely as quantile q says.
     """
-    cols = state.cols
-    valid = ~np.isnan(score)
-    prev = cols["smoothed"][rows]
-    smoothed = np.where(np.isnan(prev), score, p.smoothing_alpha * score + (1 - p.smoothing_alpha) * prev)
-    smoothed = np.where(valid, smoothed, prev)
-    cols["smoothed"][rows] = smoothed
+    f = ewma_sq.shape[1]
+    v = np.sqrt(np.maximum(ewma_sq, 0.0))
+    ok = np.isfinite(v).all(axis=1)
+    if ok.sum() < 10:
+        raise ValueError(f"need at least 10 scored held-out steps to calibrate a threshold, got {int(ok.sum())}")
+    q = 1.0 - (1.0 - quantile) / f
+    return np.maximum(np.quantile(v[ok], q, axis=0) * margin, 1e-6)
 
+
+def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, errors: np.ndarray,
+                      novelty: np.ndarray, levels: TermLevels, p: ThresholdParams
+                      ) -> tuple[CombinedScore, np.ndarray]:
+    """Advance one step for each of ``rows`` (distinct assets).
+
+    ``errors`` are normalised forecast errors (NaN while warming up), ``novelty`` the
+    normalised cross-sectional residuals, ``values`` the raw grid values. Returns the
+    combined score and the threshold in force for each row.
+    """
+    v, cols = state.vectors, state.cols
+    v["forecast_ewma"][rows] = fc = ewma(v["forecast_ewma"][rows], errors**2, p.smoothing_alpha)
+    v["novelty_ewma"][rows] = nv = ewma(v["novelty_ewma"][rows], novelty**2, p.novelty_alpha)
+    same = values == v["prev_value"][rows]
+    v["flat_run"][rows] = runs = np.where(same, v["flat_run"][rows] + 1, 0)
+    v["prev_value"][rows] = values
+    combined = combine(fc, nv, runs, levels)
+
+    score = combined.score
+    valid = np.isfinite(score)
     mean = cols["adapt_mean"][rows]
     var = cols["adapt_var"][rows]
     fresh = np.isnan(var)
@@ -61,10 +149,8 @@ def update_thresholds(state: FleetState, rows: np.ndarray, score: np.ndarray,
     var = np.where(fresh, p.normal_std**2, var)
     threshold = np.maximum(p.threshold, mean + p.adapt_z * np.sqrt(var))
 
-    learn = valid & (smoothed < threshold) & ~cols["alert_open"][rows] & (p.adapt_alpha > 0)
-    delta = smoothed - mean
-    new_mean = mean + p.adapt_alpha * delta
-    new_var = (1 - p.adapt_alpha) * (var + p.adapt_alpha * delta**2)
-    cols["adapt_mean"][rows] = np.where(learn, new_mean, mean)
-    cols["adapt_var"][rows] = np.where(learn, new_var, var)
-    return smoothed, threshold
+    learn = valid & (score < threshold) & ~cols["alert_open"][rows] & (p.adapt_alpha > 0)
+    delta = np.where(valid, score - mean, 0.0)
+    cols["adapt_mean"][rows] = np.where(learn, mean + p.adapt_alpha * delta, mean)
+    cols["adapt_var"][rows] = np.where(learn, (1 - p.adapt_alpha) * (var + p.adapt_alpha * delta**2), var)
+    return combined, threshold

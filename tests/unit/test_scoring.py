@@ -24,11 +24,7 @@ def _steps(assets: list[str], n: int, seed: int = 1) -> GridSteps:
     return GridSteps(np.concatenate([np.full(n, a, object) for a, _, _ in rows]),
                      np.concatenate([t for _, t, _ in rows]), np.concatenate([v for _, _, v in rows]),
                      np.concatenate([np.r_[True, np.zeros(n - 1, bool)] for _ in rows]),
-                     np.ones(n * len(rows), np.int32))
-
-
-def _take(s: GridSteps, idx: np.ndarray) -> GridSteps:
-    return GridSteps(s.asset[idx], s.step[idx], s.values[idx], s.reset[idx], s.n_readings[idx])
+                     np.ones(n * len(rows), np.int32), np.arange(n * len(rows), dtype=np.int64))
 
 
 def _fresh(bundle):  # type: ignore[no-untyped-def]
@@ -55,7 +51,7 @@ def test_random_chunking_gives_the_same_scores_as_whole_feeding(tiny_bundle) -> 
             pos[a] = min(200, pos[a] + k)
         if not idx:
             continue
-        out = score_steps(state2, model2, tiny_bundle, _take(steps, np.array(idx)))
+        out = score_steps(state2, model2, tiny_bundle, steps.take(np.array(idx)))
         for a, s, v in zip(out.asset, out.step, out.score):
             got[(a, int(s))] = v
     expected = {(a, int(s)): v for a, s, v in zip(whole.asset, whole.step, whole.score)}
@@ -79,7 +75,7 @@ def test_a_reset_inside_a_batch_restarts_the_state(tiny_bundle) -> None:  # type
     state, model = _fresh(tiny_bundle)
     out = score_steps(state, model, tiny_bundle, steps)
     # After the reset the asset is scored exactly as a fresh stream starting at step 30.
-    tail = _take(steps, np.arange(30, 60))
+    tail = steps.take(np.arange(30, 60))
     state2, model2 = _fresh(tiny_bundle)
     fresh = score_steps(state2, model2, tiny_bundle, tail)
     np.testing.assert_allclose(out.score[30:], fresh.score, rtol=0, atol=1e-6)
@@ -103,3 +99,20 @@ def test_states_are_kept_per_asset(tiny_bundle, n_assets: int) -> None:  # type:
     score_steps(state, model, tiny_bundle, steps)
     assert len(state) == n_assets
     assert state.cols["since_reset"][:n_assets].tolist() == [3] * n_assets
+
+
+def test_recent_ring_keeps_the_last_steps_since_reset_and_their_positions(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    cfg = GridConfig(1000, 0, 10**6, 2, 10, len(FEATURES))
+    state = FleetState(cfg, tiny_bundle.units, tiny_bundle.n_features, history=5)
+    model = StepFunction(tiny_bundle.n_features, tiny_bundle.units, tiny_bundle.weights)
+    steps = _steps(["p1", "p2"], 12)  # positions 0..11 for p1, 12..23 for p2
+    score_steps(state, model, tiny_bundle, steps.take(np.r_[0:3, 12:20]))
+    score_steps(state, model, tiny_bundle, steps.take(np.r_[3:9, 20:22]))
+    values, pos = state.recent(state.index["p1"])
+    assert pos.tolist() == [4, 5, 6, 7, 8]
+    np.testing.assert_allclose(values, steps.values[4:9].astype(np.float32))
+    assert state.replay_position("p2") == 17
+    reset_steps = steps.take(np.arange(9, 12))
+    reset_steps.reset[1] = True  # a reset at position 10
+    score_steps(state, model, tiny_bundle, reset_steps)
+    assert state.recent(state.index["p1"])[1].tolist() == [10, 11]

@@ -1,4 +1,4 @@
-"""Smoothing, calibrated and adaptive thresholds, and the alert lifecycle with hysteresis."""
+"""Score terms, calibrated and adaptive thresholds, and the alert lifecycle with hysteresis."""
 
 from __future__ import annotations
 
@@ -9,46 +9,62 @@ from pipeline.bundle import ThresholdParams
 from pipeline.grid import GridConfig
 from pipeline.settings import ThresholdSettings
 from pipeline.state import FleetState
-from pipeline.thresholds import calibrate, smooth_series, update_thresholds
+from pipeline.thresholds import TermLevels, calibrate_levels, combine, ewma_series, flat_runs, update_thresholds
 
 FEATS = ("x", "y")
+LEVELS = TermLevels(np.array([2.0, 2.0]), np.array([1.0, 4.0]), np.array([10.0, 10.0]))
 
 
 def params(**kw: float) -> ThresholdParams:
-    s = ThresholdSettings(smoothing_alpha=1.0, adapt_alpha=0.0, open_after=2, close_after=3, close_ratio=0.5,
-                          update_every=100, top_features=2)
-    p = ThresholdParams.from_settings(s, threshold=1.0, normal_mean=0.2, normal_std=0.05)
+    s = ThresholdSettings(smoothing_alpha=1.0, novelty_alpha=1.0, adapt_alpha=0.0, open_after=2, close_after=3,
+                          close_ratio=0.5, update_every=100, top_features=2)
+    p = ThresholdParams.from_settings(s, normal_mean=0.2, normal_std=0.05)
     return ThresholdParams(**{**p.__dict__, **kw})
 
 
-def run(scores: list[float], p: ThresholdParams, errors: np.ndarray | None = None):  # type: ignore[no-untyped-def]
+def new_state() -> tuple[FleetState, np.ndarray]:
     state = FleetState(GridConfig(1000, 0, 1, 1, 1, 2), (4, 4), 2)
-    rows = state.rows(np.array(["a"], object))
-    events, thresholds = [], []
+    return state, state.rows(np.array(["a"], object))
+
+
+def lifecycle(scores: list[float], contrib: list[list[float]] | None = None, p: ThresholdParams | None = None):  # type: ignore[no-untyped-def]
+    p = p or params()
+    state, rows = new_state()
+    events = []
     for i, s in enumerate(scores):
-        e = np.array([[s, 0.1]]) if errors is None else errors[i:i + 1]
-        sm, thr = update_thresholds(state, rows, np.array([s]), p)
-        thresholds.append(float(thr[0]))
-        events += update_alerts(state, rows, np.array(["a"], object), np.array([100 + i]), sm, thr, e, p, FEATS,
-                                1000, "v1")
-    return events, thresholds, state
+        c = np.array([contrib[i] if contrib else [1.0, 0.0]])
+        events += update_alerts(state, rows, np.array(["a"], object), np.array([100 + i]), np.array([s]),
+                                np.array([1.0]), c, p, FEATS, 1000, "v1")
+    return events
 
 
-def test_smoothing_keeps_level_over_unscored_steps() -> None:
-    out = smooth_series(np.array([np.nan, 1.0, 3.0, np.nan, 3.0]), 0.5)
+def test_ewma_keeps_level_over_unscored_steps_and_flat_runs_count() -> None:
+    out = ewma_series(np.array([np.nan, 1.0, 3.0, np.nan, 3.0]), 0.5)
     np.testing.assert_allclose(out, [np.nan, 1.0, 2.0, 2.0, 2.5])
+    runs = flat_runs(np.array([[1.0, 5.0], [1.0, 6.0], [1.0, 6.0], [2.0, 6.0]]))
+    assert runs.tolist() == [[0, 0], [1, 0], [2, 1], [0, 2]]
 
 
-def test_calibration_is_quantile_times_margin() -> None:
-    s = np.arange(1, 1001, dtype=float)
-    p = calibrate(s, ThresholdSettings(quantile=0.99, margin=1.5))
-    assert abs(p.threshold - np.quantile(s, 0.99) * 1.5) < 1e-9
-    assert abs(p.normal_mean - 500.5) < 1e-9
+def test_levels_are_a_bonferroni_quantile_times_margin() -> None:
+    rng = np.random.default_rng(0)
+    sq = rng.chisquare(1, size=(20000, 4))
+    levels = calibrate_levels(sq, quantile=0.99, margin=1.5)
+    expected = np.quantile(np.sqrt(sq), 1 - 0.01 / 4, axis=0) * 1.5
+    np.testing.assert_allclose(levels, expected)
+
+
+def test_combined_score_is_the_largest_term_and_names_its_features() -> None:
+    fc = np.array([[4.0, 1.0], [1.0, 1.0], [1.0, 1.0]])     # ratios: 1.0 on x
+    nv = np.array([[0.25, 1.0], [0.25, 64.0], [0.0, 0.0]])  # ratios: 2.0 on y in the second row
+    runs = np.array([[0, 0], [0, 0], [30, 0]])              # 3.0 × the flat limit on x in the third row
+    c = combine(fc, nv, runs, LEVELS)
+    np.testing.assert_allclose(c.score, [1.0, 2.0, 3.0])
+    assert c.contributions[0].argmax() == 0 and c.contributions[1].argmax() == 1 and c.contributions[2].argmax() == 0
 
 
 def test_alert_opens_after_consecutive_steps_starts_at_the_first_and_closes_with_hysteresis() -> None:
     scores = [0.1, 0.1, 2.0, 2.0, 2.0, 0.8, 0.8, 0.8, 0.4, 0.4, 0.4, 0.1]
-    events, _, _ = run(scores, params())
+    events = lifecycle(scores)
     assert [e.state for e in events] == ["open", "close"]
     opened, closed = events
     assert opened.start_ms == 102_000  # the first step above, not the step where it opened
@@ -59,29 +75,36 @@ def test_alert_opens_after_consecutive_steps_starts_at_the_first_and_closes_with
 
 
 def test_one_step_excursion_does_not_open_an_alert() -> None:
-    events, _, _ = run([0.1, 5.0, 0.1, 5.0, 0.1], params())
-    assert events == []
+    assert lifecycle([0.1, 5.0, 0.1, 5.0, 0.1]) == []
 
 
 def test_updates_when_the_peak_grows_and_top_features_name_the_cause() -> None:
-    scores = [2.0, 2.0, 3.0, 10.0, 10.0]
-    errors = np.array([[0.1, s] for s in scores])  # feature y carries the error
-    events, _, _ = run(scores, params(), errors)
+    events = lifecycle([2.0, 2.0, 3.0, 10.0, 10.0], contrib=[[0.1, 1.0]] * 5)
     assert [e.state for e in events] == ["open", "update", "update"]
     assert events[-1].peak_score == 10.0
     assert events[-1].top_features[0][0] == "y" and events[-1].top_features[0][1] > 0.9
 
 
+def _adapt(novelty_series: list[float], p: ThresholdParams) -> list[float]:
+    state, rows = new_state()
+    out = []
+    for i, r in enumerate(novelty_series):
+        _, thr = update_thresholds(state, rows, np.array([[float(i), float(-i)]]), np.array([[0.0, 0.0]]),
+                                   np.array([[r, 0.0]]), LEVELS, p)
+        out.append(float(thr[0]))
+    return out
+
+
 def test_online_adaptation_raises_a_noisy_assets_threshold_but_never_below_calibrated() -> None:
-    p = params(adapt_alpha=0.05, adapt_z=3.0, open_after=1000)
+    p = params(adapt_alpha=0.05, adapt_z=3.0)
     rng = np.random.default_rng(0)
-    _, thr_noisy, _ = run(list(0.5 + 0.3 * np.abs(rng.normal(size=400))), p)
-    _, thr_quiet, _ = run([0.01] * 400, p)
-    assert thr_noisy[-1] > 1.1  # learned its own, higher level (steps above it are not learned from)
-    assert min(thr_quiet) == 1.0  # the calibrated floor holds
+    noisy = _adapt(list(0.5 + 0.3 * np.abs(rng.normal(size=400))), p)  # novelty ratio = |r| / 1.0
+    quiet = _adapt([0.01] * 400, p)
+    assert noisy[-1] > 1.1  # learned its own, higher level (steps above it are not learned from)
+    assert min(quiet) == 1.0  # the calibrated level holds
 
 
-def test_adaptation_pauses_during_an_alert() -> None:
+def test_adaptation_pauses_while_above_the_threshold() -> None:
     p = params(adapt_alpha=0.2, adapt_z=3.0)
-    _, thr, state = run([0.2] * 50 + [3.0] * 100, p)
+    thr = _adapt([0.2] * 50 + [3.0] * 100, p)
     assert thr[-1] == thr[51]  # a long fault is not learned as normal

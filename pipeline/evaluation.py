@@ -1,0 +1,500 @@
+"""Evaluation on labelled recordings: the LSTM engine and the baselines, scored by the same code.
+
+Every detector turns a file into one 0/1 prediction per row and is scored by
+:mod:`pipeline.metrics`, so the comparison is fair by construction:
+
+* The LSTM is replayed through :class:`~pipeline.engine.DetectionEngine`, the code path of
+  the live detector. A row is predicted anomalous when its grid step lies inside an alert,
+  from the alert's ``start_ms`` up to (not including) its ``end_ms``, or to the end of the
+  file when the alert never closed.
+* The baselines (flag everything, PCA T² and T²+Q in SKAB's leaderboard configurations)
+  are fitted on the same training rows and score the same rows.
+
+Training data comes from one of three plans: each file's first N rows (one model per
+file, SKAB's leaderboard protocol); the union of every file's first N rows (one *fleet*
+model, each file its own asset with its own scaling); or a separate file of normal data
+(one model for every file).
+
+Metrics are reported on two bases: the whole file (training rows included, as SKAB's
+notebooks score) and the test rows only. Point-wise counts are pooled over files without
+point adjustment; event-level counts are summed per file; NAB follows SKAB's ``tsad``
+convention (30 s centred windows, and a predicted changepoint at both edges of every
+alert run, as SKAB's notebooks derive them), reported beside the stricter variant that
+only counts run starts. Rates are fractions in [0, 1]. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from pipeline.alerts import AlertEvent
+from pipeline.baselines import PCAT2, Detector, FlagEverything
+from pipeline.bundle import ModelBundle
+from pipeline.metrics import (
+    changepoints_from_alerts,
+    event_metrics,
+    nab_scores,
+    point_metrics,
+    pooled_event_metrics,
+    pooled_point_metrics,
+    ranges_from_labels,
+)
+from pipeline.readings import DecodedBatch
+from pipeline.settings import GridSettings, Settings
+from pipeline.tables import frame_to_batch, timestamps_ms
+
+Plan = Literal["per_file", "fleet", "train_file"]
+Progress = Callable[[dict[str, Any]], None]
+
+NAB_WINDOW_S = 30.0
+_TS = "\x00ts"  # timestamp column name that cannot clash with a feature
+
+
+class EvaluationError(ValueError):
+    """Labelled data that cannot be evaluated (no test rows, unsorted times, …)."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Series:
+    """Readings of one asset as arrays: row times (ms, non-decreasing) and feature values."""
+
+    name: str
+    ts_ms: np.ndarray     # int64 (n,)
+    values: np.ndarray    # float64 (n, F), NaN = missing reading
+
+    def __len__(self) -> int:
+        return len(self.ts_ms)
+
+    def head(self, rows: int) -> Series:
+        return Series(self.name, self.ts_ms[:rows], self.values[:rows])
+
+
+@dataclass(frozen=True)
+class LabelledFile:
+    """One labelled recording; its first ``train_rows`` rows are its training data (0: none)."""
+
+    series: Series
+    labels: np.ndarray                 # int8 (n,)
+    changepoints: np.ndarray | None    # int8 (n,) when the data marks changepoints
+    train_rows: int
+
+    @property
+    def name(self) -> str:
+        return self.series.name
+
+    @property
+    def test(self) -> np.ndarray:
+        mask = np.ones(len(self.series), bool)
+        mask[: self.train_rows] = False
+        return mask
+
+
+def asset_name(path: PurePath, root: PurePath) -> str:
+    """Asset id of a file: its POSIX path relative to the input root (``valve1/0.csv``)."""
+    return path.relative_to(root).as_posix()
+
+
+def series_from_frame(frame: pd.DataFrame, name: str, features: Sequence[str], ts_col: str) -> Series:
+    """Arrays of a wide frame; rows must already be in time order."""
+    missing = [c for c in [ts_col, *features] if c not in frame.columns]
+    if missing:
+        raise EvaluationError(f"{name}: missing columns {missing}")
+    ts = timestamps_ms(frame[ts_col])
+    if np.any(np.diff(ts) < 0):
+        raise EvaluationError(f"{name}: timestamps are not in order")
+    return Series(name, ts, frame[list(features)].to_numpy(np.float64))
+
+
+def labels_from_ranges(ts_ms: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """0/1 row labels from ``(start_ms, end_ms)`` ranges, both ends inclusive."""
+    starts = np.searchsorted(ts_ms, [r[0] for r in ranges], side="left")
+    stops = np.searchsorted(ts_ms, [r[1] for r in ranges], side="right")
+    return _cover(len(ts_ms), starts, stops)
+
+
+def labelled_file(series: Series, labels: np.ndarray, changepoints: np.ndarray | None,
+                  train_rows: int) -> LabelledFile:
+    """Check lengths and the split, then bundle a file for evaluation."""
+    n = len(series)
+    for what, arr in (("labels", labels), ("changepoints", changepoints)):
+        if arr is not None and len(arr) != n:
+            raise EvaluationError(f"{series.name}: {what} have {len(arr)} rows, readings {n}")
+    if not 0 <= train_rows < n:
+        raise EvaluationError(f"{series.name}: {n} rows leave no test rows after {train_rows} training rows")
+    cp = None if changepoints is None else _flags01(changepoints)
+    return LabelledFile(series, _flags01(labels), cp, train_rows)
+
+
+def _flags01(values: np.ndarray) -> np.ndarray:
+    arr = np.nan_to_num(np.asarray(values, np.float64), nan=0.0)
+    if not np.isin(arr, (0.0, 1.0)).all():
+        raise EvaluationError("labels must be 0 or 1")
+    return arr.astype(np.int8)
+
+
+def _cover(n: int, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Flags of the union of index ranges ``[start, stop)`` (vectorised through a difference array)."""
+    diff = np.zeros(n + 1, np.int64)
+    np.add.at(diff, np.clip(starts, 0, n), 1)
+    np.add.at(diff, np.clip(stops, 0, n), -1)
+    return (np.cumsum(diff[:n]) > 0).astype(np.int8)
+
+
+# --------------------------------------------------------------------------- alerts → rows
+
+
+def alert_spans(events: Sequence[AlertEvent], asset: str) -> list[tuple[int, float]]:
+    """``(start_ms, end_ms)`` of each alert of one asset, end exclusive; never closed → ``inf``."""
+    spans: dict[str, tuple[int, float]] = {}
+    for e in events:
+        if e.asset != asset:
+            continue
+        if e.state == "open":
+            spans[e.alert_id] = (e.start_ms, math.inf)
+        elif e.state == "close" and e.end_ms is not None:
+            spans[e.alert_id] = (e.start_ms, float(e.end_ms))
+    return sorted(spans.values())
+
+
+def rows_in_alerts(ts_ms: np.ndarray, spans: Sequence[tuple[int, float]], period_ms: int) -> np.ndarray:
+    """1 for each row whose grid step starts inside an alert span."""
+    step_ms = ts_ms - ts_ms % period_ms
+    starts = np.searchsorted(step_ms, [s for s, _ in spans], side="left")
+    stops = np.searchsorted(step_ms, [e for _, e in spans], side="left")
+    return _cover(len(ts_ms), starts, stops)
+
+
+# --------------------------------------------------------------------------- engine replay
+
+
+@dataclass
+class EngineTrace:
+    """What the engine produced for one asset: per-step series and its alert spans."""
+
+    step_ms: np.ndarray
+    score: np.ndarray
+    smoothed: np.ndarray
+    threshold: np.ndarray
+    spans: list[tuple[int, float]]
+
+
+def series_batch(series: Series, features: Sequence[str]) -> DecodedBatch:
+    """The long-format batch the engine and the fit take, through the same table decoder as replay."""
+    frame = pd.DataFrame(series.values, columns=list(features))
+    frame[_TS] = series.ts_ms
+    return frame_to_batch(frame, features, ts_col=_TS, default_asset=series.name)
+
+
+def concat_batches(batches: Sequence[DecodedBatch]) -> DecodedBatch:
+    """One batch of several assets' histories (record indices renumbered)."""
+    offsets = np.cumsum([0] + [b.n_records for b in batches[:-1]])
+    return DecodedBatch(
+        record_index=np.concatenate([b.record_index + o for b, o in zip(batches, offsets)]),
+        asset=np.concatenate([b.asset for b in batches]),
+        ts_ms=np.concatenate([b.ts_ms for b in batches]),
+        feature=np.concatenate([b.feature for b in batches]),
+        value=np.concatenate([b.value for b in batches]),
+        rejects=[], n_records=int(sum(b.n_records for b in batches)),
+    )
+
+
+def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series],
+           chunk_rows: int = 5000) -> dict[str, EngineTrace]:
+    """Feed each file through one engine in poll-sized chunks, flush, and split the output by asset."""
+    from pipeline.engine import DetectionEngine, EngineOutput
+
+    engine = DetectionEngine(bundle, grid)
+    outputs: list[EngineOutput] = []
+    for s in files:
+        for a in range(0, len(s), chunk_rows):
+            part = Series(s.name, s.ts_ms[a:a + chunk_rows], s.values[a:a + chunk_rows])
+            outputs.append(engine.process(series_batch(part, bundle.features)))
+    outputs.append(engine.flush())
+    asset = np.concatenate([o.asset for o in outputs])
+    step = np.concatenate([o.step for o in outputs])
+    cols = {k: np.concatenate([getattr(o, k) for o in outputs]) for k in ("score", "smoothed", "threshold")}
+    events = [e for o in outputs for e in o.events]
+    traces = {}
+    for s in files:
+        sel = np.flatnonzero(asset == s.name)
+        traces[s.name] = EngineTrace(step[sel] * bundle.period_ms, cols["score"][sel], cols["smoothed"][sel],
+                                     cols["threshold"][sel], alert_spans(events, s.name))
+    return traces
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _dict(obj: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(obj)
+    if "delays" in d:
+        d["delays"] = list(d["delays"])
+    return d
+
+
+def _event_details(labels: np.ndarray, predicted: np.ndarray, ts_ms: np.ndarray) -> list[dict[str, Any]]:
+    """Every labelled range, whether an alert overlapped it, and the delay to its first predicted row."""
+    out = []
+    for s, e in ranges_from_labels(labels):
+        hit = np.flatnonzero(predicted[s:e])
+        first = s + int(hit[0]) if hit.size else None
+        out.append({"start_ms": int(ts_ms[s]), "end_ms": int(ts_ms[e - 1]), "rows": e - s,
+                    "detected": first is not None, "delay_rows": None if first is None else first - s,
+                    "delay_s": None if first is None else (int(ts_ms[first]) - int(ts_ms[s])) / 1000})
+    return out
+
+
+def _nab(files: Sequence[LabelledFile], predicted: Sequence[np.ndarray], window_s: float) -> dict[str, Any] | None:
+    """NAB scores under SKAB's convention and under the run-starts-only variant."""
+    pairs = [(f, p) for f, p in zip(files, predicted) if f.changepoints is not None]
+    if not pairs or not any(f.changepoints.any() for f, _ in pairs):  # type: ignore[union-attr]
+        return None
+    stamps = [f.series.ts_ms.astype("datetime64[ms]") for f, _ in pairs]
+    out: dict[str, Any] = {}
+    for key, ends in (("skab", True), ("run_starts_only", False)):
+        cps = [(f.changepoints, changepoints_from_alerts(p, include_run_ends=ends)) for f, p in pairs]
+        out[key] = nab_scores(cps, timestamps=stamps, window=window_s)  # type: ignore[arg-type]
+    return out
+
+
+def _delay_summary(details: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    delays = np.array([d["delay_s"] for d in details if d["detected"]], np.float64)
+    found = int(delays.size)
+    return {"events": len(details), "found": found,
+            "mean_s": float(delays.mean()) if found else None,
+            "median_s": float(np.median(delays)) if found else None,
+            "max_s": float(delays.max()) if found else None}
+
+
+def score_predictions(files: Sequence[LabelledFile], predicted: Mapping[str, np.ndarray],
+                      nab_window_s: float = NAB_WINDOW_S) -> dict[str, Any]:
+    """Per-file and pooled metrics of one detector's 0/1 row predictions."""
+    preds = [np.asarray(predicted[f.name], np.int8) for f in files]
+    per_file: dict[str, Any] = {}
+    details: list[dict[str, Any]] = []
+    for f, p in zip(files, preds):
+        t = f.test
+        ev = _event_details(f.labels, p, f.series.ts_ms)
+        details += [{"file": f.name, **d} for d in ev]
+        per_file[f.name] = {
+            "rows": len(p), "test_rows": int(t.sum()), "predicted_rows": int(p.sum()),
+            "point": {"whole": _dict(point_metrics(f.labels, p)), "test": _dict(point_metrics(f.labels[t], p[t]))},
+            "event": {"whole": _dict(event_metrics(f.labels, p)),
+                      "test": _dict(event_metrics(f.labels[t], p[t]))},
+            "events": ev,
+        }
+    pooled = {
+        "point": {"whole": _dict(pooled_point_metrics([(f.labels, p) for f, p in zip(files, preds)])),
+                  "test": _dict(pooled_point_metrics([(f.labels[f.test], p[f.test]) for f, p in zip(files, preds)]))},
+        "event": {"whole": _dict(pooled_event_metrics([(f.labels, p) for f, p in zip(files, preds)])),
+                  "test": _dict(pooled_event_metrics([(f.labels[f.test], p[f.test]) for f, p in zip(files, preds)]))},
+        "delay": _delay_summary(details),
+        "nab": _nab(files, preds, nab_window_s),
+    }
+    return {"pooled": pooled, "files": per_file}
+
+
+def equal_far_predictions(files: Sequence[LabelledFile], scores: Mapping[str, np.ndarray],
+                          target_far: float) -> tuple[float, dict[str, np.ndarray]]:
+    """One cut-off on a detector's score for all files whose pooled whole-file FAR is as close to
+    ``target_far`` as possible without exceeding it; returns the cut-off and the predictions.
+
+    It reads the labels, so it is a diagnostic for comparing detectors at the same false
+    alarm rate, not a way to set a threshold.
+    """
+    normal = np.concatenate([scores[f.name][f.labels == 0] for f in files])
+    ranked = np.sort(normal)[::-1]
+    allowed = int(math.floor(target_far * len(ranked) + 1e-9))
+    cut = float(ranked[allowed]) if allowed < len(ranked) else -math.inf
+    return cut, {f.name: (scores[f.name] > cut).astype(np.int8) for f in files}
+
+
+# --------------------------------------------------------------------------- plans and runs
+
+
+def training_groups(files: Sequence[LabelledFile], plan: Plan,
+                    train: Series | None = None) -> list[tuple[list[Series], list[LabelledFile]]]:
+    """Which training series fit which model and which files that model scores."""
+    if plan == "train_file":
+        if train is None:
+            raise EvaluationError("the train_file plan needs a training series")
+        return [([train], list(files))]
+    untrained = [f.name for f in files if f.train_rows == 0]
+    if untrained:
+        raise EvaluationError(f"no training rows in {untrained[:3]}: give training rows or a training file")
+    if plan == "fleet":
+        return [([f.series.head(f.train_rows) for f in files], list(files))]
+    return [([f.series.head(f.train_rows)], [f]) for f in files]
+
+
+def baseline_detectors() -> dict[str, Callable[[], Detector]]:
+    """SKAB's leaderboard configurations (see :class:`pipeline.baselines.PCAT2`)."""
+    return {
+        "flag_all": FlagEverything,
+        "t2": lambda: PCAT2(variance=1.0, confidence=0.999, limit_factor=2.0, median_window=5),
+        "t2_q": lambda: PCAT2(variance=0.85, confidence=0.999, use_q=True, median_window=5, q_limit="skab"),
+    }
+
+
+def _filled(values: np.ndarray) -> np.ndarray:
+    """Missing cells carry the previous (else the next) reading of their column: PCA needs full rows."""
+    return pd.DataFrame(values).ffill().bfill().to_numpy(np.float64)
+
+
+def baseline_scores(files: Sequence[LabelledFile], plan: Plan, train: Series | None,
+                    name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Scores and predictions of one baseline, fitted per file on its training rows (or the training file)."""
+    make = baseline_detectors()[name]
+    shared = make().fit(_filled(train.values)) if plan == "train_file" and train is not None else None
+    scores, preds = {}, {}
+    for f in files:
+        det = shared if shared is not None else make().fit(_filled(f.series.values[: f.train_rows]))
+        x = _filled(f.series.values)
+        scores[f.name], preds[f.name] = det.score(x), det.predict(x)
+    return scores, preds
+
+
+def plan_settings(settings: Settings, plan: Plan, seed: int | None = None) -> Settings:
+    """The settings a plan fits with: its seed, and per-asset scaling for a fleet."""
+    model = settings.model if seed is None else dataclasses.replace(settings.model, seed=seed)
+    if plan == "fleet":
+        model = dataclasses.replace(model, per_asset_scaling=True)
+    return dataclasses.replace(settings, model=model)
+
+
+def _fit_summary(bundle: ModelBundle, files: Sequence[LabelledFile]) -> dict[str, Any]:
+    m = bundle.metadata
+    return {"files": [f.name for f in files], "epochs": m.get("epochs"), "best_epoch": m.get("best_epoch"),
+            "validation_error": m.get("validation_error"), "thresholds": dataclasses.asdict(bundle.thresholds),
+            "duration_s": m.get("duration_s")}
+
+
+@dataclass
+class LstmRun:
+    """One seed of the LSTM: predictions and traces per file, and what each fit reported."""
+
+    seed: int
+    predicted: dict[str, np.ndarray]
+    traces: dict[str, EngineTrace]
+    fits: list[dict[str, Any]] = field(default_factory=list)
+    duration_s: float = 0.0
+
+
+def run_lstm(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, train: Series | None = None,
+             seed: int | None = None, chunk_rows: int = 5000, progress: Progress | None = None) -> LstmRun:
+    """Fit per the plan (thresholds calibrated on the fit's held-out tail), replay, map alerts to rows."""
+    from pipeline.fit import fit_bundle
+
+    t0 = time.monotonic()
+    s = plan_settings(settings, plan, seed)
+    run = LstmRun(s.model.seed, {}, {})
+    features = s.model.features
+    for train_series, scored in training_groups(files, plan, train):
+        batch = concat_batches([series_batch(t, features) for t in train_series])
+        bundle, _ = fit_bundle(batch, s, metadata={"evaluation": plan})
+        run.fits.append(_fit_summary(bundle, scored))
+        traces = replay(bundle, s.grid, [f.series for f in scored], chunk_rows)
+        for f in scored:
+            run.traces[f.name] = traces[f.name]
+            run.predicted[f.name] = rows_in_alerts(f.series.ts_ms, traces[f.name].spans, bundle.period_ms)
+        if progress is not None:
+            progress({"seed": run.seed, **run.fits[-1]})
+    run.duration_s = time.monotonic() - t0
+    return run
+
+
+def mean_std(trees: Sequence[Any]) -> tuple[Any, Any] | None:
+    """Mean and sample standard deviation of every numeric leaf shared by equally shaped trees."""
+    first = trees[0]
+    if isinstance(first, dict):
+        pairs = {k: mean_std([t[k] for t in trees]) for k in first if all(isinstance(t, dict) and k in t for t in trees)}
+        kept = {k: v for k, v in pairs.items() if v is not None}
+        return {k: v[0] for k, v in kept.items()}, {k: v[1] for k, v in kept.items()}
+    if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in trees):
+        arr = np.asarray(trees, np.float64)
+        return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return None
+
+
+@dataclass
+class Evaluation:
+    """The JSON-ready report, plus the first seed's LSTM run and every detector's predictions for plots."""
+
+    report: dict[str, Any]
+    first_run: LstmRun
+    predicted: dict[str, dict[str, np.ndarray]]
+
+
+def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, seeds: Sequence[int] = (0,),
+             train: Series | None = None, chunk_rows: int = 5000, nab_window_s: float = NAB_WINDOW_S,
+             progress: Progress | None = None) -> Evaluation:
+    """LSTM (one run per seed) and baselines on the same files, split and metric code."""
+    if not files:
+        raise EvaluationError("no files to evaluate")
+    t0 = time.monotonic()
+    baselines: dict[str, Any] = {}
+    predicted: dict[str, dict[str, np.ndarray]] = {}
+    t2_scores: dict[str, np.ndarray] = {}
+    for name in baseline_detectors():
+        scores, preds = baseline_scores(files, plan, train, name)
+        baselines[name] = score_predictions(files, preds, nab_window_s)
+        predicted[name] = preds
+        if name == "t2":
+            t2_scores = scores
+
+    runs, first = [], None
+    for seed in seeds:
+        run = run_lstm(files, settings, plan, train=train, seed=seed, chunk_rows=chunk_rows, progress=progress)
+        first = run if first is None else first
+        lstm = score_predictions(files, run.predicted, nab_window_s)
+        target = lstm["pooled"]["point"]["whole"]["far"]
+        cut, eq_preds = equal_far_predictions(files, t2_scores, target)
+        eq = {"target_far": target, "cut": cut, **score_predictions(files, eq_preds, nab_window_s)}
+        runs.append({"seed": run.seed, "duration_s": run.duration_s, "fits": run.fits, "lstm": lstm,
+                     "t2_equal_far": eq})
+    assert first is not None
+    predicted["lstm"] = first.predicted
+    summary = mean_std([{"lstm": r["lstm"]["pooled"], "t2_equal_far": r["t2_equal_far"]["pooled"],
+                         "duration_s": r["duration_s"]} for r in runs])
+    assert summary is not None
+    report = {
+        "protocol": {"plan": plan, "files": [f.name for f in files], "train_rows": [f.train_rows for f in files],
+                     "train_file": None if train is None else train.name, "seeds": [r["seed"] for r in runs]},
+        "conventions": CONVENTIONS | {"nab_window_s": nab_window_s},
+        "baselines": baselines,
+        "runs": runs,
+        "summary": {"mean": summary[0], "std": summary[1]},
+        "duration_s": time.monotonic() - t0,
+    }
+    return Evaluation(report, first, predicted)
+
+
+CONVENTIONS: dict[str, Any] = {
+    "rates": "fractions in [0, 1]; F1 = TP / (TP + (FP + FN) / 2) point-wise, 2PR/(P+R) event-level",
+    "point": "row counts pooled over files, no point adjustment",
+    "bases": {"whole": "every row of the file, training rows included (as SKAB's notebooks score)",
+              "test": "rows after each file's training rows"},
+    "event": "telemanom/Orion overlap: a labelled range is found if any predicted row falls inside it; "
+             "a predicted run overlapping no labelled range is a false positive; counts summed per file",
+    "lstm_rows": "a row is predicted when its grid step lies in [alert start_ms, end_ms), to the end if never closed",
+    "nab": {"skab": "SKAB tsad chp_score: 30 s windows centred on each changepoint, predicted changepoints at "
+                    "the first row of every alert run and the first row after it (include_run_ends=True)",
+            "run_starts_only": "same windows, a predicted changepoint only where an alert run starts"},
+    "baselines": {"t2": "PCAT2(variance=1.0, confidence=0.999, limit_factor=2.0, median_window=5)",
+                  "t2_q": "PCAT2(variance=0.85, confidence=0.999, use_q=True, median_window=5, q_limit='skab')",
+                  "t2_equal_far": "T² score cut so its pooled whole-file FAR matches the LSTM's (label-aware "
+                                  "diagnostic, not a deployable threshold)"},
+    "seeds": "summary.mean/std over seeds; std is the sample standard deviation (0 for one seed)",
+}
