@@ -54,7 +54,8 @@ def _list(args: argparse.Namespace, uri: str) -> int:
         print(f"no versions in {uri}")
         return 0
     rows = [("", "VERSION", "PUBLISHED", "EPOCHS", "VAL ERROR", "THRESHOLD", "STATUS")]
-    serving = next((v.version for v in versions if v.pinned), None) or next((v.version for v in versions if v.current), None)
+    serving = next((v.version for v in versions if v.pinned), None) \
+        or next((v.version for v in versions if v.current), None)
     for v in versions:
         status = ", ".join(s for s, on in (("current", v.current), ("pinned", v.pinned)) if on)
         rows.append(("*" if v.version == serving else "", v.version, _when(v.published_at), _num(v.epochs),
@@ -99,7 +100,7 @@ def _print_manifest(m: dict[str, Any], status: dict[str, Any], assets: int | Non
         ("grid period", f"{m.get('period_ms')} ms"),
         ("window", f"{m.get('timesteps')} steps, warm-up {m.get('warmup_steps')} steps"),
         ("LSTM layers", ", ".join(map(str, m.get("units", [])))),
-        ("per-asset scaling", "unknown" if assets is None else f"{assets} assets" if assets else "global only"),
+        ("per-asset scaling", _assets(assets)),
         ("threshold", f"{_num(th.pop('threshold', None))} (normal score mean {_num(th.pop('normal_mean', None))}, "
                       f"std {_num(th.pop('normal_std', None))})"),
         ("alerting", " ".join(f"{k}={v}" for k, v in sorted(th.items()))),
@@ -137,6 +138,12 @@ def _report(args: argparse.Namespace, uri: str, message: str) -> int:
     p = pointers(uri)
     print(json.dumps({"serving": p.serving, "current": p.current, "pinned": p.pinned}) if args.json else message)
     return 0
+
+
+def _assets(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n} asset{'s' * (n != 1)}" if n else "global only"
 
 
 def _when(iso: str | None) -> str:

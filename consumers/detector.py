@@ -28,10 +28,12 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
@@ -45,6 +47,18 @@ from pipeline.readings import DecodeLimits, Reject, decode_batch
 from pipeline.settings import Settings
 
 PARTITION_MARKER = "__partition__"
+
+
+@dataclass
+class DetectorStats:
+    """What this detector process did (also exported as Prometheus counters)."""
+
+    records: int = 0
+    accepted: int = 0
+    steps: int = 0
+    scored: int = 0
+    alert_events: int = 0
+    rejects: dict[str, int] = field(default_factory=dict)
 
 
 class DeliveryError(RuntimeError):
@@ -67,10 +81,12 @@ class Detector:
         self.log = get_logger("plantwatch.detector").bind(group=settings.detector.group_id)
         self.limits = DecodeLimits(max_record_bytes=settings.detector.max_record_bytes)
         self.assets_of: dict[int, set[str]] = defaultdict(set)
+        self.positions: dict[TopicPartition, int] = {}  # next offset to process, per owned partition
         self.consumer: KafkaConsumer | None = None
         self.producer: Any = None
         self.last_loop = time.monotonic()
         self.assigned = False
+        self.stats = DetectorStats()
         metrics.MODEL.info({"version": bundle.version})
 
     # ----------------------------------------------------------------- lifecycle
@@ -88,13 +104,17 @@ class Detector:
                 self.last_loop = time.monotonic()
                 if polled:
                     self.process(polled)
-            self.handover(self.consumer.assignment())
         except DeliveryError as exc:
             self.log.error("delivery failed; stopping without commit", error=str(exc))
             code = 1
         finally:
+            try:
+                # Leaving the group revokes our partitions: the listener hands their state over.
+                self.consumer.close(autocommit=False)
+            except Exception as exc:  # a failed hand-over: the next owner replays instead
+                self.log.error("state hand-over on close failed", error=str(exc))
+                code = code or 1
             self.producer.close(timeout=10)
-            self.consumer.close(autocommit=False)
         self.log.info("detector stopped", exit_code=code)
         return code
 
@@ -133,15 +153,27 @@ class Detector:
         rejects += [Reject(int(i), "late", "reading older than the allowed lateness") for i in out.late_records]
         rejects += [Reject(int(i), "future", "timestamp too far ahead of the wall clock")
                     for i in out.future_records]
-        metrics.STEPS_SCORED.inc(int(np.isfinite(out.score).sum()))
+        scored = np.isfinite(out.score)
+        metrics.STEPS_SCORED.inc(int(scored.sum()))
+        st = self.stats
+        st.records += len(records)
+        st.accepted += out.counters.accepted
+        st.steps += len(out)
+        st.scored += int(scored.sum())
+        st.alert_events += len(out.events)
+        for r in rejects:
+            st.rejects[r.reason] = st.rejects.get(r.reason, 0) + 1
 
         futures = [self._dead_letter(records[r.index], r) for r in rejects]
         futures += [self._publish_alert(e, batch.asset, batch.record_index, offsets, partitions) for e in out.events]
+        if s.topics.scores:
+            futures += self._publish_scores(out, scored)
         self._await(futures)
 
         commits = {}
         for tp, recs in polled.items():
             end = recs[-1].offset + 1
+            self.positions[tp] = end
             replay = min((self.engine.state.replay_position(a) for a in self.assets_of[tp.partition]), default=NO_POS)
             commits[tp] = OffsetAndMetadata(int(min(end, replay)), "", -1)
         assert self.consumer is not None
@@ -176,6 +208,17 @@ class Detector:
         return self.producer.send(self.settings.topics.alerts, key=e.asset.encode(),
                                   value=json.dumps(body, separators=(",", ":")).encode())
 
+    def _publish_scores(self, out: Any, scored: np.ndarray) -> list[Any]:
+        period = self.engine.bundle.period_ms
+        topic, version = self.settings.topics.scores, self.engine.model_version
+        futures = []
+        for i in np.flatnonzero(scored):
+            body = {"asset": out.asset[i], "step_ms": int(out.step[i]) * period, "score": round(float(out.smoothed[i]), 5),
+                    "threshold": round(float(out.threshold[i]), 5), "model_version": version}
+            futures.append(self.producer.send(topic, key=str(out.asset[i]).encode(),
+                                              value=json.dumps(body, separators=(",", ":")).encode()))
+        return futures
+
     def _await(self, futures: list[Any]) -> None:
         """Block until the broker acknowledged every send, or fail the poll."""
         if not futures:
@@ -188,15 +231,17 @@ class Detector:
                 raise DeliveryError(str(f.exception))
 
     # -------------------------------------------------------- state hand-over
-    def handover(self, partitions: Iterable[TopicPartition]) -> None:
-        """Snapshot the assets of these partitions, commit their positions, and let them go."""
-        assert self.consumer is not None
+    def prepare_handover(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Publish the snapshots of these partitions' assets (acknowledged), forget the assets,
+        and return the offsets to commit: everything processed, since the state holds the rest."""
         s = self.settings
         group = s.detector.group_id
         commits, futures, dropped = {}, [], []
         for tp in partitions:
-            position = self.consumer.position(tp)
+            position = self.positions.pop(tp, None)
             assets = sorted(self.assets_of.pop(tp.partition, set()))
+            if position is None:
+                continue
             for a in assets:
                 body = {"group": group, "partition": tp.partition, "generation": position,
                         "model_version": self.engine.model_version, "snapshot": self.engine.state.snapshot(a)}
@@ -209,18 +254,17 @@ class Detector:
                                               value=json.dumps(marker).encode()))
             commits[tp] = OffsetAndMetadata(position, "", -1)
             dropped += assets
-        if not commits:
-            return
         self._await(futures)
-        self.consumer.commit(commits)
         self.engine.state.drop(dropped)
-        self.log.info("state handed over", partitions=sorted(tp.partition for tp in commits), assets=len(dropped))
+        if commits:
+            self.log.info("state handed over", partitions=sorted(tp.partition for tp in commits), assets=len(dropped))
+        return commits
 
-    def restore(self, partitions: Iterable[TopicPartition]) -> None:
+    def restore(self, committed: dict[TopicPartition, int]) -> None:
         """Restore the snapshots written for exactly the committed position of each partition."""
-        assert self.consumer is not None
-        wanted = {tp.partition: self.consumer.committed(tp) for tp in partitions}
-        wanted = {p: off for p, off in wanted.items() if off is not None}
+        for tp, offset in committed.items():
+            self.positions[tp] = offset
+        wanted = {tp.partition: off for tp, off in committed.items()}
         if not wanted:
             return
         markers, snaps = read_state_topic(self.settings, set(wanted))
@@ -271,14 +315,24 @@ def read_state_topic(settings: Settings, partitions: set[int], timeout_s: float 
         consumer.close(autocommit=False)
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):
+    """Rebalance hooks. kafka-python 3 runs them on the consumer's event loop, where blocking
+    consumer calls are refused, so the commit and the committed-offset fetch use the
+    coordinator's coroutines (pinned kafka-python version)."""
+
     def __init__(self, detector: Detector) -> None:
         self.detector = detector
 
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.detector.handover(revoked)
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         self.detector.assigned = False
+        commits = self.detector.prepare_handover(revoked)
+        if commits:
+            assert self.detector.consumer is not None
+            await self.detector.consumer._coordinator._commit_offsets_sync_async(commits)
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.detector.restore(assigned)
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        assert self.detector.consumer is not None
+        fetched = await self.detector.consumer._coordinator.fetch_committed_offsets_async(set(assigned))
+        committed = {tp: om.offset for tp, om in fetched.items() if om is not None and om.offset >= 0}
+        self.detector.restore(committed)
         self.detector.assigned = True

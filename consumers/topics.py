@@ -22,8 +22,11 @@ def standard_topics(settings: Settings) -> dict[str, int]:
     The model announcements go through one partition so every detector sees them in order.
     """
     t = settings.topics
-    return {t.readings: t.partitions, t.alerts: t.partitions, t.dlq_topic: t.partitions, t.models: 1,
-            t.state_topic: t.partitions}
+    topics = {t.readings: t.partitions, t.alerts: t.partitions, t.dlq_topic: t.partitions, t.models: 1,
+              t.state_topic: t.partitions}
+    if t.scores:
+        topics[t.scores] = t.partitions
+    return topics
 
 
 def replication_factor(broker_count: int) -> int:

@@ -31,7 +31,7 @@ from pipeline.model import StepFunction, build_training_model, reset_training_st
 from pipeline.readings import DecodedBatch
 from pipeline.scoring import novelty_design, score_steps, segment_bounds
 from pipeline.settings import Settings
-from pipeline.state import FleetState
+from pipeline.state import PRIOR_LEVEL, FleetState
 from pipeline.thresholds import TermLevels, calibrate_levels, combine, ewma_series, flat_runs
 
 MIN_SCALE = 1e-6
@@ -238,8 +238,8 @@ def _calibrate(steps: GridSteps, errors: np.ndarray, novelty: np.ndarray, held_o
     """Thresholds of the score terms from held-out normal steps, the way the engine computes them."""
     t = settings.threshold
     spans = _asset_spans(steps)
-    fc = np.concatenate([ewma_series(errors[a:b] ** 2, t.smoothing_alpha) for a, b in spans])
-    nv = np.concatenate([ewma_series(novelty[a:b] ** 2, t.novelty_alpha) for a, b in spans])
+    fc = np.concatenate([ewma_series(errors[a:b] ** 2, t.smoothing_alpha, PRIOR_LEVEL) for a, b in spans])
+    nv = np.concatenate([ewma_series(novelty[a:b] ** 2, t.novelty_alpha, PRIOR_LEVEL) for a, b in spans])
     runs = np.concatenate([flat_runs(steps.values[a:b]) for a, b in spans])
     train_runs = runs[~held_out].max(axis=0) if (~held_out).any() else np.zeros(steps.values.shape[1])
     flat_limit = np.maximum(t.flat_factor * train_runs, max(t.flat_min_steps, settings.grid.carry_forward_steps + 2))

@@ -120,7 +120,9 @@ def _now() -> str:
 def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
     try:
         data = storage.read_bytes(fs, path)
-    except FileNotFoundError:
+    except OSError:
+        if storage.exists(fs, path):  # some object stores report a missing key as a plain OSError
+            raise
         return None
     try:
         obj = json.loads(data)
@@ -165,7 +167,8 @@ def _read_bundle(root: _Root, version: str, expected_features: tuple[str, ...] |
     if bundle.version != version:
         raise BundleError(f"directory of version {version} holds version {bundle.version}")
     if expected_features is not None and bundle.features != tuple(expected_features):
-        raise BundleError(f"bundle features {list(bundle.features)} differ from the configured {list(expected_features)}")
+        raise BundleError(f"bundle features {list(bundle.features)} differ from the configured "
+                          f"{list(expected_features)}")
     return bundle
 
 
@@ -214,7 +217,8 @@ def manifest(root_uri: str, version: str) -> dict[str, Any]:
     root = _root(root_uri)
     _require_known(root, version)
     found = _read_json(root.fs, storage.join(root.version_dir(version), MANIFEST))
-    assert found is not None  # _require_known saw it
+    if found is None:  # deleted since _require_known looked
+        raise RegistryError(f"version {version!r} was just deleted from {root_uri}")
     return found
 
 

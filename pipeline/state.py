@@ -20,6 +20,8 @@ import numpy as np
 
 from pipeline.grid import NO_POS, AssetGrid, FleetGrid, GridConfig
 
+PRIOR_LEVEL = 1.0  # normal level of a normalised squared error: where the term EWMAs start
+
 # Names of the per-asset float/int/bool columns (besides the LSTM states and vectors).
 _SCALARS: dict[str, type] = {
     "has_pred": bool,      # last_pred holds a prediction for the asset's next step
@@ -94,6 +96,8 @@ class FleetState:
         self.recent_pos[rows] = NO_POS
         for name, arr in self.vectors.items():
             arr[rows] = np.nan if arr.dtype == np.float64 else 0
+        self.vectors["forecast_ewma"][rows] = PRIOR_LEVEL
+        self.vectors["novelty_ewma"][rows] = PRIOR_LEVEL
         for name, col in self.cols.items():
             col[rows] = np.nan if col.dtype == np.float64 else 0
         self.cols["adapt_var"][rows] = np.nan

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle, ThresholdParams
-from pipeline.state import FleetState
+from pipeline.state import PRIOR_LEVEL, FleetState
 
 
 def ewma(prev: np.ndarray, x: np.ndarray, alpha: float) -> np.ndarray:
@@ -40,10 +40,12 @@ def ewma(prev: np.ndarray, x: np.ndarray, alpha: float) -> np.ndarray:
     return np.where(np.isnan(x), prev, out)
 
 
-def ewma_series(x: np.ndarray, alpha: float) -> np.ndarray:
-    """EWMA along axis 0 of one asset's series (n,) or (n, F)."""
+
+
+def ewma_series(x: np.ndarray, alpha: float, start: float = np.nan) -> np.ndarray:
+    """EWMA along axis 0 of one asset's series (n,) or (n, F), from level ``start``."""
     out = np.empty_like(x, dtype=np.float64)
-    level = np.full(x.shape[1:], np.nan)
+    level = np.full(x.shape[1:], start)
     for i in range(len(x)):
         level = ewma(level, x[i], alpha)
         out[i] = level

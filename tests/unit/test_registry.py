@@ -1,0 +1,420 @@
+"""The model registry: atomic publication, pointers, pinning, pruning, crash safety, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+
+from pipeline import registry, storage
+from pipeline.bundle import MANIFEST, WEIGHTS, BundleError, ModelBundle, Scaler, ThresholdParams
+from pipeline.registry import RegistryError
+from pipeline.settings import ThresholdSettings, load_settings
+
+FEATURES = ("a", "b", "c")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_bundle(version: str, features: tuple[str, ...] = FEATURES, units: tuple[int, ...] = (4, 3),
+                seed: int | None = None) -> ModelBundle:
+    """A valid bundle with tiny random weights (seeded by the version name unless given)."""
+    rng = np.random.default_rng(zlib.crc32(version.encode()) if seed is None else seed)
+    f = len(features)
+    shapes: list[tuple[int, ...]] = []
+    prev = f
+    for u in units:
+        shapes += [(prev, 4 * u), (u, 4 * u), (4 * u,)]
+        prev = u
+    shapes += [(prev, f), (f,)]
+    scaler = Scaler(rng.normal(size=f), np.ones(f), ("p1",), rng.normal(size=(1, f)), np.ones((1, f)))
+    calibrated = ThresholdParams.from_settings(ThresholdSettings(), normal_mean=0.5, normal_std=0.1)
+    thresholds = dataclasses.replace(calibrated, threshold=1.5)
+    return ModelBundle(version, features, 1000, 8, units, 8, scaler, error_scale=np.ones(f),
+                       novelty_coef=rng.normal(size=(2 * f, f)), novelty_scale=np.ones(f), flat_limit=np.full(f, 30.0),
+                       forecast_level=np.ones(f), novelty_level=np.ones(f), thresholds=thresholds,
+                       weights=[rng.normal(size=s).astype(np.float32) for s in shapes],
+                       metadata={"epochs": 3, "validation_error": 0.25, "created_at": "2026-01-02T03:04:05+00:00"})
+
+
+@pytest.fixture(params=["local", "mock"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return str(tmp_path / "registry") if request.param == "local" else f"mock://reg-{uuid.uuid4().hex[:8]}"
+
+
+def _tree(uri: str, sub: str) -> list[str]:
+    fs, path = storage.resolve(uri)
+    base = storage.join(path, sub)
+    if not storage.exists(fs, base):
+        return []
+    return sorted(i.path[len(base) + 1:] for i in fs.get_file_info(pafs.FileSelector(base, recursive=False)))
+
+
+def _pointer(uri: str, name: str) -> dict[str, Any]:
+    fs, path = storage.resolve(uri)
+    return json.loads(storage.read_bytes(fs, storage.join(path, name)))
+
+
+# ---------------------------------------------------------------- publish and load
+
+
+def test_publish_makes_the_bundle_current_and_loadable(root: str) -> None:
+    assert registry.current_version(root) is None
+    assert registry.publish(root, make_bundle("v1"), keep=3) == "v1"
+    assert registry.publish(root, make_bundle("v2"), keep=3) == "v2"
+    loaded = registry.load_current(root, expected_features=FEATURES)
+    assert loaded.version == "v2"
+    for got, want in zip(loaded.weights, make_bundle("v2").weights):
+        np.testing.assert_array_equal(got, want)
+    assert loaded.metadata["published_at"] > loaded.metadata["created_at"]
+    current = _pointer(root, "CURRENT")
+    assert (current["version"], current["previous"]) == ("v2", "v1")
+    assert _tree(root, "models") == ["v1", "v2"]
+    assert _tree(root, ".staging") == []
+
+
+def test_nothing_published_is_a_clear_error(root: str) -> None:
+    with pytest.raises(RegistryError, match="no model has been published"):
+        registry.load_current(root)
+    assert registry.list_versions(root) == []
+
+
+def test_a_bundle_for_other_features_is_refused_on_load(root: str) -> None:
+    registry.publish(root, make_bundle("v1"), keep=2)
+    with pytest.raises(BundleError, match="differ"):
+        registry.load_current(root, expected_features=("a", "b", "x"))
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 129])
+def test_unsafe_version_names_are_refused(root: str, name: str) -> None:
+    with pytest.raises(RegistryError, match="invalid version name"):
+        registry.publish(root, make_bundle(name), keep=2)
+    assert _tree(root, "models") == []
+
+
+def test_republishing_the_same_content_is_idempotent_and_different_content_is_refused(root: str) -> None:
+    registry.publish(root, make_bundle("v1"), keep=2)
+    registry.publish(root, make_bundle("v2"), keep=2)
+    registry.publish(root, make_bundle("v1"), keep=2)
+    assert registry.current_version(root) == "v1"
+    assert _pointer(root, "CURRENT")["previous"] == "v2"
+    with pytest.raises(RegistryError, match="different content"):
+        registry.publish(root, make_bundle("v1", seed=99), keep=2)
+    assert registry.current_version(root) == "v1"
+
+
+def test_publish_without_making_current_stores_a_challenger(root: str) -> None:
+    registry.publish(root, make_bundle("champion"), keep=3)
+    registry.publish(root, make_bundle("challenger"), keep=3, make_current=False)
+    assert registry.current_version(root) == "champion"
+    assert registry.load_version(root, "challenger").version == "challenger"
+    registry.promote(root, "challenger")
+    assert registry.load_current(root).version == "challenger"
+
+
+def test_list_versions_reads_each_manifest_newest_first(root: str) -> None:
+    for v in ("v1", "v2", "v3"):
+        registry.publish(root, make_bundle(v), keep=5)
+    registry.rollback(root)
+    infos = registry.list_versions(root)
+    assert [i.version for i in infos] == ["v3", "v2", "v1"]
+    assert [(i.current, i.pinned) for i in infos] == [(True, False), (False, True), (False, False)]
+    assert (infos[0].epochs, infos[0].validation_error, infos[0].threshold) == (3, 0.25, 1.5)
+    assert infos[0].published_at is not None and infos[0].published_at > infos[1].published_at  # type: ignore[operator]
+
+
+# ---------------------------------------------------------------- pinning
+
+
+def test_rollback_pins_the_previous_version_step_by_step(root: str) -> None:
+    for v in ("v1", "v2", "v3"):
+        registry.publish(root, make_bundle(v), keep=5)
+    assert registry.rollback(root) == "v2"
+    assert registry.load_current(root).version == "v2"
+    assert registry.rollback(root) == "v1"
+    with pytest.raises(RegistryError, match="no loadable version older than v1"):
+        registry.rollback(root)
+    registry.publish(root, make_bundle("v4"), keep=5)
+    assert registry.current_version(root) == "v1"  # the pin outlives a publish
+    assert registry.unpin(root) == "v4"
+    assert registry.load_current(root).version == "v4"
+    assert registry.unpin(root) == "v4"  # nothing pinned: no-op
+
+
+def test_rollback_to_a_named_version_and_unknown_versions(root: str) -> None:
+    for v in ("v1", "v2", "v3"):
+        registry.publish(root, make_bundle(v), keep=5)
+    assert registry.rollback(root, to="v1") == "v1"
+    assert registry.pointers(root).pinned == "v1"
+    with pytest.raises(RegistryError, match=r"unknown version 'v9'.*known: v1, v2, v3"):
+        registry.rollback(root, to="v9")
+    with pytest.raises(RegistryError, match="unknown version"):
+        registry.promote(root, "v9")
+    with pytest.raises(RegistryError, match="unknown version"):
+        registry.load_version(root, "v9")
+
+
+def test_promote_makes_current_and_pins(root: str) -> None:
+    for v in ("v1", "v2"):
+        registry.publish(root, make_bundle(v), keep=5)
+    registry.promote(root, "v1")
+    assert registry.pointers(root) == registry.Pointers("v1", "v2", registry.pointers(root).published_at, "v1")
+    registry.publish(root, make_bundle("v3"), keep=5)
+    assert (registry.pointers(root).current, registry.current_version(root)) == ("v3", "v1")
+
+
+def test_corrupted_versions_are_never_pinned_and_rollback_skips_them(tmp_path: Path) -> None:
+    root = str(tmp_path / "reg")
+    for v in ("v1", "v2", "v3"):
+        registry.publish(root, make_bundle(v), keep=5)
+    weights = tmp_path / "reg" / "models" / "v2" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(RegistryError, match="refusing to promote v2"):
+        registry.promote(root, "v2")
+    assert registry.rollback(root) == "v1"
+    assert registry.current_version(root) == "v1"
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def test_prune_keeps_the_newest_plus_current_and_pinned(root: str) -> None:
+    registry.publish(root, make_bundle("v1"), keep=2)
+    registry.rollback(root, to="v1")  # pinned: must survive
+    for v in ("v2", "v3", "v4", "v5"):
+        registry.publish(root, make_bundle(v), keep=2)
+    assert _tree(root, "models") == ["v1", "v4", "v5"]
+    registry.promote(root, "v4")  # replaces the pin on v1
+    registry.publish(root, make_bundle("v6"), keep=1)
+    assert _tree(root, "models") == ["v4", "v6"]
+    registry.unpin(root)
+    registry.publish(root, make_bundle("v7"), keep=1)
+    assert _tree(root, "models") == ["v7"]
+    assert _tree(root, ".staging") == []
+
+
+def test_prune_removes_only_stale_staging_entries_and_incomplete_versions(root: str) -> None:
+    registry.publish(root, make_bundle("v1"), keep=2)
+    fs, path = storage.resolve(root)
+    storage.write_bytes(fs, storage.join(path, ".staging", "v2-dead", MANIFEST), b"{")
+    storage.write_bytes(fs, storage.join(path, ".staging", "CURRENT-dead.tmp"), b"{}")
+    storage.write_bytes(fs, storage.join(path, "models", "v0", WEIGHTS), b"half a copy")
+    assert registry.prune(root, keep=2) == []
+    assert _tree(root, ".staging") == ["CURRENT-dead.tmp", "v2-dead"]
+    later = time.time() + registry.STALE_AFTER_S + 60
+    assert registry.prune(root, keep=2, now=later) == ["v0"]
+    assert _tree(root, ".staging") == []
+    assert _tree(root, "models") == ["v1"]
+    assert registry.load_current(root).version == "v1"
+
+
+# ---------------------------------------------------------------- object-store semantics
+
+
+class _NoDirMoves(pafs.FileSystemHandler):
+    """An in-memory filesystem that, like S3 or GCS, cannot move a directory."""
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self.fs = fs
+
+    def get_type_name(self) -> str:
+        return "nodirmoves"
+
+    def equals(self, other: Any) -> bool:
+        return self is other
+
+    def normalize_path(self, path: str) -> str:
+        return path
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise NotImplementedError
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        if self.fs.get_file_info(src).type == pafs.FileType.Directory:
+            raise NotImplementedError("directory moves are not supported")
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> Any:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> Any:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: Any) -> Any:
+        raise NotImplementedError
+
+
+def test_filesystems_without_directory_moves_copy_then_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = pafs.PyFileSystem(_NoDirMoves(pafs._MockFileSystem()))
+    monkeypatch.setattr(storage, "resolve", lambda uri: (fs, uri.removeprefix("objstore://")))
+    root = "objstore://bucket/registry"
+    for v in ("v1", "v2", "v3"):
+        registry.publish(root, make_bundle(v), keep=2)
+    assert _tree(root, "models") == ["v2", "v3"]
+    assert _tree(root, ".staging") == []
+    assert registry.load_current(root).version == "v3"
+    assert registry.rollback(root) == "v2"
+
+
+# ---------------------------------------------------------------- crash safety
+
+_PUBLISHER = """
+import os, sys, traceback
+from pipeline.registry import publish
+from tests.unit.test_registry import make_bundle
+
+root = sys.argv[1]
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for k in range(10**6):
+                publish(root, make_bundle(f"r{int(line):02d}-{k:04d}"), keep=2)
+        except BaseException:
+            traceback.print_exc()
+        os._exit(1)
+    print(pid, flush=True)
+    print(os.waitpid(pid, 0)[1], flush=True)
+"""
+
+
+@pytest.fixture
+def publisher(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A process that, per line on stdin, forks a child publishing in a loop (imports paid once)."""
+    proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER, str(tmp_path / "reg")], cwd=REPO, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    yield proc
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+def test_sigkill_at_random_points_never_breaks_the_current_pointer(
+        tmp_path: Path, publisher: subprocess.Popen[str]) -> None:
+    root = str(tmp_path / "reg")
+    registry.publish(root, make_bundle("r-initial"), keep=2)
+    assert publisher.stdin is not None and publisher.stdout is not None
+    rng = random.Random(11)
+    served = set()
+    for i in range(20):
+        publisher.stdin.write(f"{i}\n")
+        publisher.stdin.flush()
+        pid = int(publisher.stdout.readline())
+        time.sleep(rng.uniform(0.002, 0.06))
+        os.kill(pid, signal.SIGKILL)
+        status = int(publisher.stdout.readline())
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        bundle = registry.load_current(root, expected_features=FEATURES)  # complete and verified
+        assert bundle.version == registry.current_version(root)
+        for got, want in zip(bundle.weights, make_bundle(bundle.version).weights):
+            np.testing.assert_array_equal(got, want)
+        assert all(registry.load_version(root, v.version) for v in registry.list_versions(root))
+        served.add(bundle.version)
+    assert len(served) >= 3  # the publisher made progress between kills
+    registry.publish(root, make_bundle("r-final"), keep=2)
+    registry.prune(root, keep=2, now=time.time() + registry.STALE_AFTER_S + 60)
+    assert _tree(root, ".staging") == []
+    assert len(_tree(root, "models")) == 2
+    assert registry.load_current(root).version == "r-final"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    from cli import models_cmd
+
+    parser = argparse.ArgumentParser()
+    models_cmd.add_arguments(parser)
+    code = models_cmd.run(parser.parse_args(argv), load_settings(env={}))
+    return code, capsys.readouterr().out
+
+
+def _row(key: str, value: str) -> str:
+    return f"{key:<17}  {value}"  # `show` aligns values after its longest key, "per-asset scaling"
+
+
+def test_cli_list_show_and_pinning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = str(tmp_path / "reg")
+    for v in ("v1", "v2"):
+        registry.publish(root, make_bundle(v), keep=5)
+    code, out = _cli(capsys, "list", "--registry", root)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["VERSION", "PUBLISHED", "EPOCHS", "VAL", "ERROR", "THRESHOLD", "STATUS"]
+    cells = lines[1].split()
+    assert cells[:2] == ["*", "v2"] and cells[4:] == ["3", "0.25", "1.5", "current"]
+    assert lines[2].split()[0] == "v1" and len(lines) == 3
+
+    code, out = _cli(capsys, "show", "v1", "--registry", root)
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[:3] == [_row("version", "v1"), _row("status", "-"), _row("integrity", "ok (checksums verified)")]
+    for row in [("features (3)", "a, b, c"), ("grid period", "1000 ms"), ("window", "8 steps, warm-up 8 steps"),
+                ("LSTM layers", "4, 3"), ("per-asset scaling", "1 asset"), ("epochs", "3"),
+                ("threshold", "1.5 (normal score mean 0.5, std 0.1)")]:
+        assert _row(*row) in lines
+
+    code, out = _cli(capsys, "rollback", "--registry", root, "--json")
+    assert json.loads(out) == {"serving": "v1", "current": "v2", "pinned": "v1"}
+    code, out = _cli(capsys, "list", "--registry", root, "--json")
+    listed = [(v["version"], v["current"], v["pinned"]) for v in json.loads(out)]
+    assert listed == [("v2", True, False), ("v1", False, True)]
+    code, out = _cli(capsys, "unpin", "--registry", root)
+    assert out.strip() == "unpinned: serving the current version v2"
+    code, out = _cli(capsys, "promote", "v1", "--registry", root)
+    assert out.strip() == "promoted v1: current and pinned"
+    code, out = _cli(capsys, "show", "v1", "--registry", root, "--json")
+    shown_json = json.loads(out)
+    assert (shown_json["current"], shown_json["pinned"], shown_json["verified"]) == (True, True, True)
+    assert shown_json["manifest"]["features"] == list(FEATURES)
+
+
+def test_cli_reports_corruption_and_unknown_versions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import UsageError
+
+    root = str(tmp_path / "reg")
+    registry.publish(root, make_bundle("v1"), keep=5)
+    (tmp_path / "reg" / "models" / "v1" / WEIGHTS).write_bytes(b"garbage")
+    code, out = _cli(capsys, "show", "v1", "--registry", root)
+    assert code == 1
+    assert _row("integrity", "FAILED: weights.npz checksum mismatch (corrupted or truncated)") in out.splitlines()
+    with pytest.raises(UsageError, match="unknown version 'v7'"):
+        _cli(capsys, "promote", "v7", "--registry", root)
