@@ -128,24 +128,33 @@ class AssetGrid:
 
     def add(self, cfg: GridConfig, step: np.ndarray, feature: np.ndarray, value: np.ndarray,
             pos: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
-        """Place readings on open steps; returns the mask of readings rejected as late."""
+        """Place readings (in arrival order) on open steps; returns the mask of readings rejected as late.
+
+        A reading is late when its step was already closed by the watermark as it stood when
+        the reading arrived — judged reading by reading, even inside one batch.
+        """
+        seen = np.maximum.accumulate(ts_ms)
+        before = np.maximum(self.watermark_ms, np.concatenate([[self.watermark_ms], seen[:-1]]))
+        late = (step + 1) * cfg.period_ms + cfg.lateness_ms <= before
+        if self.next_step is not None:
+            late |= step < self.next_step
+        ok = ~late
+        if not ok.any():
+            return late
         if self.next_step is None:
             # Leave room for the first readings' stragglers (within the lateness bound).
-            self.next_step = int(min(step.min(), (ts_ms.min() - cfg.lateness_ms) // cfg.period_ms))
-        late = step < self.next_step
-        ok = ~late
-        if ok.any():
-            s, f, v, p = step[ok], feature[ok], value[ok], pos[ok]
-            for k in np.unique(s):
-                sel = s == k
-                o = self.open.get(int(k))
-                if o is None:
-                    o = self.open[int(k)] = _OpenStep(np.zeros(self.n_features), np.zeros(self.n_features, np.int32))
-                np.add.at(o.sum, f[sel], v[sel])
-                np.add.at(o.count, f[sel], 1)
-                o.n += int(sel.sum())
-                o.min_pos = min(o.min_pos, int(p[sel].min()))
-            self.watermark_ms = max(self.watermark_ms, int(ts_ms[ok].max()))
+            self.next_step = int(min(step[ok].min(), (ts_ms[ok].min() - cfg.lateness_ms) // cfg.period_ms))
+        s, f, v, p = step[ok], feature[ok], value[ok], pos[ok]
+        for k in np.unique(s):
+            sel = s == k
+            o = self.open.get(int(k))
+            if o is None:
+                o = self.open[int(k)] = _OpenStep(np.zeros(self.n_features), np.zeros(self.n_features, np.int32))
+            np.add.at(o.sum, f[sel], v[sel])
+            np.add.at(o.count, f[sel], 1)
+            o.n += int(sel.sum())
+            o.min_pos = min(o.min_pos, int(p[sel].min()))
+        self.watermark_ms = max(self.watermark_ms, int(ts_ms[ok].max()))
         return late
 
     def close(self, cfg: GridConfig, up_to_step: int | None = None) -> tuple[list[Any], GridCounters]:

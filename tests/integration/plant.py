@@ -56,8 +56,9 @@ def one_anomaly_per_kind(start_ms: int, end_ms: int) -> list[Anomaly]:
     return out
 
 
-def detector_settings(settings_for: Callable[..., Settings], broker: Any, **extra: str) -> Settings:
-    s = settings_for(broker, {**MODEL_OVERRIDES, **extra})
+def detector_settings(settings_for: Callable[..., Settings], broker: Any, extra: dict[str, str] | None = None
+                      ) -> Settings:
+    s = settings_for(broker, {**MODEL_OVERRIDES, **(extra or {})})
     ensure_topics(s, standard_topics(s))
     return s
 

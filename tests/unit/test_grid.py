@@ -143,3 +143,11 @@ def test_any_arrival_order_within_lateness_gives_the_sorted_grid(case) -> None: 
     key_e = sorted(zip(expected.asset, expected.step, map(tuple, expected.values), expected.reset))
     key_g = sorted(zip(got.asset, got.step, map(tuple, got.values), got.reset))
     assert key_e == key_g
+
+
+def test_lateness_is_judged_at_each_readings_arrival_even_within_one_batch() -> None:
+    g = FleetGrid(CFG)
+    rows = both("a", 100_000, 1.0, 1.0) + both("a", 100_000 - 3_600_000, 9.0, 9.0) + both("a", 99_000, 2.0, 2.0)
+    r = feed(g, rows)
+    assert r.late_records.tolist() == [2, 3]  # an hour behind the newest reading seen before it
+    assert g.assets["a"].next_step == (100_000 - CFG.lateness_ms) // 1000  # not dragged back an hour
