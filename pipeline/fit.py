@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -253,6 +253,26 @@ def _calibrate(steps: GridSteps, errors: np.ndarray, novelty: np.ndarray, held_o
     combined = combined[np.isfinite(combined)]
     p = ThresholdParams.from_settings(t, normal_mean=float(np.mean(combined)), normal_std=float(np.std(combined)))
     return p, levels
+
+
+def concat_batches(batches: Iterable[DecodedBatch]) -> DecodedBatch:
+    """One batch from many (record indices renumbered so they stay unique)."""
+    parts = list(batches)
+    offset, idx = 0, []
+    for b in parts:
+        idx.append(b.record_index + offset)
+        offset += b.n_records
+    cat = (lambda name, dt: np.concatenate([getattr(b, name) for b in parts]) if parts else np.empty(0, dt))
+    return DecodedBatch(np.concatenate(idx) if parts else np.empty(0, np.int64), cat("asset", object),
+                        cat("ts_ms", np.int64), cat("feature", np.int32), cat("value", np.float64),
+                        [r for b in parts for r in b.rejects], offset)
+
+
+def fit_stream(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings, *,
+               metadata: dict[str, Any] | None = None,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[ModelBundle, FitReport]:
+    """Fit from a source of batches (e.g. an archive scan) that can be opened more than once."""
+    return fit_bundle(concat_batches(open_batches()), settings, metadata=metadata, progress=progress)
 
 
 def _asset_spans(steps: GridSteps) -> list[tuple[int, int]]:

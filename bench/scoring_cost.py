@@ -1,0 +1,108 @@
+"""Scoring cost per reading: carried LSTM state (one step per asset per call) against
+recomputing each asset's whole window from a zero state, both batched over the fleet.
+
+    python -m bench.scoring_cost [--assets 1000] [--repeats 30]
+
+Prints one JSON object; compare ratios, not absolute times, on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline.bundle import ModelBundle, Scaler, ThresholdParams
+from pipeline.engine import DetectionEngine
+from pipeline.grid import GridConfig, GridSteps
+from pipeline.model import StepFunction, build_inference_model
+from pipeline.readings import DecodedBatch
+from pipeline.scoring import score_steps
+from pipeline.settings import GridSettings, PUMP_FEATURES, ThresholdSettings
+from pipeline.state import FleetState
+
+UNITS = (64, 32)
+TIMESTEPS = 32
+
+
+def random_bundle(n_features: int, seed: int = 0) -> ModelBundle:
+    """A bundle with random weights of the production shape (cost does not depend on training)."""
+    model = build_inference_model(n_features, UNITS)
+    rng = np.random.default_rng(seed)
+    weights = [rng.normal(0, 0.1, w.shape).astype(np.float32) for w in model.get_weights()]
+    f = n_features
+    one = np.ones(f)
+    p = ThresholdParams.from_settings(ThresholdSettings(), normal_mean=0.5, normal_std=0.1)
+    return ModelBundle("bench", PUMP_FEATURES[:f], 1000, TIMESTEPS, UNITS, TIMESTEPS, Scaler(np.zeros(f), one),
+                       one, np.zeros((2 * f, f)), one, one * 100, one * 3, one * 3, p, weights)
+
+
+def _best(fn: Any, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def measure(n_assets: int, repeats: int) -> dict[str, Any]:
+    f = len(PUMP_FEATURES)
+    bundle = random_bundle(f)
+    rng = np.random.default_rng(1)
+    names = np.array([f"a{i:06d}" for i in range(n_assets)], dtype=object)
+
+    state = FleetState(GridConfig(1000, 0, 10**9, 5, 30, f), UNITS, f, history=TIMESTEPS)
+    model = StepFunction(f, UNITS, bundle.weights)
+    step = [0]
+
+    def carried() -> None:
+        step[0] += 1
+        steps = GridSteps(names, np.full(n_assets, step[0]), rng.normal(size=(n_assets, f)),
+                          np.zeros(n_assets, bool), np.ones(n_assets, np.int32), np.arange(n_assets))
+        score_steps(state, model, bundle, steps)
+
+    window = rng.normal(size=(n_assets, TIMESTEPS, f)).astype(np.float32)
+    mask = np.ones((n_assets, TIMESTEPS), bool)
+    zeros = model.zero_states(n_assets)
+
+    def recompute() -> None:
+        model(window, mask, zeros)
+
+    engine = DetectionEngine(bundle, GridSettings(allowed_lateness_s=0))
+    t0 = [1_700_000_000_000]
+
+    def full_path() -> None:
+        t0[0] += 1000
+        n = n_assets * f
+        engine.process(DecodedBatch(np.repeat(np.arange(n_assets), f), np.repeat(names, f), np.full(n, t0[0]),
+                                    np.tile(np.arange(f, dtype=np.int32), n_assets), rng.normal(size=n), [],
+                                    n_assets))
+
+    carried_s = _best(carried, repeats)
+    recompute_s = _best(recompute, repeats)
+    full_s = _best(full_path, repeats)
+    return {
+        "assets": n_assets, "features": f, "units": list(UNITS), "window": TIMESTEPS,
+        "carried_state_us_per_reading": round(carried_s / n_assets * 1e6, 2),
+        "window_recompute_us_per_reading": round(recompute_s / n_assets * 1e6, 2),
+        "recompute_over_carried": round(recompute_s / carried_s, 2),
+        "full_engine_us_per_reading": round(full_s / n_assets * 1e6, 2),
+        "traces": model.tracing_count,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--assets", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    print(json.dumps(measure(args.assets, args.repeats), indent=2))
+
+
+if __name__ == "__main__":
+    main()
