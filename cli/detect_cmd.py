@@ -10,7 +10,8 @@ from pipeline.settings import Settings
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="bundle directory to serve (default: the current version in registry.uri)")
+                   help="serve this bundle directory and never swap (default: follow the registry's current "
+                        "version, hot-swapping when a new one is published)")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"cannot load the model: {exc}") from None
     ensure_topics(settings, standard_topics(settings))
     stop = stop_on_signals()
-    detector = Detector(settings, bundle, stop=stop)
+    detector = Detector(settings, bundle, stop=stop, follow_registry=args.model is None)
     if settings.detector.http_port:
         serve(settings.detector.http_port, alive=lambda: time.monotonic() - detector.last_loop < 60,
               ready=lambda: detector.ready)

@@ -40,7 +40,7 @@ from consumers import metrics
 from consumers.kafka_clients import make_consumer, make_producer
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
-from pipeline.engine import DetectionEngine
+from pipeline.engine import DetectionEngine, SwapError
 from pipeline.grid import NO_POS
 from pipeline.logs import get_logger
 from pipeline.readings import DecodeLimits, Reject, decode_batch
@@ -73,7 +73,7 @@ class Detector:
     """One detector process (one consumer-group member)."""
 
     def __init__(self, settings: Settings, bundle: ModelBundle, *, stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, follow_registry: bool = False) -> None:
         self.settings = settings
         self.engine = DetectionEngine(bundle, settings.grid)
         self.stop = stop or threading.Event()
@@ -87,6 +87,9 @@ class Detector:
         self.last_loop = time.monotonic()
         self.assigned = False
         self.stats = DetectorStats()
+        self.follow_registry = follow_registry
+        self.watcher: Any = None
+        self.swap_pauses_s: list[float] = []
         metrics.MODEL.info({"version": bundle.version})
 
     # ----------------------------------------------------------------- lifecycle
@@ -97,6 +100,10 @@ class Detector:
         self.consumer = make_consumer(s, group_id=s.detector.group_id)
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
         self.log.info("detector started", topic=s.topics.readings, model_version=self.engine.model_version)
+        if self.follow_registry:
+            from consumers.model_watch import ModelWatcher
+
+            self.watcher = ModelWatcher(s, self.engine.bundle, self.engine.model).start()
         code = 0
         try:
             while not self.stop.is_set():
@@ -104,10 +111,14 @@ class Detector:
                 self.last_loop = time.monotonic()
                 if polled:
                     self.process(polled)
+                if self.watcher is not None:
+                    self._maybe_swap()
         except DeliveryError as exc:
             self.log.error("delivery failed; stopping without commit", error=str(exc))
             code = 1
         finally:
+            if self.watcher is not None:
+                self.watcher.stop()
             try:
                 # Leaving the group revokes our partitions: the listener hands their state over.
                 self.consumer.close(autocommit=False)
@@ -229,6 +240,29 @@ class Detector:
                 raise DeliveryError("send not acknowledged in time")
             if f.failed():
                 raise DeliveryError(str(f.exception))
+
+    def _maybe_swap(self) -> None:
+        """Swap to a prepared model between two polls; the pause is measured and logged."""
+        prepared = self.watcher.ready()
+        if prepared is None:
+            return
+        old_version, old_model = self.engine.model_version, self.engine.model
+        t = time.perf_counter()
+        try:
+            warmed = self.engine.swap(prepared.bundle, prepared.model)
+        except SwapError as exc:
+            self.watcher.refused.add(prepared.bundle.version)
+            metrics.MODEL_SWAPS.labels("refused").inc()
+            self.log.error("model refused; the current one keeps serving", version=prepared.bundle.version,
+                           error=str(exc))
+            return
+        pause = time.perf_counter() - t
+        self.swap_pauses_s.append(pause)
+        self.watcher.swapped(prepared, old_model)
+        metrics.MODEL_SWAPS.labels("swapped").inc()
+        metrics.MODEL.info({"version": prepared.bundle.version})
+        self.log.info("model swapped", old=old_version, new=prepared.bundle.version, assets_rewarmed=warmed,
+                      pause_ms=round(pause * 1000, 2), prepare_s=round(prepared.prepare_s, 3))
 
     # -------------------------------------------------------- state hand-over
     def prepare_handover(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata]:

@@ -90,6 +90,7 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
     for i in np.flatnonzero(opening | closing | updating):
         r = rows[i]
         if opening[i]:
+            state.alert_version[r] = model_version
             cols["alert_open"][r] = True
             cols["alert_start"][r] = cols["run_start"][r]
             cols["alert_peak"][r] = smoothed[i]
@@ -100,17 +101,19 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
         else:
             kind = "close" if closing[i] else "update"
         start = int(cols["alert_start"][r])
+        version = state.alert_version.get(r, model_version)  # an alert keeps the version it opened under
         end_step = int(steps[i]) - p.close_after + 1 if kind == "close" else None
         events.append(AlertEvent(
-            alert_id=alert_id(str(assets[i]), start, model_version), asset=str(assets[i]), state=kind,
+            alert_id=alert_id(str(assets[i]), start, version), asset=str(assets[i]), state=kind,
             start_ms=start * period_ms, end_ms=None if end_step is None else end_step * period_ms,
             step_ms=int(steps[i]) * period_ms, score=float(smoothed[i]), peak_score=float(cols["alert_peak"][r]),
             threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
-            model_version=model_version,
+            model_version=version,
         ))
         cols["alert_last_event"][r] = steps[i]
         cols["alert_peak_sent"][r] = cols["alert_peak"][r]
         if kind == "close":
+            state.alert_version.pop(r, None)
             cols["alert_open"][r] = False
             cols["above"][r] = 0
             state.alert_contrib[r] = 0.0

@@ -19,7 +19,7 @@ from pipeline.model import StepFunction
 from pipeline.readings import DecodedBatch
 from pipeline.scoring import rank_within_asset, score_steps
 from pipeline.settings import GridSettings
-from pipeline.state import FleetState
+from pipeline.state import PRIOR_LEVEL, FleetState
 from pipeline.thresholds import TermLevels, update_thresholds
 
 
@@ -42,16 +42,21 @@ class EngineOutput:
         return len(self.step)
 
 
+class SwapError(ValueError):
+    """A new model cannot take over this engine's state (different features or grid period)."""
+
+
 class DetectionEngine:
     """Per-asset state plus one model; process a batch, get scores and alert events."""
 
-    def __init__(self, bundle: ModelBundle, grid: GridSettings) -> None:
+    def __init__(self, bundle: ModelBundle, grid: GridSettings, model: StepFunction | None = None) -> None:
         self.bundle = bundle
         self.grid_cfg = GridConfig(bundle.period_ms, grid.lateness_ms, grid.max_future_ms,
                                    grid.carry_forward_steps, grid.gap_reset_steps, bundle.n_features)
         self.state = FleetState(self.grid_cfg, bundle.units, bundle.n_features, history=bundle.warmup_steps)
-        self.model = StepFunction(bundle.n_features, bundle.units, bundle.weights)
-        self.model.warm_up()
+        self.model = model or StepFunction(bundle.n_features, bundle.units, bundle.weights)
+        if model is None:
+            self.model.warm_up()
         self.levels = TermLevels.of(bundle)
 
     @property
@@ -70,6 +75,46 @@ class DetectionEngine:
         result = self.state.grid.ingest(batch.asset, batch.ts_ms, batch.feature, batch.value,
                                         batch.record_index, value_pos, now_ms)
         return self._score(result)
+
+    def swap(self, bundle: ModelBundle, model: StepFunction) -> int:
+        """Serve a new model from the next step on; returns the number of assets re-warmed.
+
+        ``model`` must already hold ``bundle``'s weights (loaded and warmed beside the old one).
+        Each asset's LSTM state is rebuilt by running the new model over the asset's remembered
+        recent steps, so its first scores are not from a cold state; the score terms restart
+        at their normal level and the online threshold re-seeds from the new calibration.
+        """
+        old = self.bundle
+        if bundle.features != old.features or bundle.period_ms != old.period_ms:
+            raise SwapError(f"model {bundle.version} has features {list(bundle.features)} and period "
+                            f"{bundle.period_ms} ms; serving {list(old.features)} at {old.period_ms} ms")
+        if bundle.units != tuple(model.units):
+            raise SwapError(f"model {bundle.version} has layers {bundle.units}, the prepared network {model.units}")
+        state = self.state
+        rows = np.array(sorted(state.index.values()), dtype=np.int64)
+        # Old LSTM state means nothing to new weights: every asset restarts, warm where it can.
+        state.units = tuple(bundle.units)
+        state.lstm = [np.zeros((len(state.last_pred), u), np.float32) for u in bundle.units for _ in range(2)]
+        state.reset_model_state(rows)
+        self.bundle, self.model, self.levels = bundle, model, TermLevels.of(bundle)
+        warm = rows[state.cols["recent_n"][rows] > 0]
+        if len(warm):
+            values, mask = state.recent_batch(warm)
+            names = np.array([state.names[r] for r in warm], dtype=object)
+            flat = bundle.scaler.transform(np.repeat(names, values.shape[1]), values.reshape(-1, bundle.n_features))
+            x = flat.reshape(values.shape).astype(np.float32)
+            y, final = model(x, mask, model.zero_states(len(warm)))
+            last = mask.sum(axis=1) - 1
+            for a, fin in zip(state.lstm, final):
+                a[warm] = fin
+            state.last_pred[warm] = x[np.arange(len(warm)), last] + y[np.arange(len(warm)), last]
+            state.cols["has_pred"][warm] = True
+            state.cols["since_reset"][warm] = last + 1
+        state.vectors["forecast_ewma"][rows] = PRIOR_LEVEL
+        state.vectors["novelty_ewma"][rows] = PRIOR_LEVEL
+        state.cols["adapt_mean"][rows] = np.nan
+        state.cols["adapt_var"][rows] = np.nan
+        return len(warm)
 
     def flush(self) -> EngineOutput:
         """Close and score every open step (end of a replay)."""

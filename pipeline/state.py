@@ -66,6 +66,8 @@ class FleetState:
         # Per-feature score state: EWMA of squared forecast errors and of squared novelty
         # residuals, the previous raw values and how long each has stayed unchanged.
         self.vectors: dict[str, np.ndarray] = {name: np.empty((0, n_features), dt) for name, dt in _VECTORS.items()}
+        # Model version an open alert was opened under: its id and events keep it across a swap.
+        self.alert_version: dict[int, str] = {}
         self.cols: dict[str, np.ndarray] = {name: np.empty(0, t) for name, t in _SCALARS.items()}
         self._grow(capacity)
 
@@ -127,6 +129,7 @@ class FleetState:
             if r is not None:
                 self.grid.assets.pop(name, None)
                 self.names[r] = None
+                self.alert_version.pop(r, None)
                 self._init_rows(np.array([r]))
                 self._free.append(r)
 
@@ -163,6 +166,16 @@ class FleetState:
         pending = grid.oldest_pending_pos() if grid is not None else NO_POS
         return int(min(pending, pos.min(initial=NO_POS)))
 
+    def recent_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Remembered steps of many assets, oldest first, left-aligned: values (R, H, F) and a mask (R, H)."""
+        h = self.history
+        n = self.cols["recent_n"][rows]
+        head = self.cols["recent_head"][rows]
+        offsets = np.arange(h)
+        slots = (head[:, None] - n[:, None] + offsets[None, :]) % h
+        values = self.recent_values[rows[:, None], slots]
+        return values, offsets[None, :] < n[:, None]
+
     def reset_model_state(self, rows: np.ndarray) -> None:
         """Forget LSTM state and prediction (after a gap, or for a new model)."""
         for a in self.lstm:
@@ -183,6 +196,7 @@ class FleetState:
             "recent_pos": self.recent_pos[r].tolist(),
             "vectors": {name: [_plain(x) for x in arr[r]] for name, arr in self.vectors.items()},
             "cols": {name: _plain(col[r]) for name, col in self.cols.items()},
+            "alert_version": self.alert_version.get(r),
         }
 
     def restore(self, asset: str, snap: dict[str, Any]) -> None:
@@ -199,6 +213,8 @@ class FleetState:
             self.vectors[name][r] = [np.nan if v is None else v for v in values]
         for name, v in snap["cols"].items():
             self.cols[name][r] = np.nan if v is None else v
+        if snap.get("alert_version"):
+            self.alert_version[r] = snap["alert_version"]
 
 
 def _plain(x: Any) -> Any:

@@ -72,10 +72,10 @@ def produce(settings: Settings, sim: PlantSimulator, start_ms: int, end_ms: int,
 
 
 @contextmanager
-def running_detector(settings: Settings, bundle: ModelBundle) -> Iterator[Detector]:
+def running_detector(settings: Settings, bundle: ModelBundle, follow_registry: bool = False) -> Iterator[Detector]:
     """A detector consuming in a background thread; stopped (gracefully) on exit."""
     stop = threading.Event()
-    det = Detector(settings, bundle, stop=stop)
+    det = Detector(settings, bundle, stop=stop, follow_registry=follow_registry)
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.setdefault("code", det.run()), daemon=True)
     thread.start()

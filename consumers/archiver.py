@@ -1,0 +1,416 @@
+"""The archiver: a consumer group of its own that writes every reading to the Parquet archive.
+
+Layout (what :mod:`trainers.archive_scan` reads)::
+
+    <archive.uri>/date=YYYY-MM-DD/part-<UTC write time>-<partition>-<first offset>.parquet
+
+long format, one row per (reading, feature): ``asset`` string, ``ts_ms`` int64, ``feature``
+string, ``value`` float64, ``partition`` int32, ``offset`` int64, in Kafka order. The date
+is the UTC date of ``ts_ms``.
+
+A flush writes, for each Kafka partition with buffered readings, one file per date holding
+*every* reading of that partition consumed since the previous flush. That is what makes the
+scan's dedupe exact: a file covers a contiguous offset range of one partition completely for
+its date, so a later file's rows inside that range are duplicates. File names start with
+the write time (kept strictly increasing within a process), so they sort in write order and
+a rewrite after a crash lands in a later file; partition and first offset make each name
+unique without coordination between archivers.
+
+Delivery (at-least-once, duplicates removed on read):
+
+* A file is written under a hidden ``.….tmp`` name and moved into place when complete (on an
+  object store the move is a copy, still never a partial file under a visible name); on a
+  local disk the file and its directories are fsynced first.
+* Offsets are committed only after every file of the flush is in place. A crash between
+  the move and the commit makes the next owner write those readings again, in a later
+  file; the scan drops them.
+* Partition revocation writes what is buffered for the revoked partitions and commits it
+  from the rebalance hook, so the next owner starts where this one ended; a stop does the
+  same for every partition.
+
+Records that do not decode are not archived, only counted and logged: the detector is
+the one that dead-letters them.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import Counter, Gauge
+
+from consumers import metrics
+from consumers.http_server import serve
+from consumers.kafka_clients import make_consumer
+from pipeline import storage
+from pipeline.logs import get_logger
+from pipeline.readings import DecodeLimits, Reject, decode_batch
+from pipeline.settings import Settings
+
+SCHEMA = pa.schema([("asset", pa.string()), ("ts_ms", pa.int64()), ("feature", pa.string()),
+                    ("value", pa.float64()), ("partition", pa.int32()), ("offset", pa.int64())])
+# One row group per batch of the archive scan (its default batch_rows): time pruning skips
+# whole batches, and a scan holds one row group in memory.
+ROW_GROUP_ROWS = 262_144
+DAY_MS = 86_400_000
+POLL_TIMEOUT_MS = 500  # a stop or a due timed flush waits at most this long
+
+RECORDS = Counter("plantwatch_archive_records_total", "Records read by the archiver")
+REJECTS = Counter("plantwatch_archive_rejects_total", "Records not archived because they do not decode",
+                  ["reason"])
+FILES = Counter("plantwatch_archive_files_total", "Parquet files written to the archive")
+BUFFERED = Gauge("plantwatch_archive_buffered_readings", "Readings consumed and not yet in an archive file")
+LAG = Gauge("plantwatch_archive_lag", "Records behind the partition's high watermark", ["partition"])
+
+
+class ArchiveWriteError(RuntimeError):
+    """A file could not be written or moved into place: nothing of its flush is committed."""
+
+
+@dataclass
+class ArchiverStats:
+    """What this archiver process did."""
+
+    records: int = 0   # records consumed
+    readings: int = 0  # readings in files moved into place
+    rows: int = 0      # values in those files
+    files: int = 0
+    rejects: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Rows:
+    """Long-format columns of one Kafka partition's readings, in offset order."""
+
+    asset: np.ndarray    # object (str)
+    ts_ms: np.ndarray    # int64
+    feature: np.ndarray  # int32, index into the model features
+    value: np.ndarray    # float64
+    offset: np.ndarray   # int64
+
+    @staticmethod
+    def concat(chunks: Sequence[Rows]) -> Rows:
+        if len(chunks) == 1:
+            return chunks[0]
+        return Rows(*(np.concatenate([getattr(c, name) for c in chunks])
+                      for name in ("asset", "ts_ms", "feature", "value", "offset")))
+
+    def take(self, index: np.ndarray) -> Rows:
+        return Rows(self.asset[index], self.ts_ms[index], self.feature[index], self.value[index],
+                    self.offset[index])
+
+    def table(self, partition: int, features: pa.Array) -> pa.Table:
+        feature = pa.DictionaryArray.from_arrays(pa.array(self.feature, pa.int32()), features)
+        return pa.Table.from_arrays([
+            pa.array(self.asset, pa.string()), pa.array(self.ts_ms, pa.int64()), feature.cast(pa.string()),
+            pa.array(self.value, pa.float64()), pa.array(np.full(len(self.value), partition, np.int32)),
+            pa.array(self.offset, pa.int64()),
+        ], schema=SCHEMA)
+
+
+class ArchiveWriter:
+    """Writes one partition's flushed readings as one Parquet file per UTC date, atomically."""
+
+    def __init__(self, uri: str, features: Sequence[str]) -> None:
+        self.fs, self.root = storage.resolve(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        self.features = pa.array(list(features), pa.string())
+        self._last_us = 0
+
+    def write(self, partition: int, rows: Rows) -> list[str]:
+        """The paths written, each complete and in place (and fsynced on a local disk)."""
+        day = rows.ts_ms // DAY_MS
+        days = np.unique(day)
+        paths = [self._write_file(str(np.datetime64(int(d), "D")), partition,
+                                  rows if len(days) == 1 else rows.take(np.flatnonzero(day == d)))
+                 for d in days]
+        if self.local:  # the renames and any new date directory survive a power loss
+            for directory in sorted({posixpath.dirname(p) for p in paths} | {self.root}):
+                _fsync(directory)
+        return paths
+
+    def _write_file(self, day: str, partition: int, rows: Rows) -> str:
+        directory = storage.join(self.root, f"date={day}")
+        name = f"part-{self._stamp()}-{partition:05d}-{int(rows.offset[0]):019d}.parquet"
+        final, tmp = storage.join(directory, name), storage.join(directory, f".{name}.tmp")
+        self.fs.create_dir(directory, recursive=True)
+        pq.write_table(rows.table(partition, self.features), tmp, filesystem=self.fs,
+                       row_group_size=ROW_GROUP_ROWS, compression="zstd",
+                       use_dictionary=["asset", "feature", "partition"])
+        if self.local:
+            _fsync(tmp)
+        self.fs.move(tmp, final)
+        return final
+
+    def _stamp(self) -> str:
+        """UTC write time in microseconds, strictly increasing even if the wall clock steps back."""
+        us = max(time.time_ns() // 1000, self._last_us + 1)
+        self._last_us = us
+        return datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y%m%dT%H%M%S") + f"{us % 1_000_000:06d}Z"
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Pending:
+    """A partition's records consumed since its last flush."""
+
+    end: int  # next offset to consume: what is committed once the flush is durable
+    chunks: list[Rows] = field(default_factory=list)
+    readings: int = 0
+    records: int = 0
+
+
+class Archiver:
+    """One archiver process (one member of the archive consumer group)."""
+
+    def __init__(self, settings: Settings, *, stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.writer = ArchiveWriter(settings.archive.uri, settings.model.features)
+        self.limits = DecodeLimits(max_record_bytes=settings.detector.max_record_bytes)
+        self.log = get_logger("plantwatch.archiver").bind(group=settings.archive.group_id)
+        self.pending: dict[TopicPartition, _Pending] = {}
+        self.durable: dict[TopicPartition, int] = {}  # in files, not yet committed
+        self.buffered_since: float | None = None
+        self.consumer: KafkaConsumer | None = None
+        self.last_loop = time.monotonic()
+        self.assigned = False
+        self.stats = ArchiverStats()
+
+    # ----------------------------------------------------------------- lifecycle
+    def run(self, http_port: int = 0) -> int:
+        """Archive until ``stop`` is set; returns the process exit code."""
+        s = self.settings
+        self.consumer = make_consumer(s, group_id=s.archive.group_id)
+        self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
+        server = serve(http_port, alive=lambda: self.alive, ready=lambda: self.ready) if http_port else None
+        self.log.info("archiver started", topic=s.topics.readings, uri=s.archive.uri)
+        code = 0
+        try:
+            while not self.stop.is_set():
+                polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
+                                            max_records=s.kafka.max_poll_records)
+                self.last_loop = time.monotonic()
+                if polled:
+                    self.add(polled)
+                    self._update_lag(polled)
+                if self._due():
+                    self.flush()
+                    self._commit()
+            self.flush()
+            self._commit()
+        except (ArchiveWriteError, KafkaError) as exc:
+            self.log.error("archiver failed; unwritten readings are left to the next owner", error=str(exc))
+            self.pending.clear()
+            code = 1
+        finally:
+            try:
+                self.consumer.close(autocommit=False)  # revokes: the hook commits what is durable
+            except KafkaError as exc:
+                self.log.error("commit on close failed; the next owner rewrites from the last commit",
+                               error=str(exc))
+                code = code or 1
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        self.log.info("archiver stopped", exit_code=code, records=self.stats.records, files=self.stats.files)
+        return code
+
+    @property
+    def alive(self) -> bool:
+        return time.monotonic() - self.last_loop < 60
+
+    @property
+    def ready(self) -> bool:
+        return self.assigned and time.monotonic() - self.last_loop < 30
+
+    def _poll_timeout_ms(self) -> int:
+        if self.buffered_since is None:
+            return POLL_TIMEOUT_MS
+        left = self.buffered_since + self.settings.archive.flush_seconds - time.monotonic()
+        return int(min(POLL_TIMEOUT_MS, max(0.0, left * 1000)))
+
+    def _due(self) -> bool:
+        a = self.settings.archive
+        if self.buffered_since is None:
+            return False
+        return (sum(p.readings for p in self.pending.values()) >= a.flush_rows
+                or time.monotonic() - self.buffered_since >= a.flush_seconds)
+
+    # ------------------------------------------------------------------ one poll
+    def add(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """Decode a poll in one pass and buffer its readings per partition."""
+        tps = sorted(polled)
+        records = [r for tp in tps for r in polled[tp]]
+        batch = decode_batch([r.value for r in records], self.settings.model.features,
+                             fmt=self.settings.detector.input_format, limits=self.limits,
+                             unknown_features="ignore")
+        offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+        # Records are grouped by partition and rows follow their records: each partition is one slice.
+        record_bounds = np.cumsum([0] + [len(polled[tp]) for tp in tps])
+        row_bounds = np.searchsorted(batch.record_index, record_bounds)
+        readings_of = np.diff(np.searchsorted(np.unique(batch.record_index), record_bounds))
+        for i, tp in enumerate(tps):
+            pending = self.pending.setdefault(tp, _Pending(end=polled[tp][0].offset))
+            lo, hi = row_bounds[i], row_bounds[i + 1]
+            if hi > lo:
+                pending.chunks.append(Rows(batch.asset[lo:hi], batch.ts_ms[lo:hi], batch.feature[lo:hi],
+                                           batch.value[lo:hi], offsets[batch.record_index[lo:hi]]))
+            pending.readings += int(readings_of[i])
+            pending.records += len(polled[tp])
+            pending.end = polled[tp][-1].offset + 1
+        if self.buffered_since is None:
+            self.buffered_since = time.monotonic()
+        self.stats.records += len(records)
+        RECORDS.inc(len(records))
+        BUFFERED.set(sum(p.readings for p in self.pending.values()))
+        if batch.rejects:
+            self._count_rejects(batch.rejects, records)
+
+    def _update_lag(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        assert self.consumer is not None
+        for tp, recs in polled.items():
+            hw = self.consumer.highwater(tp)  # from the last fetch: end_offsets() is off on some brokers
+            if hw is not None:
+                LAG.labels(str(tp.partition)).set(max(0, hw - (recs[-1].offset + 1)))
+
+    def _count_rejects(self, rejects: Sequence[Reject], records: Sequence[Any]) -> None:
+        by_reason: dict[str, int] = {}
+        for r in rejects:
+            by_reason[r.reason] = by_reason.get(r.reason, 0) + 1
+        for reason, n in by_reason.items():
+            REJECTS.labels(reason).inc(n)
+            self.stats.rejects[reason] = self.stats.rejects.get(reason, 0) + n
+        first = records[rejects[0].index]
+        self.log.warning("records not archived", rejects=by_reason, partition=first.partition,
+                         offset=first.offset, reason=rejects[0].reason, detail=rejects[0].detail)
+
+    # ------------------------------------------------------------ flush, commit
+    def flush(self, tps: Iterable[TopicPartition] | None = None) -> None:
+        """Write the buffered readings of these partitions (default: all) into the archive and
+        mark their offsets durable."""
+        chosen = list(self.pending) if tps is None else [tp for tp in tps if tp in self.pending]
+        t0 = time.perf_counter()
+        files = readings = rows = 0
+        for tp in chosen:
+            pending = self.pending[tp]
+            if pending.records == 0:
+                continue
+            if pending.chunks:
+                data = Rows.concat(pending.chunks)
+                try:
+                    files += len(self.writer.write(tp.partition, data))
+                except (OSError, pa.ArrowException) as exc:
+                    raise ArchiveWriteError(f"partition {tp.partition}: {exc}") from exc
+                rows += len(data.value)
+                readings += pending.readings
+            self.durable[tp] = pending.end
+            self.pending[tp] = _Pending(end=pending.end)
+        if not any(p.records for p in self.pending.values()):
+            self.buffered_since = None
+        BUFFERED.set(sum(p.readings for p in self.pending.values()))
+        if files:
+            self._count_written(files, readings, rows, time.perf_counter() - t0)
+
+    def _count_written(self, files: int, readings: int, rows: int, seconds: float) -> None:
+        st = self.stats
+        st.files += files
+        st.readings += readings
+        st.rows += rows
+        FILES.inc(files)
+        metrics.ARCHIVED.inc(rows)
+        self.log.info("archived", files=files, readings=readings, rows=rows, seconds=round(seconds, 3))
+
+    def committable(self, tps: Iterable[TopicPartition] | None = None) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Durable offsets not yet committed (of these partitions, default all)."""
+        chosen = self.durable if tps is None else {tp: self.durable[tp] for tp in tps if tp in self.durable}
+        return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in chosen.items()}
+
+    def mark_committed(self, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> None:
+        for tp, om in offsets.items():
+            if self.durable.get(tp) == om.offset:
+                del self.durable[tp]
+
+    def _commit(self) -> None:
+        offsets = self.committable()
+        if not offsets:
+            return
+        assert self.consumer is not None
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as exc:  # e.g. a rebalance began: the revocation hook commits these
+            self.log.warning("commit failed; retried with the next flush", error=str(exc))
+            return
+        self.mark_committed(offsets)
+
+    # ------------------------------------------------------------ rebalancing
+    def handover(self, tps: set[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Write what is buffered for partitions being given up; returns their offsets to commit."""
+        try:
+            self.flush(tps)
+        finally:
+            for tp in tps:
+                self.pending.pop(tp, None)
+        return self.committable(tps)
+
+    def forget(self, tps: set[TopicPartition]) -> None:
+        """Drop all state of partitions this member no longer owns."""
+        for tp in tps:
+            self.pending.pop(tp, None)
+            self.durable.pop(tp, None)
+        if not any(p.records for p in self.pending.values()):
+            self.buffered_since = None
+
+
+class _Listener(AsyncConsumerRebalanceListener):
+    """Rebalance hooks. kafka-python runs them on the consumer's event loop, where blocking
+    consumer calls are refused, so the commit awaits the coordinator's coroutine (pinned
+    kafka-python version)."""
+
+    def __init__(self, archiver: Archiver) -> None:
+        self.archiver = archiver
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        a = self.archiver
+        a.assigned = False
+        offsets = a.handover(revoked)
+        if offsets:
+            assert a.consumer is not None
+            try:
+                await a.consumer._coordinator._commit_offsets_sync_async(offsets)
+                a.mark_committed(offsets)
+                a.log.info("partitions handed over", partitions=sorted(tp.partition for tp in offsets))
+            except KafkaError as exc:  # the next owner rewrites from the last commit; the scan dedupes
+                a.log.warning("commit on revocation failed", error=str(exc))
+        a.forget(revoked)
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        """Evicted: the partitions already have a new owner, which rewrites what was buffered."""
+        self.archiver.assigned = False
+        self.archiver.forget(lost)
+        self.archiver.log.warning("partitions lost", partitions=sorted(tp.partition for tp in lost))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.archiver.assigned = True
+        self.archiver.log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))

@@ -1,0 +1,288 @@
+"""The archiver against a real broker: every reading lands in the archive exactly once as the
+trainer's scan reads it, through a rewrite after lost commits, ``kill -9`` and a graceful stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from kafka import TopicPartition
+
+from consumers.archiver import SCHEMA, Archiver
+from consumers.kafka_clients import make_consumer, make_producer
+from consumers.simulator_feed import feed
+from consumers.topics import ensure_topics, standard_topics
+from pipeline import storage
+from pipeline.readings import encode_wide
+from pipeline.settings import Settings, to_dict
+from pipeline.simulate import PlantConfig, PlantSimulator
+from trainers.archive_scan import ScanStats, scan_archive
+
+from .plant import produce, wait_until
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MIDNIGHT = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the streams below cross it
+PLANT = PlantConfig(n_assets=4, period_ms=1000, seed=11)
+FEATURES = PLANT.features
+FILE_NAME = re.compile(r"part-\d{8}T\d{12}Z-(\d{5})-(\d{19})\.parquet")
+Row = tuple[str, int, str, float]
+
+
+def archive_settings(settings_for: Any, broker: Any, **overrides: object) -> Settings:
+    s = settings_for(broker, {"kafka.session_timeout_ms": 3000, "kafka.heartbeat_interval_ms": 1000,
+                              "archive.flush_seconds": 0.3, **overrides})
+    ensure_topics(s, standard_topics(s))
+    return s
+
+
+def expected_rows(start_ms: int, end_ms: int) -> list[Row]:
+    frame = PlantSimulator(PLANT).frame(start_ms, end_ms)
+    long = frame.melt(id_vars=["asset", "ts_ms"], value_vars=list(FEATURES), var_name="feature")
+    return list(zip(long["asset"].tolist(), long["ts_ms"].tolist(), long["feature"].tolist(), long["value"].tolist()))
+
+
+def archived_rows(s: Settings, stats: ScanStats) -> list[Row]:
+    rows: list[Row] = []
+    for b in scan_archive(s.archive.uri, FEATURES, start_ms=MIDNIGHT - 86_400_000, end_ms=MIDNIGHT + 86_400_000,
+                          stats=stats):
+        rows += zip(b.asset.tolist(), b.ts_ms.tolist(), [FEATURES[f] for f in b.feature.tolist()], b.value.tolist())
+    return rows
+
+
+def assert_archived_once(got: list[Row], want: list[Row]) -> None:
+    keys = {r[:3] for r in got}
+    assert len(keys) == len(got), f"{len(got) - len(keys)} duplicate (asset, ts, feature) rows"
+    missing, extra = set(want) - set(got), set(got) - set(want)
+    assert not missing and not extra, \
+        f"{len(missing)} missing (e.g. {sorted(missing)[:2]}), {len(extra)} unexpected (e.g. {sorted(extra)[:2]})"
+
+
+def committed_total(s: Settings) -> int:
+    consumer = make_consumer(s, group_id=s.archive.group_id)
+    try:
+        topic = s.topics.readings
+        return sum(consumer.committed(TopicPartition(topic, p)) or 0
+                   for p in consumer.partitions_for_topic(topic) or set())
+    finally:
+        consumer.close(autocommit=False)
+
+
+def archive_files(s: Settings) -> list[str]:
+    """Every file under the archive root, hidden and temporary ones included."""
+    fs, root = storage.resolve(s.archive.uri)
+    if not storage.exists(fs, root):
+        return []
+    return sorted(i.path[len(root):].lstrip("/") for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                  if i.type == pafs.FileType.File)
+
+
+@contextmanager
+def archiver_thread(s: Settings) -> Iterator[Archiver]:
+    stop = threading.Event()
+    archiver = Archiver(s, stop=stop)
+    result: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", archiver.run()), daemon=True)
+    thread.start()
+    try:
+        yield archiver
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "archiver did not stop"
+        assert result.get("code") == 0, f"archiver exited with {result.get('code')}"
+
+
+def archive_process(s: Settings, log: pathlib.Path, *args: str) -> subprocess.Popen[bytes]:
+    """``plantwatch archive`` with every non-default setting of ``s`` as a ``--set`` flag."""
+    mine, default = to_dict(s, redact=False), to_dict(Settings(), redact=False)
+    flags = [f"--set={section}.{key}={_flag_value(v)}"
+             for section, values in mine.items() for key, v in values.items() if v != default[section][key]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLANTWATCH_")}
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "cli", "archive", "--log-format=json", *flags, *args],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _flag_value(v: object) -> str:
+    if isinstance(v, tuple):
+        return ",".join(map(str, v))
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def exit_code(proc: subprocess.Popen[bytes], log: pathlib.Path, timeout_s: float) -> int:
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"archiver did not exit in {timeout_s} s; log:\n{log.read_text()[-3000:]}") from None
+
+
+def test_every_reading_is_archived_once_split_by_date_and_bad_records_are_counted(
+        broker: Any, settings_for: Any, topic_prefix: str) -> None:
+    s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive",
+                                                  "archive.flush_rows": 2500, "kafka.max_poll_records": 1000})
+    start, end = MIDNIGHT - 2_500_000, MIDNIGHT + 2_500_000
+    total = produce(s, PlantSimulator(PLANT), start, end)
+    assert total == 20_000
+    producer = make_producer(s)
+    for value in [b"{not json", b'{"asset": "pump-001", "values": {"Current": 1.0}}',  # the second has no ts
+                  encode_wide("pump-002", end, {"Bogus": 1.0}),
+                  encode_wide("pump-003", end, {"Current": 1.5, "Bogus": 2.0})]:  # archived without Bogus
+        producer.send(s.topics.readings, key=b"pump-003", value=value)
+    producer.flush()
+    producer.close()
+
+    with archiver_thread(s) as archiver:
+        wait_until(lambda: committed_total(s) == total + 4, 60, "every offset committed")
+    assert archiver.stats.rejects == {"malformed_json": 1, "missing_field": 1, "unknown_feature": 1}
+    assert (archiver.stats.readings, archiver.stats.rows) == (total + 1, total * 8 + 1)
+
+    stats = ScanStats()
+    assert_archived_once(archived_rows(s, stats), expected_rows(start, end) + [("pump-003", end, "Current", 1.5)])
+    assert stats.duplicates == 0 and stats.unknown_features == {}
+
+    files = archive_files(s)
+    assert {f.split("/")[0] for f in files} == {"date=2025-12-31", "date=2026-01-01"}
+    fs, root = storage.resolve(s.archive.uri)
+    first_offsets: dict[tuple[str, int], list[int]] = {}
+    for f in files:
+        day, name = f.split("/")
+        match = FILE_NAME.fullmatch(name)
+        assert match, f"unexpected file {f}"
+        meta = pq.read_metadata(storage.join(root, f), filesystem=fs)
+        assert meta.schema.to_arrow_schema().remove_metadata() == SCHEMA
+        first_offsets.setdefault((day, int(match[1])), []).append(int(match[2]))
+    assert stats.files == len(files) > 8
+    # names sort in write order: within a date, each partition's files follow its offsets
+    assert all(offsets == sorted(offsets) and len(set(offsets)) == len(offsets) for offsets in first_offsets.values())
+
+
+def test_a_rewrite_after_commits_were_lost_is_read_once(broker: Any, settings_for: Any, topic_prefix: str) -> None:
+    """Files in place but offsets never committed (a crash between the move and the commit):
+    the next archiver writes the readings again, in later files with other boundaries."""
+    s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive",
+                                                  "archive.flush_rows": 1500})
+    start, end = MIDNIGHT - 1_000_000, MIDNIGHT + 1_000_000
+    total = produce(s, PlantSimulator(PLANT), start, end)
+    with archiver_thread(s):
+        wait_until(lambda: committed_total(s) == total, 60, "first archiver committed")
+    first_files = archive_files(s)
+
+    again = archive_settings(settings_for, broker, **{"archive.uri": s.archive.uri, "archive.flush_rows": 2200,
+                                                      "archive.group_id": f"{topic_prefix}-archiver-again"})
+    with archiver_thread(again):
+        wait_until(lambda: committed_total(again) == total, 60, "second archiver committed")
+    assert set(first_files) < set(archive_files(s))
+
+    stats = ScanStats()
+    assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
+    assert stats.duplicates == total * len(FEATURES)
+
+
+def test_kill_9_mid_file_and_restart_lose_nothing_and_duplicate_nothing(
+        broker: Any, settings_for: Any, tmp_path: pathlib.Path) -> None:
+    s = archive_settings(settings_for, broker, **{"archive.flush_rows": 300, "archive.flush_seconds": 0.2,
+                                                  "kafka.max_poll_records": 500})
+    log = tmp_path / "archiver.log"
+    start, end, slice_ms = MIDNIGHT - 3_000_000, MIDNIGHT + 3_000_000, 100_000
+    produced: list[int] = []
+    stop_producing = threading.Event()
+
+    def produce_continuously() -> None:
+        producer = make_producer(s)
+        try:
+            for t in range(start, end, slice_ms):
+                produced.append(feed(producer, s.topics.readings, PlantSimulator(PLANT), t, t + slice_ms).records)
+                if stop_producing.wait(0.15):
+                    return
+        finally:
+            producer.close()
+
+    procs = [archive_process(s, log)]
+    producer = threading.Thread(target=produce_continuously, daemon=True)
+    producer.start()
+    try:
+        wait_until(lambda: sum(FILE_NAME.fullmatch(f.split("/")[-1]) is not None for f in archive_files(s)) >= 6,
+                   40, "the first archiver writing files")
+        root = pathlib.Path(s.archive.uri)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not any(root.glob("date=*/.*.tmp")):
+            time.sleep(0.001)  # kill while a file is half written, if the timing allows
+        procs[0].send_signal(signal.SIGKILL)
+        assert exit_code(procs[0], log, 10) == -signal.SIGKILL
+        assert producer.is_alive(), "production should still be running across the crash"
+        procs.append(archive_process(s, log))
+        producer.join(timeout=60)
+        assert sum(produced) == 24_000
+        wait_until(lambda: committed_total(s) == 24_000, 60, "every offset committed after the restart")
+        procs[1].send_signal(signal.SIGTERM)
+        assert exit_code(procs[1], log, 15) == 0
+    finally:
+        stop_producing.set()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    stats = ScanStats()
+    assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
+    visible = [f for f in archive_files(s) if not any(p.startswith(".") for p in f.split("/"))]
+    assert all(FILE_NAME.fullmatch(f.split("/")[-1]) for f in visible)
+    assert stats.files == len(visible)
+
+
+def test_sigterm_writes_the_buffer_commits_and_exits_0(
+        broker: Any, settings_for: Any, tmp_path: pathlib.Path) -> None:
+    s = archive_settings(settings_for, broker, **{"archive.flush_rows": 1_000_000, "archive.flush_seconds": 600.0})
+    start, end = MIDNIGHT - 1_000_000, MIDNIGHT + 1_000_000
+    total = produce(s, PlantSimulator(PLANT), start, end)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "archiver.log"
+    proc = archive_process(s, log, f"--http-port={port}")
+    try:
+        wait_until(lambda: _metric(port, "plantwatch_archive_buffered_readings") == total, 40,
+                   "every reading consumed and buffered")
+        assert _metric(port, "plantwatch_archive_files_total") == 0  # nothing written before the signal
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+            assert resp.status == 200
+        assert committed_total(s) == 0
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert exit_code(proc, log, 10) == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert committed_total(s) == total
+    stats = ScanStats()
+    assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert [e["exit_code"] for e in events if e.get("event") == "archiver stopped"] == [0]
+
+
+def _metric(port: int, name: str) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return values[0] if values else None
