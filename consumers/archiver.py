@@ -20,7 +20,7 @@ Delivery (at-least-once, duplicates removed on read):
 
 * A file is written under a hidden ``.….tmp`` name and moved into place when complete (on an
   object store the move is a copy, still never a partial file under a visible name); on a
-  local disk the file and its directories are fsynced first.
+  local disk the file is fsynced before the move and its directories after.
 * Offsets are committed only after every file of the flush is in place. A crash between
   the move and the commit makes the next owner write those readings again, in a later
   file; the scan drops them.
@@ -347,11 +347,6 @@ class Archiver:
         chosen = self.durable if tps is None else {tp: self.durable[tp] for tp in tps if tp in self.durable}
         return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in chosen.items()}
 
-    def mark_committed(self, offsets: Mapping[TopicPartition, OffsetAndMetadata]) -> None:
-        for tp, om in offsets.items():
-            if self.durable.get(tp) == om.offset:
-                del self.durable[tp]
-
     def _commit(self) -> None:
         offsets = self.committable()
         if not offsets:
@@ -362,18 +357,11 @@ class Archiver:
         except KafkaError as exc:  # e.g. a rebalance began: the revocation hook commits these
             self.log.warning("commit failed; retried with the next flush", error=str(exc))
             return
-        self.mark_committed(offsets)
+        for tp, om in offsets.items():
+            if self.durable.get(tp) == om.offset:
+                del self.durable[tp]
 
     # ------------------------------------------------------------ rebalancing
-    def handover(self, tps: set[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata]:
-        """Write what is buffered for partitions being given up; returns their offsets to commit."""
-        try:
-            self.flush(tps)
-        finally:
-            for tp in tps:
-                self.pending.pop(tp, None)
-        return self.committable(tps)
-
     def forget(self, tps: set[TopicPartition]) -> None:
         """Drop all state of partitions this member no longer owns."""
         for tp in tps:
@@ -392,18 +380,22 @@ class _Listener(AsyncConsumerRebalanceListener):
         self.archiver = archiver
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Write what is buffered for the revoked partitions and commit it, so the next owner
+        starts where this member ended."""
         a = self.archiver
         a.assigned = False
-        offsets = a.handover(revoked)
-        if offsets:
-            assert a.consumer is not None
-            try:
-                await a.consumer._coordinator._commit_offsets_sync_async(offsets)
-                a.mark_committed(offsets)
-                a.log.info("partitions handed over", partitions=sorted(tp.partition for tp in offsets))
-            except KafkaError as exc:  # the next owner rewrites from the last commit; the scan dedupes
-                a.log.warning("commit on revocation failed", error=str(exc))
-        a.forget(revoked)
+        try:
+            a.flush(revoked)
+            offsets = a.committable(revoked)
+            if offsets:
+                assert a.consumer is not None
+                try:
+                    await a.consumer._coordinator._commit_offsets_sync_async(offsets)
+                    a.log.info("partitions handed over", partitions=sorted(tp.partition for tp in offsets))
+                except KafkaError as exc:  # the next owner rewrites from the last commit; the scan dedupes
+                    a.log.warning("commit on revocation failed", error=str(exc))
+        finally:
+            a.forget(revoked)
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
         """Evicted: the partitions already have a new owner, which rewrites what was buffered."""

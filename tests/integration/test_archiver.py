@@ -123,6 +123,13 @@ def _flag_value(v: object) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def alive(proc: subprocess.Popen[bytes], log: pathlib.Path) -> bool:
+    """True while the archiver runs; its log in the failure when it stopped on its own."""
+    if proc.poll() is not None:
+        raise AssertionError(f"archiver exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+    return True
+
+
 def exit_code(proc: subprocess.Popen[bytes], log: pathlib.Path, timeout_s: float) -> int:
     try:
         return proc.wait(timeout=timeout_s)
@@ -194,6 +201,28 @@ def test_a_rewrite_after_commits_were_lost_is_read_once(broker: Any, settings_fo
     assert stats.duplicates == total * len(FEATURES)
 
 
+def test_a_revoked_partition_is_written_and_committed_before_the_next_owner_takes_it(
+        broker: Any, settings_for: Any, topic_prefix: str) -> None:
+    s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive",
+                                                  "archive.flush_rows": 1_000_000, "archive.flush_seconds": 600.0})
+    start, middle, end = MIDNIGHT - 1_000_000, MIDNIGHT, MIDNIGHT + 1_000_000
+    first_half = produce(s, PlantSimulator(PLANT), start, middle)
+    with archiver_thread(s) as first:
+        wait_until(lambda: first.stats.records == first_half, 30, "the first member buffering everything")
+        assert first.stats.files == 0 and committed_total(s) == 0
+        with archiver_thread(s) as second:
+            wait_until(lambda: second.assigned and first.assigned, 30, "the partitions shared by both members")
+            assert first.stats.readings == first_half and committed_total(s) == first_half
+            second_half = produce(s, PlantSimulator(PLANT), middle, end)
+            wait_until(lambda: first.stats.records + second.stats.records == first_half + second_half, 30,
+                       "the second half consumed")
+    assert committed_total(s) == first_half + second_half
+    assert second.stats.readings > 0  # range assignment: pump-002 is in partition 1, the others in 2 and 3
+    stats = ScanStats()
+    assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
+    assert stats.duplicates == 0  # the next owner started exactly where the revoked one ended
+
+
 def test_kill_9_mid_file_and_restart_lose_nothing_and_duplicate_nothing(
         broker: Any, settings_for: Any, tmp_path: pathlib.Path) -> None:
     s = archive_settings(settings_for, broker, **{"archive.flush_rows": 300, "archive.flush_seconds": 0.2,
@@ -217,7 +246,8 @@ def test_kill_9_mid_file_and_restart_lose_nothing_and_duplicate_nothing(
     producer = threading.Thread(target=produce_continuously, daemon=True)
     producer.start()
     try:
-        wait_until(lambda: sum(FILE_NAME.fullmatch(f.split("/")[-1]) is not None for f in archive_files(s)) >= 6,
+        wait_until(lambda: alive(procs[0], log) and sum(FILE_NAME.fullmatch(f.split("/")[-1]) is not None
+                                                        for f in archive_files(s)) >= 6,
                    40, "the first archiver writing files")
         root = pathlib.Path(s.archive.uri)
         deadline = time.monotonic() + 2
@@ -229,7 +259,8 @@ def test_kill_9_mid_file_and_restart_lose_nothing_and_duplicate_nothing(
         procs.append(archive_process(s, log))
         producer.join(timeout=60)
         assert sum(produced) == 24_000
-        wait_until(lambda: committed_total(s) == 24_000, 60, "every offset committed after the restart")
+        wait_until(lambda: alive(procs[1], log) and committed_total(s) == 24_000, 60,
+                   "every offset committed after the restart")
         procs[1].send_signal(signal.SIGTERM)
         assert exit_code(procs[1], log, 15) == 0
     finally:
@@ -257,7 +288,7 @@ def test_sigterm_writes_the_buffer_commits_and_exits_0(
     log = tmp_path / "archiver.log"
     proc = archive_process(s, log, f"--http-port={port}")
     try:
-        wait_until(lambda: _metric(port, "plantwatch_archive_buffered_readings") == total, 40,
+        wait_until(lambda: alive(proc, log) and _metric(port, "plantwatch_archive_buffered_readings") == total, 40,
                    "every reading consumed and buffered")
         assert _metric(port, "plantwatch_archive_files_total") == 0  # nothing written before the signal
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
