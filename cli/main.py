@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "archive": ("cli.archive_cmd", "run the archiver daemon: write readings from Kafka to the Parquet archive"),
     "demo": ("cli.demo_cmd", "run the whole system locally: broker, simulated plant, model, detector, live alerts"),
     "models": ("cli.models_cmd", "list, show, promote, roll back or unpin model versions in the registry"),
+    "train": ("cli.train_cmd", "retrain from the archive, gate against the serving model, publish and announce (exit 0 published, 3 refused)"),
+    "schedule": ("cli.schedule_cmd", "run the training job every trainer.interval_s or on trainer.cron, one run at a time"),
     "simulate": ("cli.simulate_cmd", "simulate a plant: produce readings to Kafka or write normal history"),
 }
 

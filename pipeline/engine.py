@@ -66,12 +66,10 @@ class DetectionEngine:
     def process(self, batch: DecodedBatch, record_pos: np.ndarray | None = None, now_ms: int | None = None) -> EngineOutput:
         """Place a decoded batch on the grid and score every step it closes.
 
-        ``record_pos`` gives each input record's source position (e.g. its Kafka offset);
-        by default the record index.
+        ``record_pos`` gives each input record's source position (e.g. its Kafka offset),
+        indexed by ``record_index``; by default the record index itself is the position.
         """
-        if record_pos is None:
-            record_pos = np.arange(batch.n_records, dtype=np.int64)
-        value_pos = record_pos[batch.record_index]
+        value_pos = batch.record_index if record_pos is None else record_pos[batch.record_index]
         result = self.state.grid.ingest(batch.asset, batch.ts_ms, batch.feature, batch.value,
                                         batch.record_index, value_pos, now_ms)
         return self._score(result)

@@ -1,40 +1,61 @@
-"""Fit a model bundle from normal history.
+"""Fit a model bundle from normal history, in memory bounded by chunk sizes and the model.
 
-1. Every asset's history goes through the same event-time grid as the live stream.
-2. The tail of each asset's grid (``validation_fraction``, in time order) is held out.
-3. Scaling is learned on the training part, per asset when enabled (one network, many
-   operating points).
-4. Training runs are ``chunks_per_run × timesteps`` consecutive steps; S runs are trained
+The source is read once: every asset's readings go through the same event-time grid as
+the live stream, batch by batch, and the closed steps are spilled to a temporary
+directory, one file per asset in step order (deleted at the end). Everything after that
+reads those files in bounded pieces, so memory does not grow with the history:
+
+1. The tail of each asset's steps (``validation_fraction``, in time order) is held out.
+2. Scaling is learned on the training part, per asset when enabled (one network, many
+   operating points), from moments merged piece by piece; the cross-sectional (novelty)
+   map from a Gram matrix accumulated the same way.
+3. Training runs are ``chunks_per_run × timesteps`` consecutive steps; S runs are trained
    side by side with their LSTM state carried from window to window (truncated BPTT), and
-   reset between groups of runs, so the network learns under carried state.
-5. Each epoch is validated by scoring the held-out tail through the production scoring
-   path, state carried from the training part; the best epoch's weights are kept
-   (early stopping).
-6. The per-feature error scale and the threshold are calibrated from those held-out scores.
+   reset between groups of runs, so the network learns under carried state. Runs are
+   indexed up front; each group reads only its own runs from disk.
+4. Each epoch scores the whole history through the production scoring path, chunk by
+   chunk with every asset's state carried, and is judged on the held-out tail; the best
+   epoch's weights are kept (early stopping). That pass also measures the error scale.
+5. A last pass with the best weights calibrates the score terms as the engine computes
+   them: forecast levels on held-out steps, novelty levels on all steps (exact upper
+   quantiles, holding only the values above them), flat-run limits from the training part,
+   and the combined score's normal level from the held-out terms (spilled, then re-read).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import platform
+import shutil
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.bundle import ModelBundle, Scaler, ThresholdParams
-from pipeline.grid import FleetGrid, GridConfig, GridSteps
+from pipeline.grid import FleetGrid, GridConfig, GridCounters, GridSteps
 from pipeline.model import StepFunction, build_training_model, reset_training_state
 from pipeline.readings import DecodedBatch
-from pipeline.scoring import novelty_design, score_steps, segment_bounds
+from pipeline.scoring import ScoredSteps, novelty_design, score_steps, segment_bounds
 from pipeline.settings import Settings
 from pipeline.state import PRIOR_LEVEL, FleetState
-from pipeline.thresholds import TermLevels, calibrate_levels, combine, ewma_series, flat_runs
+from pipeline.thresholds import TermLevels, combine, ewma
 
 MIN_SCALE = 1e-6
+NOVELTY_RIDGE = 0.01
+READ_STEPS = 65_536       # steps per read in the numpy-only passes
+SCORE_CHUNK = 1_024       # steps per asset per scoring call
+SCORE_ROWS = 131_072      # steps per scoring call (assets × chunk): bounds the LSTM's activations
+SPILL_BUFFER_BYTES = 32 << 20
+
+Progress = Callable[[dict[str, Any]], None]
 
 
 class FitError(ValueError):
@@ -55,71 +76,469 @@ class FitReport:
     duration_s: float = 0.0
 
 
-def grid_history(batch: DecodedBatch, settings: Settings) -> GridSteps:
-    """Put a whole history on the grid (event time, no wall-clock cap) and close everything."""
+# ---------------------------------------------------------------- the history on disk
+
+
+class History:
+    """Every asset's closed grid steps on disk, one file per asset, in step order.
+
+    Values stay float64 as the grid made them, so scaling and flat runs (exact equality of
+    raw values) match an in-memory fit. Reads are explicit (``np.fromfile``, not a memory
+    map), so only the rows asked for occupy memory.
+    """
+
+    def __init__(self, root: str, n_features: int) -> None:
+        self.root = Path(root)
+        self.n_features = n_features
+        self.dtype = np.dtype([("step", "<i8"), ("reset", "?"), ("values", "<f8", (n_features,))])
+        self.names: list[str] = []
+        self._index: dict[str, int] = {}
+        self._counts: list[int] = []
+        self._pending: dict[int, list[bytes]] = {}
+        self._pending_bytes = 0
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Steps per asset, in the order assets were first seen."""
+        return np.array(self._counts, np.int64)
+
+    def add(self, steps: GridSteps) -> None:
+        """Append closed steps (grouped by asset, in step order within an asset)."""
+        starts = segment_bounds(steps.asset, np.zeros(len(steps), bool))
+        for a, b in zip(starts.tolist(), np.append(starts[1:], len(steps)).tolist()):
+            name = str(steps.asset[a])
+            i = self._index.get(name)
+            if i is None:
+                i = self._index[name] = len(self.names)
+                self.names.append(name)
+                self._counts.append(0)
+            rec = np.empty(b - a, self.dtype)
+            rec["step"], rec["reset"], rec["values"] = steps.step[a:b], steps.reset[a:b], steps.values[a:b]
+            self._pending.setdefault(i, []).append(rec.tobytes())
+            self._counts[i] += b - a
+            self._pending_bytes += rec.nbytes
+        if self._pending_bytes >= SPILL_BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered steps (appends are batched so many assets do not mean many tiny writes)."""
+        for i, parts in self._pending.items():
+            with open(self._path(i), "ab") as fh:
+                fh.write(b"".join(parts))
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def read(self, asset: int, start: int, stop: int) -> np.ndarray:
+        """Steps ``[start, stop)`` of an asset as records (step, reset, values)."""
+        return np.fromfile(self._path(asset), self.dtype, count=stop - start, offset=start * self.dtype.itemsize)
+
+    def pieces(self, asset: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """The asset's steps ``[0, stop)`` in pieces of ``READ_STEPS``: (first step index, records)."""
+        for a in range(0, stop, READ_STEPS):
+            yield a, self.read(asset, a, min(a + READ_STEPS, stop))
+
+    def _path(self, asset: int) -> Path:
+        return self.root / f"{asset:08d}.steps"
+
+
+@dataclass
+class SourceSummary:
+    """What the single pass over the source saw."""
+
+    rows: int = 0                 # readings (records)
+    start_ms: int | None = None   # event-time range of the values read
+    end_ms: int | None = None
+    grid: GridCounters = field(default_factory=GridCounters)
+
+    def add(self, batch: DecodedBatch) -> None:
+        self.rows += batch.n_records
+        if len(batch):
+            lo, hi = int(batch.ts_ms.min()), int(batch.ts_ms.max())
+            self.start_ms = lo if self.start_ms is None else min(self.start_ms, lo)
+            self.end_ms = hi if self.end_ms is None else max(self.end_ms, hi)
+
+
+def spill_history(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
+                  root: str) -> tuple[History, SourceSummary]:
+    """One pass over the source: every asset's history through the event-time grid (event
+    time only, no wall-clock cap), batch by batch, closed steps to disk under ``root``."""
     f = len(settings.model.features)
     grid = FleetGrid(GridConfig.from_settings(settings.grid, f))
-    # One asset at a time keeps the grid's open-step bookkeeping small for long histories.
-    res = grid.ingest(batch.asset, batch.ts_ms, batch.feature, batch.value, batch.record_index,
-                      batch.record_index, now_ms=None)
-    return GridSteps.concat([res.steps, grid.flush().steps], f)
+    history, summary = History(root, f), SourceSummary()
+    for batch in open_batches():
+        summary.add(batch)
+        res = grid.ingest(batch.asset, batch.ts_ms, batch.feature, batch.value, batch.record_index,
+                          batch.record_index, now_ms=None)
+        summary.grid.add(res.counters)
+        history.add(res.steps)
+    res = grid.flush()
+    summary.grid.add(res.counters)
+    history.add(res.steps)
+    history.flush()
+    return history, summary
 
 
-def _split_holdout(steps: GridSteps, fraction: float) -> np.ndarray:
-    """True for the time-ordered tail of each asset's steps."""
-    hold = np.zeros(len(steps), bool)
-    starts = segment_bounds(steps.asset, np.zeros(len(steps), bool))
-    for a, b in zip(starts, np.append(starts[1:], len(steps))):
-        cut = a + int(round((b - a) * (1 - fraction)))
-        hold[cut:b] = True
-    return hold
+def holdout_start(counts: np.ndarray, fraction: float) -> np.ndarray:
+    """Index of each asset's first held-out step: its last ``fraction`` of steps, in time order."""
+    return np.array([int(round(n * (1 - fraction))) for n in counts.tolist()], np.int64)
 
 
-def robust_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation per column, with a floor so a flat feature cannot explode.
+# ---------------------------------------------------------------- streamed statistics
+
+
+class Moments:
+    """Count, mean and summed squared deviations merged piece by piece (Chan et al.): the
+    mean and population sd of everything, as np.mean / np.std give, without holding it."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.n = 0
+        self.mean = np.zeros(shape)
+        self.m2 = np.zeros(shape)
+
+    def add(self, values: np.ndarray) -> None:
+        if len(values):
+            mean = values.mean(axis=0)
+            self._merge(len(values), mean, ((values - mean) ** 2).sum(axis=0))
+
+    def merge(self, other: Moments) -> None:
+        if other.n:
+            self._merge(other.n, other.mean, other.m2)
+
+    def _merge(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
+        self.n = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.n)
+
+
+class UpperQuantile:
+    """``np.quantile(values, q, axis=0)`` (linear) of ``n`` rows seen piece by piece.
+
+    Only the rows at or above the quantile's lower rank can matter, so each column keeps
+    its ``n - floor((n-1)·q)`` largest values: for the high quantiles of calibration that
+    is a small fraction of the rows (1/1600 for q = 0.995 over 8 features).
+    """
+
+    def __init__(self, n: int, q: float, n_columns: int) -> None:
+        pos = (n - 1) * q
+        self.lo = math.floor(pos)
+        self.gamma = pos - self.lo
+        self.keep = n - self.lo
+        self.n = n
+        self.seen = 0
+        self.top = np.empty((0, n_columns))
+
+    def add(self, values: np.ndarray) -> None:
+        self.seen += len(values)
+        top = np.concatenate([self.top, values])
+        if len(top) > self.keep:
+            top = np.partition(top, len(top) - self.keep, axis=0)[len(top) - self.keep:]
+        self.top = top
+
+    def value(self) -> np.ndarray:
+        if self.seen != self.n:
+            raise FitError(f"expected {self.n} finite score terms, got {self.seen}")
+        s = np.sort(self.top, axis=0)
+        a, b = s[0], s[min(1, len(s) - 1)]
+        diff = b - a  # interpolate the way numpy does, from the nearer end
+        return np.where(self.gamma >= 0.5, b - diff * (1 - self.gamma), a + diff * self.gamma)
+
+
+def flat_runs_from(values: np.ndarray, prev_value: np.ndarray, prev_run: np.ndarray) -> np.ndarray:
+    """``thresholds.flat_runs`` of a piece (n, F), continuing the previous piece's last value and run."""
+    n = len(values)
+    before = np.vstack([prev_value[None, :], values[:-1]])
+    idx = np.arange(n)[:, None]
+    last_change = np.maximum.accumulate(np.where(before == values, -1, idx), axis=0)
+    return np.where(last_change >= 0, idx - last_change, prev_run + 1 + idx)
+
+
+def scale_from(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Standard deviation with a floor so a flat feature cannot explode.
 
     A feature that never moved in training gets 0.1 % of its level as its scale (1 when
     its level is 0): any later movement is then large but finite.
     """
-    mean, sd = values.mean(axis=0), values.std(axis=0)
     level = np.abs(mean)
     flat = sd <= 1e-9 * np.maximum(level, 1.0)
-    scale = np.where(flat, np.where(level > 0, 1e-3 * level, 1.0), np.maximum(sd, MIN_SCALE))
-    return mean, scale
+    return np.where(flat, np.where(level > 0, 1e-3 * level, 1.0), np.maximum(sd, MIN_SCALE))
 
 
-def fit_scaler(steps: GridSteps, train: np.ndarray, per_asset: bool) -> Scaler:
-    values = steps.values[train]
-    mean, scale = robust_scale(values)
-    if not per_asset:
-        return Scaler(mean, scale)
-    names = tuple(dict.fromkeys(steps.asset[train].tolist()))
-    pairs = [robust_scale(values[steps.asset[train] == name]) for name in names]
-    return Scaler(mean, scale, names, np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]))
+def ridge_from_gram(gram: np.ndarray, n: int, ridge: float = NOVELTY_RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature as a ridge regression on the others and their squares (pump curves are
+    not linear), from the Gram matrix of the design ``[x, x²]`` over ``n`` rows; the rows of a
+    feature's own terms are zero. Returns (2F, F) coefficients and the residual RMS per
+    feature, also from the Gram matrix: ``|D(e_j - c_j)|² = G_jj - 2 c_j·G_j + c_jᵀ G c_j``."""
+    f = len(gram) // 2
+    coef = np.zeros((2 * f, f))
+    for j in range(f):
+        others = [i for i in range(2 * f) if i % f != j]
+        a = gram[np.ix_(others, others)] + ridge * n * np.eye(len(others))
+        coef[others, j] = np.linalg.solve(a, gram[others, j])
+    sq = np.diag(gram)[:f] - 2 * np.einsum("ij,ij->j", coef, gram[:, :f]) + np.einsum("ij,ik,kj->j", coef, gram, coef)
+    return coef, np.maximum(np.sqrt(np.maximum(sq, 0.0) / n), MIN_SCALE)
 
 
-def training_runs(scaled: np.ndarray, steps: GridSteps, train: np.ndarray, timesteps: int, chunks: int,
-                  streams: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Inputs and next-step change targets of shape (runs, chunks·T, F) from the training segments.
+# ---------------------------------------------------------------- the training part
+
+
+@dataclass
+class _TrainPart:
+    scaler: Scaler
+    flat_max: np.ndarray   # (F,) longest unchanged run of each raw value over training steps
+    segments: np.ndarray   # (k, 3) asset, first step, length of every reset-free training stretch
+
+
+def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPart:
+    """Scaling, flat runs and reset-free stretches of the training part, in one read of it."""
+    f = history.n_features
+    total = Moments((f,))
+    flat_max = np.zeros(f, np.int64)
+    fitted: list[tuple[int, Moments]] = []
+    segments = []
+    for a, stop in enumerate(cut.tolist()):
+        if stop == 0:
+            continue
+        mom, prev, run = Moments((f,)), np.full(f, np.nan), np.zeros(f, np.int64)
+        resets = [np.zeros(1, np.int64)]
+        for start, rec in history.pieces(a, stop):
+            values = rec["values"]
+            mom.add(values)
+            runs = flat_runs_from(values, prev, run)
+            flat_max = np.maximum(flat_max, runs.max(axis=0))
+            prev, run = values[-1], runs[-1]
+            resets.append(start + np.flatnonzero(rec["reset"]))
+        total.merge(mom)
+        fitted.append((a, mom))
+        bounds = np.unique(np.concatenate(resets))
+        segments.append(np.column_stack([np.full(len(bounds), a), bounds, np.diff(np.append(bounds, stop))]))
+    if not fitted:
+        raise FitError("no asset has training steps before its held-out tail")
+    scaler = Scaler(total.mean, scale_from(total.mean, total.std))
+    if per_asset:
+        scaler = Scaler(scaler.mean, scaler.scale, tuple(history.names[a] for a, _ in fitted),
+                        np.stack([m.mean for _, m in fitted]),
+                        np.stack([scale_from(m.mean, m.std) for _, m in fitted]))
+    return _TrainPart(scaler, flat_max, np.concatenate(segments))
+
+
+def _novelty_map(history: History, cut: np.ndarray, mean: np.ndarray, scale: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The cross-sectional map fitted on the scaled training part, from its Gram matrix."""
+    f = history.n_features
+    gram, n = np.zeros((2 * f, 2 * f)), 0
+    for a, stop in enumerate(cut.tolist()):
+        for _, rec in history.pieces(a, stop):
+            design = novelty_design((rec["values"] - mean[a]) / scale[a])
+            gram += design.T @ design
+            n += len(design)
+    return ridge_from_gram(gram, n)
+
+
+def training_runs(segments: np.ndarray, timesteps: int, chunks: int, streams: int) -> tuple[np.ndarray, int]:
+    """(asset, first step) of every run of ``chunks·T + 1`` steps (inputs and next-step
+    targets), and the chunk count, from the reset-free training stretches.
 
     Runs never cross a reset or an asset boundary. Few runs → overlapping starts.
     """
-    idx = np.flatnonzero(train)
-    starts = segment_bounds(steps.asset[idx], steps.reset[idx])
-    segments = [idx[a:b] for a, b in zip(starts, np.append(starts[1:], len(idx)))]
-    longest = max((len(s) for s in segments), default=0)
+    lengths = segments[:, 2]
+    longest = int(lengths.max(initial=0))
     chunks = min(chunks, (longest - 1) // timesteps)
     if chunks < 1:
         raise FitError(f"no stretch of {timesteps + 1} consecutive normal steps to train on (longest {longest})")
     length = chunks * timesteps
-    usable = [s for s in segments if len(s) >= length + 1]
+    usable = segments[lengths >= length + 1]
     stride = length
-    if sum((len(s) - length - 1) // stride + 1 for s in usable) < 2 * streams:
+    if int(((usable[:, 2] - length - 1) // stride + 1).sum()) < 2 * streams:
         stride = max(1, timesteps // 4)
-    picks = [s[o:o + length + 1] for s in usable for o in range(0, len(s) - length, stride)]
-    runs = np.stack([scaled[p] for p in picks]).astype(np.float32)
-    # Targets are the change to the next step; scoring adds it back to the current value.
-    return runs[:, :-1], runs[:, 1:] - runs[:, :-1], chunks
+    runs = [np.column_stack([np.full(len(o), a), s + o])
+            for a, s, n in usable.tolist() for o in [np.arange(0, n - length, stride)]]
+    return np.concatenate(runs), chunks
+
+
+def _read_runs(history: History, runs: np.ndarray, length: int, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Scaled runs (k, length, F) as float32; only these steps are read."""
+    out = np.empty((len(runs), length, history.n_features), np.float32)
+    for i, (a, s) in enumerate(runs.tolist()):
+        out[i] = (history.read(a, s, s + length)["values"] - mean[a]) / scale[a]
+    return out
+
+
+def _train_epoch(net: Any, history: History, runs: np.ndarray, scaling: tuple[np.ndarray, np.ndarray],
+                 streams: int, chunks: int, timesteps: int, rng: np.random.Generator) -> float:
+    """One pass over shuffled groups of S runs, state carried across each run's chunks."""
+    order = rng.permutation(len(runs))
+    losses = []
+    for g in range(len(runs) // streams):
+        block = _read_runs(history, runs[order[g * streams:(g + 1) * streams]], chunks * timesteps + 1, *scaling)
+        # Targets are the change to the next step; scoring adds it back to the current value.
+        x, y = block[:, :-1], block[:, 1:] - block[:, :-1]
+        reset_training_state(net)
+        for k in range(chunks):
+            sl = slice(k * timesteps, (k + 1) * timesteps)
+            losses.append(float(net.train_on_batch(x[:, sl], y[:, sl])))
+    return float(np.mean(losses))
+
+
+# ---------------------------------------------------------------- scoring the history
+
+
+@dataclass
+class _Round:
+    """One scoring call: the next chunk of each asset still going, concatenated by asset."""
+
+    lanes: np.ndarray    # (L,) asset of each lane
+    sizes: np.ndarray    # (L,) steps of each lane
+    lane: np.ndarray     # (n,) lane of each step
+    t: np.ndarray        # (n,) position of each step in its lane
+    offset: np.ndarray   # (n,) index of each step in its asset's history
+    steps: GridSteps
+    scored: ScoredSteps
+
+
+def _score_rounds(history: History, bundle: ModelBundle, model: StepFunction, settings: Settings) -> Iterator[_Round]:
+    """Every asset's whole history through the production scoring path: ``SCORE_CHUNK``
+    steps of up to ``SCORE_ROWS // SCORE_CHUNK`` assets per call, each asset's state
+    carried from call to call in a FleetState."""
+    model.model.set_weights(bundle.weights)
+    cfg = GridConfig.from_settings(settings.grid, history.n_features)
+    counts = history.counts
+    names = np.array(history.names, dtype=object)
+    per_call = max(1, SCORE_ROWS // SCORE_CHUNK)
+    for first in range(0, len(counts), per_call):
+        block = np.arange(first, min(first + per_call, len(counts)))
+        state = FleetState(cfg, bundle.units, bundle.n_features)
+        for start in range(0, int(counts[block].max()), SCORE_CHUNK):
+            lanes = block[counts[block] > start]
+            recs = [history.read(a, start, min(start + SCORE_CHUNK, int(counts[a]))) for a in lanes.tolist()]
+            sizes = np.array([len(r) for r in recs], np.int64)
+            rec = np.concatenate(recs)
+            lane = np.repeat(np.arange(len(lanes)), sizes)
+            t = np.arange(len(rec)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            steps = GridSteps(names[lanes][lane], rec["step"], np.ascontiguousarray(rec["values"]), rec["reset"],
+                              np.ones(len(rec), np.int32), np.zeros(len(rec), np.int64))
+            yield _Round(lanes, sizes, lane, t, start + t, steps, score_steps(state, model, bundle, steps))
+
+
+def _held(r: _Round, cut: np.ndarray) -> np.ndarray:
+    return r.offset >= cut[r.lanes][r.lane]
+
+
+@dataclass
+class _Check:
+    """One scoring pass with unit error scales."""
+
+    held_mse: float | None   # mean squared error over scored held-out steps (None: none scored)
+    sq_sum: np.ndarray       # (F,) summed squared errors over every scored step
+    scored: int              # steps scored (past warm-up)
+
+    @property
+    def error_scale(self) -> np.ndarray:
+        return np.maximum(np.sqrt(self.sq_sum / self.scored), MIN_SCALE)
+
+
+def _check(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFunction, settings: Settings) -> _Check:
+    held_sum, held_n = 0.0, 0
+    sq_sum, scored_n = np.zeros(history.n_features), 0
+    for r in _score_rounds(history, bundle, model, settings):
+        err = r.scored.errors
+        scored = np.isfinite(err).all(axis=1)
+        held = err[scored & _held(r, cut)]
+        held_sum += float((held**2).sum())
+        held_n += held.size
+        sq_sum += (err[scored] ** 2).sum(axis=0)
+        scored_n += int(scored.sum())
+    return _Check(held_sum / held_n if held_n else None, sq_sum, scored_n)
+
+
+def _provisional(settings: Settings, scaler: Scaler, weights: list[np.ndarray], warmup: int) -> ModelBundle:
+    """A bundle with unit scales, to read raw scaled errors off the production path."""
+    f = len(settings.model.features)
+    dummy = ThresholdParams.from_settings(settings.threshold, normal_mean=0.0, normal_std=1.0)
+    one = np.ones(f)
+    return ModelBundle("provisional", settings.model.features, settings.grid.period_ms, settings.model.timesteps,
+                       settings.model.units, warmup, scaler, one, np.zeros((2 * f, f)), one, one, one, one, dummy,
+                       weights)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def _ewma_rows(r: _Round, x: np.ndarray, level: np.ndarray, alpha: float) -> np.ndarray:
+    """``thresholds.ewma`` along each asset's steps of this call, all assets at once,
+    continuing (and updating) each asset's level in ``level`` (A, F)."""
+    padded = np.full((len(r.lanes), int(r.sizes.max()), x.shape[1]), np.nan)
+    padded[r.lane, r.t] = x
+    lvl = level[r.lanes]
+    for i in range(padded.shape[1]):  # padding is NaN, which keeps the level
+        lvl = ewma(lvl, padded[:, i], alpha)
+        padded[:, i] = lvl
+    level[r.lanes] = lvl
+    return padded[r.lane, r.t]
+
+
+def _flat_rows(r: _Round, prev: np.ndarray, run: np.ndarray) -> np.ndarray:
+    """Flat runs of this call's raw values, continuing (and updating) each asset's run."""
+    out = np.empty(r.steps.values.shape, np.int64)
+    ends = np.cumsum(r.sizes)
+    for a, lo, hi in zip(r.lanes.tolist(), (ends - r.sizes).tolist(), ends.tolist()):
+        out[lo:hi] = flat_runs_from(r.steps.values[lo:hi], prev[a], run[a])
+        prev[a], run[a] = r.steps.values[hi - 1], out[hi - 1]
+    return out
+
+
+def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFunction, settings: Settings,
+               flat_max: np.ndarray, spool: Path) -> tuple[ThresholdParams, TermLevels]:
+    """Thresholds of the score terms, the way the engine computes them (per-asset EWMAs
+    from the prior level, flat runs of raw values), without holding the history."""
+    t = settings.threshold
+    f, counts = history.n_features, history.counts
+    n_held = int((counts - cut).sum())
+    if n_held < 10:
+        raise FitError(f"need at least 10 held-out steps to calibrate a threshold, got {n_held}")
+    q = 1.0 - (1.0 - t.quantile) / f  # each feature's level, so the largest of F exceeds 1 as rarely as q says
+    fc_top, nv_top = UpperQuantile(n_held, q, f), UpperQuantile(int(counts.sum()), q, f)
+    n_assets = len(counts)
+    fc_level, nv_level = np.full((n_assets, f), PRIOR_LEVEL), np.full((n_assets, f), PRIOR_LEVEL)
+    prev, run = np.full((n_assets, f), np.nan), np.zeros((n_assets, f), np.int64)
+    terms = np.dtype([("fc", "<f8", (f,)), ("nv", "<f8", (f,)), ("runs", "<i8", (f,))])
+    with open(spool, "wb") as out:
+        for r in _score_rounds(history, bundle, model, settings):
+            fc = _ewma_rows(r, r.scored.errors**2, fc_level, t.smoothing_alpha)
+            nv = _ewma_rows(r, r.scored.novelty**2, nv_level, t.novelty_alpha)
+            runs = _flat_rows(r, prev, run)
+            held = _held(r, cut)
+            # The LSTM can overfit its training steps, so its term is calibrated on held-out
+            # steps only; the cross-sectional map has F-1 coefficients per feature, so its slow
+            # term is calibrated on the whole history, which holds far more independent
+            # excursions of a slow EWMA.
+            fc_top.add(_finite_rows(np.sqrt(np.maximum(fc[held], 0.0))))
+            nv_top.add(_finite_rows(np.sqrt(np.maximum(nv, 0.0))))
+            rec = np.empty(int(held.sum()), terms)
+            rec["fc"], rec["nv"], rec["runs"] = fc[held], nv[held], runs[held]
+            out.write(rec.tobytes())
+    flat_limit = np.maximum(t.flat_factor * flat_max, max(t.flat_min_steps, settings.grid.carry_forward_steps + 2))
+    levels = TermLevels(np.maximum(fc_top.value() * t.margin, 1e-6), np.maximum(nv_top.value() * t.margin, 1e-6),
+                        flat_limit.astype(np.float64))
+    normal = Moments(())
+    for a in range(0, n_held, READ_STEPS):
+        rec = np.fromfile(spool, terms, count=min(READ_STEPS, n_held - a), offset=a * terms.itemsize)
+        score = combine(rec["fc"], rec["nv"], rec["runs"], levels).score
+        normal.add(score[np.isfinite(score)])
+    p = ThresholdParams.from_settings(t, normal_mean=float(normal.mean), normal_std=float(normal.std))
+    return p, levels
+
+
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    return x[np.isfinite(x).all(axis=1)]
+
+
+# ---------------------------------------------------------------- fitting
 
 
 def _version(weights: list[np.ndarray]) -> str:
@@ -127,169 +546,103 @@ def _version(weights: list[np.ndarray]) -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{digest}"
 
 
-def novelty_model(scaled: np.ndarray, ridge: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """Each feature as a ridge regression on the others and their squares (pump curves are
-    not linear); the rows of a feature's own terms are zero. Returns (2F, F) coefficients
-    and the residual RMS per feature."""
-    n, f = scaled.shape
-    design = novelty_design(scaled)
-    coef = np.zeros((2 * f, f))
-    gram = design.T @ design
-    for j in range(f):
-        others = [i for i in range(2 * f) if i % f != j]
-        a = gram[np.ix_(others, others)] + ridge * n * np.eye(len(others))
-        coef[others, j] = np.linalg.solve(a, gram[others, j])
-    resid = scaled - design @ coef
-    return coef, np.maximum(np.sqrt(np.mean(resid**2, axis=0)), MIN_SCALE)
+def fit_stream(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings, *,
+               metadata: dict[str, Any] | None = None, progress: Progress | None = None
+               ) -> tuple[ModelBundle, FitReport]:
+    """Fit from a source of batches (e.g. an archive scan), opened once.
 
-
-def _provisional(settings: Settings, period_ms: int, scaler: Scaler, weights: list[np.ndarray],
-                 warmup: int) -> ModelBundle:
-    """A bundle with unit scales, to read raw scaled errors off the production path."""
-    f = len(settings.model.features)
-    dummy = ThresholdParams.from_settings(settings.threshold, normal_mean=0.0, normal_std=1.0)
-    one = np.ones(f)
-    return ModelBundle("provisional", settings.model.features, period_ms, settings.model.timesteps,
-                       settings.model.units, warmup, scaler, one, np.zeros((2 * f, f)), one, one, one, one, dummy, weights)
-
-
-def scaled_errors(bundle: ModelBundle, model: StepFunction, settings: Settings, steps: GridSteps) -> np.ndarray:
-    """Per-step, per-feature errors (in the bundle's error units) from the production scoring path."""
-    model.model.set_weights(bundle.weights)
-    cfg = GridConfig.from_settings(settings.grid, bundle.n_features)
-    state = FleetState(cfg, bundle.units, bundle.n_features)
-    return score_steps(state, model, bundle, steps).errors
+    The grid steps are spilled to a temporary directory (``tempfile``'s, e.g. ``TMPDIR``;
+    about ``9 + 8·F`` bytes per step) and removed afterwards; peak memory depends on the
+    batch and chunk sizes and the model, not on the length of the history.
+    """
+    workdir = tempfile.mkdtemp(prefix="plantwatch-fit-")
+    try:
+        return _fit(open_batches, settings, Path(workdir), metadata, progress)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def fit_bundle(batch: DecodedBatch, settings: Settings, *, metadata: dict[str, Any] | None = None,
-               progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[ModelBundle, FitReport]:
+               progress: Progress | None = None) -> tuple[ModelBundle, FitReport]:
     """Train, validate and calibrate a bundle from a long-format batch of normal history."""
+    return fit_stream(lambda: iter([batch]), settings, metadata=metadata, progress=progress)
+
+
+def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings, workdir: Path,
+         metadata: dict[str, Any] | None, progress: Progress | None) -> tuple[ModelBundle, FitReport]:
     t0 = time.monotonic()
     m = settings.model
     f = len(m.features)
-    steps = grid_history(batch, settings)
-    if len(steps) < 4 * m.timesteps:
-        raise FitError(f"only {len(steps)} grid steps of history; need at least {4 * m.timesteps}")
-    hold = _split_holdout(steps, m.validation_fraction)
-    train = ~hold
-    scaler = fit_scaler(steps, train, m.per_asset_scaling)
-    scaled = scaler.transform(steps.asset, steps.values)
-    x, y, chunks = training_runs(scaled, steps, train, m.timesteps, m.chunks_per_run, m.streams)
-    streams = min(m.streams, len(x))
+    steps_dir = workdir / "steps"
+    steps_dir.mkdir()
+    history, source = spill_history(open_batches, settings, str(steps_dir))
+    counts = history.counts
+    total = int(counts.sum())
+    if total < 4 * m.timesteps:
+        raise FitError(f"only {total} grid steps of history; need at least {4 * m.timesteps}")
+    cut = holdout_start(counts, m.validation_fraction)
+    part = _train_part(history, cut, m.per_asset_scaling)
+    mean, scale = part.scaler.rows_for(np.array(history.names, dtype=object))
+    runs, chunks = training_runs(part.segments, m.timesteps, m.chunks_per_run, m.streams)
+    streams = min(m.streams, len(runs))
     warmup = m.timesteps  # a cold state predicts poorly for about one training window
-    period_ms = settings.grid.period_ms
 
     net = build_training_model(f, m.units, streams, m.timesteps, m.learning_rate, m.seed)
     rng = np.random.default_rng(m.seed)
-    report = FitReport(rows=batch.n_records, assets=len(set(steps.asset.tolist())), train_steps=int(train.sum()),
-                       holdout_steps=int(hold.sum()), runs=len(x), epochs=0, best_epoch=0)
-    best_loss, best_weights, stale = np.inf, net.get_weights(), 0
+    report = FitReport(rows=source.rows, assets=len(counts), train_steps=int(cut.sum()),
+                       holdout_steps=total - int(cut.sum()), runs=len(runs), epochs=0, best_epoch=0)
+    best_loss, best_weights, best_check, stale = np.inf, net.get_weights(), None, 0
     scorer = StepFunction(f, m.units, best_weights)
-    scored_hold = hold.copy()
     for epoch in range(1, m.epochs + 1):
-        loss = _train_epoch(net, x, y, streams, chunks, m.timesteps, rng)
+        loss = _train_epoch(net, history, runs, (mean, scale), streams, chunks, m.timesteps, rng)
         weights = net.get_weights()
-        err = scaled_errors(_provisional(settings, period_ms, scaler, weights, warmup), scorer, settings, steps)
-        scored_hold = hold & np.isfinite(err).all(axis=1)
-        val = float(np.mean(err[scored_hold] ** 2)) if scored_hold.any() else loss
+        check = _check(history, cut, _provisional(settings, part.scaler, weights, warmup), scorer, settings)
+        val = check.held_mse if check.held_mse is not None else loss
         report.train_loss.append(loss)
         report.val_loss.append(val)
         report.epochs = epoch
         if progress is not None:
             progress({"epoch": epoch, "loss": loss, "val_loss": val})
         if val < best_loss - 1e-6:
-            best_loss, best_weights, stale, report.best_epoch = val, weights, 0, epoch
+            best_loss, best_weights, best_check, stale, report.best_epoch = val, weights, check, 0, epoch
         else:
             stale += 1
             if stale >= m.patience:
                 break
+    if best_check is None:  # no epoch gave a finite error: keep the initial weights
+        best_check = _check(history, cut, _provisional(settings, part.scaler, best_weights, warmup), scorer, settings)
+    if best_check.scored == 0:
+        raise FitError(f"no step lies {warmup} steps past a reset: nothing could be scored")
 
-    err = scaled_errors(_provisional(settings, period_ms, scaler, best_weights, warmup), scorer, settings, steps)
-    scored = np.isfinite(err).all(axis=1)
-    error_scale = np.maximum(np.sqrt(np.mean(err[scored] ** 2, axis=0)), MIN_SCALE)
-    novelty_coef, novelty_scale = novelty_model(scaled[train])
-    novelty = (scaled - novelty_design(scaled) @ novelty_coef) / novelty_scale
-    thresholds, levels = _calibrate(steps, err / error_scale, novelty, hold & scored, settings)
+    novelty_coef, novelty_scale = _novelty_map(history, cut, mean, scale)
+    calibration = dataclasses.replace(_provisional(settings, part.scaler, best_weights, warmup),
+                                      error_scale=best_check.error_scale, novelty_coef=novelty_coef,
+                                      novelty_scale=novelty_scale)
+    thresholds, levels = _calibrate(history, cut, calibration, scorer, settings, part.flat_max,
+                                    workdir / "held-terms")
     report.duration_s = time.monotonic() - t0
+    meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)
+    bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
+                         part.scaler, best_check.error_scale, novelty_coef, novelty_scale, levels.flat,
+                         levels.forecast, levels.novelty, thresholds, best_weights, meta)
+    return bundle, report
+
+
+def _metadata(report: FitReport, source: SourceSummary, steps: int, streams: int, chunks: int, best_loss: float,
+              extra: dict[str, Any] | None) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    meta: dict[str, Any] = {
+    return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data_start_ms": int(batch.ts_ms.min()) if len(batch) else None,
-        "data_end_ms": int(batch.ts_ms.max()) if len(batch) else None,
-        "rows": report.rows, "assets": report.assets, "train_steps": report.train_steps,
-        "holdout_steps": report.holdout_steps, "runs": report.runs, "streams": streams, "chunks": chunks,
-        "epochs": report.epochs, "best_epoch": report.best_epoch,
+        "data_start_ms": source.start_ms, "data_end_ms": source.end_ms,
+        "rows": report.rows, "assets": report.assets, "grid_steps": steps,
+        "late_readings": source.grid.late, "gap_resets": source.grid.gap_resets,
+        "train_steps": report.train_steps, "holdout_steps": report.holdout_steps, "runs": report.runs,
+        "streams": streams, "chunks": chunks, "epochs": report.epochs, "best_epoch": report.best_epoch,
         "train_loss": [round(v, 6) for v in report.train_loss], "val_loss": [round(v, 6) for v in report.val_loss],
         "validation_error": round(best_loss, 6), "duration_s": round(report.duration_s, 2),
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                      "numpy": np.__version__},
-        **(metadata or {}),
+        **(extra or {}),
     }
-    bundle = ModelBundle(_version(best_weights), m.features, period_ms, m.timesteps, m.units, warmup, scaler,
-                         error_scale, novelty_coef, novelty_scale, levels.flat, levels.forecast, levels.novelty,
-                         thresholds, best_weights, meta)
-    return bundle, report
-
-
-def _calibrate(steps: GridSteps, errors: np.ndarray, novelty: np.ndarray, held_out: np.ndarray,
-               settings: Settings) -> tuple[ThresholdParams, TermLevels]:
-    """Thresholds of the score terms from held-out normal steps, the way the engine computes them."""
-    t = settings.threshold
-    spans = _asset_spans(steps)
-    fc = np.concatenate([ewma_series(errors[a:b] ** 2, t.smoothing_alpha, PRIOR_LEVEL) for a, b in spans])
-    nv = np.concatenate([ewma_series(novelty[a:b] ** 2, t.novelty_alpha, PRIOR_LEVEL) for a, b in spans])
-    runs = np.concatenate([flat_runs(steps.values[a:b]) for a, b in spans])
-    train_runs = runs[~held_out].max(axis=0) if (~held_out).any() else np.zeros(steps.values.shape[1])
-    flat_limit = np.maximum(t.flat_factor * train_runs, max(t.flat_min_steps, settings.grid.carry_forward_steps + 2))
-    # The LSTM can overfit its training steps, so its term is calibrated on held-out steps only;
-    # the cross-sectional map has F-1 coefficients per feature, so its slow term is calibrated
-    # on the whole history, which holds far more independent excursions of a slow EWMA.
-    levels = TermLevels(calibrate_levels(fc[held_out], t.quantile, t.margin),
-                        calibrate_levels(nv[np.isfinite(nv).all(axis=1)], t.quantile, t.margin),
-                        flat_limit.astype(np.float64))
-    combined = combine(fc[held_out], nv[held_out], runs[held_out], levels).score
-    combined = combined[np.isfinite(combined)]
-    p = ThresholdParams.from_settings(t, normal_mean=float(np.mean(combined)), normal_std=float(np.std(combined)))
-    return p, levels
-
-
-def concat_batches(batches: Iterable[DecodedBatch]) -> DecodedBatch:
-    """One batch from many (record indices renumbered so they stay unique)."""
-    parts = list(batches)
-    offset, idx = 0, []
-    for b in parts:
-        idx.append(b.record_index + offset)
-        offset += b.n_records
-    cat = (lambda name, dt: np.concatenate([getattr(b, name) for b in parts]) if parts else np.empty(0, dt))
-    return DecodedBatch(np.concatenate(idx) if parts else np.empty(0, np.int64), cat("asset", object),
-                        cat("ts_ms", np.int64), cat("feature", np.int32), cat("value", np.float64),
-                        [r for b in parts for r in b.rejects], offset)
-
-
-def fit_stream(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings, *,
-               metadata: dict[str, Any] | None = None,
-               progress: Callable[[dict[str, Any]], None] | None = None) -> tuple[ModelBundle, FitReport]:
-    """Fit from a source of batches (e.g. an archive scan) that can be opened more than once."""
-    return fit_bundle(concat_batches(open_batches()), settings, metadata=metadata, progress=progress)
-
-
-def _asset_spans(steps: GridSteps) -> list[tuple[int, int]]:
-    starts = segment_bounds(steps.asset, np.zeros(len(steps), bool))
-    return list(zip(starts.tolist(), np.append(starts[1:], len(steps)).tolist()))
-
-
-def _train_epoch(net: Any, x: np.ndarray, y: np.ndarray, streams: int, chunks: int, timesteps: int,
-                 rng: np.random.Generator) -> float:
-    """One pass over shuffled groups of S runs, state carried across each run's chunks."""
-    order = rng.permutation(len(x))
-    n_groups = len(x) // streams
-    losses = []
-    for g in range(n_groups):
-        group = order[g * streams:(g + 1) * streams]
-        reset_training_state(net)
-        for k in range(chunks):
-            sl = slice(k * timesteps, (k + 1) * timesteps)
-            losses.append(float(net.train_on_batch(x[group, sl], y[group, sl])))
-    return float(np.mean(losses))

@@ -245,6 +245,31 @@ class ArchiveSettings:
 
 
 @dataclass(frozen=True)
+class TrainerSettings:
+    lookback_hours: float = _f(168.0, "training range: it ends at the start of the run and begins this many hours earlier")
+    holdout_hours: float = _f(24.0, "newest hours of that range, kept out of training, on which the gate compares the new model with the serving one (0 = no gate)")
+    gate_margin: float = _f(0.05, "the new model is published only if it is at most this fraction worse than the serving one on each gate figure")
+    interval_s: float = _f(86400.0, "plantwatch schedule: seconds between training runs when cron is empty")
+    cron: str = _f("", "plantwatch schedule: 5-field cron expression in UTC (minute hour day-of-month month day-of-week); empty = every interval_s")
+    lock_path: str = _f("var/trainer.lock", "lock file naming the pid and start time of the running training job: one run at a time")
+    lock_max_age_s: float = _f(43200.0, "a lock older than this is broken even if its process looks alive (a hung run, or one on another host)")
+    exclude_alerts: bool = _f(True, "drop the periods covered by alerts on the alerts topic from the training and gate data (when a broker is configured)")
+    labels_uri: str = _f("", "optional CSV/Parquet file of labelled abnormal periods (columns asset, start_ms, end_ms) to drop likewise")
+    min_rows: int = _f(10000, "fewest readings, after exclusions, a training run accepts")
+
+    def __post_init__(self) -> None:
+        p = "trainer."
+        _check(p + "lookback_hours", self.lookback_hours > 0, "must be > 0")
+        _check(p + "holdout_hours", 0 <= self.holdout_hours < self.lookback_hours, "must be >= 0 and below lookback_hours")
+        _check(p + "gate_margin", self.gate_margin >= 0, "must be >= 0")
+        _check(p + "interval_s", self.interval_s > 0, "must be > 0")
+        _check(p + "cron", len(self.cron.split()) in (0, 5), "must have 5 fields: minute hour day-of-month month day-of-week")
+        _check(p + "lock_path", bool(self.lock_path), "must not be empty")
+        _check(p + "lock_max_age_s", self.lock_max_age_s > 0, "must be > 0")
+        _check(p + "min_rows", self.min_rows >= 1, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = _f("info", "log level")
     format: Literal["auto", "json", "console"] = _f("auto", "json lines, console, or auto (console on a terminal)")
@@ -260,6 +285,7 @@ class Settings:
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 

@@ -42,7 +42,7 @@ def frame_to_batch(frame: pd.DataFrame, features: Sequence[str], *, ts_col: str,
         missing.append(asset_col)
     if missing:
         raise TableError(f"missing columns {missing}; the table has {list(frame.columns)}")
-    n, f = len(frame), len(features)
+    n = len(frame)
     ts = timestamps_ms(frame[ts_col])
     assets = (frame[asset_col].astype(str).to_numpy(object) if asset_col is not None
               else np.full(n, default_asset, dtype=object))

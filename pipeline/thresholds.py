@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle, ThresholdParams
-from pipeline.state import PRIOR_LEVEL, FleetState
+from pipeline.state import FleetState
 
 
 def ewma(prev: np.ndarray, x: np.ndarray, alpha: float) -> np.ndarray:

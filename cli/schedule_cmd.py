@@ -1,0 +1,73 @@
+"""``plantwatch schedule``: run ``plantwatch train`` every ``trainer.interval_s`` or on ``trainer.cron``.
+
+Each run is a child process with this command's settings (config file, ``--set``, and the
+environment it inherits). A run's memory, TensorFlow's included, goes back to the system
+when it ends; a crash or an out-of-memory kill of one run is logged as a failed run and
+the scheduler carries on; and the child takes the run lock exactly as a cron-started
+``plantwatch train`` would, so the two can share a machine. SIGTERM or SIGINT stops the
+scheduler between runs; a run in progress is finished first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+from pipeline.settings import Settings
+from trainers.schedule import RunResult, result_of
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--now", action="store_true", help="run once right away, then on the schedule")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.main import UsageError
+    from consumers.signals import stop_on_signals
+    from pipeline.logs import get_logger
+    from trainers.schedule import CronError, run_schedule, schedule_from
+
+    t = settings.trainer
+    try:
+        schedule = schedule_from(t.cron, t.interval_s)
+    except CronError as exc:
+        raise UsageError(f"trainer.cron: {exc}") from None
+    argv = [sys.executable, "-m", "cli", "train", *_forwarded(args)]
+    log = get_logger("plantwatch.schedule")
+    log.info("scheduler started", cron=t.cron or None, interval_s=None if t.cron else t.interval_s,
+             lock=t.lock_path)
+    runs = run_schedule(schedule, lambda: run_child(argv), stop_on_signals(), run_now=args.now)
+    log.info("scheduler stopped", runs=runs)
+    return 0
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    """This command's settings flags, so each run sees the same settings."""
+    out = ["--config", args.config] if args.config else []
+    for assignment in args.assignments:
+        out += ["--set", assignment]
+    if args.log_level:
+        out += ["--log-level", args.log_level]
+    if args.log_format:
+        out += ["--log-format", args.log_format]
+    return out
+
+
+def run_child(argv: list[str]) -> RunResult:
+    """One training run in a child process; its logs go to our stderr, its summary line is read."""
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
+    return result_of(done.returncode, _last_json(done.stdout))
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            found = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(found, dict):
+            return found
+    return None

@@ -1,0 +1,461 @@
+"""The retraining job: archive scan → exclusions → fit → gate → publish → announce.
+
+One run (``plantwatch train``, or one tick of ``plantwatch schedule``):
+
+1. The range ends at the run's time ``now``: ``[now - lookback, now - holdout)`` is trained
+   on, the newest ``holdout`` hours are kept out of training for the gate.
+2. Periods known to be abnormal are dropped from both: the alerts on the alerts topic
+   (per asset, from the alert's start to its close, or to ``now`` while open) and the
+   labelled ranges of ``trainer.labels_uri``. A model must learn normal behaviour only,
+   and the gate's held-out data is taken as normal. The filter works batch by batch on the
+   archive scan, so memory stays bounded by the scan's batch size, and dropped stretches
+   become gaps that reset the grid rather than joining the readings around them.
+3. :func:`~pipeline.fit.fit_stream` trains, validates and calibrates, re-opening the
+   filtered scan as often as it needs.
+4. The gate (:mod:`trainers.gate`) compares the new model with the one serving on the
+   held-out data; a first model, or one whose features or grid period changed on purpose,
+   is published without comparison.
+5. The bundle, with the run's metadata and the gate's figures and decision, is published
+   atomically to the registry and announced on the control topic (key ``current``).
+
+Failures raise; a refusal by the gate is an outcome, not an error (exit code 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import storage
+from pipeline.bundle import BundleError, ModelBundle
+from pipeline.fit import fit_stream
+from pipeline.logs import get_logger
+from pipeline.readings import DecodedBatch
+from pipeline.registry import RegistryError, current_version, load_version, pointers, publish
+from pipeline.settings import Settings
+from pipeline.tables import TableError, timestamps_ms
+from trainers.archive_scan import scan_archive
+from trainers.gate import GateDecision, compare, decide, incompatibility, unconditional
+from trainers.schedule import EXIT_PUBLISHED, EXIT_REFUSED
+HOUR_MS = 3_600_000
+LOG_EVERY_S = 30.0          # scan progress is logged at most this often (epochs and passes always)
+ALERTS_TIMEOUT_S = 120.0    # longest wait to read the alerts topic to its end
+_LIBRARIES = ("pyarrow", "pandas", "kafka-python", "structlog")
+
+Range = tuple[str, int, int]  # asset, start_ms, end_ms (end exclusive)
+Progress = Callable[[dict[str, Any]], None]
+
+log = get_logger(__name__)
+
+
+class TrainError(RuntimeError):
+    """The run cannot produce a model: too little data, unreadable labels, an alerts topic that cannot be read."""
+
+
+@dataclass(frozen=True)
+class Span:
+    start_ms: int
+    end_ms: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start_ms": self.start_ms, "end_ms": self.end_ms,
+                "start": _iso(self.start_ms), "end": _iso(self.end_ms)}
+
+
+def spans(now_ms: int, lookback_hours: float, holdout_hours: float) -> tuple[Span, Span | None]:
+    """The training span and the held-out span after it (None when holdout_hours is 0)."""
+    cut = now_ms - round(holdout_hours * HOUR_MS)
+    train = Span(now_ms - round(lookback_hours * HOUR_MS), cut)
+    return train, (Span(cut, now_ms) if cut < now_ms else None)
+
+
+# ---------------------------------------------------------------- exclusions
+
+
+class Exclusions:
+    """Abnormal periods per asset, merged into sorted, disjoint ``[start, end)`` ranges."""
+
+    def __init__(self, ranges: Iterable[Range]) -> None:
+        by_asset: dict[str, list[tuple[int, int]]] = {}
+        for asset, start, end in ranges:
+            if end > start:
+                by_asset.setdefault(asset, []).append((start, end))
+        self.ranges = {asset: _merged(spans) for asset, spans in by_asset.items()}
+
+    def __len__(self) -> int:
+        return sum(len(starts) for starts, _ in self.ranges.values())
+
+    def mask(self, asset: np.ndarray, ts_ms: np.ndarray) -> np.ndarray:
+        """True where a row falls inside one of its asset's ranges."""
+        out = np.zeros(len(ts_ms), bool)
+        if not self.ranges or not len(ts_ms):
+            return out
+        codes, names = pd.factorize(asset)
+        for k, name in enumerate(names):
+            found = self.ranges.get(name)
+            if found is None:
+                continue
+            starts, ends = found
+            rows = np.flatnonzero(codes == k)
+            t = ts_ms[rows]
+            i = np.searchsorted(starts, t, side="right") - 1  # the last range starting at or before t
+            out[rows] = (i >= 0) & (t < ends[np.maximum(i, 0)])
+        return out
+
+    def apply(self, batch: DecodedBatch) -> tuple[DecodedBatch, int]:
+        """The batch without excluded rows, and the number of readings dropped.
+
+        The rows of a reading share its asset and time, so a reading goes whole, and they
+        are consecutive, so the dropped readings are the runs of dropped record indices.
+        """
+        drop = self.mask(batch.asset, batch.ts_ms)
+        if not drop.any():
+            return batch, 0
+        dropped_ids = batch.record_index[drop]
+        readings = 1 + int(np.count_nonzero(dropped_ids[1:] != dropped_ids[:-1]))
+        keep = ~drop
+        kept = DecodedBatch(batch.record_index[keep], batch.asset[keep], batch.ts_ms[keep], batch.feature[keep],
+                            batch.value[keep], batch.rejects, max(0, batch.n_records - readings))
+        return kept, readings
+
+
+def _merged(spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    out: list[list[int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    arr = np.array(out, np.int64)
+    return arr[:, 0], arr[:, 1]
+
+
+def read_alert_ranges(settings: Settings, span: Span, timeout_s: float = ALERTS_TIMEOUT_S) -> list[Range]:
+    """Per alert on the alerts topic overlapping ``span``: (asset, start, close or span end).
+
+    The topic is read from the beginning to its high watermark. A partial read would let
+    abnormal periods into training, so not reaching the end in time is an error.
+    """
+    from kafka import TopicPartition
+
+    from consumers.kafka_clients import make_consumer
+
+    topic = settings.topics.alerts
+    consumer = make_consumer(settings, group_id=None)
+    alerts: dict[str, list[Any]] = {}  # alert id -> [asset, start_ms, end_ms or None]
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for records in consumer.poll(timeout_ms=200, max_records=10000).values():
+                for r in records:
+                    _note_alert(alerts, r.value)
+            if all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
+                   for tp in tps):
+                break
+            if time.monotonic() > deadline:
+                raise TrainError(f"could not read the alerts topic {topic} to its end within {timeout_s:.0f} s")
+    finally:
+        consumer.close()
+    ranges = [(a, s, span.end_ms if e is None else e) for a, s, e in alerts.values()]
+    return [r for r in ranges if r[1] < span.end_ms and r[2] > span.start_ms]
+
+
+def _note_alert(alerts: dict[str, list[Any]], value: bytes | None) -> None:
+    """Fold one alert event in; records that are not alert events are skipped."""
+    try:
+        e = json.loads(value or b"")
+        key, asset, start = str(e["alert_id"]), str(e["asset"]), int(e["start_ms"])
+        end = int(e["end_ms"]) if e.get("state") == "close" and e.get("end_ms") is not None else None
+    except (ValueError, KeyError, TypeError):
+        return
+    entry = alerts.setdefault(key, [asset, start, None])
+    if end is not None:
+        entry[2] = end
+
+
+def read_label_ranges(uri: str) -> list[Range]:
+    """Labelled abnormal periods from a CSV or Parquet file with columns asset, start_ms, end_ms
+    (milliseconds, datetimes or ISO strings)."""
+    fs, path = storage.resolve(uri)
+    try:
+        with fs.open_input_file(path) as fh:
+            frame = pd.read_parquet(fh) if path.lower().endswith((".parquet", ".pq")) else pd.read_csv(fh)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot read the labels {uri}: {exc}") from None
+    missing = [c for c in ("asset", "start_ms", "end_ms") if c not in frame.columns]
+    if missing:
+        raise TrainError(f"labels {uri}: no column {', '.join(missing)}; it has {list(frame.columns)}")
+    try:
+        start, end = timestamps_ms(frame["start_ms"]), timestamps_ms(frame["end_ms"])
+    except TableError as exc:
+        raise TrainError(f"labels {uri}: {exc}") from None
+    backwards = np.flatnonzero(end < start)
+    if len(backwards):
+        raise TrainError(f"labels {uri}: row {int(backwards[0])} ends before it starts")
+    return list(zip(frame["asset"].astype(str).tolist(), start.tolist(), end.tolist()))
+
+
+def load_exclusions(settings: Settings, span: Span) -> tuple[Exclusions, dict[str, int]]:
+    """The abnormal periods to drop, and how many came from each source."""
+    t = settings.trainer
+    ranges: list[Range] = []
+    counts: dict[str, int] = {}
+    if t.exclude_alerts and _has_broker(settings):
+        found = read_alert_ranges(settings, span)
+        counts["alerts"] = len(found)
+        ranges += found
+    elif t.exclude_alerts:
+        log.info("alerts are not excluded: no broker configured")
+    if t.labels_uri:
+        found = [r for r in read_label_ranges(t.labels_uri) if r[1] < span.end_ms and r[2] > span.start_ms]
+        counts["labels"] = len(found)
+        ranges += found
+    return Exclusions(ranges), counts
+
+
+# ---------------------------------------------------------------- scanning with progress
+
+
+@dataclass
+class ScanCounts:
+    readings: int = 0
+    rows: int = 0
+    excluded_readings: int = 0
+    excluded_rows: int = 0
+
+
+class _Reporter:
+    """Progress to a callback (a terminal) on every event, to the log on milestones or every LOG_EVERY_S."""
+
+    def __init__(self, progress: Progress | None, run_log: Any) -> None:
+        self.progress = progress
+        self.log = run_log
+        self.last = time.monotonic()
+
+    def emit(self, message: str, event: dict[str, Any], *, milestone: bool) -> None:
+        if self.progress is not None:
+            self.progress(event)
+        now = time.monotonic()
+        if milestone or now - self.last >= LOG_EVERY_S:
+            self.last = now
+            self.log.info(message, **event)
+
+
+class _Source:
+    """The filtered archive scan of one span, re-openable, counting what it reads."""
+
+    def __init__(self, settings: Settings, span: Span, exclusions: Exclusions, phase: str, reporter: _Reporter,
+                 min_readings: int = 0) -> None:
+        self.settings, self.span, self.exclusions = settings, span, exclusions
+        self.phase, self.reporter, self.min_readings = phase, reporter, min_readings
+        self.passes = 0
+        self.first = ScanCounts()
+
+    def open(self) -> Iterator[DecodedBatch]:
+        self.passes += 1
+        counts = ScanCounts()
+        if self.passes == 1:
+            self.first = counts
+        return self._scan(self.passes, counts)
+
+    def _scan(self, n: int, counts: ScanCounts) -> Iterator[DecodedBatch]:
+        s = self.settings
+        for batch in scan_archive(s.archive.uri, s.model.features, start_ms=self.span.start_ms,
+                                  end_ms=self.span.end_ms):
+            kept, dropped = self.exclusions.apply(batch)
+            counts.rows += len(kept)
+            counts.readings += kept.n_records
+            counts.excluded_rows += len(batch) - len(kept)
+            counts.excluded_readings += dropped
+            self.reporter.emit("scanning", self._event(n, counts), milestone=False)
+            if len(kept):
+                yield kept
+        self.reporter.emit("scan pass done", self._event(n, counts), milestone=True)
+        if n == 1 and counts.readings < self.min_readings:
+            raise TrainError(f"only {counts.readings} readings in {s.archive.uri} between {_iso(self.span.start_ms)} "
+                             f"and {_iso(self.span.end_ms)} after exclusions; trainer.min_rows is {self.min_readings}")
+
+    def _event(self, n: int, counts: ScanCounts) -> dict[str, Any]:
+        return {"phase": self.phase, "pass": n, **dataclasses.asdict(counts)}
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    published: bool
+    version: str          # the new model's version (published or not)
+    gate: GateDecision
+    announced: bool
+    metadata: dict[str, Any]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_PUBLISHED if self.published else EXIT_REFUSED
+
+    def summary(self) -> dict[str, Any]:
+        """One JSON-able line for scripts and the scheduler."""
+        return {"status": "published" if self.published else "refused", "version": self.version,
+                "reason": self.gate.reason, "announced": self.announced,
+                "champion": self.gate.champion.version if self.gate.champion else None}
+
+
+def run_training(settings: Settings, now_ms: int, *, progress: Progress | None = None) -> TrainOutcome:
+    """One training run ending at ``now_ms``; raises on failure (see :class:`TrainError`)."""
+    t = settings.trainer
+    train_span, holdout = spans(now_ms, t.lookback_hours, t.holdout_hours)
+    run_log = log.bind(run_at=_iso(now_ms))
+    reporter = _Reporter(progress, run_log)
+    started = time.monotonic()
+    exclusions, sources = load_exclusions(settings, Span(train_span.start_ms, now_ms))
+    run_log.info("training run started", archive=settings.archive.uri, train=train_span.to_dict(),
+                 holdout=holdout.to_dict() if holdout else None, excluded_ranges=sources)
+    excluded_at = time.monotonic()
+
+    source = _Source(settings, train_span, exclusions, "train", reporter, t.min_rows)
+    bundle, report = fit_stream(source.open, settings,
+                                progress=lambda e: reporter.emit("training progress", {"phase": "fit", **e},
+                                                                 milestone=True))
+    fitted_at = time.monotonic()
+    run_log.info("model fitted", version=bundle.version, epochs=report.epochs, best_epoch=report.best_epoch,
+                 validation_error=bundle.metadata.get("validation_error"), duration_s=round(report.duration_s, 1))
+
+    decision = _gate(settings, bundle, holdout, exclusions, reporter)
+    gated_at = time.monotonic()
+    run_log.info("gate", decision="publish" if decision.publish else "refuse", reason=decision.reason,
+                 champion=decision.champion.to_dict() if decision.champion else None,
+                 challenger=decision.challenger.to_dict() if decision.challenger else None)
+
+    durations = {"exclusions": excluded_at - started, "fit": fitted_at - excluded_at, "gate": gated_at - fitted_at}
+    bundle = dataclasses.replace(bundle, metadata={
+        **bundle.metadata,
+        **_run_metadata(settings, bundle, train_span, holdout, source.first, sources, durations),
+        "gate": decision.to_dict(),
+    })
+    if not decision.publish:
+        run_log.warning("model refused by the gate: nothing published", version=bundle.version, reason=decision.reason)
+        return TrainOutcome(False, bundle.version, decision, False, bundle.metadata)
+    version = publish(settings.registry.uri, bundle, keep=settings.registry.keep)
+    announced = announce(settings, version) if _has_broker(settings) else False
+    run_log.info("model published", version=version, registry=settings.registry.uri, announced=announced,
+                 duration_s=round(time.monotonic() - started, 1))
+    return TrainOutcome(True, version, decision, announced, bundle.metadata)
+
+
+def _gate(settings: Settings, challenger: ModelBundle, holdout: Span | None, exclusions: Exclusions,
+          reporter: _Reporter) -> GateDecision:
+    margin = settings.trainer.gate_margin
+    uri = settings.registry.uri
+    serving = current_version(uri)
+    if serving is None:
+        return unconditional("first model: nothing published to compare with", margin)
+    try:
+        champion = load_version(uri, serving)
+    except (BundleError, RegistryError) as exc:
+        log.warning("the serving model cannot be loaded; publishing without comparison", version=serving,
+                    error=str(exc))
+        return unconditional(f"the serving model {serving} cannot be loaded ({exc})", margin)
+    why = incompatibility(champion, challenger)
+    if why is not None:
+        log.warning("the new model is not comparable with the serving one", version=serving, change=why)
+        return unconditional(f"not comparable with the serving model {serving}: {why}", margin)
+    if holdout is None:
+        return unconditional("no held-out period (trainer.holdout_hours = 0): published without comparison", margin)
+    source = _Source(settings, holdout, exclusions, "gate", reporter)
+    champion_figures, challenger_figures = compare(champion, challenger, source.open(), settings.grid)
+    return decide(champion_figures, challenger_figures, margin)
+
+
+def _run_metadata(settings: Settings, bundle: ModelBundle, train: Span, holdout: Span | None, counts: ScanCounts,
+                  sources: dict[str, int], durations: dict[str, float]) -> dict[str, Any]:
+    code = code_version()
+    return {
+        "code_version": code,
+        "versions": {**bundle.metadata.get("versions", {}), **library_versions(), "plantwatch": code},
+        "training": {
+            "archive": settings.archive.uri, "range": train.to_dict(),
+            "holdout": holdout.to_dict() if holdout else None,
+            "readings": counts.readings, "rows": counts.rows,
+            "excluded": {"readings": counts.excluded_readings, "rows": counts.excluded_rows,
+                         **{f"{name}_ranges": n for name, n in sources.items()}},
+            "durations_s": {name: round(s, 2) for name, s in durations.items()},
+        },
+    }
+
+
+def announce(settings: Settings, version: str) -> bool:
+    """Tell running detectors on the control topic; False (logged) if the broker did not take it.
+
+    Detectors also poll the registry, so a lost announcement only delays the swap.
+    """
+    from kafka.errors import KafkaError
+
+    from consumers.kafka_clients import make_producer
+    from consumers.topics import ensure_topics
+
+    topic = settings.topics.models
+    body = {"version": version, "published_at": pointers(settings.registry.uri).published_at,
+            "uri": settings.registry.uri}
+    try:
+        ensure_topics(settings, {topic: 1})
+        producer = make_producer(settings)
+        try:
+            producer.send(topic, key=b"current", value=json.dumps(body).encode()).get(
+                timeout=settings.kafka.request_timeout_ms / 1000)
+        finally:
+            producer.close()
+    except KafkaError as exc:
+        log.warning("model published but not announced", version=version, topic=topic, error=str(exc))
+        return False
+    return True
+
+
+def code_version() -> str:
+    """``git describe`` of the source checkout if there is one, else the installed package version."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        try:
+            done = subprocess.run(["git", "describe", "--tags", "--always", "--dirty"], cwd=root,
+                                  capture_output=True, text=True, timeout=10, check=True)
+            return done.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        return importlib.metadata.version("plantwatch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _has_broker(settings: Settings) -> bool:
+    return bool(settings.kafka.bootstrap_servers.strip())
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
