@@ -27,19 +27,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                               help="pin the version published before the served one (or --to VERSION)")
     rollback.add_argument("--to", metavar="VERSION", help="pin this version instead")
     sub.add_parser("unpin", parents=[common], help="serve the current version again")
+    publish = sub.add_parser("publish", parents=[common],
+                             help="publish a bundle directory (e.g. from `plantwatch fit --out`) and make it current")
+    publish.add_argument("bundle", help="bundle directory or pyarrow filesystem URI")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cli.main import UsageError
+    from pipeline.bundle import BundleError
     from pipeline.registry import RegistryError
 
     uri = args.registry or settings.registry.uri
     actions: dict[str, Callable[[argparse.Namespace, str], int]] = {
         "list": _list, "show": _show, "promote": _promote, "rollback": _rollback, "unpin": _unpin,
+        "publish": lambda a, u: _publish(a, u, settings),
     }
     try:
         return actions[args.action](args, uri)
-    except RegistryError as exc:
+    except (RegistryError, BundleError) as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -109,6 +114,14 @@ def _print_manifest(m: dict[str, Any], status: dict[str, Any], assets: int | Non
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.ljust(width)}  {value}")
+
+
+def _publish(args: argparse.Namespace, uri: str, settings: Settings) -> int:
+    from pipeline.bundle import load_bundle
+    from pipeline.registry import publish
+
+    version = publish(uri, load_bundle(args.bundle), keep=settings.registry.keep)
+    return _report(args, uri, f"published {version}: current")
 
 
 def _promote(args: argparse.Namespace, uri: str) -> int:
