@@ -1,4 +1,10 @@
-"""The demo: embedded broker, simulated plant, a fitted model, the detector and live alerts.
+"""The demo: embedded broker, simulated plant, archiver, detector, trainer and live alerts.
+
+1. The plant's recent history goes through Kafka; the archiver writes it to Parquet, and a
+   first model is fitted on it and published to the registry.
+2. The detector (following the registry) scores the plant live; alerts print as they come.
+3. Part-way through, the trainer refits on the archive (history plus what streamed since),
+   gates the new model against the serving one and publishes it; the detector hot-swaps.
 
 Everything runs in one process on 127.0.0.1 and stops by itself after ``seconds`` (or on
 Ctrl-C) with a measured summary whose last line is::
@@ -17,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from consumers.archiver import Archiver
 from consumers.broker import LocalBroker
 from consumers.detector import Detector
 from consumers.kafka_clients import make_consumer, make_producer
@@ -27,18 +34,19 @@ from pipeline.simulate import ANOMALY_KINDS, Anomaly, PlantConfig, PlantSimulato
 
 DEMO_OVERRIDES = {
     "grid.period_s": "0.2", "grid.allowed_lateness_s": "1", "model.units": "32,16", "model.timesteps": "16",
-    "model.epochs": "12", "model.patience": "3", "log.level": "warning",
+    "model.epochs": "12", "model.patience": "3", "log.level": "warning", "detector.registry_poll_s": "2",
+    "archive.flush_seconds": "3", "trainer.min_rows": "1000", "trainer.gate_margin": "0.25",
 }
 HISTORY_STEPS = 8000
 
 
 @dataclasses.dataclass
 class DemoResult:
-    readings: int
-    scored: int
-    alerts: int
-    injected: int
-    caught: int
+    readings: int  # records the detector read (history and live)
+    scored: int    # grid steps it scored
+    alerts: int    # alerts opened during the live stream
+    injected: int  # anomalies injected into the live stream
+    caught: int    # … with an alert on the right asset overlapping them
 
     def line(self) -> str:
         return (f"demo: readings={self.readings} scored={self.scored} alerts={self.alerts} "
@@ -78,9 +86,13 @@ def run_demo(seconds: float, *, n_assets: int = 6, workdir: Path = Path("var/dem
     say = say or (lambda msg: print(msg, file=out, flush=True))
     workdir.mkdir(parents=True, exist_ok=True)
     with LocalBroker(log_path=workdir / "broker.log") as broker:
-        settings = load_settings(env={}, overrides={**DEMO_OVERRIDES, "kafka.bootstrap_servers": broker.bootstrap_servers,
-                                                    "registry.uri": str(workdir / "registry"),
-                                                    "archive.uri": str(workdir / "archive")})
+        settings = load_settings(env={}, overrides={
+            **DEMO_OVERRIDES, "kafka.bootstrap_servers": broker.bootstrap_servers,
+            "registry.uri": str(workdir / "registry"), "archive.uri": str(workdir / "archive"),
+            "trainer.lock_path": str(workdir / "trainer.lock"),
+            # the retrain covers the history and the live stream; its newest 15 s feed the gate
+            "trainer.lookback_hours": str((HISTORY_STEPS * 0.2 + seconds + 600) / 3600),
+            "trainer.holdout_hours": str(15 / 3600)})
         from pipeline.logs import configure_logging
 
         configure_logging(settings.log.level, "console")
@@ -88,55 +100,91 @@ def run_demo(seconds: float, *, n_assets: int = 6, workdir: Path = Path("var/dem
         ensure_topics(settings, standard_topics(settings))
         period = settings.grid.period_ms
         config = PlantConfig(n_assets=n_assets, period_ms=period, seed=7, day_ms=600_000)
-        bundle = _fit_initial(settings, config, _aligned_now(period), say)
+        threads = [threading.Thread(target=Archiver(settings, stop=stop).run, name="archiver", daemon=True)]
+        threads[0].start()
+        bundle = _first_model(settings, config, _aligned_now(period), say)
         now = _aligned_now(period)  # the live stream starts when the model is ready
         end = now + int(seconds * 1000)
         anomalies = _plan(config, now + 15_000, max(now + 20_000, end - 10_000))
         say(f"streaming {n_assets} pumps at {1000 / period:.0f} Hz for {seconds:.0f} s with "
             f"{len(anomalies)} injected anomalies; alerts appear below")
 
-        detector = Detector(settings, bundle, stop=stop)
-        det_thread = threading.Thread(target=detector.run, name="detector", daemon=True)
-        det_thread.start()
+        detector = Detector(settings, bundle, stop=stop, follow_registry=True)
         alerts: list[dict[str, Any]] = []
-        alert_thread = threading.Thread(target=_follow_alerts, args=(settings, alerts, anomalies, out, stop),
-                                        name="alerts", daemon=True)
-        alert_thread.start()
+        threads += [threading.Thread(target=detector.run, name="detector", daemon=True),
+                    threading.Thread(target=_follow_alerts, args=(settings, alerts, anomalies, out, stop),
+                                     name="alerts", daemon=True)]
+        retrain_at = time.monotonic() + 0.45 * seconds
+        threads.append(threading.Thread(target=_retrain, args=(settings, retrain_at, detector, stop, say),
+                                        name="trainer", daemon=True))
+        for t in threads[1:]:
+            t.start()
         producer = make_producer(settings)
         stats = feed(producer, settings.topics.readings, PlantSimulator(config, anomalies), now, end,
                      realtime=True, stop=stop)
         producer.close()
         # Let the detector close the last steps it can, then stop everything.
         deadline = time.monotonic() + 10
-        while detector.stats.records < stats.records and time.monotonic() < deadline:
+        while detector.stats.records < stats.records + HISTORY_STEPS * n_assets and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1.5)
         stop.set()
-        det_thread.join(timeout=30)
-        alert_thread.join(timeout=10)
+        for t in threads:
+            t.join(timeout=60)
 
     injected = [a for a in anomalies if a.end_ms <= end]
     found = caught(injected, alerts, slack_ms=30 * period)
-    missed = [a for a in injected if a not in found]
-    for a in missed:
-        say(f"missed: {a.kind} on {a.asset} {', '.join(a.sensors)}")
-    return DemoResult(readings=stats.records, scored=detector.stats.scored,
-                      alerts=sum(1 for a in alerts if a["state"] == "open"), injected=len(injected),
-                      caught=len(found))
+    for a in injected:
+        if a not in found:
+            say(f"missed: {a.kind} on {a.asset} {', '.join(a.sensors)}")
+    live_alerts = [a for a in alerts if a["state"] == "open" and a["start_ms"] >= now]
+    return DemoResult(readings=detector.stats.records, scored=detector.stats.scored, alerts=len(live_alerts),
+                      injected=len(injected), caught=len(found))
+
+
+def _retrain(settings: Settings, at: float, detector: Detector, stop: threading.Event,
+             say: Callable[[str], None]) -> None:
+    """One training run on the archive part-way through, then report the detector's swap."""
+    from trainers.train import TrainError, run_training
+
+    if stop.wait(max(0.0, at - time.monotonic())):
+        return
+    say("trainer: refitting on the archive (history + live) …")
+    try:
+        outcome = run_training(settings, int(time.time() * 1000))
+    except TrainError as exc:
+        say(f"trainer: run failed: {exc}")
+        return
+    if not outcome.published:
+        say(f"trainer: {outcome.version} refused by the gate: {outcome.gate.reason}")
+        return
+    say(f"trainer: {outcome.version} published ({outcome.gate.reason})")
+    deadline = time.monotonic() + 30
+    while detector.engine.model_version != outcome.version and time.monotonic() < deadline and not stop.is_set():
+        time.sleep(0.1)
+    if detector.swap_pauses_s:
+        say(f"detector: now serving {detector.engine.model_version}, swapped between polls in "
+            f"{detector.swap_pauses_s[-1] * 1000:.1f} ms")
 
 
 def _aligned_now(period_ms: int) -> int:
     return (int(time.time() * 1000) // period_ms + 1) * period_ms
 
 
-def _fit_initial(settings: Settings, config: PlantConfig, now_ms: int, say: Callable[[str], None]) -> Any:
-    """Fit on simulated normal history that ends now, publish it, and return it."""
+def _first_model(settings: Settings, config: PlantConfig, now_ms: int, say: Callable[[str], None]) -> Any:
+    """Send the plant's recent history through Kafka (the archiver keeps it), fit the first
+    model on it, publish it, and return it."""
     from pipeline.fit import fit_bundle
     from pipeline.registry import publish
     from pipeline.tables import frame_to_batch
 
-    history = PlantSimulator(config).history(now_ms - HISTORY_STEPS * config.period_ms, HISTORY_STEPS)
-    say(f"fitting the first model on {len(history):,} rows of simulated normal history …")
+    sim = PlantSimulator(config)
+    history_start = now_ms - HISTORY_STEPS * config.period_ms
+    producer = make_producer(settings)
+    feed(producer, settings.topics.readings, sim, history_start, now_ms)
+    producer.close()
+    history = sim.history(history_start, HISTORY_STEPS)
+    say(f"fitting the first model on {len(history):,} readings of the plant's recent history …")
     t = time.monotonic()
     batch = frame_to_batch(history, settings.model.features, ts_col="ts_ms", asset_col="asset")
     bundle, report = fit_bundle(batch, settings, metadata={"source": "demo history"})
