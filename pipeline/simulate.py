@@ -48,20 +48,14 @@ import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 
+
+from pipeline.settings import PUMP_FEATURES
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 HashArray = npt.NDArray[np.uint64]
 
-DEFAULT_FEATURES: tuple[str, ...] = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "VolumeFlowRateRMS",
-)
+DEFAULT_FEATURES: tuple[str, ...] = PUMP_FEATURES  # the water-pump rig's 8 sensors (as in SKAB)
 ANOMALY_KINDS: tuple[str, ...] = ("spike", "drift", "stuck", "correlation_break", "noise_burst")
 
 # Measurement noise sd per sensor (units of the sensor), in DEFAULT_FEATURES order.

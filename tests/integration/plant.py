@@ -72,25 +72,31 @@ def produce(settings: Settings, sim: PlantSimulator, start_ms: int, end_ms: int,
 
 
 @contextmanager
-def running_detector(settings: Settings, bundle: ModelBundle, follow_registry: bool = False) -> Iterator[Detector]:
-    """A detector consuming in a background thread; stopped (gracefully) on exit."""
-    stop = threading.Event()
-    det = Detector(settings, bundle, stop=stop, follow_registry=follow_registry)
+def running(daemon: Any, stop: threading.Event) -> Iterator[Any]:
+    """A daemon (``run() -> exit code``) in a background thread; stopped gracefully on exit, exit code 0."""
     result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", det.run()), daemon=True)
+    thread = threading.Thread(target=lambda: result.setdefault("code", daemon.run()), daemon=True)
     thread.start()
     try:
-        yield det
+        yield daemon
     finally:
         stop.set()
         thread.join(timeout=60)
-        assert not thread.is_alive(), "detector did not stop"
-        assert result.get("code") == 0, f"detector exited with {result.get('code')}"
+        assert not thread.is_alive(), f"{type(daemon).__name__} did not stop"
+        assert result.get("code") == 0, f"{type(daemon).__name__} exited with {result.get('code')}"
 
 
-def read_topic(settings: Settings, topic: str, *, until: Callable[[list[Any]], bool], timeout_s: float = 120
-               ) -> list[Any]:
-    """Records of a topic (from the beginning) until ``until(records)`` holds or the time runs out."""
+@contextmanager
+def running_detector(settings: Settings, bundle: ModelBundle, follow_registry: bool = False) -> Iterator[Detector]:
+    stop = threading.Event()
+    with running(Detector(settings, bundle, stop=stop, follow_registry=follow_registry), stop) as det:
+        yield det
+
+
+def read_topic(settings: Settings, topic: str, *, until: Callable[[list[Any]], bool] | None = None,
+               timeout_s: float = 120) -> list[Any]:
+    """Records of a topic from the beginning, until ``until(records)`` holds (by default: every
+    partition read to its high watermark) or the time runs out."""
     consumer = make_consumer(settings, group_id=None)
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
@@ -101,7 +107,9 @@ def read_topic(settings: Settings, topic: str, *, until: Callable[[list[Any]], b
         while time.monotonic() < deadline:
             for recs in consumer.poll(timeout_ms=300).values():
                 records.extend(recs)
-            if until(records):
+            if until(records) if until is not None else all(
+                    consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
+                    for tp in tps):
                 break
         return records
     finally:

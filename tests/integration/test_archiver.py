@@ -32,7 +32,7 @@ from pipeline.settings import Settings, to_dict
 from pipeline.simulate import PlantConfig, PlantSimulator
 from trainers.archive_scan import ScanStats, scan_archive
 
-from .plant import produce, wait_until
+from .plant import produce, running, wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MIDNIGHT = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the streams below cross it
@@ -93,17 +93,8 @@ def archive_files(s: Settings) -> list[str]:
 @contextmanager
 def archiver_thread(s: Settings) -> Iterator[Archiver]:
     stop = threading.Event()
-    archiver = Archiver(s, stop=stop)
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", archiver.run()), daemon=True)
-    thread.start()
-    try:
+    with running(Archiver(s, stop=stop), stop) as archiver:
         yield archiver
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "archiver did not stop"
-        assert result.get("code") == 0, f"archiver exited with {result.get('code')}"
 
 
 def archive_process(s: Settings, log: pathlib.Path, *args: str) -> subprocess.Popen[bytes]:

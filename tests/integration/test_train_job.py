@@ -5,20 +5,21 @@ later runs gated against it, and each publication announced on the models topic.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import TopicPartition
 
 from consumers.archiver import ArchiveWriter, Rows
-from consumers.kafka_clients import make_consumer, make_producer
+from consumers.kafka_clients import make_producer
 from consumers.topics import ensure_topics, standard_topics
 from pipeline.registry import current_version, list_versions, manifest, pointers
 from pipeline.settings import Settings
 from pipeline.simulate import PlantConfig, PlantSimulator
 from trainers.train import TrainOutcome, run_training
+
+
+from .plant import read_topic
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 MINUTE = 60_000
@@ -63,28 +64,8 @@ def publish_alerts(settings: Settings) -> None:
         producer.close()
 
 
-def all_records(settings: Settings, topic: str, timeout_s: float = 30) -> list[Any]:
-    """Every record of a topic, read up to its high watermark."""
-    consumer = make_consumer(settings, group_id=None)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for recs in consumer.poll(timeout_ms=200).values():
-                records.extend(recs)
-            if all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
-                   for tp in tps):
-                return records
-        raise AssertionError(f"could not read {topic} to its end")
-    finally:
-        consumer.close()
-
-
 def announced(settings: Settings) -> list[tuple[bytes, dict[str, Any]]]:
-    return [(r.key, json.loads(r.value)) for r in all_records(settings, settings.topics.models)]
+    return [(r.key, json.loads(r.value)) for r in read_topic(settings, settings.topics.models, timeout_s=30)]
 
 
 def test_first_run_publishes_then_runs_are_gated(broker: Any, settings_for: Any, tmp_path: Path) -> None:
