@@ -401,17 +401,29 @@ class _Round:
     scored: ScoredSteps
 
 
+def scoring_blocks(counts: np.ndarray) -> Iterator[np.ndarray]:
+    """Consecutive assets scored side by side, as many as fit ``lanes × widest chunk <=
+    SCORE_ROWS``: a call pads every lane to the widest, so that bounds its activations."""
+    width = np.minimum(counts, SCORE_CHUNK).tolist()
+    first, widest = 0, 0
+    for i, w in enumerate(width):
+        if i > first and (i - first + 1) * max(widest, w) > SCORE_ROWS:
+            yield np.arange(first, i)
+            first, widest = i, 0
+        widest = max(widest, w)
+    if width:
+        yield np.arange(first, len(width))
+
+
 def _score_rounds(history: History, bundle: ModelBundle, model: StepFunction, settings: Settings) -> Iterator[_Round]:
-    """Every asset's whole history through the production scoring path: ``SCORE_CHUNK``
-    steps of up to ``SCORE_ROWS // SCORE_CHUNK`` assets per call, each asset's state
-    carried from call to call in a FleetState."""
+    """Every asset's whole history through the production scoring path, ``SCORE_CHUNK``
+    steps of each asset of a block per call, each asset's state carried from call to call
+    in a FleetState."""
     model.model.set_weights(bundle.weights)
     cfg = GridConfig.from_settings(settings.grid, history.n_features)
     counts = history.counts
     names = np.array(history.names, dtype=object)
-    per_call = max(1, SCORE_ROWS // SCORE_CHUNK)
-    for first in range(0, len(counts), per_call):
-        block = np.arange(first, min(first + per_call, len(counts)))
+    for block in scoring_blocks(counts):
         state = FleetState(cfg, bundle.units, bundle.n_features)
         for start in range(0, int(counts[block].max()), SCORE_CHUNK):
             lanes = block[counts[block] > start]
