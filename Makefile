@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_SECONDS ?= 120
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench bench-skab lint clean
+.PHONY: venv test test-fast demo bench bench-full bench-skab clean
 
 # The venv is (re)built when pyproject.toml or the lock file changes.
 $(STAMP): pyproject.toml requirements.lock
@@ -29,8 +29,12 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/plantwatch demo --seconds $(DEMO_SECONDS)
 
+## Benchmarks → bench/results.json (bench-full adds archive training at 5M readings: many minutes).
 bench: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.run_all
+
+bench-full: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.run_all --full
 
 bench-skab: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.skab
