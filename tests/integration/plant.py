@@ -71,6 +71,20 @@ def produce(settings: Settings, sim: PlantSimulator, start_ms: int, end_ms: int,
         producer.close()
 
 
+def feed_until(settings: Settings, sim: PlantSimulator, start_ms: int, done: threading.Event,
+               slice_steps: int = 20, slices_after: int = 10) -> list[int]:
+    """Produce small slices continuously until ``slices_after`` slices after ``done`` is set,
+    so readings really flow across an event (a swap). Returns [end_ms] of what was produced."""
+    produced = [start_ms]
+    after = 0
+    while after < slices_after:
+        produce(settings, sim, produced[0], produced[0] + slice_steps * sim.config.period_ms)
+        produced[0] += slice_steps * sim.config.period_ms
+        after += done.is_set()
+        done.wait(0.2)
+    return produced
+
+
 @contextmanager
 def running(daemon: Any, stop: threading.Event) -> Iterator[Any]:
     """A daemon (``run() -> exit code``) in a background thread; stopped gracefully on exit, exit code 0."""

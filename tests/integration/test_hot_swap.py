@@ -16,7 +16,7 @@ from pipeline import registry
 from pipeline.bundle import ModelBundle
 from pipeline.simulate import PlantSimulator
 
-from .plant import PERIOD_MS, PLANT, detector_settings, produce, read_topic, running_detector, wait_until
+from .plant import PERIOD_MS, PLANT, detector_settings, feed_until, produce, read_topic, running_detector, wait_until
 
 
 def _variant(bundle: ModelBundle, tag: str, **changes: Any) -> ModelBundle:
@@ -36,21 +36,24 @@ def test_new_version_swaps_in_while_readings_flow_and_bad_bundles_are_refused(
     start = fitted_plant.stream_start_ms
     sim = PlantSimulator(PLANT)
     first_end = start + 400 * PERIOD_MS
-    end = start + 1600 * PERIOD_MS
     produce(settings, sim, start, first_end)
 
     with running_detector(settings, v1, follow_registry=True) as det:
         wait_until(lambda: det.stats.records >= 5 * 400, 60, "the first part to be read")
         v2 = _variant(v1, "v2")
-        feeding = threading.Thread(target=produce, args=(settings, sim, first_end, end))
+        swapped = threading.Event()
+        produced: list[int] = []
+        feeding = threading.Thread(target=lambda: produced.extend(feed_until(settings, sim, first_end, swapped)))
         feeding.start()  # readings keep flowing while the new version is published and swapped in
         registry.publish(uri, v2, keep=10)
         producer = make_producer(settings)
         producer.send(settings.topics.models, key=b"current", value=json.dumps({"version": v2.version}).encode())
         producer.close()
         wait_until(lambda: det.engine.model_version == v2.version, 30, "the swap to v2")
+        swapped.set()
         feeding.join()
-        wait_until(lambda: det.stats.records >= 5 * 1600, 60, "every reading to be read")
+        total = 5 * (produced[0] - start) // PERIOD_MS
+        wait_until(lambda: det.stats.records >= total, 60, "every reading to be read")
 
         # Three broken versions: each refused, v2 keeps serving.
         bad = {
