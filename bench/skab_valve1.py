@@ -8,7 +8,7 @@ fall outside every labelled stretch.
 """
 import os
 from pathlib import Path
-import glob, json, time, numpy as np
+import glob, json, time
 from pipeline.settings import load_settings
 from pipeline.tables import read_table, frame_to_batch, timestamps_ms
 from pipeline.fit import fit_bundle
