@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("cli.replay_cmd", "score a CSV/Parquet file through grid, model, thresholds and alerts"),
     "broker": ("cli.broker_cmd", "run the embedded Kafka-compatible broker in the foreground"),
     "detect": ("cli.detect_cmd", "run the detector daemon: score readings from Kafka, publish alerts"),
+    "evaluate": ("cli.evaluate_cmd", "replay labelled recordings through the detection engine and report detection metrics and baselines"),
     "archive": ("cli.archive_cmd", "run the archiver daemon: write readings from Kafka to the Parquet archive"),
     "demo": ("cli.demo_cmd", "run the whole system locally: broker, simulated plant, model, detector, live alerts"),
     "models": ("cli.models_cmd", "list, show, promote, roll back or unpin model versions in the registry"),
