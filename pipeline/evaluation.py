@@ -441,8 +441,8 @@ def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, s
              train: Series | None = None, chunk_rows: int = 5000, nab_window_s: float = NAB_WINDOW_S,
              progress: Progress | None = None) -> Evaluation:
     """LSTM (one run per seed) and baselines on the same files, split and metric code."""
-    if not files:
-        raise EvaluationError("no files to evaluate")
+    if not files or not seeds:
+        raise EvaluationError("no files or no seeds to evaluate")
     t0 = time.monotonic()
     baselines: dict[str, Any] = {}
     predicted: dict[str, dict[str, np.ndarray]] = {}
@@ -464,7 +464,7 @@ def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, s
         eq = {"target_far": target, "cut": cut, **score_predictions(files, eq_preds, nab_window_s)}
         runs.append({"seed": run.seed, "duration_s": run.duration_s, "fits": run.fits, "lstm": lstm,
                      "t2_equal_far": eq})
-    assert first is not None
+    assert first is not None  # seeds is not empty
     predicted["lstm"] = first.predicted
     summary = mean_std([{"lstm": r["lstm"]["pooled"], "t2_equal_far": r["t2_equal_far"]["pooled"],
                          "duration_s": r["duration_s"]} for r in runs])
