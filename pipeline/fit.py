@@ -46,7 +46,7 @@ from pipeline.readings import DecodedBatch
 from pipeline.scoring import ScoredSteps, novelty_design, score_steps, segment_bounds
 from pipeline.settings import Settings
 from pipeline.state import PRIOR_LEVEL, FleetState
-from pipeline.thresholds import TermLevels, combine, ewma
+from pipeline.thresholds import TermLevels, combine, ewma, feature_quantile, level_from_quantile
 
 MIN_SCALE = 1e-6
 NOVELTY_RIDGE = 0.01
@@ -513,7 +513,7 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
     n_held = int((counts - cut).sum())
     if n_held < 10:
         raise FitError(f"need at least 10 held-out steps to calibrate a threshold, got {n_held}")
-    q = 1.0 - (1.0 - t.quantile) / f  # each feature's level, so the largest of F exceeds 1 as rarely as q says
+    q = feature_quantile(t.quantile, f)
     fc_top, nv_top = UpperQuantile(n_held, q, f), UpperQuantile(int(counts.sum()), q, f)
     n_assets = len(counts)
     fc_level, nv_level = np.full((n_assets, f), PRIOR_LEVEL), np.full((n_assets, f), PRIOR_LEVEL)
@@ -535,7 +535,7 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
             rec["fc"], rec["nv"], rec["runs"] = fc[held], nv[held], runs[held]
             out.write(rec.tobytes())
     flat_limit = np.maximum(t.flat_factor * flat_max, max(t.flat_min_steps, settings.grid.carry_forward_steps + 2))
-    levels = TermLevels(np.maximum(fc_top.value() * t.margin, 1e-6), np.maximum(nv_top.value() * t.margin, 1e-6),
+    levels = TermLevels(level_from_quantile(fc_top.value(), t.margin), level_from_quantile(nv_top.value(), t.margin),
                         flat_limit.astype(np.float64))
     normal = Moments(())
     for a in range(0, n_held, READ_STEPS):

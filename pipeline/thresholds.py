@@ -110,19 +110,25 @@ def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.nd
     return CombinedScore(score, contrib, t_fc, t_nv, t_fl)
 
 
-def calibrate_levels(ewma_sq: np.ndarray, quantile: float, margin: float) -> np.ndarray:
-    """Per-feature level of one term from held-out normal steps (k, F).
+def feature_quantile(quantile: float, n_features: int) -> float:
+    """The per-feature quantile ``1 - (1 - q) / F``: the largest of the F terms then
+    exceeds its level about as rarely as quantile q says."""
+    return 1.0 - (1.0 - quantile) / n_features
 
-    Each feature uses quantile ``1 - (1 - q) / F`` so that the largest of the F terms
-    exceeds 1 about as rarely as quantile q says.
-    """
-    f = ewma_sq.shape[1]
+
+def level_from_quantile(per_feature_quantile: np.ndarray, margin: float) -> np.ndarray:
+    """A term's calibrated level: its per-feature quantile on normal data, times the margin."""
+    return np.maximum(per_feature_quantile * margin, 1e-6)
+
+
+def calibrate_levels(ewma_sq: np.ndarray, quantile: float, margin: float) -> np.ndarray:
+    """Per-feature level of one term from normal steps (k, F), all in memory (the streaming
+    fit computes the same quantile piece by piece)."""
     v = np.sqrt(np.maximum(ewma_sq, 0.0))
     ok = np.isfinite(v).all(axis=1)
     if ok.sum() < 10:
         raise ValueError(f"need at least 10 scored held-out steps to calibrate a threshold, got {int(ok.sum())}")
-    q = 1.0 - (1.0 - quantile) / f
-    return np.maximum(np.quantile(v[ok], q, axis=0) * margin, 1e-6)
+    return level_from_quantile(np.quantile(v[ok], feature_quantile(quantile, v.shape[1]), axis=0), margin)
 
 
 def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, errors: np.ndarray,
