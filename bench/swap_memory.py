@@ -57,7 +57,7 @@ def main() -> None:
 
     for k in range(40):
         poll(k)
-    watcher = ModelWatcher(settings, a, engine.model)
+    watcher = ModelWatcher(settings, a)
     pauses, before = [], None
     for i in range(args.swaps):
         target = b if i % 2 == 0 else a

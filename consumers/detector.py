@@ -103,7 +103,7 @@ class Detector:
         if self.follow_registry:
             from consumers.model_watch import ModelWatcher
 
-            self.watcher = ModelWatcher(s, self.engine.bundle, self.engine.model).start()
+            self.watcher = ModelWatcher(s, self.engine.bundle).start()
         code = 0
         try:
             while not self.stop.is_set():

@@ -36,13 +36,12 @@ class PreparedModel:
 class ModelWatcher:
     """Prepares new versions in a background thread; the detector takes them with :meth:`ready`."""
 
-    def __init__(self, settings: Settings, serving: ModelBundle, serving_model: StepFunction) -> None:
+    def __init__(self, settings: Settings, serving: ModelBundle) -> None:
         self.settings = settings
         self.serving_version = serving.version
         self.features = serving.features
         self.log = get_logger("plantwatch.models")
         self._idle: dict[tuple[int, tuple[int, ...]], StepFunction] = {}
-        self._serving_model = serving_model
         self._offer: queue.Queue[PreparedModel] = queue.Queue(maxsize=1)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -72,7 +71,6 @@ class ModelWatcher:
         """The detector now serves ``prepared``; the previous network becomes the idle spare."""
         self.serving_version = prepared.bundle.version
         self._idle[(previous_model.n_features, tuple(previous_model.units))] = previous_model
-        self._serving_model = prepared.model
         self._wake.set()
 
     def _run(self) -> None:

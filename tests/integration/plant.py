@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -56,9 +57,12 @@ def one_anomaly_per_kind(start_ms: int, end_ms: int) -> list[Anomaly]:
     return out
 
 
-def detector_settings(settings_for: Callable[..., Settings], broker: Any, extra: dict[str, str] | None = None
-                      ) -> Settings:
+def detector_settings(settings_for: Callable[..., Settings], broker: Any, extra: dict[str, str] | None = None,
+                      *, scores: bool = False) -> Settings:
+    """This test's settings with its topics created; ``scores`` also turns on ``<readings>.scores``."""
     s = settings_for(broker, {**MODEL_OVERRIDES, **(extra or {})})
+    if scores:
+        s = dataclasses.replace(s, topics=dataclasses.replace(s.topics, scores=f"{s.topics.readings}.scores"))
     ensure_topics(s, standard_topics(s))
     return s
 

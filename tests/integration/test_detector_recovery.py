@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from pipeline.engine import DetectionEngine
+from pipeline.settings import GridSettings
 from pipeline.simulate import PlantSimulator
 from pipeline.tables import frame_to_batch
 
@@ -46,16 +47,10 @@ def _scores(settings: Any, n: int, timeout_s: float) -> list[dict[str, Any]]:
 
 def _reference(fitted: Any, frame: Any) -> tuple[set[tuple[str, int]], list[Any]]:
     """The same readings through the same engine, uninterrupted."""
-    engine = DetectionEngine(fitted.bundle, _grid_settings())
+    engine = DetectionEngine(fitted.bundle, GridSettings())
     out = engine.process(frame_to_batch(frame, PLANT.features, ts_col="ts_ms", asset_col="asset"))
     steps = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.score) if sc == sc}
     return steps, [e for e in out.events if e.state == "open"]
-
-
-def _grid_settings() -> Any:
-    from pipeline.settings import GridSettings
-
-    return GridSettings()
 
 
 def _stream(fitted: Any, settings: Any) -> Any:
@@ -70,8 +65,7 @@ def _stream(fitted: Any, settings: Any) -> Any:
 @pytest.mark.slow
 def test_kill_9_mid_stream_then_restart_scores_every_reading_and_loses_no_alert(
         broker: Any, settings_for: Any, fitted_plant: Any, tmp_path: Path) -> None:
-    settings = detector_settings(settings_for, broker, {})
-    settings = detector_settings(settings_for, broker, {"topics.scores": settings.topics.readings + ".scores"})
+    settings = detector_settings(settings_for, broker, scores=True)
     frame = _stream(fitted_plant, settings)
     expected, ref_alerts = _reference(fitted_plant, frame)
     assert len(ref_alerts) >= 3  # enough alerts to compare across the crash
@@ -101,8 +95,7 @@ def test_kill_9_mid_stream_then_restart_scores_every_reading_and_loses_no_alert(
 @pytest.mark.slow
 def test_sigterm_mid_stream_then_restart_scores_each_step_exactly_once_with_the_same_alerts(
         broker: Any, settings_for: Any, fitted_plant: Any, tmp_path: Path) -> None:
-    settings = detector_settings(settings_for, broker, {})
-    settings = detector_settings(settings_for, broker, {"topics.scores": settings.topics.readings + ".scores"})
+    settings = detector_settings(settings_for, broker, scores=True)
     frame = _stream(fitted_plant, settings)
     expected, ref_alerts = _reference(fitted_plant, frame)
 

@@ -27,9 +27,7 @@ def _variant(bundle: ModelBundle, tag: str, **changes: Any) -> ModelBundle:
 
 def test_new_version_swaps_in_while_readings_flow_and_bad_bundles_are_refused(
         broker: Any, settings_for: Any, fitted_plant: Any, tmp_path: Path) -> None:
-    s0 = detector_settings(settings_for, broker)
-    settings = detector_settings(settings_for, broker, {"topics.scores": s0.topics.readings + ".scores",
-                                                        "detector.registry_poll_s": "0.5"})
+    settings = detector_settings(settings_for, broker, {"detector.registry_poll_s": "0.5"}, scores=True)
     uri = settings.registry.uri
     v1 = fitted_plant.bundle
     registry.publish(uri, v1, keep=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -20,16 +21,15 @@ HISTORY = 3000
 
 
 def test_a_model_retrained_on_the_archive_is_swapped_in_while_readings_flow(
-        broker: Any, settings_for: Any, fitted_plant: Any) -> None:
-    s0 = detector_settings(settings_for, broker)
+        broker: Any, settings_for: Any, fitted_plant: Any, tmp_path: Path) -> None:
     start = fitted_plant.stream_start_ms
     live_start = start + HISTORY * PERIOD_MS
     settings = detector_settings(settings_for, broker, {
-        "topics.scores": s0.topics.readings + ".scores", "detector.registry_poll_s": "0.5",
+        "detector.registry_poll_s": "0.5",
         "archive.flush_seconds": "1", "model.epochs": "3", "trainer.min_rows": "1000",
         "trainer.lookback_hours": str((HISTORY + 100) / 3600), "trainer.holdout_hours": str(300 / 3600),
         # the gate runs against the serving model; this test is about the chain, not its verdict on a 3-epoch model
-        "trainer.gate_margin": "10.0", "trainer.lock_path": s0.registry.uri + ".lock"})
+        "trainer.gate_margin": "10.0", "trainer.lock_path": str(tmp_path / "trainer.lock")}, scores=True)
     v1 = fitted_plant.bundle
     registry.publish(settings.registry.uri, v1, keep=5)
     sim = PlantSimulator(PLANT)
