@@ -36,6 +36,17 @@ class BundleError(ValueError):
     """A bundle is missing, incomplete, corrupted or inconsistent."""
 
 
+def per_asset_rows(index: dict[str, int], assets: np.ndarray,
+                   *tables: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """For each ``(per_asset (A, F), fleet (F,))`` table, one row per asset in ``assets``: the
+    asset's own row where ``index`` knows it, else the fleet row."""
+    n = len(assets)
+    if not index:
+        return tuple(np.broadcast_to(fleet, (n, len(fleet))) for _, fleet in tables)
+    idx = np.fromiter((index.get(a, -1) for a in assets), np.int64, n)
+    return tuple(np.vstack([own, fleet])[idx] for own, fleet in tables)
+
+
 @dataclass
 class Scaler:
     """Feature standardisation, global and optionally per asset (one network serves a fleet)."""
@@ -51,12 +62,7 @@ class Scaler:
 
     def rows_for(self, assets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and scale rows for each asset; unknown assets get the global scaling."""
-        if not self.asset_names:
-            n = len(assets)
-            return np.broadcast_to(self.mean, (n, len(self.mean))), np.broadcast_to(self.scale, (n, len(self.scale)))
-        idx = np.fromiter((self._index.get(a, -1) for a in assets), np.int64, len(assets))
-        mean = np.vstack([self.asset_mean, self.mean])[idx]
-        scale = np.vstack([self.asset_scale, self.scale])[idx]
+        mean, scale = per_asset_rows(self._index, assets, (self.asset_mean, self.mean), (self.asset_scale, self.scale))
         return mean, scale
 
     def transform(self, assets: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -66,6 +72,25 @@ class Scaler:
     def inverse(self, assets: np.ndarray, scaled: np.ndarray) -> np.ndarray:
         mean, scale = self.rows_for(assets)
         return scaled * scale + mean
+
+
+@dataclass
+class AssetLevels:
+    """Score-term levels calibrated on each asset's own history (one network, many assets of
+    different noise); assets not listed use the fleet's levels."""
+
+    names: tuple[str, ...] = ()
+    forecast: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))  # (A, F)
+    novelty: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))   # (A, F)
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def rows_for(self, assets: np.ndarray, forecast: np.ndarray, novelty: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Forecast and novelty level rows (k, F) for each asset, from the fleet levels given where unknown."""
+        fc, nv = per_asset_rows(self._index, assets, (self.forecast, forecast), (self.novelty, novelty))
+        return fc, nv
 
 
 @dataclass(frozen=True)
@@ -114,6 +139,7 @@ class ModelBundle:
     thresholds: ThresholdParams
     weights: list[np.ndarray]
     metadata: dict[str, Any] = field(default_factory=dict)
+    asset_levels: AssetLevels = field(default_factory=AssetLevels)
 
     @property
     def n_features(self) -> int:
@@ -146,6 +172,8 @@ def encode_bundle(bundle: ModelBundle) -> dict[str, bytes]:
             "error_scale": bundle.error_scale, "novelty_coef": bundle.novelty_coef,
             "novelty_scale": bundle.novelty_scale, "flat_limit": bundle.flat_limit,
             "forecast_level": bundle.forecast_level, "novelty_level": bundle.novelty_level,
+            "level_assets": np.array(bundle.asset_levels.names, dtype=np.str_),
+            "asset_forecast_level": bundle.asset_levels.forecast, "asset_novelty_level": bundle.asset_levels.novelty,
         }),
     }
     manifest: dict[str, Any] = {
@@ -200,11 +228,20 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
             forecast_level=scaling["forecast_level"], novelty_level=scaling["novelty_level"],
             thresholds=ThresholdParams(**manifest["thresholds"]), weights=weights,
             metadata=dict(manifest.get("metadata", {})),
+            asset_levels=_asset_levels(scaling),
         )
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise BundleError(f"bundle content is inconsistent: {exc}") from None
     _check_shapes(bundle)
     return bundle
+
+
+def _asset_levels(scaling: dict[str, np.ndarray]) -> AssetLevels:
+    """Per-asset levels, absent from bundles written before they existed (the fleet's then apply)."""
+    if "level_assets" not in scaling:
+        return AssetLevels()
+    return AssetLevels(tuple(str(a) for a in scaling["level_assets"]), scaling["asset_forecast_level"],
+                       scaling["asset_novelty_level"])
 
 
 def _check_shapes(b: ModelBundle) -> None:
@@ -231,6 +268,11 @@ def _check_shapes(b: ModelBundle) -> None:
         raise BundleError("scales must be positive")
     if b.scaler.asset_names and b.scaler.asset_mean.shape != (len(b.scaler.asset_names), f):
         raise BundleError("per-asset scaling does not match the asset list")
+    lv = b.asset_levels
+    if lv.names:
+        for name, arr in (("asset_forecast_level", lv.forecast), ("asset_novelty_level", lv.novelty)):
+            if arr.shape != (len(lv.names), f) or not np.all(np.isfinite(arr)) or arr.min() <= 0:
+                raise BundleError(f"{name} must be positive finite numbers, one row of {f} per listed asset")
 
 
 def save_bundle(bundle: ModelBundle, uri: str) -> None:

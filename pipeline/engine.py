@@ -57,7 +57,6 @@ class DetectionEngine:
         self.model = model or StepFunction(bundle.n_features, bundle.units, bundle.weights)
         if model is None:
             self.model.warm_up()
-        self.levels = TermLevels.of(bundle)
 
     @property
     def model_version(self) -> str:
@@ -94,7 +93,7 @@ class DetectionEngine:
         state.units = tuple(bundle.units)
         state.lstm = [np.zeros((len(state.last_pred), u), np.float32) for u in bundle.units for _ in range(2)]
         state.reset_model_state(rows)
-        self.bundle, self.model, self.levels = bundle, model, TermLevels.of(bundle)
+        self.bundle, self.model = bundle, model
         warm = rows[state.cols["recent_n"][rows] > 0]
         if len(warm):
             values, mask = state.recent_batch(warm)
@@ -127,12 +126,13 @@ class DetectionEngine:
         terms = np.full((n, 3), np.nan)
         events: list[AlertEvent] = []
         rank = rank_within_asset(steps.asset)
+        levels = TermLevels.for_assets(b, steps.asset)
         # Steps of one asset are sequential (EWMA, hysteresis); different assets are vectorised.
         for r in range(int(rank.max()) + 1 if n else 0):
             sel = np.flatnonzero(rank == r)
             rows = scored.rows[sel]
             combined, threshold[sel] = update_thresholds(self.state, rows, steps.values[sel], scored.errors[sel],
-                                                         scored.novelty[sel], self.levels, b.thresholds)
+                                                         scored.novelty[sel], levels.take(sel), b.thresholds)
             smoothed[sel] = combined.score
             terms[sel] = np.stack([combined.forecast, combined.novelty, combined.flat], axis=1)
             events += update_alerts(self.state, rows, steps.asset[sel], steps.step[sel], smoothed[sel],

@@ -18,8 +18,9 @@ reads those files in bounded pieces, so memory does not grow with the history:
    epoch's weights are kept (early stopping). That pass also measures the error scale.
 5. A last pass with the best weights calibrates the score terms as the engine computes
    them: forecast levels on held-out steps, novelty levels on all steps (exact upper
-   quantiles, holding only the values above them), flat-run limits from the training part,
-   and the combined score's normal level from the held-out terms (spilled, then re-read).
+   quantiles, holding only the values above them), for the fleet and for each asset with
+   enough held-out steps; flat-run limits from the training part; and the combined score's
+   normal level from the held-out terms (spilled, then re-read).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bundle import ModelBundle, Scaler, ThresholdParams
+from pipeline.bundle import AssetLevels, ModelBundle, Scaler, ThresholdParams
 from pipeline.grid import FleetGrid, GridConfig, GridCounters, GridSteps
 from pipeline.model import StepFunction, build_training_model, reset_training_state
 from pipeline.readings import DecodedBatch
@@ -54,6 +55,7 @@ READ_STEPS = 65_536       # steps per read in the numpy-only passes
 SCORE_CHUNK = 1_024       # steps per asset per scoring call
 SCORE_ROWS = 131_072      # steps per scoring call (assets × chunk): bounds the LSTM's activations
 SPILL_BUFFER_BYTES = 32 << 20
+ASSET_LEVEL_MIN_HELD = 50  # held-out steps an asset needs for levels of its own (fewer: the fleet's)
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -505,20 +507,25 @@ def _flat_rows(r: _Round, prev: np.ndarray, run: np.ndarray) -> np.ndarray:
 
 
 def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFunction, settings: Settings,
-               flat_max: np.ndarray, spool: Path) -> tuple[ThresholdParams, TermLevels]:
+               flat_max: np.ndarray, spool: Path) -> tuple[ThresholdParams, TermLevels, AssetLevels]:
     """Thresholds of the score terms, the way the engine computes them (per-asset EWMAs
-    from the prior level, flat runs of raw values), without holding the history."""
+    from the prior level, flat runs of raw values), without holding the history: the
+    fleet's levels, and each asset's own where it has ``ASSET_LEVEL_MIN_HELD`` held-out steps."""
     t = settings.threshold
     f, counts = history.n_features, history.counts
-    n_held = int((counts - cut).sum())
+    held_n = counts - cut
+    n_held = int(held_n.sum())
     if n_held < 10:
         raise FitError(f"need at least 10 held-out steps to calibrate a threshold, got {n_held}")
     q = feature_quantile(t.quantile, f)
     fc_top, nv_top = UpperQuantile(n_held, q, f), UpperQuantile(int(counts.sum()), q, f)
+    own = np.flatnonzero(held_n >= ASSET_LEVEL_MIN_HELD) if t.per_asset_levels else np.empty(0, np.int64)
+    own_fc = {a: UpperQuantile(int(held_n[a]), q, f) for a in own.tolist()}
+    own_nv = {a: UpperQuantile(int(counts[a]), q, f) for a in own.tolist()}
     n_assets = len(counts)
     fc_level, nv_level = np.full((n_assets, f), PRIOR_LEVEL), np.full((n_assets, f), PRIOR_LEVEL)
     prev, run = np.full((n_assets, f), np.nan), np.zeros((n_assets, f), np.int64)
-    terms = np.dtype([("fc", "<f8", (f,)), ("nv", "<f8", (f,)), ("runs", "<i8", (f,))])
+    terms = np.dtype([("asset", "<i8"), ("fc", "<f8", (f,)), ("nv", "<f8", (f,)), ("runs", "<i8", (f,))])
     with open(spool, "wb") as out:
         for r in _score_rounds(history, bundle, model, settings):
             fc = _ewma_rows(r, r.scored.errors**2, fc_level, t.smoothing_alpha)
@@ -529,21 +536,35 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
             # steps only; the cross-sectional map has F-1 coefficients per feature, so its slow
             # term is calibrated on the whole history, which holds far more independent
             # excursions of a slow EWMA.
-            fc_top.add(_finite_rows(np.sqrt(np.maximum(fc[held], 0.0))))
-            nv_top.add(_finite_rows(np.sqrt(np.maximum(nv, 0.0))))
+            fc_v, nv_v = np.sqrt(np.maximum(fc, 0.0)), np.sqrt(np.maximum(nv, 0.0))
+            fc_top.add(_finite_rows(fc_v[held]))
+            nv_top.add(_finite_rows(nv_v))
+            asset = r.lanes[r.lane]
+            for i, a in enumerate(r.lanes.tolist()):
+                if a in own_fc:
+                    mine = r.lane == i
+                    own_fc[a].add(_finite_rows(fc_v[mine & held]))
+                    own_nv[a].add(_finite_rows(nv_v[mine]))
             rec = np.empty(int(held.sum()), terms)
-            rec["fc"], rec["nv"], rec["runs"] = fc[held], nv[held], runs[held]
+            rec["asset"], rec["fc"], rec["nv"], rec["runs"] = asset[held], fc[held], nv[held], runs[held]
             out.write(rec.tobytes())
     flat_limit = np.maximum(t.flat_factor * flat_max, max(t.flat_min_steps, settings.grid.carry_forward_steps + 2))
-    levels = TermLevels(level_from_quantile(fc_top.value(), t.margin), level_from_quantile(nv_top.value(), t.margin),
-                        flat_limit.astype(np.float64))
+    levels = TermLevels(level_from_quantile(fc_top.value(), t.margin),
+                        level_from_quantile(nv_top.value(), t.novelty_margin), flat_limit.astype(np.float64))
+    mine = AssetLevels(tuple(history.names[a] for a in own.tolist()),
+                       np.array([level_from_quantile(own_fc[a].value(), t.margin) for a in own.tolist()]).reshape(-1, f),
+                       np.array([level_from_quantile(own_nv[a].value(), t.novelty_margin)
+                                 for a in own.tolist()]).reshape(-1, f))
+    # Each asset's rows of levels (its own or the fleet's), to score the held-out steps as the engine will.
+    fc_rows, nv_rows = mine.rows_for(np.array(history.names, dtype=object), levels.forecast, levels.novelty)
     normal = Moments(())
     for a in range(0, n_held, READ_STEPS):
         rec = np.fromfile(spool, terms, count=min(READ_STEPS, n_held - a), offset=a * terms.itemsize)
-        score = combine(rec["fc"], rec["nv"], rec["runs"], levels).score
+        at = TermLevels(fc_rows[rec["asset"]], nv_rows[rec["asset"]], levels.flat)
+        score = combine(rec["fc"], rec["nv"], rec["runs"], at).score
         normal.add(score[np.isfinite(score)])
     p = ThresholdParams.from_settings(t, normal_mean=float(normal.mean), normal_std=float(normal.std))
-    return p, levels
+    return p, levels, mine
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:
@@ -630,13 +651,13 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     calibration = dataclasses.replace(_provisional(settings, part.scaler, best_weights, warmup),
                                       error_scale=best_check.error_scale, novelty_coef=novelty_coef,
                                       novelty_scale=novelty_scale)
-    thresholds, levels = _calibrate(history, cut, calibration, scorer, settings, part.flat_max,
-                                    workdir / "held-terms")
+    thresholds, levels, asset_levels = _calibrate(history, cut, calibration, scorer, settings, part.flat_max,
+                                                  workdir / "held-terms")
     report.duration_s = time.monotonic() - t0
     meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
                          part.scaler, best_check.error_scale, novelty_coef, novelty_scale, levels.flat,
-                         levels.forecast, levels.novelty, thresholds, best_weights, meta)
+                         levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels)
     return bundle, report
 
 

@@ -14,7 +14,10 @@ The terms, per feature f of a step:
 Each feature's term is divided by its own calibrated level (a high quantile of that term
 on held-out normal data, Bonferroni-adjusted for the number of features, times a
 margin): a feature the others explain well gets a tight level, a wandering one a loose
-level. The combined score — the largest of all — is in units of "calibrated level" and
+level. Levels are calibrated per asset where an asset's history allows it (a fleet mixes
+quiet and noisy machines), else for the whole fleet. The slow novelty term gets a wider
+margin than the fast forecast term: a slow EWMA makes few independent excursions in a
+history, and operation drifts to states the history did not show. The combined score — the largest of all — is in units of "calibrated level" and
 alerts above ``threshold`` (1). The features of the dominating term explain the alert.
 
 **Online adaptation** (in the spirit of telemanom's nonparametric dynamic threshold):
@@ -73,15 +76,29 @@ def _term(ratios: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TermLevels:
-    """Per-feature calibrated levels of the three terms (from the bundle)."""
+    """Per-feature calibrated levels of the three terms (from the bundle): one row for all
+    steps (F,), or one row per step (k, F) where assets have levels of their own."""
 
-    forecast: np.ndarray  # (F,)
-    novelty: np.ndarray   # (F,)
+    forecast: np.ndarray  # (F,) or (k, F)
+    novelty: np.ndarray   # (F,) or (k, F)
     flat: np.ndarray      # (F,) steps unchanged
 
     @classmethod
     def of(cls, bundle: ModelBundle) -> TermLevels:
+        """The fleet's levels."""
         return cls(bundle.forecast_level, bundle.novelty_level, bundle.flat_limit)
+
+    @classmethod
+    def for_assets(cls, bundle: ModelBundle, assets: np.ndarray) -> TermLevels:
+        """One row per step: each asset's own levels where the bundle has them, else the fleet's."""
+        fc, nv = bundle.asset_levels.rows_for(assets, bundle.forecast_level, bundle.novelty_level)
+        return cls(fc, nv, bundle.flat_limit)
+
+    def take(self, idx: np.ndarray) -> TermLevels:
+        """The rows of the steps ``idx`` (levels shared by all steps are returned as they are)."""
+        if self.forecast.ndim == 1:
+            return self
+        return TermLevels(self.forecast[idx], self.novelty[idx], self.flat)
 
 
 @dataclass

@@ -153,10 +153,20 @@ def test_the_bundle_equals_an_in_memory_fit_with_the_same_weights(whole) -> None
     fc_all, nv_all, runs_all, held_all = map(np.concatenate, (fc, nv, runs, held))
     np.testing.assert_allclose(bundle.forecast_level, calibrate_levels(fc_all[held_all], t.quantile, t.margin),
                                rtol=1e-5)  # float32 LSTM: two assets per call there, one here
-    np.testing.assert_allclose(bundle.novelty_level, calibrate_levels(nv_all, t.quantile, t.margin), rtol=1e-9)
+    np.testing.assert_allclose(bundle.novelty_level, calibrate_levels(nv_all, t.quantile, t.novelty_margin),
+                               rtol=1e-9)
     np.testing.assert_array_equal(bundle.flat_limit, np.maximum(t.flat_factor * runs_all[~held_all].max(axis=0), 10))
+    # Every asset here has enough held-out steps for levels of its own, from its own steps only.
+    own = bundle.asset_levels
+    assert set(own.names) == set(per_asset)
+    for i, a in enumerate(per_asset):
+        k = own.names.index(a)
+        np.testing.assert_allclose(own.forecast[k], calibrate_levels(fc[i][held[i]], t.quantile, t.margin), rtol=1e-5)
+        np.testing.assert_allclose(own.novelty[k], calibrate_levels(nv[i], t.quantile, t.novelty_margin), rtol=1e-9)
+    assert not np.allclose(own.forecast[0], own.forecast[1])
+    asset_of = np.concatenate([np.full(len(s), a, dtype=object) for a, s in per_asset.items()])
     score = combine(fc_all[held_all], nv_all[held_all], runs_all[held_all],
-                    TermLevels(bundle.forecast_level, bundle.novelty_level, bundle.flat_limit)).score
+                    TermLevels.for_assets(bundle, asset_of[held_all])).score
     assert bundle.thresholds.normal_mean == pytest.approx(np.mean(score), rel=1e-5)
     assert bundle.thresholds.normal_std == pytest.approx(np.std(score), rel=1e-5)
 

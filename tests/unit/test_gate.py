@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.bundle import ModelBundle
+from pipeline.bundle import AssetLevels, ModelBundle
 from pipeline.readings import DecodedBatch
 from pipeline.tables import frame_to_batch
 from tests.unit.conftest import FEATURES, sine_frame, tiny_settings
@@ -121,8 +121,10 @@ def test_a_worse_forecaster_is_refused(tiny_bundle: ModelBundle) -> None:
 
 
 def test_a_model_alerting_on_normal_data_is_refused(tiny_bundle: ModelBundle) -> None:
+    own = tiny_bundle.asset_levels
     jumpy = variant(tiny_bundle, "jumpy", forecast_level=tiny_bundle.forecast_level * 0.05,
-                    novelty_level=tiny_bundle.novelty_level * 0.05)
+                    novelty_level=tiny_bundle.novelty_level * 0.05,
+                    asset_levels=AssetLevels(own.names, own.forecast * 0.05, own.novelty * 0.05))
     champion, challenger = compare(tiny_bundle, jumpy, holdout_batches(), tiny_settings().grid)
     assert challenger.forecast_error == pytest.approx(champion.forecast_error, rel=1e-9)
     assert challenger.alert_fraction > champion.alert_fraction + 10 * ALERT_SLACK
