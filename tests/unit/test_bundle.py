@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipeline.bundle import MANIFEST, SCALING, WEIGHTS, BundleError, load_bundle, save_bundle
+from pipeline.bundle import (
+    MANIFEST,
+    SCALING,
+    WEIGHTS,
+    AssetLevels,
+    BundleError,
+    _manifest_checksum,
+    decode_bundle,
+    encode_bundle,
+    load_bundle,
+    save_bundle,
+)
 
 from .conftest import FEATURES
 
@@ -23,6 +37,59 @@ def test_round_trip_preserves_everything(tiny_bundle, tmp_path: Path) -> None:  
     np.testing.assert_array_equal(loaded.scaler.asset_mean, tiny_bundle.scaler.asset_mean)
     assert loaded.scaler.asset_names == ("p1", "p2")
     assert loaded.metadata["epochs"] >= 1 and "versions" in loaded.metadata
+    assert loaded.asset_levels.names == tiny_bundle.asset_levels.names == ("p1", "p2")
+    np.testing.assert_array_equal(loaded.asset_levels.forecast, tiny_bundle.asset_levels.forecast)
+    np.testing.assert_array_equal(loaded.asset_levels.novelty, tiny_bundle.asset_levels.novelty)
+
+
+def _resealed(files: dict[str, bytes], name: str, data: bytes) -> dict[str, bytes]:
+    """The bundle's files with one file replaced and the manifest's checksums made consistent again."""
+    manifest = json.loads(files[MANIFEST])
+    manifest["files"][name] = hashlib.sha256(data).hexdigest()
+    manifest["checksum"] = _manifest_checksum(manifest)
+    return {**files, name: data, MANIFEST: json.dumps(manifest).encode()}
+
+
+def _rewrite_scaling(files: dict[str, bytes], change) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
+    """The bundle's files with scaling.npz edited by ``change`` (arrays in, arrays out)."""
+    with np.load(io.BytesIO(files[SCALING]), allow_pickle=False) as z:
+        arrays = change({k: z[k] for k in z.files})
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return _resealed(files, SCALING, buf.getvalue())
+
+
+def test_a_bundle_without_per_asset_levels_loads_with_the_fleet_levels(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    legacy = {"level_assets", "asset_forecast_level", "asset_novelty_level"}
+    files = _rewrite_scaling(encode_bundle(tiny_bundle), lambda a: {k: v for k, v in a.items() if k not in legacy})
+    loaded = decode_bundle(files)
+    assert loaded.asset_levels.names == ()
+    fc, nv = loaded.asset_levels.rows_for(np.array(["p1", "p9"], dtype=object), loaded.forecast_level,
+                                          loaded.novelty_level)
+    np.testing.assert_array_equal(fc, [tiny_bundle.forecast_level] * 2)
+    np.testing.assert_array_equal(nv, [tiny_bundle.novelty_level] * 2)
+
+
+@pytest.mark.parametrize("bad", ["wrong_rows", "zero", "nan"])
+def test_inconsistent_per_asset_levels_are_refused(tiny_bundle, bad: str) -> None:  # type: ignore[no-untyped-def]
+    def change(a):  # type: ignore[no-untyped-def]
+        lv = a["asset_novelty_level"].copy()
+        if bad == "wrong_rows":
+            lv = lv[:1]
+        else:
+            lv[0, 0] = 0.0 if bad == "zero" else np.nan
+        return {**a, "asset_novelty_level": lv}
+
+    with pytest.raises(BundleError, match="asset_novelty_level"):
+        decode_bundle(_rewrite_scaling(encode_bundle(tiny_bundle), change))
+
+
+def test_unknown_assets_get_the_fleet_levels_and_known_ones_their_own(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    own = AssetLevels(("p1",), np.full((1, len(FEATURES)), 7.0), np.full((1, len(FEATURES)), 9.0))
+    b = dataclasses.replace(tiny_bundle, asset_levels=own)
+    fc, nv = b.asset_levels.rows_for(np.array(["p2", "p1", "new"], dtype=object), b.forecast_level, b.novelty_level)
+    np.testing.assert_array_equal(fc, [b.forecast_level, np.full(len(FEATURES), 7.0), b.forecast_level])
+    np.testing.assert_array_equal(nv, [b.novelty_level, np.full(len(FEATURES), 9.0), b.novelty_level])
 
 
 def test_works_on_a_pyarrow_filesystem_uri(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
@@ -66,22 +133,10 @@ def test_weights_inconsistent_with_the_manifest_are_refused(tiny_bundle, tmp_pat
         load_bundle(str(tmp_path / "b"))
 
 
-def test_pickled_arrays_are_never_loaded(tiny_bundle, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pickled_arrays_are_never_loaded(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
     """An object array in the weights (a pickle payload) fails instead of executing."""
-    import hashlib
-    import io
-
-    d = tmp_path / "b"
-    save_bundle(tiny_bundle, str(d))
     buf = io.BytesIO()
     np.savez(buf, **{f"w{i:03d}": w for i, w in enumerate(tiny_bundle.weights[:-1])},
              **{f"w{len(tiny_bundle.weights) - 1:03d}": np.array([object()], dtype=object)})
-    (d / WEIGHTS).write_bytes(buf.getvalue())
-    m = json.loads((d / MANIFEST).read_text())
-    m["files"][WEIGHTS] = hashlib.sha256(buf.getvalue()).hexdigest()
-    from pipeline.bundle import _manifest_checksum
-
-    m["checksum"] = _manifest_checksum(m)
-    (d / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(BundleError):
-        load_bundle(str(d))
+        decode_bundle(_resealed(encode_bundle(tiny_bundle), WEIGHTS, buf.getvalue()))

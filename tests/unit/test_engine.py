@@ -77,3 +77,28 @@ def test_a_model_for_other_features_or_period_cannot_take_over(tiny_bundle) -> N
     with pytest.raises(SwapError):
         engine.swap(slower, engine.model)
     assert engine.model_version == tiny_bundle.version
+
+
+def test_each_asset_is_judged_against_its_own_levels(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Lowering one asset's levels raises only that asset's alert score, by the same factor."""
+    from pipeline.bundle import AssetLevels
+
+    frame = sine_frame(300, assets=("p1", "p2"), seed=5)
+    own = tiny_bundle.asset_levels
+    i = own.names.index("p1")
+    fc, nv = own.forecast.copy(), own.novelty.copy()
+    fc[i] /= 4
+    nv[i] /= 4
+    tight = dataclasses.replace(tiny_bundle, asset_levels=AssetLevels(own.names, fc, nv))
+    outs = {}
+    for name, b in (("base", tiny_bundle), ("tight", tight)):
+        e = DetectionEngine(b, GridSettings())
+        o = [e.process(_batch(frame)), e.flush()]
+        outs[name] = {(a, int(s)): (v, t) for x in o for a, s, v, t in zip(x.asset, x.step, x.smoothed, x.terms)}
+    keys = [k for k in outs["base"] if np.isfinite(outs["base"][k][0])]
+    p1 = [k for k in keys if k[0] == "p1"]
+    p2 = [k for k in keys if k[0] == "p2"]
+    assert p1 and p2
+    np.testing.assert_allclose([outs["tight"][k][1][:2] for k in p1], [4 * outs["base"][k][1][:2] for k in p1],
+                               rtol=1e-6)
+    np.testing.assert_array_equal([outs["tight"][k][0] for k in p2], [outs["base"][k][0] for k in p2])
