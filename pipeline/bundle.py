@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,12 +114,13 @@ class ThresholdParams:
     close_ratio: float
     update_every: int
     top_features: int
+    novelty_cap: float = math.inf  # bundles written before the cap existed ran without one
 
     @classmethod
     def from_settings(cls, s: ThresholdSettings, *, normal_mean: float, normal_std: float) -> ThresholdParams:
         return cls(1.0, normal_mean, normal_std, s.smoothing_alpha, s.novelty_alpha,
                    s.adapt_alpha, s.adapt_z, s.open_after, s.close_after, s.close_ratio, s.update_every,
-                   s.top_features)
+                   s.top_features, s.novelty_cap)
 
 
 @dataclass

@@ -7,7 +7,10 @@ The terms, per feature f of a step:
   ``smoothing_alpha``): spikes, noise bursts, abrupt breaks in the dynamics.
 * **novelty** — EWMA of the squared cross-sectional residual ``r_f²`` (how far feature f
   is from what the other features say it should be; slow, ``novelty_alpha``): drifts,
-  level shifts and broken correlations that a next-step forecaster adapts to.
+  level shifts and broken correlations that a next-step forecaster adapts to. Each ``r_f²``
+  is capped at ``(novelty_cap × level_f)²``, so a long fault does not fill the slow EWMA
+  with evidence that keeps the alert open long after the fault ends. Calibration does not
+  cap: normal values come nowhere near the cap.
 * **flatline** — how long the raw value has not changed, against the longest unchanged
   run seen in training: stuck sensors.
 
@@ -159,7 +162,8 @@ def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, e
     """
     v, cols = state.vectors, state.cols
     v["forecast_ewma"][rows] = fc = ewma(v["forecast_ewma"][rows], errors**2, p.smoothing_alpha)
-    v["novelty_ewma"][rows] = nv = ewma(v["novelty_ewma"][rows], novelty**2, p.novelty_alpha)
+    capped = np.minimum(novelty**2, (p.novelty_cap * levels.novelty) ** 2)  # NaN stays NaN
+    v["novelty_ewma"][rows] = nv = ewma(v["novelty_ewma"][rows], capped, p.novelty_alpha)
     same = values == v["prev_value"][rows]
     v["flat_run"][rows] = runs = np.where(same, v["flat_run"][rows] + 1, 0)
     v["prev_value"][rows] = values

@@ -140,3 +140,13 @@ def test_pickled_arrays_are_never_loaded(tiny_bundle) -> None:  # type: ignore[n
              **{f"w{len(tiny_bundle.weights) - 1:03d}": np.array([object()], dtype=object)})
     with pytest.raises(BundleError):
         decode_bundle(_resealed(encode_bundle(tiny_bundle), WEIGHTS, buf.getvalue()))
+
+
+def test_a_bundle_written_before_the_novelty_cap_runs_uncapped(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    files = encode_bundle(tiny_bundle)
+    manifest = json.loads(files[MANIFEST])
+    del manifest["thresholds"]["novelty_cap"]
+    manifest["checksum"] = _manifest_checksum(manifest)
+    loaded = decode_bundle({**files, MANIFEST: json.dumps(manifest).encode()})
+    assert loaded.thresholds.novelty_cap == float("inf")
+    assert tiny_bundle.thresholds.novelty_cap == 3.0

@@ -84,6 +84,8 @@ def test_each_asset_is_judged_against_its_own_levels(tiny_bundle) -> None:  # ty
     from pipeline.bundle import AssetLevels
 
     frame = sine_frame(300, assets=("p1", "p2"), seed=5)
+    uncapped = dataclasses.replace(tiny_bundle.thresholds, novelty_cap=float("inf"))  # the cap scales with the level
+    tiny_bundle = dataclasses.replace(tiny_bundle, thresholds=uncapped)
     own = tiny_bundle.asset_levels
     i = own.names.index("p1")
     fc, nv = own.forecast.copy(), own.novelty.copy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline.alerts import alert_id, update_alerts
 from pipeline.bundle import ThresholdParams
@@ -108,3 +109,27 @@ def test_adaptation_pauses_while_above_the_threshold() -> None:
     p = params(adapt_alpha=0.2, adapt_z=3.0)
     thr = _adapt([0.2] * 50 + [3.0] * 100, p)
     assert thr[-1] == thr[51]  # a long fault is not learned as normal
+
+
+def _novelty_scores(p: ThresholdParams, residual: np.ndarray) -> np.ndarray:
+    """The combined score of one asset whose only evidence is feature y's cross-sectional residual."""
+    state, rows = new_state()
+    out = []
+    for r in residual:
+        c, _ = update_thresholds(state, rows, np.full((1, 2), float(len(out))), np.zeros((1, 2)),
+                                 np.array([[0.0, r]]), LEVELS, p)
+        out.append(c.score[0])
+    return np.array(out)
+
+
+def test_a_capped_novelty_term_falls_back_soon_after_a_long_fault_ends() -> None:
+    """y's level is 4: a 200-step residual of 40 (10× the level) then normal again."""
+    residual = np.r_[np.zeros(20), np.full(200, 40.0), np.zeros(200)]
+    slow = dict(novelty_alpha=0.05)
+    capped = _novelty_scores(params(**slow, novelty_cap=3.0), residual)
+    uncapped = _novelty_scores(params(**slow, novelty_cap=float("inf")), residual)
+    assert capped[219] == pytest.approx(3.0, rel=1e-3) and uncapped[219] == pytest.approx(10.0, rel=1e-3)
+    # Normal steps after the fault until the score is back under the alert level (1):
+    back = lambda s: int(np.argmax(s[220:] < 1.0)) + 1  # noqa: E731
+    assert back(capped) < 0.5 * back(uncapped)
+    assert back(capped) == int(np.ceil(np.log(1 / 9) / np.log(0.95)))  # EWMA of r² decays from 3² to under 1
