@@ -4,7 +4,7 @@ Files::
 
     manifest.json   features, grid period, window length, layer sizes, threshold parameters,
                     training metadata, the sha256 of every other file, and its own checksum
-    weights.npz     the network weights as plain arrays
+    weights.npz     the network weights as plain arrays, and per-asset output layers
     scaling.npz     global and per-asset feature scaling, per-feature error scales
 
 Loading reads JSON and ``np.load(allow_pickle=False)`` only, and rebuilds the network from
@@ -94,6 +94,24 @@ class AssetLevels:
         return fc, nv
 
 
+@dataclass
+class AssetHeads:
+    """Output layers refitted per asset on the shared network's last LSTM outputs: one
+    network learns the fleet's dynamics, each asset keeps how its own signals move.
+    Assets not listed use the network's own output layer."""
+
+    names: tuple[str, ...] = ()
+    kernel: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0)))  # (A, U, F)
+    bias: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))       # (A, F)
+
+    def __post_init__(self) -> None:
+        self._index = {name: i for i, name in enumerate(self.names)}
+
+    def rows(self, assets: np.ndarray) -> np.ndarray:
+        """Index of each asset's head, -1 where it has none."""
+        return np.fromiter((self._index.get(a, -1) for a in assets), np.int64, len(assets))
+
+
 @dataclass(frozen=True)
 class ThresholdParams:
     """Threshold behaviour frozen into the bundle: settings plus what calibration learned.
@@ -142,6 +160,7 @@ class ModelBundle:
     weights: list[np.ndarray]
     metadata: dict[str, Any] = field(default_factory=dict)
     asset_levels: AssetLevels = field(default_factory=AssetLevels)
+    heads: AssetHeads = field(default_factory=AssetHeads)
 
     @property
     def n_features(self) -> int:
@@ -166,7 +185,9 @@ def _manifest_checksum(manifest: dict[str, Any]) -> str:
 def encode_bundle(bundle: ModelBundle) -> dict[str, bytes]:
     """The bundle's files as bytes (manifest last, since it holds the others' checksums)."""
     files = {
-        WEIGHTS: _npz_bytes({f"w{i:03d}": w for i, w in enumerate(bundle.weights)}),
+        WEIGHTS: _npz_bytes({**{f"w{i:03d}": w for i, w in enumerate(bundle.weights)},
+                             "head_assets": np.array(bundle.heads.names, dtype=np.str_),
+                             "head_kernel": bundle.heads.kernel, "head_bias": bundle.heads.bias}),
         SCALING: _npz_bytes({
             "mean": bundle.scaler.mean, "scale": bundle.scaler.scale,
             "asset_names": np.array(bundle.scaler.asset_names, dtype=np.str_),
@@ -216,6 +237,8 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
     try:
         with np.load(io.BytesIO(files[WEIGHTS]), allow_pickle=False) as z:
             weights = [z[f"w{i:03d}"] for i in range(int(manifest["n_weights"]))]
+            heads = (AssetHeads(tuple(str(a) for a in z["head_assets"]), z["head_kernel"], z["head_bias"])
+                     if "head_assets" in z.files else AssetHeads())  # bundles written before heads existed
         with np.load(io.BytesIO(files[SCALING]), allow_pickle=False) as z:
             scaling = {k: z[k] for k in z.files}
         features = tuple(manifest["features"])
@@ -230,7 +253,7 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
             forecast_level=scaling["forecast_level"], novelty_level=scaling["novelty_level"],
             thresholds=ThresholdParams(**manifest["thresholds"]), weights=weights,
             metadata=dict(manifest.get("metadata", {})),
-            asset_levels=_asset_levels(scaling),
+            asset_levels=_asset_levels(scaling), heads=heads,
         )
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise BundleError(f"bundle content is inconsistent: {exc}") from None
@@ -270,6 +293,10 @@ def _check_shapes(b: ModelBundle) -> None:
         raise BundleError("scales must be positive")
     if b.scaler.asset_names and b.scaler.asset_mean.shape != (len(b.scaler.asset_names), f):
         raise BundleError("per-asset scaling does not match the asset list")
+    hd = b.heads
+    if hd.names and (hd.kernel.shape != (len(hd.names), b.units[-1], f) or hd.bias.shape != (len(hd.names), f)
+                     or not (np.all(np.isfinite(hd.kernel)) and np.all(np.isfinite(hd.bias)))):
+        raise BundleError(f"per-asset heads must be finite, {b.units[-1]}x{f} plus {f} per listed asset")
     lv = b.asset_levels
     if lv.names:
         for name, arr in (("asset_forecast_level", lv.forecast), ("asset_novelty_level", lv.novelty)):

@@ -17,7 +17,7 @@ from pipeline.bundle import ModelBundle
 from pipeline.grid import GridConfig, GridCounters, GridResult, GridSteps
 from pipeline.model import StepFunction
 from pipeline.readings import DecodedBatch
-from pipeline.scoring import rank_within_asset, score_steps
+from pipeline.scoring import predicted_change, rank_within_asset, score_steps
 from pipeline.settings import GridSettings
 from pipeline.state import PRIOR_LEVEL, FleetState
 from pipeline.thresholds import TermLevels, update_thresholds
@@ -100,7 +100,8 @@ class DetectionEngine:
             names = np.array([state.names[r] for r in warm], dtype=object)
             flat = bundle.scaler.transform(np.repeat(names, values.shape[1]), values.reshape(-1, bundle.n_features))
             x = flat.reshape(values.shape).astype(np.float32)
-            y, final = model(x, mask, model.zero_states(len(warm)))
+            y, top, final = model(x, mask, model.zero_states(len(warm)))
+            y = predicted_change(bundle, names, y, top)
             last = mask.sum(axis=1) - 1
             for a, fin in zip(state.lstm, final):
                 a[warm] = fin

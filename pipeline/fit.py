@@ -16,7 +16,10 @@ reads those files in bounded pieces, so memory does not grow with the history:
 4. Each epoch scores the whole history through the production scoring path, chunk by
    chunk with every asset's state carried, and is judged on the held-out tail; the best
    epoch's weights are kept (early stopping). That pass also measures the error scale.
-5. A last pass with the best weights calibrates the score terms as the engine computes
+5. With the best weights, each asset with enough training steps gets its own output layer,
+   fitted in closed form on the network's last LSTM outputs (one pass), and the error
+   scale is measured again with those layers (another pass).
+6. A last pass with the best weights calibrates the score terms as the engine computes
    them: forecast levels on held-out steps, novelty levels on all steps (exact upper
    quantiles, holding only the values above them), for the fleet and for each asset with
    enough held-out steps; flat-run limits from the training part; and the combined score's
@@ -40,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bundle import AssetLevels, ModelBundle, Scaler, ThresholdParams
+from pipeline.bundle import AssetHeads, AssetLevels, ModelBundle, Scaler, ThresholdParams
 from pipeline.grid import FleetGrid, GridConfig, GridCounters, GridSteps
 from pipeline.model import StepFunction, build_training_model, reset_training_state
 from pipeline.readings import DecodedBatch
@@ -56,6 +59,7 @@ SCORE_CHUNK = 1_024       # steps per asset per scoring call
 SCORE_ROWS = 131_072      # steps per scoring call (assets × chunk): bounds the LSTM's activations
 SPILL_BUFFER_BYTES = 32 << 20
 ASSET_LEVEL_MIN_HELD = 50  # held-out steps an asset needs for levels of its own (fewer: the fleet's)
+HEAD_MIN_PER_UNIT = 4      # training steps per head parameter an asset needs for an output layer of its own
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -470,6 +474,47 @@ def _check(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFu
     return _Check(held_sum / held_n if held_n else None, sq_sum, scored_n)
 
 
+def _fit_heads(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFunction,
+               settings: Settings) -> AssetHeads:
+    """Each asset's own output layer: ridge regression of its next-step change on the shared
+    network's last LSTM output, over its scored training steps (held-out steps stay unseen).
+    Assets with fewer than ``HEAD_MIN_PER_UNIT × (units + 1)`` such steps keep the network's."""
+    u, f = bundle.units[-1], history.n_features
+    need = HEAD_MIN_PER_UNIT * (u + 1)
+    gram: dict[int, np.ndarray] = {}
+    cross: dict[int, np.ndarray] = {}
+    count: dict[int, int] = {}
+    last: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # each asset's last (top, scaled) of the previous call
+    for r in _score_rounds(history, bundle, model, settings):
+        scaled = bundle.scaler.transform(r.steps.asset, r.steps.values)
+        top = r.scored.top.astype(np.float64)
+        scored = np.isfinite(r.scored.errors).all(axis=1)
+        ends = np.cumsum(r.sizes)
+        for a, lo, hi in zip(r.lanes.tolist(), (ends - r.sizes).tolist(), ends.tolist()):
+            if cut[a] < need:
+                continue
+            # Pairs (t, t+1), t+1 scored (so t's state is warm) and in the training part; the
+            # first step of this call pairs with the asset's last step of the previous one.
+            x_prev = np.vstack([last[a][0][None], top[lo:hi - 1]]) if a in last else top[lo:hi - 1]
+            s_prev = np.vstack([last[a][1][None], scaled[lo:hi - 1]]) if a in last else scaled[lo:hi - 1]
+            first = lo if a in last else lo + 1
+            ok = scored[first:hi] & (r.offset[first:hi] < cut[a])
+            last[a] = (top[hi - 1], scaled[hi - 1])
+            if not ok.any():
+                continue
+            design = np.hstack([x_prev[ok], np.ones((int(ok.sum()), 1))])
+            target = scaled[first:hi][ok] - s_prev[ok]
+            gram[a] = gram.get(a, 0.0) + design.T @ design
+            cross[a] = cross.get(a, 0.0) + design.T @ target
+            count[a] = count.get(a, 0) + int(ok.sum())
+    fitted = sorted(a for a, n in count.items() if n >= need)
+    weights = [np.linalg.solve(gram[a] + settings.model.head_ridge * count[a] * np.eye(u + 1), cross[a])
+               for a in fitted]
+    return AssetHeads(tuple(history.names[a] for a in fitted),
+                      np.array([w[:u] for w in weights]).reshape(-1, u, f),
+                      np.array([w[u] for w in weights]).reshape(-1, f))
+
+
 def _provisional(settings: Settings, scaler: Scaler, weights: list[np.ndarray], warmup: int) -> ModelBundle:
     """A bundle with unit scales, to read raw scaled errors off the production path."""
     f = len(settings.model.features)
@@ -648,16 +693,23 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
         raise FitError(f"no step lies {warmup} steps past a reset: nothing could be scored")
 
     novelty_coef, novelty_scale = _novelty_map(history, cut, mean, scale)
-    calibration = dataclasses.replace(_provisional(settings, part.scaler, best_weights, warmup),
-                                      error_scale=best_check.error_scale, novelty_coef=novelty_coef,
-                                      novelty_scale=novelty_scale)
+    provisional = _provisional(settings, part.scaler, best_weights, warmup)
+    error_scale = best_check.error_scale
+    heads = AssetHeads()
+    if m.per_asset_heads:
+        heads = _fit_heads(history, cut, provisional, scorer, settings)
+        if heads.names:  # errors are measured with the heads the engine will use
+            error_scale = _check(history, cut, dataclasses.replace(provisional, heads=heads), scorer,
+                                 settings).error_scale
+    calibration = dataclasses.replace(provisional, error_scale=error_scale, novelty_coef=novelty_coef,
+                                      novelty_scale=novelty_scale, heads=heads)
     thresholds, levels, asset_levels = _calibrate(history, cut, calibration, scorer, settings, part.flat_max,
                                                   workdir / "held-terms")
     report.duration_s = time.monotonic() - t0
     meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
-                         part.scaler, best_check.error_scale, novelty_coef, novelty_scale, levels.flat,
-                         levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels)
+                         part.scaler, error_scale, novelty_coef, novelty_scale, levels.flat,
+                         levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels, heads)
     return bundle, report
 
 

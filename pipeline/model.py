@@ -69,7 +69,8 @@ def reset_training_state(model: keras.Model) -> None:
 
 
 def build_inference_model(n_features: int, units: Sequence[int]) -> keras.Model:
-    """Stateless twin of the training model: ``[x, mask, h0, c0, h1, c1, …] -> [y, h0', c0', …]``."""
+    """Stateless twin of the training model: ``[x, mask, h0, c0, h1, c1, …] -> [y, top, h0', c0', …]``
+    where ``top`` is the last LSTM layer's output sequence (what per-asset heads read)."""
     x = keras.Input((None, n_features), name="x")
     mask = keras.Input((None,), dtype="bool", name="mask")
     states_in, states_out = [], []
@@ -81,7 +82,7 @@ def build_inference_model(n_features: int, units: Sequence[int]) -> keras.Model:
             h, mask=mask, initial_state=[hi, ci])
         states_out += [ho, co]
     y = keras.layers.Dense(n_features, name="head")(h)
-    return keras.Model([x, mask, *states_in], [y, *states_out])
+    return keras.Model([x, mask, *states_in], [y, h, *states_out])
 
 
 class StepFunction:
@@ -103,10 +104,12 @@ class StepFunction:
     def _call(self, x: tf.Tensor, mask: tf.Tensor, *states: tf.Tensor) -> list[tf.Tensor]:
         return self.model([x, mask, *states], training=False)
 
-    def __call__(self, x: np.ndarray, mask: np.ndarray, states: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def __call__(self, x: np.ndarray, mask: np.ndarray, states: Sequence[np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(predicted change per step, last layer's output per step, final states)."""
         out = self._fn(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(mask, tf.bool),
                        *[tf.convert_to_tensor(s, tf.float32) for s in states])
-        return out[0].numpy(), [s.numpy() for s in out[1:]]
+        return out[0].numpy(), out[1].numpy(), [s.numpy() for s in out[2:]]
 
     def zero_states(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, u), np.float32) for u in self.units for _ in range(2)]

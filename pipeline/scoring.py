@@ -38,6 +38,7 @@ class ScoredSteps:
     score: np.ndarray    # float64 (n,) RMS of the forecast errors, NaN when not scored (warm-up)
     errors: np.ndarray   # float64 (n, F) normalised per-feature forecast errors, NaN when not scored
     novelty: np.ndarray  # float64 (n, F) normalised cross-sectional residuals (no warm-up needed)
+    top: np.ndarray      # float32 (n, U) the last LSTM layer's output at each step
 
     def __len__(self) -> int:
         return len(self.step)
@@ -64,7 +65,8 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     n, f = len(steps), bundle.n_features
     rows = state.rows(steps.asset)
     if n == 0:
-        return ScoredSteps(steps.asset, steps.step, rows, np.empty(0), np.empty((0, f)), np.empty((0, f)))
+        return ScoredSteps(steps.asset, steps.step, rows, np.empty(0), np.empty((0, f)), np.empty((0, f)),
+                           np.empty((0, bundle.units[-1]), np.float32))
     scaled = bundle.scaler.transform(steps.asset, steps.values).astype(np.float32)
 
     starts = segment_bounds(steps.asset, steps.reset)
@@ -80,9 +82,9 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     x[seg_of, pos] = scaled
     mask[seg_of, pos] = True
     init = [np.where(seg_reset[:, None], 0.0, a[seg_rows]).astype(np.float32) for a in state.lstm]
-    y, final = model(x, mask, init)
+    y, top, final = model(x, mask, init)
     # The network predicts the change to the next step: prediction = current value + change.
-    y = y + x
+    y = predicted_change(bundle, steps.asset[starts], y, top) + x
 
     # The prediction for a step was made one step earlier: inside the segment, or carried
     # from the previous poll for a segment's first step.
@@ -111,7 +113,22 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     state.cols["last_step"][r] = steps.step[starts[last_seg] + lengths[last_seg] - 1]
     state.remember(rows, steps.values.astype(np.float32), steps.pos, steps.reset, rank_within_asset(steps.asset))
     novelty = cross_sectional_residuals(bundle, scaled)
-    return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64), novelty)
+    return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64), novelty,
+                       top[seg_of, pos])
+
+
+def predicted_change(bundle: ModelBundle, assets: np.ndarray, y: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """The change each sequence's asset is predicted to make next, (B, T, F): from its own
+    output layer where the bundle has one (``top`` is the last LSTM layer's output, (B, T, U)),
+    else the network's."""
+    idx = bundle.heads.rows(assets)
+    own = idx >= 0
+    if not own.any():
+        return y
+    y = y.copy()
+    y[own] = (np.einsum("btu,buf->btf", top[own], bundle.heads.kernel[idx[own]])
+              + bundle.heads.bias[idx[own]][:, None, :]).astype(y.dtype)
+    return y
 
 
 def novelty_design(scaled: np.ndarray) -> np.ndarray:

@@ -154,6 +154,8 @@ class ModelSettings:
     learning_rate: float = _f(2e-3, "Adam learning rate")
     validation_fraction: float = _f(0.2, "time-ordered tail of each asset's history held out for early stopping and calibration")
     per_asset_scaling: bool = _f(True, "learn feature scaling per asset from its own history (one network serves a fleet)")
+    per_asset_heads: bool = _f(True, "refit the network's output layer per asset on its own training steps (closed-form ridge): the fleet's dynamics, each asset's own response")
+    head_ridge: float = _f(3e-4, "ridge penalty of the per-asset output layers, per training step")
     seed: int = _f(0, "random seed for weight initialisation and batching")
 
     def __post_init__(self) -> None:
@@ -168,6 +170,7 @@ class ModelSettings:
         _check("model.streams", self.streams >= 1, "must be >= 1")
         _check("model.learning_rate", self.learning_rate > 0, "must be > 0")
         _check("model.validation_fraction", 0 < self.validation_fraction < 1, "must be in (0, 1)")
+        _check("model.head_ridge", self.head_ridge > 0, "must be > 0")
 
 
 @dataclass(frozen=True)

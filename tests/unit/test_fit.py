@@ -3,6 +3,7 @@ the same bundle as fitting the concatenation, and calibration equal to the in-me
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import given, settings as hyp_settings, strategies as st
 
 from pipeline import fit
-from pipeline.bundle import ModelBundle
+from pipeline.bundle import AssetHeads, ModelBundle
 from pipeline.fit import (
     FitError,
     FitReport,
@@ -180,6 +181,11 @@ def test_the_error_scale_is_the_rms_of_the_best_epochs_errors(whole) -> None:  #
     scored = errors[np.isfinite(errors).all(axis=1)]
     assert len(scored) == 1100 - 2 * SETTINGS.model.timesteps  # warm-up after each asset's first step
     np.testing.assert_allclose(np.sqrt(np.mean(scored**2, axis=0)), 1.0, rtol=1e-5)
+    # Early stopping judged the network's own output layer, before the per-asset ones were fitted.
+    assert bundle.heads.names == ("p1", "p2")
+    shared = dataclasses.replace(bundle, heads=AssetHeads())
+    state = FleetState(GridConfig.from_settings(SETTINGS.grid, len(FEATURES)), bundle.units, len(FEATURES))
+    errors = np.concatenate([score_steps(state, model, shared, s).errors for s in per_asset.values()])
     held = np.concatenate([errors[480:600], errors[600 + 400:]])
     held = held[np.isfinite(held).all(axis=1)] * bundle.error_scale
     assert bundle.metadata["validation_error"] == pytest.approx(np.mean(held**2), abs=1e-6)

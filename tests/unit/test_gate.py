@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.bundle import AssetLevels, ModelBundle
+from pipeline.bundle import AssetHeads, AssetLevels, ModelBundle
 from pipeline.readings import DecodedBatch
 from pipeline.tables import frame_to_batch
 from tests.unit.conftest import FEATURES, sine_frame, tiny_settings
@@ -81,11 +81,12 @@ def variant(bundle: ModelBundle, version: str, **changes: object) -> ModelBundle
 
 
 def with_head(bundle: ModelBundle, version: str, kernel: float, bias: float) -> ModelBundle:
-    """The same network with its output layer replaced: kernel and bias filled with constants."""
+    """The same network with its output layer replaced (kernel and bias filled with constants)
+    and no per-asset output layers, so every asset uses it."""
     weights = [w.copy() for w in bundle.weights]
     weights[-2][:] = kernel
     weights[-1][:] = bias
-    return variant(bundle, version, weights=weights)
+    return variant(bundle, version, weights=weights, heads=AssetHeads())
 
 
 def test_a_model_against_itself_is_equal_and_published(tiny_bundle: ModelBundle) -> None:
