@@ -15,6 +15,7 @@ from pipeline.bundle import (
     MANIFEST,
     SCALING,
     WEIGHTS,
+    AssetHeads,
     AssetLevels,
     BundleError,
     _manifest_checksum,
@@ -150,3 +151,22 @@ def test_a_bundle_written_before_the_novelty_cap_runs_uncapped(tiny_bundle) -> N
     loaded = decode_bundle({**files, MANIFEST: json.dumps(manifest).encode()})
     assert loaded.thresholds.novelty_cap == float("inf")
     assert tiny_bundle.thresholds.novelty_cap == 3.0
+
+
+def test_per_asset_heads_round_trip_and_old_bundles_use_the_network_head(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    assert tiny_bundle.heads.names == ("p1", "p2")
+    loaded = decode_bundle(encode_bundle(tiny_bundle))
+    assert loaded.heads.names == ("p1", "p2")
+    np.testing.assert_array_equal(loaded.heads.kernel, tiny_bundle.heads.kernel)
+    np.testing.assert_array_equal(loaded.heads.bias, tiny_bundle.heads.bias)
+    buf = io.BytesIO()
+    np.savez(buf, **{f"w{i:03d}": w for i, w in enumerate(tiny_bundle.weights)})
+    legacy = decode_bundle(_resealed(encode_bundle(tiny_bundle), WEIGHTS, buf.getvalue()))
+    assert legacy.heads.names == () and legacy.heads.rows(np.array(["p1"], dtype=object)).tolist() == [-1]
+
+
+def test_per_asset_heads_of_the_wrong_shape_are_refused(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    bad = dataclasses.replace(tiny_bundle, heads=AssetHeads(tiny_bundle.heads.names, tiny_bundle.heads.kernel[:, :-1],
+                                                            tiny_bundle.heads.bias))
+    with pytest.raises(BundleError, match="heads"):
+        decode_bundle(encode_bundle(bad))

@@ -306,3 +306,18 @@ def test_the_ridge_residual_rms_from_the_gram_matrix_equals_the_direct_one() -> 
     assert np.all(coef[[2, 6], 2] == 0)  # a feature never explains itself
     np.testing.assert_allclose(rms, np.sqrt(np.mean((x - design @ coef) ** 2, axis=0)), rtol=1e-7)
     assert rms[2] < 0.05 < 0.9 < rms[3]  # explained by the others, and pure noise
+
+
+def test_each_assets_own_output_layer_fits_its_training_steps_better_than_the_shared_one(whole) -> None:  # type: ignore[no-untyped-def]
+    bundle, _ = whole
+    per_asset = _in_memory_steps(_batch(_frame()))
+    cuts = {"p1": 480, "p2": 400}
+    model = StepFunction(len(FEATURES), bundle.units, bundle.weights)
+
+    def training_mse(b: ModelBundle) -> dict[str, float]:
+        state = FleetState(GridConfig.from_settings(SETTINGS.grid, len(FEATURES)), b.units, len(FEATURES))
+        return {a: float(np.nanmean((score_steps(state, model, b, s).errors[:cuts[a]] * b.error_scale) ** 2))
+                for a, s in per_asset.items()}
+
+    own, shared = training_mse(bundle), training_mse(dataclasses.replace(bundle, heads=AssetHeads()))
+    assert all(own[a] < shared[a] for a in per_asset), (own, shared)

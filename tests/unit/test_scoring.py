@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,17 @@ def test_recent_ring_keeps_the_last_steps_since_reset_and_their_positions(tiny_b
     reset_steps.reset[1] = True  # a reset at position 10
     score_steps(state, model, tiny_bundle, reset_steps)
     assert state.recent(state.index["p1"])[1].tolist() == [10, 11]
+
+
+def test_an_asset_with_its_own_output_layer_is_predicted_by_it(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.bundle import AssetHeads
+    from pipeline.scoring import predicted_change
+
+    rng = np.random.default_rng(1)
+    u, f = tiny_bundle.units[-1], tiny_bundle.n_features
+    heads = AssetHeads(("p1",), rng.normal(size=(1, u, f)), rng.normal(size=(1, f)))
+    b = dataclasses.replace(tiny_bundle, heads=heads)
+    y, top = rng.normal(size=(2, 5, f)).astype(np.float32), rng.normal(size=(2, 5, u)).astype(np.float32)
+    out = predicted_change(b, np.array(["p1", "other"], dtype=object), y, top)
+    np.testing.assert_allclose(out[0], top[0] @ heads.kernel[0] + heads.bias[0], rtol=1e-5)
+    np.testing.assert_array_equal(out[1], y[1])
