@@ -585,11 +585,11 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
             fc_top.add(_finite_rows(fc_v[held]))
             nv_top.add(_finite_rows(nv_v))
             asset = r.lanes[r.lane]
-            for i, a in enumerate(r.lanes.tolist()):
+            ends = np.cumsum(r.sizes)  # each lane's steps are contiguous
+            for a, lo, hi in zip(r.lanes.tolist(), (ends - r.sizes).tolist(), ends.tolist()):
                 if a in own_fc:
-                    mine = r.lane == i
-                    own_fc[a].add(_finite_rows(fc_v[mine & held]))
-                    own_nv[a].add(_finite_rows(nv_v[mine]))
+                    own_fc[a].add(_finite_rows(fc_v[lo:hi][held[lo:hi]]))
+                    own_nv[a].add(_finite_rows(nv_v[lo:hi]))
             rec = np.empty(int(held.sum()), terms)
             rec["asset"], rec["fc"], rec["nv"], rec["runs"] = asset[held], fc[held], nv[held], runs[held]
             out.write(rec.tobytes())
