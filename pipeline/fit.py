@@ -17,9 +17,8 @@ reads those files in bounded pieces, so memory does not grow with the history:
    chunk with every asset's state carried, and is judged on the held-out tail; the best
    epoch's weights are kept (early stopping). That pass also measures the error scale.
 5. With the best weights, each asset with enough training steps gets its own output layer,
-   fitted in closed form on the network's last LSTM outputs (one pass); another pass keeps
-   the layers that predict their asset's held-out steps better than the network's own, and
-   measures the error scale with them.
+   fitted in closed form on the network's last LSTM outputs (one pass), and the error
+   scale is measured again with those layers (another pass).
 6. A last pass with the best weights calibrates the score terms as the engine computes
    them: forecast levels on held-out steps, novelty levels on all steps (exact upper
    quantiles, holding only the values above them), for the fleet and for each asset with
@@ -450,43 +449,29 @@ def _held(r: _Round, cut: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Check:
-    """One scoring pass with unit error scales, summed per asset."""
+    """One scoring pass with unit error scales."""
 
-    sq: np.ndarray        # (A, F) summed squared errors over each asset's scored steps
-    scored: np.ndarray    # (A,) each asset's scored steps (past warm-up)
-    held_sq: np.ndarray   # (A,) summed squared errors over each asset's scored held-out steps
-    held_n: np.ndarray    # (A,) number of those squared errors (steps × features)
-
-    @property
-    def held_mse(self) -> float | None:
-        """Mean squared error over every scored held-out step (None: none scored)."""
-        n = int(self.held_n.sum())
-        return float(self.held_sq.sum()) / n if n else None
+    held_mse: float | None   # mean squared error over scored held-out steps (None: none scored)
+    sq_sum: np.ndarray       # (F,) summed squared errors over every scored step
+    scored: int              # steps scored (past warm-up)
 
     @property
     def error_scale(self) -> np.ndarray:
-        return np.maximum(np.sqrt(self.sq.sum(axis=0) / self.scored.sum()), MIN_SCALE)
-
-    def take(self, assets: np.ndarray, other: _Check) -> _Check:
-        """These sums for ``assets`` (a boolean mask), ``other``'s for the rest."""
-        pick = lambda a, b: np.where(assets.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)  # noqa: E731
-        return _Check(pick(self.sq, other.sq), pick(self.scored, other.scored), pick(self.held_sq, other.held_sq),
-                      pick(self.held_n, other.held_n))
+        return np.maximum(np.sqrt(self.sq_sum / self.scored), MIN_SCALE)
 
 
 def _check(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFunction, settings: Settings) -> _Check:
-    a, f = len(history.counts), history.n_features
-    out = _Check(np.zeros((a, f)), np.zeros(a, np.int64), np.zeros(a), np.zeros(a, np.int64))
+    held_sum, held_n = 0.0, 0
+    sq_sum, scored_n = np.zeros(history.n_features), 0
     for r in _score_rounds(history, bundle, model, settings):
         err = r.scored.errors
         scored = np.isfinite(err).all(axis=1)
-        asset = r.lanes[r.lane]
-        held = scored & _held(r, cut)
-        np.add.at(out.sq, asset[scored], err[scored] ** 2)
-        np.add.at(out.scored, asset[scored], 1)
-        np.add.at(out.held_sq, asset[held], (err[held] ** 2).sum(axis=1))
-        np.add.at(out.held_n, asset[held], f)
-    return out
+        held = err[scored & _held(r, cut)]
+        held_sum += float((held**2).sum())
+        held_n += held.size
+        sq_sum += (err[scored] ** 2).sum(axis=0)
+        scored_n += int(scored.sum())
+    return _Check(held_sum / held_n if held_n else None, sq_sum, scored_n)
 
 
 def _fit_heads(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFunction,
@@ -528,17 +513,6 @@ def _fit_heads(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
     return AssetHeads(tuple(history.names[a] for a in fitted),
                       np.array([w[:u] for w in weights]).reshape(-1, u, f),
                       np.array([w[u] for w in weights]).reshape(-1, f))
-
-
-def _better_heads(names: list[str], heads: AssetHeads, own: _Check, shared: _Check) -> tuple[AssetHeads, np.ndarray]:
-    """The heads that predict their asset's held-out steps better than the network's own
-    output layer (a head can learn a level that the asset later leaves), and a mask over
-    all assets of those kept."""
-    index = heads.rows(np.array(names, dtype=object))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        better = (index >= 0) & (own.held_n > 0) & (own.held_sq / own.held_n < shared.held_sq / shared.held_n)
-    keep = index[better]
-    return AssetHeads(tuple(np.array(names, dtype=object)[better].tolist()), heads.kernel[keep], heads.bias[keep]), better
 
 
 def _provisional(settings: Settings, scaler: Scaler, weights: list[np.ndarray], warmup: int) -> ModelBundle:
@@ -715,7 +689,7 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
                 break
     if best_check is None:  # no epoch gave a finite error: keep the initial weights
         best_check = _check(history, cut, _provisional(settings, part.scaler, best_weights, warmup), scorer, settings)
-    if best_check.scored.sum() == 0:
+    if best_check.scored == 0:
         raise FitError(f"no step lies {warmup} steps past a reset: nothing could be scored")
 
     novelty_coef, novelty_scale = _novelty_map(history, cut, mean, scale)
@@ -724,10 +698,9 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     heads = AssetHeads()
     if m.per_asset_heads:
         heads = _fit_heads(history, cut, provisional, scorer, settings)
-        if heads.names:  # judged on held-out steps, errors measured with the heads the engine will use
-            own = _check(history, cut, dataclasses.replace(provisional, heads=heads), scorer, settings)
-            heads, kept = _better_heads(history.names, heads, own, best_check)
-            error_scale = own.take(kept, best_check).error_scale
+        if heads.names:  # errors are measured with the heads the engine will use
+            error_scale = _check(history, cut, dataclasses.replace(provisional, heads=heads), scorer,
+                                 settings).error_scale
     calibration = dataclasses.replace(provisional, error_scale=error_scale, novelty_coef=novelty_coef,
                                       novelty_scale=novelty_scale, heads=heads)
     thresholds, levels, asset_levels = _calibrate(history, cut, calibration, scorer, settings, part.flat_max,

@@ -321,16 +321,3 @@ def test_each_assets_own_output_layer_fits_its_training_steps_better_than_the_sh
 
     own, shared = training_mse(bundle), training_mse(dataclasses.replace(bundle, heads=AssetHeads()))
     assert all(own[a] < shared[a] for a in per_asset), (own, shared)
-
-
-def test_a_head_that_predicts_its_held_out_steps_worse_than_the_shared_layer_is_dropped() -> None:
-    from pipeline.fit import _better_heads, _Check
-
-    heads = AssetHeads(("a", "c"), np.arange(2 * 3 * 2, dtype=float).reshape(2, 3, 2), np.ones((2, 2)))
-    zeros = np.zeros((3, 2))
-    shared = _Check(zeros, np.ones(3, np.int64), np.array([4.0, 4.0, 4.0]), np.array([2, 2, 2]))
-    own = _Check(zeros, np.ones(3, np.int64), np.array([2.0, 4.0, 6.0]), np.array([2, 2, 2]))  # a better, c worse
-    kept, mask = _better_heads(["a", "b", "c"], heads, own, shared)
-    assert kept.names == ("a",) and mask.tolist() == [True, False, False]
-    np.testing.assert_array_equal(kept.kernel, heads.kernel[:1])
-    assert own.take(mask, shared).held_sq.tolist() == [2.0, 4.0, 4.0]
