@@ -15,7 +15,7 @@ FEATURES = ("a", "b", "c")
 def tiny_settings(**overrides: str) -> Settings:
     base = {"model.features": ",".join(FEATURES), "model.units": "8,4", "model.timesteps": "8",
             "model.chunks_per_run": "4", "model.streams": "8", "model.epochs": "4", "model.patience": "2",
-            "grid.period_s": "1"}
+            "grid.period_s": "1", "model.per_asset_heads": "true"}  # the unit tests cover the heads' path
     base.update(overrides)
     return load_settings(env={}, overrides=base)
 
