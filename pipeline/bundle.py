@@ -37,6 +37,13 @@ class BundleError(ValueError):
     """A bundle is missing, incomplete, corrupted or inconsistent."""
 
 
+def asset_rows(index: dict[str, int], assets: np.ndarray) -> np.ndarray:
+    """Each asset's row in a per-asset table, -1 where the table has none."""
+    if not index:
+        return np.full(len(assets), -1, np.int64)
+    return np.fromiter((index.get(a, -1) for a in assets), np.int64, len(assets))
+
+
 def per_asset_rows(index: dict[str, int], assets: np.ndarray,
                    *tables: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
     """For each ``(per_asset (A, F), fleet (F,))`` table, one row per asset in ``assets``: the
@@ -44,7 +51,7 @@ def per_asset_rows(index: dict[str, int], assets: np.ndarray,
     n = len(assets)
     if not index:
         return tuple(np.broadcast_to(fleet, (n, len(fleet))) for _, fleet in tables)
-    idx = np.fromiter((index.get(a, -1) for a in assets), np.int64, n)
+    idx = asset_rows(index, assets)
     return tuple(np.vstack([own, fleet])[idx] for own, fleet in tables)
 
 
@@ -109,7 +116,7 @@ class AssetHeads:
 
     def rows(self, assets: np.ndarray) -> np.ndarray:
         """Index of each asset's head, -1 where it has none."""
-        return np.fromiter((self._index.get(a, -1) for a in assets), np.int64, len(assets))
+        return asset_rows(self._index, assets)
 
 
 @dataclass(frozen=True)
