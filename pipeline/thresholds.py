@@ -18,10 +18,11 @@ Each feature's term is divided by its own calibrated level (a high quantile of t
 on held-out normal data, Bonferroni-adjusted for the number of features, times a
 margin): a feature the others explain well gets a tight level, a wandering one a loose
 level. Levels are calibrated per asset where an asset's history allows it (a fleet mixes
-quiet and noisy machines), else for the whole fleet. The slow novelty term gets a wider
-margin than the fast forecast term: a slow EWMA makes few independent excursions in a
-history, and operation drifts to states the history did not show. The combined score — the largest of all — is in units of "calibrated level" and
-alerts above ``threshold`` (1). The features of the dominating term explain the alert.
+quiet and noisy machines), else for the whole fleet. The slow novelty term has a margin of
+its own, to widen where a history is short: a slow EWMA makes few independent excursions
+in it, and operation drifts to states it did not show. The combined score — the largest
+of all — is in units of "calibrated level" and alerts above ``threshold`` (1). The
+features of the dominating term explain the alert.
 
 **Online adaptation** (in the spirit of telemanom's nonparametric dynamic threshold):
 each asset tracks the mean and variance of its own combined score while it is normal,
@@ -85,11 +86,6 @@ class TermLevels:
     forecast: np.ndarray  # (F,) or (k, F)
     novelty: np.ndarray   # (F,) or (k, F)
     flat: np.ndarray      # (F,) steps unchanged
-
-    @classmethod
-    def of(cls, bundle: ModelBundle) -> TermLevels:
-        """The fleet's levels."""
-        return cls(bundle.forecast_level, bundle.novelty_level, bundle.flat_limit)
 
     @classmethod
     def for_assets(cls, bundle: ModelBundle, assets: np.ndarray) -> TermLevels:
