@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -241,13 +242,12 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
             raise BundleError(f"{name} is missing")
         if _sha256(files[name]) != digest:
             raise BundleError(f"{name} checksum mismatch (corrupted or truncated)")
+    stored = _arrays(WEIGHTS, files[WEIGHTS])
+    scaling = _arrays(SCALING, files[SCALING])
     try:
-        with np.load(io.BytesIO(files[WEIGHTS]), allow_pickle=False) as z:
-            weights = [z[f"w{i:03d}"] for i in range(int(manifest["n_weights"]))]
-            heads = (AssetHeads(tuple(str(a) for a in z["head_assets"]), z["head_kernel"], z["head_bias"])
-                     if "head_assets" in z.files else AssetHeads())  # bundles written before heads existed
-        with np.load(io.BytesIO(files[SCALING]), allow_pickle=False) as z:
-            scaling = {k: z[k] for k in z.files}
+        weights = [stored[f"w{i:03d}"] for i in range(int(manifest["n_weights"]))]
+        heads = (AssetHeads(tuple(str(a) for a in stored["head_assets"]), stored["head_kernel"], stored["head_bias"])
+                 if "head_assets" in stored else AssetHeads())  # bundles written before heads existed
         features = tuple(manifest["features"])
         units = tuple(int(u) for u in manifest["units"])
         scaler = Scaler(scaling["mean"], scaling["scale"], tuple(str(a) for a in scaling["asset_names"]),
@@ -266,6 +266,18 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
         raise BundleError(f"bundle content is inconsistent: {exc}") from None
     _check_shapes(bundle)
     return bundle
+
+
+def _arrays(name: str, data: bytes) -> dict[str, np.ndarray]:
+    """Every array of one .npz file. ``allow_pickle=False`` makes numpy refuse object arrays, the
+    only kind whose loading unpickles (and so could run code from the file)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as exc:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+        raise BundleError(f"{name} refused: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{name} is not a readable .npz file: {exc}") from None
 
 
 def _asset_levels(scaling: dict[str, np.ndarray]) -> AssetLevels:

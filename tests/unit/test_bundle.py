@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -134,13 +135,45 @@ def test_weights_inconsistent_with_the_manifest_are_refused(tiny_bundle, tmp_pat
         load_bundle(str(tmp_path / "b"))
 
 
-def test_pickled_arrays_are_never_loaded(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
-    """An object array in the weights (a pickle payload) fails instead of executing."""
+class _Payload:
+    """Pickles as a call to ``Path.touch(marker)``: unpickling it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
+
+
+def _with_payload(arrays: dict[str, np.ndarray], key: str, marker: Path) -> bytes:
+    """An .npz of ``arrays`` where ``key`` holds an object array, which numpy stores pickled."""
     buf = io.BytesIO()
-    np.savez(buf, **{f"w{i:03d}": w for i, w in enumerate(tiny_bundle.weights[:-1])},
-             **{f"w{len(tiny_bundle.weights) - 1:03d}": np.array([object()], dtype=object)})
-    with pytest.raises(BundleError):
-        decode_bundle(_resealed(encode_bundle(tiny_bundle), WEIGHTS, buf.getvalue()))
+    np.savez(buf, **{**arrays, key: np.array([_Payload(marker)], dtype=object)})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", [WEIGHTS, SCALING])
+def test_a_pickled_array_is_refused_and_never_unpickled(tiny_bundle, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+    """An object array whose unpickling would create a file, under a key the loader reads and with
+    every checksum consistent: loading refuses the bundle before anything is unpickled."""
+    marker = tmp_path / "unpickled"
+    files = encode_bundle(tiny_bundle)
+    with np.load(io.BytesIO(files[name]), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    key = f"w{len(tiny_bundle.weights) - 1:03d}" if name == WEIGHTS else "mean"
+    assert key in arrays
+    evil = _resealed(files, name, _with_payload(arrays, key, marker))
+    assert not marker.exists()  # saving pickles the payload without running it
+    with pytest.raises(BundleError) as refused:
+        decode_bundle(evil)
+    assert not marker.exists(), "loading a bundle unpickled an array"
+    assert re.match(rf"{re.escape(name)} refused: .*allow_pickle=False", str(refused.value)), refused.value
+    save_bundle(tiny_bundle, str(tmp_path / "b"))
+    (tmp_path / "b" / name).write_bytes(evil[name])
+    (tmp_path / "b" / MANIFEST).write_bytes(evil[MANIFEST])
+    with pytest.raises(BundleError, match=f"{re.escape(name)} refused"):
+        load_bundle(str(tmp_path / "b"))
+    assert not marker.exists(), "loading a bundle unpickled an array"
 
 
 def test_a_bundle_written_before_the_novelty_cap_runs_uncapped(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
