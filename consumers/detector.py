@@ -2,23 +2,19 @@
 
 Per poll: decode every record in one pass → place on the event-time grid → score all new
 steps of all assets in one model call → thresholds and alert lifecycle → publish alert
-events and dead letters → wait for the broker's acknowledgements → commit.
+events and dead letters → wait for the broker's acknowledgements → record the progress.
+Every ``detector.checkpoint_interval_ms`` the state of each asset that changed is written to
+the state topic and, once acknowledged, the partition positions are committed.
 
-Delivery (at-least-once, idempotent alerts):
+Recovery is exact (see :mod:`pipeline.checkpoint`): a successor restores each asset's latest
+snapshot, replays at most one checkpoint interval, drops readings already in a snapshot and
+keeps quiet about outputs already published, so alerts and their ids are those of an
+uninterrupted run. A member that lost its partitions (fenced by a rebalance, a stall past
+``max_poll_interval_ms``, a failed commit) forgets their state without publishing or writing
+anything for them and rejoins; the next owner restores from the state topic.
 
-* Offsets are committed only after every alert and dead letter derived from the poll is
-  acknowledged (idempotent producer, ``acks=all``).
-* The committed offset of a partition is held back to the oldest reading any of its
-  assets still needs: readings on open grid steps, and the last ``warmup`` steps that
-  rebuild a cold LSTM state. After a crash, the replay from there re-warms each asset and
-  re-scores what was not yet scored; alert ids are deterministic, so re-emitted alerts
-  carry the same ids.
-* On a graceful stop or a partition revocation, each asset's whole state (grid, LSTM,
-  thresholds, open alert) is written to the state topic with the partition's position,
-  and that position is committed. The next owner restores the snapshots whose position
-  equals the committed offset, so nothing is scored twice or skipped.
-* A record whose asset differs from its Kafka key is refused (``key_mismatch``): the key
-  decides the partition, and an asset must live in exactly one partition.
+A record whose asset differs from its Kafka key is refused (``key_mismatch``): the key
+decides the partition, and an asset must live in exactly one partition.
 """
 
 from __future__ import annotations
@@ -26,27 +22,35 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.kafka_clients import make_consumer, make_producer
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
-from pipeline.engine import DetectionEngine, SwapError
-from pipeline.grid import NO_POS
+from pipeline.checkpoint import Checkpoints, Restored
+from pipeline.dead_letters import dead_letter
+from pipeline.engine import DetectionEngine, EngineOutput, SwapError
 from pipeline.logs import get_logger
 from pipeline.readings import DecodeLimits, Reject, decode_batch
 from pipeline.settings import Settings
+from pipeline.state import read_snapshot_header
 
-PARTITION_MARKER = "__partition__"
+# Headers of the state topic's records (values of snapshots are opaque bytes).
+KIND, GROUP, PARTITION, POSITION = "pw.kind", "pw.group", "pw.partition", "pw.position"
+# A produced record (key + value + headers) must stay below the producer's request limit.
+MAX_PRODUCE_BYTES = 1_000_000
 
 
 @dataclass
@@ -58,11 +62,20 @@ class DetectorStats:
     steps: int = 0
     scored: int = 0
     alert_events: int = 0
+    replayed: int = 0  # records re-processed silently after a restore
     rejects: dict[str, int] = field(default_factory=dict)
 
 
 class DeliveryError(RuntimeError):
-    """The broker did not acknowledge an alert, dead letter or snapshot: nothing is committed."""
+    """The broker did not acknowledge an output: nothing of the poll counts as published."""
+
+    def __init__(self, message: str, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class Fenced(RuntimeError):
+    """This member no longer owns its partitions: their state must not be published or written."""
 
 
 def _text(b: bytes | None) -> str | None:
@@ -73,15 +86,17 @@ class Detector:
     """One detector process (one consumer-group member)."""
 
     def __init__(self, settings: Settings, bundle: ModelBundle, *, stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.time, follow_registry: bool = False) -> None:
+                 clock: Callable[[], float] = time.time, follow_registry: bool = False, health: Any = None) -> None:
         self.settings = settings
         self.engine = DetectionEngine(bundle, settings.grid)
         self.stop = stop or threading.Event()
         self.clock = clock
+        self.health = health
         self.log = get_logger("plantwatch.detector").bind(group=settings.detector.group_id)
         self.limits = DecodeLimits(max_record_bytes=settings.detector.max_record_bytes)
-        self.assets_of: dict[int, set[str]] = defaultdict(set)
-        self.positions: dict[TopicPartition, int] = {}  # next offset to process, per owned partition
+        self.checkpoints = Checkpoints(settings.detector.checkpoint_interval_ms)
+        self.to_restore: dict[TopicPartition, int] = {}  # assigned, state not yet restored: committed offset
+        self.rewind: set[TopicPartition] = set()  # paused until re-read from the committed offset
         self.consumer: KafkaConsumer | None = None
         self.producer: Any = None
         self.last_loop = time.monotonic()
@@ -90,13 +105,20 @@ class Detector:
         self.follow_registry = follow_registry
         self.watcher: Any = None
         self.swap_pauses_s: list[float] = []
+        self.restore_s: list[float] = []
         metrics.MODEL.info({"version": bundle.version})
+        self._set_health(model_loaded=True)
+
+    def _set_health(self, **values: Any) -> None:
+        if self.health is not None:
+            for k, v in values.items():
+                setattr(self.health, k, v)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self) -> int:
         """Consume until ``stop`` is set; returns the process exit code."""
         s = self.settings
-        self.producer = make_producer(s)
+        self.producer = make_producer(s, max_request_size=MAX_PRODUCE_BYTES + 48_576)
         self.consumer = make_consumer(s, group_id=s.detector.group_id)
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
         self.log.info("detector started", topic=s.topics.readings, model_version=self.engine.model_version)
@@ -105,33 +127,101 @@ class Detector:
 
             self.watcher = ModelWatcher(s, self.engine.bundle).start()
         code = 0
+        backoff = 0.5
         try:
             while not self.stop.is_set():
-                polled = self.consumer.poll(timeout_ms=s.detector.poll_timeout_ms, max_records=s.kafka.max_poll_records)
-                self.last_loop = time.monotonic()
-                if polled:
-                    self.process(polled)
-                if self.watcher is not None:
-                    self._maybe_swap()
-        except DeliveryError as exc:
-            self.log.error("delivery failed; stopping without commit", error=str(exc))
-            code = 1
+                try:
+                    if self.rewind:
+                        self._rewind()
+                    polled = self.consumer.poll(timeout_ms=s.detector.poll_timeout_ms,
+                                                max_records=s.kafka.max_poll_records)
+                    self.last_loop = time.monotonic()
+                    self._set_health(last_loop=self.last_loop)
+                    if self.to_restore:
+                        self._restore_assigned()
+                    if polled:
+                        self.process(polled)
+                    if self.checkpoints.due(self.clock() * 1000):
+                        self.checkpoint()
+                    if self.watcher is not None:
+                        self._maybe_swap()
+                    backoff = 0.5
+                    self._set_health(broker_ok=True)
+                except Fenced as exc:
+                    self._forget_all(f"fenced: {exc}")
+                except (DeliveryError, KafkaError) as exc:
+                    if isinstance(exc, DeliveryError) and not exc.retriable:
+                        self.log.error("an output cannot be delivered; stopping without commit", error=str(exc))
+                        code = 1
+                        break
+                    self._set_health(broker_ok=False)
+                    self.log.warning("broker did not acknowledge; rewinding to the last checkpoint",
+                                     error=str(exc), retry_in_s=backoff)
+                    self._forget_all("delivery failed", rewind=True)
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, 15.0)
+            if code == 0:
+                self._final_checkpoint()
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
             try:
-                # Leaving the group revokes our partitions: the listener hands their state over.
                 self.consumer.close(autocommit=False)
-            except Exception as exc:  # a failed hand-over: the next owner replays instead
-                self.log.error("state hand-over on close failed", error=str(exc))
-                code = code or 1
+            except Exception as exc:  # leaving the group failed: the session timeout does it
+                self.log.warning("leaving the group failed", error=str(exc))
             self.producer.close(timeout=10)
         self.log.info("detector stopped", exit_code=code)
         return code
 
     @property
     def ready(self) -> bool:
-        return self.assigned and time.monotonic() - self.last_loop < 30
+        return self.assigned and not self.to_restore and time.monotonic() - self.last_loop < 30
+
+    def _final_checkpoint(self) -> None:
+        """On a graceful stop: write the changed state and commit, so a successor replays nothing."""
+        try:
+            self.checkpoint()
+        except (Fenced, DeliveryError) as exc:
+            self.log.warning("final checkpoint failed; the next owner replays since the last one", error=str(exc))
+
+    def _forget_all(self, why: str, rewind: bool = False) -> None:
+        """Drop the state of every owned partition (it is in the state topic up to the last
+        checkpoint); with ``rewind``, restore it and re-read from the committed offsets."""
+        owned = [TopicPartition(self.settings.topics.readings, p) for p in self.checkpoints.owned]
+        dropped = self.checkpoints.revoke_all()
+        self.engine.state.drop(dropped)
+        self.log.warning("state of owned partitions dropped", reason=why, partitions=[tp.partition for tp in owned],
+                         assets=len(dropped))
+        if rewind and owned:
+            self._pause_for_rewind(owned)
+
+    def _pause_for_rewind(self, partitions: list[TopicPartition]) -> None:
+        """Stop fetching these partitions until they are re-read from their committed offsets."""
+        assert self.consumer is not None
+        self.rewind.update(partitions)
+        self.consumer.pause(*partitions)
+
+    def _rewind(self) -> None:
+        """Seek paused partitions back to their committed offsets and restore their state."""
+        assert self.consumer is not None
+        owned = self.consumer.assignment()
+        wanted = [tp for tp in self.rewind if tp in owned]
+        committed = {tp: self.consumer.committed(tp) for tp in wanted}
+        for tp, off in committed.items():
+            if off is None:
+                self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, off)
+        self.rewind.clear()
+        self.to_restore.update({tp: (-1 if off is None else off) for tp, off in committed.items()})
+        self.consumer.resume(*wanted)
+
+    def _check_membership(self) -> None:
+        """Raise :class:`Fenced` when the group no longer counts this member (checked before
+        anything derived from owned partitions is published or written)."""
+        assert self.consumer is not None
+        if self.consumer._coordinator.generation_if_stable() is None:  # pinned kafka-python internals
+            raise Fenced("group membership lost")
 
     # ------------------------------------------------------------------ one poll
     def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
@@ -139,35 +229,46 @@ class Detector:
         s = self.settings
         records = [r for tp in sorted(polled) for r in polled[tp]]
         metrics.RECORDS.inc(len(records))
+        self.stats.records += len(records)
         offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
         partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
-        batch = decode_batch([r.value for r in records], self.engine.bundle.features, fmt=s.detector.input_format,
-                             limits=self.limits, unknown_features=s.detector.unknown_features)
-        rejects: list[Reject] = list(batch.rejects)
-
         keys = np.array([_text(r.key) for r in records], dtype=object)
-        mismatch = batch.asset != keys[batch.record_index]
+        plan = self.checkpoints.plan(partitions, offsets, keys)
+        todo = np.flatnonzero(plan.process)
+        silent_rec = plan.silent[todo]  # per processed record
+
+        batch = decode_batch([records[i].value for i in todo], self.engine.bundle.features,
+                             fmt=s.detector.input_format, limits=self.limits,
+                             unknown_features=s.detector.unknown_features)
+        rejects: list[Reject] = list(batch.rejects)
+        mismatch = batch.asset != keys[todo][batch.record_index]
         if mismatch.any():
             bad = np.unique(batch.record_index[mismatch])
-            rejects += [Reject(int(i), "key_mismatch", f"key {keys[i]!r} differs from the asset in the value")
+            rejects += [Reject(int(i), "key_mismatch", f"key {keys[todo[i]]!r} differs from the asset in the value")
                         for i in bad]
-            keep = ~np.isin(batch.record_index, bad)
-            for name in ("record_index", "asset", "ts_ms", "feature", "value"):
-                setattr(batch, name, getattr(batch, name)[keep])
+            batch = batch.select(~np.isin(batch.record_index, bad))
 
-        for asset, part in set(zip(batch.asset.tolist(), partitions[batch.record_index].tolist())):
-            self.assets_of[part].add(asset)
-
+        pos = offsets[todo]
+        touched: dict[int, set[str]] = defaultdict(set)
+        for a, p in set(zip(batch.asset.tolist(), partitions[todo][batch.record_index].tolist())):
+            touched[p].add(a)
+        quiet = silent_rec[batch.record_index]
         t1 = time.perf_counter()
-        out = self.engine.process(batch, record_pos=offsets, now_ms=int(self.clock() * 1000))
+        now_ms = int(self.clock() * 1000)
+        if quiet.any():
+            replay = self.engine.process(batch.select(quiet), record_pos=pos, now_ms=now_ms)
+            self.stats.replayed += int(silent_rec.sum())
+            self.stats.steps += len(replay)
+            batch = batch.select(~quiet)
+        out = self.engine.process(batch, record_pos=pos, now_ms=now_ms)
         metrics.SCORE_SECONDS.observe(time.perf_counter() - t1)
         rejects += [Reject(int(i), "late", "reading older than the allowed lateness") for i in out.late_records]
         rejects += [Reject(int(i), "future", "timestamp too far ahead of the wall clock")
                     for i in out.future_records]
+        rejects = [r for r in rejects if not silent_rec[r.index]]
         scored = np.isfinite(out.score)
         metrics.STEPS_SCORED.inc(int(scored.sum()))
         st = self.stats
-        st.records += len(records)
         st.accepted += out.counters.accepted
         st.steps += len(out)
         st.scored += int(scored.sum())
@@ -175,51 +276,63 @@ class Detector:
         for r in rejects:
             st.rejects[r.reason] = st.rejects.get(r.reason, 0) + 1
 
-        futures = [self._dead_letter(records[r.index], r) for r in rejects]
-        futures += [self._publish_alert(e, batch.asset, batch.record_index, offsets, partitions) for e in out.events]
+        # Nothing derived from a partition this member lost may leave the process.
+        self._check_membership()
+        futures = [self._dead_letter(records[todo[r.index]], r) for r in rejects]
+        futures += self._publish_alerts(out.events, batch.asset, batch.record_index, pos, partitions[todo])
         if s.topics.scores:
             futures += self._publish_scores(out, scored)
         self._await(futures)
 
-        commits = {}
         for tp, recs in polled.items():
-            end = recs[-1].offset + 1
-            self.positions[tp] = end
-            replay = min((self.engine.state.replay_position(a) for a in self.assets_of[tp.partition]), default=NO_POS)
-            commits[tp] = OffsetAndMetadata(int(min(end, replay)), "", -1)
-        assert self.consumer is not None
-        self.consumer.commit(commits)
+            self.checkpoints.processed(tp.partition, recs[-1].offset + 1, touched.get(tp.partition, ()))
+        if futures:
+            self._record_progress(self.checkpoints.published(sorted({tp.partition for tp in polled})))
         metrics.ASSETS.set(len(self.engine.state))
         for tp in polled:
-            hw = self.consumer.highwater(tp)
+            hw = self.consumer.highwater(tp) if self.consumer is not None else None
             if hw is not None:
                 metrics.LAG.labels(str(tp.partition)).set(max(0, hw - (polled[tp][-1].offset + 1)))
         metrics.POLL_SECONDS.observe(time.perf_counter() - t0)
         if out.events or rejects:
             self.log.debug("poll", records=len(records), steps=len(out), alerts=len(out.events), rejects=len(rejects))
 
+    # ------------------------------------------------------------------ outputs
     def _dead_letter(self, record: Any, reject: Reject) -> Any:
         metrics.REJECTS.labels(reject.reason).inc()
-        headers = [("reason", reject.reason.encode()), ("detail", reject.detail.encode()),
-                   ("source.topic", record.topic.encode()), ("source.partition", str(record.partition).encode()),
-                   ("source.offset", str(record.offset).encode())]
-        return self.producer.send(self.settings.topics.dlq_topic, key=record.key, value=record.value or b"",
-                                  headers=headers)
+        d = dead_letter(key=record.key, value=record.value, headers=list(record.headers or []),
+                        reason=reject.reason, detail=reject.detail, topic=record.topic, partition=record.partition,
+                        offset=record.offset, timestamp_ms=record.timestamp, max_bytes=MAX_PRODUCE_BYTES)
+        return self.producer.send(self.settings.topics.dlq_topic, key=d.key, value=d.value, headers=d.headers)
 
-    def _publish_alert(self, e: AlertEvent, assets: np.ndarray, record_index: np.ndarray, offsets: np.ndarray,
-                       partitions: np.ndarray) -> Any:
-        metrics.ALERT_EVENTS.labels(e.state).inc()
-        rec = record_index[assets == e.asset]
-        body = e.to_dict()
-        if len(rec):
-            body["source"] = {"topic": self.settings.topics.readings, "partition": int(partitions[rec[0]]),
-                              "offsets": [int(offsets[rec].min()), int(offsets[rec].max())]}
-        self.log.info("alert", alert_id=e.alert_id, asset=e.asset, state=e.state, score=round(e.score, 3),
-                      top=[f for f, _ in e.top_features], model_version=e.model_version)
-        return self.producer.send(self.settings.topics.alerts, key=e.asset.encode(),
-                                  value=json.dumps(body, separators=(",", ":")).encode())
+    def _publish_alerts(self, events: list[AlertEvent], assets: np.ndarray, record_index: np.ndarray,
+                        offsets: np.ndarray, partitions: np.ndarray) -> list[Any]:
+        if not events:
+            return []
+        # Each asset's source records in this poll, once for all its events.
+        codes, names = pd.factorize(assets)
+        lo = np.full(len(names), np.iinfo(np.int64).max)
+        hi = np.full(len(names), -1)
+        np.minimum.at(lo, codes, offsets[record_index])
+        np.maximum.at(hi, codes, offsets[record_index])
+        _, first = np.unique(codes, return_index=True)
+        where = {a: i for i, a in enumerate(names)}
+        futures = []
+        for e in events:
+            metrics.ALERT_EVENTS.labels(e.state).inc()
+            body = e.to_dict()
+            i = where.get(e.asset)
+            if i is not None:
+                part = int(partitions[record_index[first[i]]])
+                body["source"] = {"topic": self.settings.topics.readings, "partition": part,
+                                  "offsets": [int(lo[i]), int(hi[i])]}
+            self.log.info("alert", alert_id=e.alert_id, asset=e.asset, state=e.state, score=round(e.score, 3),
+                          top=[f for f, _ in e.top_features], model_version=e.model_version)
+            futures.append(self.producer.send(self.settings.topics.alerts, key=e.asset.encode(),
+                                              value=json.dumps(body, separators=(",", ":")).encode()))
+        return futures
 
-    def _publish_scores(self, out: Any, scored: np.ndarray) -> list[Any]:
+    def _publish_scores(self, out: EngineOutput, scored: np.ndarray) -> list[Any]:
         period = self.engine.bundle.period_ms
         topic, version = self.settings.topics.scores, self.engine.model_version
         futures = []
@@ -239,8 +352,87 @@ class Detector:
             if not f.is_done:
                 raise DeliveryError("send not acknowledged in time")
             if f.failed():
-                raise DeliveryError(str(f.exception))
+                exc = f.exception
+                raise DeliveryError(f"{type(exc).__name__}: {exc}", retriable=bool(getattr(exc, "retriable", False)))
 
+    # ------------------------------------------------------------ state topic
+    def _state_send(self, partition: int, key: str, value: bytes | None, kind: str, position: int) -> Any:
+        s = self.settings
+        headers = [(KIND, kind.encode()), (GROUP, s.detector.group_id.encode()),
+                   (PARTITION, str(partition).encode()), (POSITION, str(position).encode())]
+        return self.producer.send(s.topics.state_topic, key=f"{s.detector.group_id}\x00{key}".encode(),
+                                  value=value, headers=headers, partition=self._state_partition(partition))
+
+    def _state_partition(self, partition: int) -> int:
+        parts = self.producer.partitions_for(self.settings.topics.state_topic)
+        return partition % max(1, len(parts))
+
+    def _record_progress(self, emitted: dict[int, int]) -> None:
+        """Outputs of records below these positions are acknowledged (read back after a restore)."""
+        self._await([self._state_send(p, f"\x00progress\x00{p}", b"", "progress", e) for p, e in emitted.items()])
+
+    def checkpoint(self) -> dict[int, int]:
+        """Write the changed assets' snapshots, then commit their partitions' positions."""
+        pending = self.checkpoints.pending()
+        if not pending:
+            self.checkpoints.checkpointed({}, self.clock() * 1000)
+            return {}
+        t = time.perf_counter()
+        self._check_membership()
+        version = self.engine.model_version
+        futures, n = [], 0
+        for p, (position, assets) in pending.items():
+            blobs = self.engine.state.snapshot(assets, {"model_version": version}) if assets else []
+            futures += [self._state_send(p, a, b, "snapshot", position) for a, b in zip(assets, blobs)]
+            n += len(assets)
+        self._await(futures)
+        assert self.consumer is not None
+        topic = self.settings.topics.readings
+        commits = {TopicPartition(topic, p): OffsetAndMetadata(pos, "", -1) for p, (pos, _) in pending.items()
+                   if pos >= 0}
+        try:
+            self.consumer.commit(commits)
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            raise Fenced(f"commit refused: {type(exc).__name__}") from None
+        done = {p: pos for p, (pos, _) in pending.items()}
+        self.checkpoints.checkpointed(done, self.clock() * 1000)
+        metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - t)
+        metrics.CHECKPOINT_ASSETS.inc(n)
+        return done
+
+    def _restore_assigned(self) -> None:
+        """Restore the state of newly assigned partitions from the state topic (main thread)."""
+        t = time.perf_counter()
+        wanted = dict(self.to_restore)
+        self.to_restore.clear()
+        try:
+            found = read_changelog(self.settings, self.producer, {tp.partition for tp in wanted},
+                                   self._state_partition)
+        except Exception:
+            self._pause_for_rewind(list(wanted))  # the polled records of these partitions are re-read
+            raise
+        restored_assets, rewarm = 0, []
+        for tp, committed in sorted(wanted.items()):
+            blobs, info = found.get(tp.partition, ({}, Restored()))
+            good = {}
+            for asset, (position, blob) in blobs.items():
+                try:
+                    head = self.engine.state.restore(blob)
+                except ValueError as exc:
+                    self.log.warning("snapshot refused; the asset starts afresh", asset=asset, error=str(exc))
+                    continue
+                good[asset] = position
+                if head.get("model_version") != self.engine.model_version:
+                    rewarm.append(self.engine.state.index[asset])
+            self.checkpoints.assign(tp.partition, committed, Restored(good, info.emitted))
+            restored_assets += len(good)
+        if rewarm:
+            self.engine.rewarm(np.array(rewarm, np.int64))
+        self.restore_s.append(time.perf_counter() - t)
+        self.log.info("state restored", partitions=sorted(tp.partition for tp in wanted), assets=restored_assets,
+                      rewarmed=len(rewarm), seconds=round(self.restore_s[-1], 3))
+
+    # ------------------------------------------------------------------ swaps
     def _maybe_swap(self) -> None:
         """Swap to a prepared model between two polls; the pause is measured and logged."""
         prepared = self.watcher.ready()
@@ -264,109 +456,94 @@ class Detector:
         self.log.info("model swapped", old=old_version, new=prepared.bundle.version, assets_rewarmed=warmed,
                       pause_ms=round(pause * 1000, 2), prepare_s=round(prepared.prepare_s, 3))
 
-    # -------------------------------------------------------- state hand-over
-    def prepare_handover(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, OffsetAndMetadata]:
-        """Publish the snapshots of these partitions' assets (acknowledged), forget the assets,
-        and return the offsets to commit: everything processed, since the state holds the rest."""
-        s = self.settings
-        group = s.detector.group_id
-        commits, futures, dropped = {}, [], []
-        for tp in partitions:
-            position = self.positions.pop(tp, None)
-            assets = sorted(self.assets_of.pop(tp.partition, set()))
-            if position is None:
-                continue
-            for a in assets:
-                body = {"group": group, "partition": tp.partition, "generation": position,
-                        "model_version": self.engine.model_version, "snapshot": self.engine.state.snapshot(a)}
-                futures.append(self.producer.send(s.topics.state_topic, key=a.encode(),
-                                                  value=json.dumps(body, separators=(",", ":")).encode()))
-            marker = {"group": group, "partition": tp.partition, "offset": position, "assets": len(assets),
-                      "model_version": self.engine.model_version}
-            futures.append(self.producer.send(s.topics.state_topic,
-                                              key=f"{PARTITION_MARKER}/{group}/{tp.partition}".encode(),
-                                              value=json.dumps(marker).encode()))
-            commits[tp] = OffsetAndMetadata(position, "", -1)
-            dropped += assets
-        self._await(futures)
-        self.engine.state.drop(dropped)
-        if commits:
-            self.log.info("state handed over", partitions=sorted(tp.partition for tp in commits), assets=len(dropped))
-        return commits
 
-    def restore(self, committed: dict[TopicPartition, int]) -> None:
-        """Restore the snapshots written for exactly the committed position of each partition."""
-        for tp, offset in committed.items():
-            self.positions[tp] = offset
-        wanted = {tp.partition: off for tp, off in committed.items()}
-        if not wanted:
-            return
-        markers, snaps = read_state_topic(self.settings, set(wanted))
-        restored = 0
-        for p, offset in wanted.items():
-            marker = markers.get(p)
-            if marker is None or marker["offset"] != offset or marker["model_version"] != self.engine.model_version:
-                continue
-            for asset, body in snaps.get(p, {}).items():
-                if body["generation"] == offset:
-                    self.engine.state.restore(asset, body["snapshot"])
-                    self.assets_of[p].add(asset)
-                    restored += 1
-        self.log.info("state restored", partitions=sorted(wanted), assets=restored)
+def read_changelog(settings: Settings, producer: Any, partitions: set[int], state_partition: Callable[[int], int],
+                   timeout_s: float = 60.0) -> dict[int, tuple[dict[str, tuple[int, bytes]], Restored]]:
+    """Per readings partition: each asset's snapshot with the highest position, and the highest
+    published-outputs position, as this group left them in the state topic.
 
-
-def read_state_topic(settings: Settings, partitions: set[int], timeout_s: float = 15.0
-                     ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, dict[str, Any]]]]:
-    """Latest partition markers and asset snapshots of this group for the given partitions."""
+    The end of the log is found by writing a fresh marker and reading up to it (a broker's high
+    watermark can lag the end), so nothing acknowledged before this call is missed.
+    """
     s = settings
     group = s.detector.group_id
+    topic = s.topics.state_topic
+    nonce = uuid.uuid4().hex
+    ends: dict[int, int] = {}
+    for sp in sorted({state_partition(p) for p in partitions}):
+        md = producer.send(topic, key=f"{group}\x00\x00open".encode(), value=nonce.encode(),
+                           headers=[(KIND, b"open"), (GROUP, group.encode())], partition=sp)
+        ends[sp] = md.get(timeout=s.kafka.request_timeout_ms / 1000).offset
+    found: dict[int, tuple[dict[str, tuple[int, bytes]], Restored]] = {p: ({}, Restored()) for p in partitions}
     consumer = make_consumer(s, group_id=None)
     try:
-        parts = consumer.partitions_for_topic(s.topics.state_topic) or set()
-        tps = [TopicPartition(s.topics.state_topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(topic, sp) for sp in ends]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        markers: dict[int, dict[str, Any]] = {}
-        snaps: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
         deadline = time.monotonic() + timeout_s
-        while tps and time.monotonic() < deadline:
-            for recs in consumer.poll(timeout_ms=200, max_records=10000).values():
+        open_parts = set(tps)
+        while open_parts:
+            if time.monotonic() > deadline:
+                raise DeliveryError(f"state topic {topic!r} not read to its end within {timeout_s:.0f} s")
+            for tp, recs in consumer.poll(timeout_ms=200, max_records=20000).items():
                 for r in recs:
-                    try:
-                        body = json.loads(r.value)
-                    except (TypeError, ValueError):
+                    if r.offset >= ends[tp.partition]:
+                        open_parts.discard(tp)
+                    h = dict(r.headers or [])
+                    if h.get(GROUP) != group.encode() or PARTITION not in h:
                         continue
-                    if body.get("group") != group or body.get("partition") not in partitions:
+                    p, position = int(h[PARTITION]), int(h[POSITION])
+                    if p not in found:
                         continue
-                    if (r.key or b"").startswith(PARTITION_MARKER.encode()):
-                        markers[body["partition"]] = body
-                    else:
-                        snaps[body["partition"]][_text(r.key) or ""] = body
-            if all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp) for tp in tps):
-                break
-        return markers, snaps
+                    snaps, info = found[p]
+                    if h[KIND] == b"progress":
+                        info.emitted = max(info.emitted, position)
+                    elif h[KIND] == b"snapshot" and r.value:
+                        try:
+                            asset = read_snapshot_header(r.value)["asset"]
+                        except ValueError:
+                            continue
+                        if asset not in snaps or snaps[asset][0] <= position:
+                            snaps[asset] = (position, r.value)
+            for tp in list(open_parts):
+                if consumer.position(tp) > ends[tp.partition]:
+                    open_parts.discard(tp)
+        return found
     finally:
         consumer.close(autocommit=False)
 
 
 class _Listener(AsyncConsumerRebalanceListener):
     """Rebalance hooks. kafka-python 3 runs them on the consumer's event loop, where blocking
-    consumer calls are refused, so the commit and the committed-offset fetch use the
-    coordinator's coroutines (pinned kafka-python version)."""
+    consumer calls are refused: they only record what changed; the main loop restores."""
 
     def __init__(self, detector: Detector) -> None:
         self.detector = detector
 
+    def _drop(self, partitions: set[TopicPartition], why: str) -> None:
+        d = self.detector
+        d.assigned = False
+        d._set_health(assigned=False)
+        for tp in partitions:
+            d.to_restore.pop(tp, None)
+            d.rewind.discard(tp)
+        dropped = d.checkpoints.revoke(tp.partition for tp in partitions)
+        d.engine.state.drop(dropped)
+        d.log.info("partitions released", reason=why, partitions=sorted(tp.partition for tp in partitions),
+                   assets=len(dropped))
+
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.detector.assigned = False
-        commits = self.detector.prepare_handover(revoked)
-        if commits:
-            assert self.detector.consumer is not None
-            await self.detector.consumer._coordinator._commit_offsets_sync_async(commits)
+        self._drop(revoked, "revoked")
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self._drop(lost, "lost")
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        assert self.detector.consumer is not None
-        fetched = await self.detector.consumer._coordinator.fetch_committed_offsets_async(set(assigned))
-        committed = {tp: om.offset for tp, om in fetched.items() if om is not None and om.offset >= 0}
-        self.detector.restore(committed)
-        self.detector.assigned = True
+        d = self.detector
+        assert d.consumer is not None
+        fetched = await d.consumer._coordinator.fetch_committed_offsets_async(set(assigned))
+        for tp in assigned:
+            om = fetched.get(tp)
+            d.to_restore[tp] = om.offset if om is not None and om.offset >= 0 else -1
+        d.assigned = True
+        d._set_health(assigned=True)

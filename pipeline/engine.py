@@ -92,8 +92,15 @@ class DetectionEngine:
         # Old LSTM state means nothing to new weights: every asset restarts, warm where it can.
         state.units = tuple(bundle.units)
         state.lstm = [np.zeros((len(state.last_pred), u), np.float32) for u in bundle.units for _ in range(2)]
-        state.reset_model_state(rows)
         self.bundle, self.model = bundle, model
+        return self.rewarm(rows)
+
+    def rewarm(self, rows: np.ndarray) -> int:
+        """Rebuild these assets' LSTM state with the serving model from their remembered recent
+        steps (after a swap, or a snapshot taken under another model); the score terms restart at
+        their normal level and the online threshold re-seeds. Returns the assets warmed."""
+        state, bundle, model = self.state, self.bundle, self.model
+        state.reset_model_state(rows)
         warm = rows[state.cols["recent_n"][rows] > 0]
         if len(warm):
             values, mask = state.recent_batch(warm)

@@ -105,6 +105,11 @@ class DecodedBatch:
     def __len__(self) -> int:
         return len(self.value)
 
+    def select(self, keep: np.ndarray, rejects: list[Reject] | None = None) -> DecodedBatch:
+        """The rows where ``keep`` (bool, one per value) holds, with ``rejects`` (default: the same)."""
+        return DecodedBatch(self.record_index[keep], self.asset[keep], self.ts_ms[keep], self.feature[keep],
+                            self.value[keep], self.rejects if rejects is None else rejects, self.n_records)
+
 
 class _Rejected(Exception):
     """Internal signal: the record being decoded is unusable."""

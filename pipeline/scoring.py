@@ -111,7 +111,7 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     state.cols["has_pred"][r] = True
     state.cols["since_reset"][r] = base[last_seg] + lengths[last_seg]
     state.cols["last_step"][r] = steps.step[starts[last_seg] + lengths[last_seg] - 1]
-    state.remember(rows, steps.values.astype(np.float32), steps.pos, steps.reset, rank_within_asset(steps.asset))
+    state.remember(rows, steps.values.astype(np.float32), steps.reset, rank_within_asset(steps.asset))
     novelty = cross_sectional_residuals(bundle, scaled)
     return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64), novelty,
                        top[seg_of, pos])

@@ -220,6 +220,7 @@ class DetectorSettings:
     poll_timeout_ms: int = _f(500, "longest wait for records in one poll")
     registry_poll_s: float = _f(30.0, "how often the registry is checked for a new current model (the control topic is faster)")
     http_port: int = _f(0, "port of the /metrics, /healthz and /readyz endpoints (0 = off)")
+    checkpoint_interval_ms: int = _f(2000, "how often the state of changed assets is written to the state topic and offsets committed: a successor replays at most this much (silently)")
 
     def __post_init__(self) -> None:
         _check("detector.group_id", bool(self.group_id), "must not be empty")
@@ -227,6 +228,7 @@ class DetectorSettings:
         _check("detector.poll_timeout_ms", self.poll_timeout_ms >= 1, "must be >= 1")
         _check("detector.registry_poll_s", self.registry_poll_s > 0, "must be > 0")
         _check("detector.http_port", 0 <= self.http_port <= 65535, "must be a port number or 0")
+        _check("detector.checkpoint_interval_ms", self.checkpoint_interval_ms >= 0, "must be >= 0 (0 = every poll)")
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,26 @@
 Numeric state lives in row-per-asset arrays so a poll touches all its assets with
 vectorised operations: the LSTM ``(h, c)`` per layer, the last next-step prediction,
 steps since the last reset, the per-feature score terms and the online threshold statistics, and
-the alert state machine, and a ring of the asset's last ``history`` grid steps (raw values
-and source positions) — enough to re-warm a fresh LSTM state after a crash (replay from
-the oldest position) or for a new model (feed the values). The event-time grid of each
-asset sits beside them. A snapshot
-of one asset is plain JSON-able data; restoring it into any detector (after a restart or
-a rebalance) continues that asset exactly where it was.
+the alert state machine, and a ring of the asset's last ``history`` grid values — enough to
+re-warm a fresh LSTM state for a new model. The event-time grid of each asset sits beside
+them. :meth:`FleetState.snapshot` encodes assets' whole state as compact bytes (a JSON
+header plus the rows' raw arrays, written to the changelog every checkpoint);
+:meth:`FleetState.restore` puts one back, so any detector (after a crash, a restart or a
+rebalance) continues that asset exactly where it was.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from pipeline.grid import NO_POS, AssetGrid, FleetGrid, GridConfig
+from pipeline.grid import AssetGrid, FleetGrid, GridConfig
+
+SNAPSHOT_MAGIC = b"PWS1"
 
 PRIOR_LEVEL = 1.0  # normal level of a normalised squared error: where the term EWMAs start
 
@@ -59,7 +63,6 @@ class FleetState:
         self._free: list[int] = []
         self._cap = 0
         self.recent_values = np.empty((0, self.history, n_features), np.float32)
-        self.recent_pos = np.empty((0, self.history), np.int64)
         self.lstm: list[np.ndarray] = [np.empty((0, u), np.float32) for u in self.units for _ in range(2)]
         self.last_pred = np.empty((0, n_features), np.float32)
         self.alert_contrib = np.empty((0, n_features))  # summed feature contributions of the open alert
@@ -81,7 +84,6 @@ class FleetState:
         self.alert_contrib = np.vstack([self.alert_contrib, np.zeros((extra, self.n_features))])
         self.recent_values = np.concatenate(
             [self.recent_values, np.zeros((extra, self.history, self.n_features), np.float32)])
-        self.recent_pos = np.concatenate([self.recent_pos, np.full((extra, self.history), NO_POS, np.int64)])
         for name, arr in self.vectors.items():
             self.vectors[name] = np.vstack([arr, np.zeros((extra, self.n_features), arr.dtype)])
         for name, col in self.cols.items():
@@ -95,7 +97,6 @@ class FleetState:
         self.last_pred[rows] = 0.0
         self.alert_contrib[rows] = 0.0
         self.recent_values[rows] = 0.0
-        self.recent_pos[rows] = NO_POS
         for name, arr in self.vectors.items():
             arr[rows] = np.nan if arr.dtype == np.float64 else 0
         self.vectors["forecast_ewma"][rows] = PRIOR_LEVEL
@@ -133,8 +134,7 @@ class FleetState:
                 self._init_rows(np.array([r]))
                 self._free.append(r)
 
-    def remember(self, rows: np.ndarray, values: np.ndarray, pos: np.ndarray, reset: np.ndarray,
-                 rank: np.ndarray) -> None:
+    def remember(self, rows: np.ndarray, values: np.ndarray, reset: np.ndarray, rank: np.ndarray) -> None:
         """Append scored steps to each asset's ring (``rank`` = position within the asset in this call)."""
         if len(rows) == 0:
             return
@@ -144,27 +144,18 @@ class FleetState:
         keep = rank >= n_new[inv] - h  # only the last `history` steps can survive in the ring
         slot = (head[rows] + rank) % h
         self.recent_values[rows[keep], slot[keep]] = values[keep]
-        self.recent_pos[rows[keep], slot[keep]] = pos[keep]
         head[uniq] = (head[uniq] + n_new) % h
         # A reset starts a new run: steps before it are not continuous with the ones after.
         last_reset = np.full(len(uniq), -1)
         np.maximum.at(last_reset, inv, np.where(reset, rank, -1))
         count[uniq] = np.minimum(h, np.where(last_reset >= 0, n_new - last_reset, count[uniq] + n_new))
 
-    def recent(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """The asset's remembered steps since its last reset, oldest first: (values, positions)."""
+    def recent(self, row: int) -> np.ndarray:
+        """The asset's remembered grid values since its last reset, oldest first."""
         n = int(self.cols["recent_n"][row])
         head = int(self.cols["recent_head"][row])
         slots = (head - n + np.arange(n)) % self.history
-        return self.recent_values[row, slots], self.recent_pos[row, slots]
-
-    def replay_position(self, asset: str) -> int:
-        """Oldest source position a restart must re-read to rebuild this asset (NO_POS: nothing)."""
-        r = self.index[asset]
-        _, pos = self.recent(r)
-        grid = self.grid.assets.get(asset)
-        pending = grid.oldest_pending_pos() if grid is not None else NO_POS
-        return int(min(pending, pos.min(initial=NO_POS)))
+        return self.recent_values[row, slots]
 
     def recent_batch(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Remembered steps of many assets, oldest first, left-aligned: values (R, H, F) and a mask (R, H)."""
@@ -183,43 +174,67 @@ class FleetState:
         self.cols["has_pred"][rows] = False
         self.cols["since_reset"][rows] = 0
 
-    def snapshot(self, asset: str) -> dict[str, Any]:
-        """One asset's whole state as plain data."""
-        r = self.index[asset]
-        grid = self.grid.assets.get(asset)
-        return {
-            "grid": grid.snapshot() if grid is not None else None,
-            "lstm": [a[r].tolist() for a in self.lstm],
-            "last_pred": self.last_pred[r].tolist(),
-            "alert_contrib": self.alert_contrib[r].tolist(),
-            "recent_values": self.recent_values[r].tolist(),
-            "recent_pos": self.recent_pos[r].tolist(),
-            "vectors": {name: [_plain(x) for x in arr[r]] for name, arr in self.vectors.items()},
-            "cols": {name: _plain(col[r]) for name, col in self.cols.items()},
-            "alert_version": self.alert_version.get(r),
-        }
+    def _blocks(self) -> list[np.ndarray]:
+        """The per-row arrays a snapshot carries, in their fixed order."""
+        return [*self.lstm, self.last_pred, self.alert_contrib, *self.vectors.values(), self.recent_values,
+                *self.cols.values()]
 
-    def restore(self, asset: str, snap: dict[str, Any]) -> None:
-        (r,) = self.rows(np.array([asset], dtype=object))
-        if snap["grid"] is not None:
-            self.grid.assets[asset] = AssetGrid.restore(self.n_features, snap["grid"])
-        for a, v in zip(self.lstm, snap["lstm"]):
-            a[r] = v
-        self.last_pred[r] = snap["last_pred"]
-        self.alert_contrib[r] = snap["alert_contrib"]
-        self.recent_values[r] = snap["recent_values"]
-        self.recent_pos[r] = snap["recent_pos"]
-        for name, values in snap["vectors"].items():
-            self.vectors[name][r] = [np.nan if v is None else v for v in values]
-        for name, v in snap["cols"].items():
-            self.cols[name][r] = np.nan if v is None else v
-        if snap.get("alert_version"):
-            self.alert_version[r] = snap["alert_version"]
+    def snapshot(self, assets: Sequence[str], meta: dict[str, Any] | None = None) -> list[bytes]:
+        """The whole state of each asset as bytes: ``PWS1``, a JSON header (asset, grid, open
+        alert's model version, layout, ``meta``) and the asset's row of every array, raw.
+
+        Encoded for many assets at once, so a checkpoint of a large fleet stays cheap.
+        """
+        if not assets:
+            return []
+        rows = np.fromiter((self.index[a] for a in assets), np.int64, len(assets))
+        raw = np.concatenate([np.ascontiguousarray(b[rows]).reshape(len(rows), -1).view(np.uint8)
+                              for b in self._blocks()], axis=1)
+        layout = {"units": list(self.units), "features": self.n_features, "history": self.history}
+        out = []
+        for i, (a, r) in enumerate(zip(assets, rows.tolist())):
+            grid = self.grid.assets.get(a)
+            head = json.dumps({"asset": a, "grid": grid.snapshot() if grid is not None else None,
+                               "alert_version": self.alert_version.get(r), "layout": layout, **(meta or {})},
+                              separators=(",", ":")).encode()
+            out.append(SNAPSHOT_MAGIC + struct.pack(">I", len(head)) + head + raw[i].tobytes())
+        return out
+
+    def restore(self, blob: bytes) -> dict[str, Any]:
+        """Put one asset's snapshot back (creating its row); returns the snapshot's header.
+
+        Raises ``ValueError`` for bytes that are not a snapshot of this state's layout, so a
+        changelog written by another model shape is refused rather than misread.
+        """
+        head = read_snapshot_header(blob)
+        layout = {"units": list(self.units), "features": self.n_features, "history": self.history}
+        if head.get("layout") != layout:
+            raise ValueError(f"snapshot layout {head.get('layout')} differs from this state's {layout}")
+        start = 8 + struct.unpack(">I", blob[4:8])[0]
+        (r,) = self.rows(np.array([head["asset"]], dtype=object))
+        for b in self._blocks():
+            width = b[r].nbytes
+            b[r] = np.frombuffer(blob, dtype=b.dtype, count=b[r].size, offset=start).reshape(b[r].shape)
+            start += width
+        if start != len(blob):
+            raise ValueError(f"snapshot of {head['asset']!r} has {len(blob) - start} unexpected trailing bytes")
+        if head["grid"] is not None:
+            self.grid.assets[head["asset"]] = AssetGrid.restore(self.n_features, head["grid"])
+        else:
+            self.grid.assets.pop(head["asset"], None)
+        if head.get("alert_version"):
+            self.alert_version[r] = head["alert_version"]
+        else:
+            self.alert_version.pop(r, None)
+        return head
 
 
-def _plain(x: Any) -> Any:
-    if isinstance(x, np.floating):
-        return None if np.isnan(x) else float(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return int(x)
+def read_snapshot_header(blob: bytes) -> dict[str, Any]:
+    """The JSON header of a snapshot (``ValueError`` if the bytes are not one)."""
+    if len(blob) < 8 or blob[:4] != SNAPSHOT_MAGIC:
+        raise ValueError("not a plantwatch state snapshot")
+    n = struct.unpack(">I", blob[4:8])[0]
+    head = json.loads(blob[8:8 + n])
+    if not isinstance(head, dict) or not isinstance(head.get("asset"), str):
+        raise ValueError("snapshot header without an asset")
+    return head
