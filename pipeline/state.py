@@ -126,9 +126,9 @@ class FleetState:
     def drop(self, assets: Sequence[str]) -> None:
         """Forget assets (e.g. their partition moved to another detector); rows are reused."""
         for name in assets:
+            self.grid.assets.pop(name, None)
             r = self.index.pop(name, None)
             if r is not None:
-                self.grid.assets.pop(name, None)
                 self.names[r] = None
                 self.alert_version.pop(r, None)
                 self._init_rows(np.array([r]))
@@ -187,7 +187,7 @@ class FleetState:
         """
         if not assets:
             return []
-        rows = np.fromiter((self.index[a] for a in assets), np.int64, len(assets))
+        rows = self.rows(np.array(assets, dtype=object))  # an asset may have readings but no scored step yet
         raw = np.concatenate([np.ascontiguousarray(b[rows]).reshape(len(rows), -1).view(np.uint8)
                               for b in self._blocks()], axis=1)
         layout = {"units": list(self.units), "features": self.n_features, "history": self.history}
