@@ -11,6 +11,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import pandas as pd
+
 from consumers.kafka_clients import make_producer
 from pipeline.engine import DetectionEngine
 from pipeline.readings import encode_wide
@@ -20,7 +22,7 @@ from pipeline.tables import frame_to_batch
 
 from .plant import PERIOD_MS, PLANT, detector_settings, read_topic, running_detector, wait_until
 
-SECONDS = 32
+SECONDS = 36
 GAP_RESET_STEPS = 4
 
 
@@ -47,12 +49,11 @@ def test_live_stream_at_wall_clock_pace_scores_every_step_exactly_once(broker: A
     plan = _live_plan(start_ms)
     reference = DetectionEngine(fitted_plant.bundle, settings.grid)
     assert settings.grid == GridSettings(gap_reset_steps=GAP_RESET_STEPS)
-    import pandas as pd
-
     frame = pd.DataFrame([{"asset": a, "ts_ms": ts, **v} for ts, a, v in plan])
     out = reference.process(frame_to_batch(frame, PLANT.features, ts_col="ts_ms", asset_col="asset"))
     expected = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.score) if sc == sc}
-    assert {a for a, _ in expected} >= set(PLANT.asset_ids[:4])  # every live asset has scored steps
+    # the asset that appears mid-run is scored too (the one that goes silent restarts its warm-up)
+    assert {a for a, _ in expected} >= {PLANT.asset_ids[0], PLANT.asset_ids[2], PLANT.asset_ids[3]}
 
     producer = make_producer(settings)
     with running_detector(settings, fitted_plant.bundle) as det:
