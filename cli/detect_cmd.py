@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import threading
-import time
+from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from consumers.health import Health
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,42 +20,70 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Serve the probes first, then wait (alive, not ready) for a first model and for the broker,
+    then detect. A stop signal during either wait exits 0."""
     from cli.main import UsageError
-    from consumers.detector import Detector
+    from consumers.health import Health
     from consumers.http_server import serve
     from consumers.kafka_clients import require_bootstrap
     from consumers.signals import stop_on_signals
-    from consumers.topics import ensure_topics, standard_topics
+    from consumers.topics import ensure_topics_retrying, standard_topics
     from pipeline.bundle import BundleError, load_bundle
 
     require_bootstrap(settings)
     stop = stop_on_signals()
+    health = Health()
+    server = serve(settings.detector.http_port, health=health) if settings.detector.http_port else None
     try:
-        bundle = load_bundle(args.model, settings.model.features) if args.model else _wait_for_current(settings, stop)
-    except BundleError as exc:
-        raise UsageError(f"cannot load the model: {exc}") from None
-    if bundle is None:
-        return 0  # stopped while waiting for a first model
-    ensure_topics(settings, standard_topics(settings))
-    detector = Detector(settings, bundle, stop=stop, follow_registry=args.model is None)
-    if settings.detector.http_port:
-        serve(settings.detector.http_port, alive=lambda: time.monotonic() - detector.last_loop < 60,
-              ready=lambda: detector.ready)
-    return detector.run()
+        try:
+            bundle = load_bundle(args.model, settings.model.features) if args.model \
+                else _wait_for_current(settings, stop, health)
+        except BundleError as exc:
+            raise UsageError(f"cannot load the model: {exc}") from None
+        if bundle is None:
+            return 0  # stopped while waiting for a first model
+        health.model_loaded = True
+        if not ensure_topics_retrying(settings, standard_topics(settings), stop=stop, health=health):
+            return 0  # stopped while waiting for the broker
+        from consumers.detector import Detector  # TensorFlow: imported once the probes answer
+
+        detector = _detector(Detector, settings, bundle, stop=stop, follow_registry=args.model is None,
+                             health=health)
+        return int(detector.run())
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
-def _wait_for_current(settings: Settings, stop: threading.Event):  # type: ignore[no-untyped-def]
+def _detector(cls: Any, settings: Settings, bundle: Any, *, stop: threading.Event, follow_registry: bool,
+              health: Health) -> Any:
+    """``Detector(settings, bundle, stop=…, follow_registry=…, health=health)``; a Detector without
+    the ``health`` parameter is built without it, and ``health`` then follows its ``assigned`` and
+    ``last_loop`` attributes."""
+    if "health" in inspect.signature(cls).parameters:
+        return cls(settings, bundle, stop=stop, follow_registry=follow_registry, health=health)
+    detector = cls(settings, bundle, stop=stop, follow_registry=follow_registry)
+    health.follow(detector)
+    return detector
+
+
+def _wait_for_current(settings: Settings, stop: threading.Event, health: Health):  # type: ignore[no-untyped-def]
     """The registry's current bundle; a fresh deployment waits (logging) until a first one is published."""
     from pipeline.logs import get_logger
     from pipeline.registry import RegistryError, current_version, load_current
 
     log = get_logger("plantwatch.detect")
-    while not stop.is_set():
-        try:
-            if current_version(settings.registry.uri) is not None:
-                return load_current(settings.registry.uri, expected_features=settings.model.features)
-        except RegistryError as exc:
-            log.warning("registry not usable yet", error=str(exc))
-        log.info("waiting for a first model in the registry", registry=settings.registry.uri)
-        stop.wait(settings.detector.registry_poll_s)
-    return None
+    health.waiting_for = "first model"
+    try:
+        while not stop.is_set():
+            try:
+                if current_version(settings.registry.uri) is not None:
+                    return load_current(settings.registry.uri, expected_features=settings.model.features)
+            except RegistryError as exc:
+                log.warning("registry not usable yet", error=str(exc))
+            log.info("waiting for a first model in the registry", registry=settings.registry.uri)
+            stop.wait(settings.detector.registry_poll_s)
+        return None
+    finally:
+        health.waiting_for = None

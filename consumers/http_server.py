@@ -5,23 +5,52 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+if TYPE_CHECKING:
+    from consumers.health import Health
 
-def serve(port: int, *, alive: Callable[[], bool], ready: Callable[[], bool], host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Start the endpoints; ``alive`` answers /healthz (the loop turns), ``ready`` /readyz (serving)."""
+
+def serve(port: int, *, health: Health | None = None, alive: Callable[[], bool] | None = None,
+          ready: Callable[[], bool] | None = None, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Start the endpoints on ``port`` and return the server (``shutdown()`` stops it).
+
+    Either ``health`` (a :class:`consumers.health.Health`: /healthz from ``alive()``, /readyz
+    from ``ready()`` with the reason it is not ready in the body), or the two callables
+    ``alive`` (the loop turns) and ``ready`` (serving).
+    """
+    if health is not None:
+        if alive is not None or ready is not None:
+            raise TypeError("serve() takes either health or alive/ready, not both")
+        is_alive: Callable[[], bool] = health.alive
+        why_not_ready: Callable[[], str | None] = health.not_ready_reason
+        waiting: Callable[[], str | None] = lambda: health.waiting_for  # noqa: E731
+    elif alive is not None and ready is not None:
+        is_alive = alive
+        why_not_ready = lambda: None if ready() else ""  # noqa: E731
+        waiting = lambda: None  # noqa: E731
+    else:
+        raise TypeError("serve() needs health, or both alive and ready")
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
-            if self.path == "/metrics":
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
                 self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
-            elif self.path == "/healthz":
-                ok = alive()
-                self._send(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
-            elif self.path == "/readyz":
-                ok = ready()
-                self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+            elif path == "/healthz":
+                if is_alive():
+                    wait = waiting()
+                    self._send(200, f"ok: waiting for {wait}\n".encode() if wait else b"ok\n")
+                else:
+                    self._send(503, b"stalled\n")
+            elif path == "/readyz":
+                reason = why_not_ready()
+                if reason is None:
+                    self._send(200, b"ready\n")
+                else:
+                    self._send(503, f"not ready: {reason}\n".encode() if reason else b"not ready\n")
             else:
                 self._send(404, b"not found\n")
 
