@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -47,25 +46,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return 0  # stopped while waiting for the broker
         from consumers.detector import Detector  # TensorFlow: imported once the probes answer
 
-        detector = _detector(Detector, settings, bundle, stop=stop, follow_registry=args.model is None,
-                             health=health)
+        detector = Detector(settings, bundle, stop=stop, follow_registry=args.model is None, health=health)
         return int(detector.run())
     finally:
         if server is not None:
             server.shutdown()
             server.server_close()
-
-
-def _detector(cls: Any, settings: Settings, bundle: Any, *, stop: threading.Event, follow_registry: bool,
-              health: Health) -> Any:
-    """``Detector(settings, bundle, stop=…, follow_registry=…, health=health)``; a Detector without
-    the ``health`` parameter is built without it, and ``health`` then follows its ``assigned`` and
-    ``last_loop`` attributes."""
-    if "health" in inspect.signature(cls).parameters:
-        return cls(settings, bundle, stop=stop, follow_registry=follow_registry, health=health)
-    detector = cls(settings, bundle, stop=stop, follow_registry=follow_registry)
-    health.follow(detector)
-    return detector
 
 
 def _wait_for_current(settings: Settings, stop: threading.Event, health: Health):  # type: ignore[no-untyped-def]

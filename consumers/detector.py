@@ -36,6 +36,7 @@ from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
+from consumers.health import Health
 from consumers.kafka_clients import make_consumer, make_producer
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
@@ -86,7 +87,7 @@ class Detector:
     """One detector process (one consumer-group member)."""
 
     def __init__(self, settings: Settings, bundle: ModelBundle, *, stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.time, follow_registry: bool = False, health: Any = None) -> None:
+                 clock: Callable[[], float] = time.time, follow_registry: bool = False, health: Health | None = None) -> None:
         self.settings = settings
         self.engine = DetectionEngine(bundle, settings.grid)
         self.stop = stop or threading.Event()
@@ -111,8 +112,7 @@ class Detector:
 
     def _set_health(self, **values: Any) -> None:
         if self.health is not None:
-            for k, v in values.items():
-                setattr(self.health, k, v)
+            self.health.update(**values)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self) -> int:
@@ -146,7 +146,8 @@ class Detector:
                     if self.watcher is not None:
                         self._maybe_swap()
                     backoff = 0.5
-                    self._set_health(broker_ok=True)
+                    # The coordinator is marked unknown within a few heartbeats of losing the broker.
+                    self._set_health(broker_ok=not self.consumer._coordinator.coordinator_unknown())
                 except Fenced as exc:
                     self._forget_all(f"fenced: {exc}")
                 except (DeliveryError, KafkaError) as exc:
