@@ -135,9 +135,8 @@ def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
 
 def _write_pointer(root: _Root, name: str, payload: dict[str, Any]) -> None:
     """Replace a pointer atomically: a complete temp file in .staging is moved over it."""
-    tmp = root.staging(f"{name}-{secrets.token_hex(4)}.tmp")
-    storage.write_bytes(root.fs, tmp, json.dumps(payload, sort_keys=True).encode())
-    root.fs.move(tmp, root.pointer(name))
+    storage.write_atomic(root.fs, root.pointer(name), json.dumps(payload, sort_keys=True).encode(),
+                         tmp=root.staging(f"{name}-{secrets.token_hex(4)}.tmp"))
 
 
 def _pointers(root: _Root) -> Pointers:

@@ -3,8 +3,10 @@ pyarrow reaches (local disk, S3, GCS, HDFS, or the in-memory ``mock://`` filesys
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+from collections.abc import Callable
 
 import pyarrow.fs as pafs
 
@@ -37,11 +39,43 @@ def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         fh.write(data)
 
 
-def write_atomic(fs: pafs.FileSystem, path: str, data: bytes, tmp_suffix: str) -> None:
-    """Write beside the target, then rename over it: readers see the old or the new file, never half."""
-    tmp = f"{path}.{tmp_suffix}.tmp"
-    write_bytes(fs, tmp, data)
-    fs.move(tmp, path)
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes | Callable[[str], object], *, tmp: str,
+                 sync: bool = False) -> None:
+    """Write the file completely at ``tmp``, then move it to ``path``: readers of ``path`` see
+    the old file (or none) or the new one, never part of one. A failed write deletes ``tmp``;
+    a killed process leaves it, so put it where readers do not look and its owner sweeps.
+
+    ``data`` is the bytes, or a function writing the file at the path it is given. ``sync``
+    flushes the file to a local disk before the move; the caller then fsyncs the directories
+    (:func:`fsync`) once the moves that must survive a power loss are done.
+    """
+    for directory in dict.fromkeys([posixpath.dirname(tmp), posixpath.dirname(path)]):
+        fs.create_dir(directory, recursive=True)
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with fs.open_output_stream(tmp) as fh:
+                fh.write(data)
+        if sync:
+            fsync(fs, tmp)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if exists(fs, tmp):
+                fs.delete_file(tmp)
+        raise
+
+
+def fsync(fs: pafs.FileSystem, path: str) -> None:
+    """Flush a file or directory to a local disk (a no-op on other filesystems)."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
-import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
@@ -225,14 +226,14 @@ def test_prune_removes_only_stale_staging_entries_and_incomplete_versions(root: 
 # ---------------------------------------------------------------- object-store semantics
 
 
-class _NoDirMoves(pafs.FileSystemHandler):
-    """An in-memory filesystem that, like S3 or GCS, cannot move a directory."""
+class _Delegating(pafs.FileSystemHandler):
+    """A filesystem handler that passes every call on to another filesystem."""
 
     def __init__(self, fs: pafs.FileSystem) -> None:
         self.fs = fs
 
     def get_type_name(self) -> str:
-        return "nodirmoves"
+        return "delegating"
 
     def equals(self, other: Any) -> bool:
         return self is other
@@ -262,8 +263,6 @@ class _NoDirMoves(pafs.FileSystemHandler):
         self.fs.delete_file(path)
 
     def move(self, src: str, dest: str) -> None:
-        if self.fs.get_file_info(src).type == pafs.FileType.Directory:
-            raise NotImplementedError("directory moves are not supported")
         self.fs.move(src, dest)
 
     def copy_file(self, src: str, dest: str) -> None:
@@ -282,6 +281,18 @@ class _NoDirMoves(pafs.FileSystemHandler):
         raise NotImplementedError
 
 
+class _NoDirMoves(_Delegating):
+    """An in-memory filesystem that, like S3 or GCS, cannot move a directory."""
+
+    def get_type_name(self) -> str:
+        return "nodirmoves"
+
+    def move(self, src: str, dest: str) -> None:
+        if self.fs.get_file_info(src).type == pafs.FileType.Directory:
+            raise NotImplementedError("directory moves are not supported")
+        self.fs.move(src, dest)
+
+
 def test_filesystems_without_directory_moves_copy_then_point(monkeypatch: pytest.MonkeyPatch) -> None:
     fs = pafs.PyFileSystem(_NoDirMoves(pafs._MockFileSystem()))
     monkeypatch.setattr(storage, "resolve", lambda uri: (fs, uri.removeprefix("objstore://")))
@@ -296,59 +307,194 @@ def test_filesystems_without_directory_moves_copy_then_point(monkeypatch: pytest
 
 # ---------------------------------------------------------------- crash safety
 
+
+class Halting(_Delegating):
+    """Numbers the changes a process makes to a filesystem: creating a directory, creating a
+    file, writing the first half of a write, moving, deleting (a directory's files one by one,
+    then the directory). At change number ``halt_at``
+    it writes ``halted <pid> <change>`` to ``report`` and waits to be killed: every change
+    before that one is done, that one is not (a write is half done)."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, halt_at: int, report: Any) -> None:
+        super().__init__(fs)
+        self.root, self.halt_at, self.report, self.changes = root, halt_at, report, 0
+
+    def get_type_name(self) -> str:
+        return "halting"
+
+    def _change(self, what: str, *paths: str) -> None:
+        self.changes += 1
+        if self.changes == self.halt_at:
+            names = " ".join(p[len(self.root) + 1:] or "." if p.startswith(self.root) else p for p in paths)
+            print(f"halted {os.getpid()} {what} {names}", file=self.report, flush=True)
+            time.sleep(60)
+            os._exit(3)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._change("create-dir", path)
+        super().create_dir(path, recursive)
+
+    def delete_dir(self, path: str) -> None:
+        """File by file, as an object store deletes, so a kill can land half-way."""
+        for info in sorted(self.fs.get_file_info(pafs.FileSelector(path, recursive=True)), key=lambda i: i.path):
+            if info.type == pafs.FileType.File:
+                self.delete_file(info.path)
+        self._change("delete-dir", path)
+        super().delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._change("delete-dir-contents", path)
+        super().delete_dir_contents(path, missing_dir_ok)
+
+    def delete_file(self, path: str) -> None:
+        self._change("delete-file", path)
+        super().delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self._change("move", src, dest)
+        super().move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._change("copy", src, dest)
+        super().copy_file(src, dest)
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        self._change("create-file", path)
+        return pa.PythonFile(_HalvedWrites(super().open_output_stream(path, metadata),
+                                           lambda: self._change("half-written", path)), mode="w")
+
+
+class _HalvedWrites:
+    """A writable stream that calls ``halfway`` after writing (and flushing) half of each write."""
+
+    def __init__(self, inner: Any, halfway: Any) -> None:
+        self.inner, self.halfway = inner, halfway
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.inner.closed)
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        self.inner.write(data[:len(data) // 2])
+        self.inner.flush()
+        self.halfway()
+        self.inner.write(data[len(data) // 2:])
+        return len(data)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def tell(self) -> int:
+        return int(self.inner.tell())
+
+    def writable(self) -> bool:
+        return True
+
+
 _PUBLISHER = """
 import os, sys, traceback
-from pipeline.registry import publish
-from tests.unit.test_registry import make_bundle
+import pyarrow.fs as pafs
+from pipeline import registry, storage
+from tests.unit.test_registry import Halting, make_bundle
 
 root = sys.argv[1]
+resolve = storage.resolve
+report = os.fdopen(os.dup(1), "w")  # the protocol; anything else printed goes to stderr
+os.dup2(2, 1)
 for line in sys.stdin:
+    version, halt_at = line.split()
     pid = os.fork()
     if pid == 0:
         try:
-            for k in range(10**6):
-                publish(root, make_bundle(f"r{int(line):02d}-{k:04d}"), keep=2)
-        except BaseException:
+            fs, path = resolve(root)
+            halting = Halting(fs, path, int(halt_at), report)
+            storage.resolve = lambda uri: (pafs.PyFileSystem(halting), resolve(uri)[1])
+            registry.publish(root, make_bundle(version), keep=2)
+            print(f"completed {os.getpid()} after {halting.changes} changes", file=report, flush=True)
+        except BaseException as exc:
             traceback.print_exc()
-        os._exit(1)
-    print(pid, flush=True)
-    print(os.waitpid(pid, 0)[1], flush=True)
+            print(f"failed {os.getpid()} {exc!r}", file=report, flush=True)
+        os._exit(0)
+    print(os.waitpid(pid, 0)[1], file=report, flush=True)
 """
 
 
 @pytest.fixture
 def publisher(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
-    """A process that, per line on stdin, forks a child publishing in a loop (imports paid once)."""
+    """A process that, per line ``<version> <n>`` on stdin, forks a child (imports paid once)
+    that publishes the version and halts at its n-th filesystem change (see :class:`Halting`)."""
     proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER, str(tmp_path / "reg")], cwd=REPO, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
     yield proc
     assert proc.stdin is not None
     proc.stdin.close()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # a failed test left a child halted: end its process group
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
-def test_sigkill_at_random_points_never_breaks_the_current_pointer(
+@pytest.mark.timeout(300)
+def test_sigkill_at_every_step_of_a_publish_never_breaks_the_current_pointer(
         tmp_path: Path, publisher: subprocess.Popen[str]) -> None:
+    """Publishes killed at each filesystem change in turn (before the first change, before the
+    second, ..., half-way through each write) until one completes; twice, the second time with
+    a version pinned. After every kill the served version is a complete bundle, CURRENT names
+    the version it named before until the move of its temp file and the new one from then on,
+    and every directory in models/ is a complete version (this is a local disk)."""
     root = str(tmp_path / "reg")
     registry.publish(root, make_bundle("r-initial"), keep=2)
     assert publisher.stdin is not None and publisher.stdout is not None
-    rng = random.Random(11)
-    served = set()
-    for i in range(20):
-        publisher.stdin.write(f"{i}\n")
-        publisher.stdin.flush()
-        pid = int(publisher.stdout.readline())
-        time.sleep(rng.uniform(0.002, 0.06))
-        os.kill(pid, signal.SIGKILL)
-        status = int(publisher.stdout.readline())
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        bundle = registry.load_current(root, expected_features=FEATURES)  # complete and verified
-        assert bundle.version == registry.current_version(root)
-        for got, want in zip(bundle.weights, make_bundle(bundle.version).weights):
-            np.testing.assert_array_equal(got, want)
-        assert all(registry.load_version(root, v.version) for v in registry.list_versions(root))
-        served.add(bundle.version)
-    assert len(served) >= 3  # the publisher made progress between kills
+    halts: list[str] = []
+    for rnd, pinned in enumerate([None, "r0-pinned"]):
+        if pinned is not None:
+            registry.publish(root, make_bundle(pinned), keep=2)
+            registry.promote(root, pinned)
+        switched: list[tuple[bool, str]] = []  # per kill: whether CURRENT names the new version, where it halted
+        for step in range(1, 1000):
+            version, before = f"r{rnd}-{step:03d}", registry.pointers(root).current
+            publisher.stdin.write(f"{version} {step}\n")
+            publisher.stdin.flush()
+            outcome, pid, what = publisher.stdout.readline().strip().split(maxsplit=2)
+            if outcome == "completed":
+                assert int(publisher.stdout.readline()) == 0
+                assert registry.pointers(root) == registry.Pointers(version, before, registry.pointers(root).published_at,
+                                                                     pinned)
+                break
+            assert outcome == "halted", f"publish failed ({what})"
+            os.kill(int(pid), signal.SIGKILL)
+            status = int(publisher.stdout.readline())
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            halts.append(what)
+
+            p = registry.pointers(root)
+            assert p.current in (before, version) and p.pinned == pinned, f"killed at {what}: {p}"
+            bundle = registry.load_current(root, expected_features=FEATURES)  # complete and verified
+            assert bundle.version == (pinned or p.current)
+            for got, want in zip(bundle.weights, make_bundle(bundle.version).weights):
+                np.testing.assert_array_equal(got, want)
+            for v in _tree(root, "models"):
+                registry.load_version(root, v)
+            switched.append((p.current == version, what))
+        else:
+            raise AssertionError("a publish never completed")
+        # CURRENT switches once, at the move of a complete temp file over it, and stays switched
+        flags = [f for f, _ in switched]
+        first = flags.index(True) if True in flags else len(flags)
+        assert flags == [False] * first + [True] * (len(flags) - first), switched
+        assert re.fullmatch(r"move \.staging/CURRENT-[0-9a-f]{8}\.tmp CURRENT", switched[first - 1][1]), switched
+    for expected in (r"half-written \.staging/r\d-\d+-[0-9a-f]{8}/(manifest\.json|weights\.npz|scaling\.npz)",
+                     r"half-written \.staging/CURRENT-[0-9a-f]{8}\.tmp",
+                     r"move \.staging/r\d-\d+-[0-9a-f]{8} models/r\d-\d+",
+                     r"move models/r\d-\d+ \.staging/r\d-\d+-[0-9a-f]{8}\.deleted",  # pruning
+                     r"delete-dir \.staging/r\d-\d+-[0-9a-f]{8}\.deleted"):
+        assert any(re.fullmatch(expected, h) for h in halts), f"no kill at {expected}; kills: {halts}"
+    registry.unpin(root)
     registry.publish(root, make_bundle("r-final"), keep=2)
     registry.prune(root, keep=2, now=time.time() + registry.STALE_AFTER_S + 60)
     assert _tree(root, ".staging") == []
