@@ -3,6 +3,7 @@
 Layout (what :mod:`trainers.archive_scan` reads)::
 
     <archive.uri>/date=YYYY-MM-DD/part-<UTC write time>-<partition>-<first offset>.parquet
+    <archive.uri>/.archiver-tmp/<group>/<run>-part-….parquet.tmp    files being written
 
 long format, one row per (reading, feature): ``asset`` string, ``ts_ms`` int64, ``feature``
 string, ``value`` float64, ``partition`` int32, ``offset`` int64, in Kafka order. The date
@@ -18,9 +19,16 @@ unique without coordination between archivers.
 
 Delivery (at-least-once, duplicates removed on read):
 
-* A file is written under a hidden ``.….tmp`` name and moved into place when complete (on an
-  object store the move is a copy, still never a partial file under a visible name); on a
-  local disk the file is fsynced before the move and its directories after.
+* A file is written in the hidden ``.archiver-tmp/<group>/`` directory (``<run>`` is random
+  per process) and moved into place when complete (on an object store the move is a copy,
+  still never a partial file under a visible name); on a local disk the file is fsynced
+  before the move and its directories after. A kill can leave a temporary file behind: on
+  start (its first assignment) and at every later assignment, the archiver deletes the
+  temporary files that other runs of its group left for the partitions it was assigned.
+  Those are leftovers: a partition has one owner at a time, and a revoked owner finishes its
+  files before the partition moves on. (An owner evicted while still writing may lose its
+  file or still move it into place; it commits nothing, so its readings are rewritten and
+  the scan drops any duplicates.)
 * Offsets are committed only after every file of the flush is in place. A crash between
   the move and the commit makes the next owner write those readings again, in a later
   file; the scan drops them.
@@ -34,8 +42,9 @@ the one that dead-letters them.
 
 from __future__ import annotations
 
-import os
 import posixpath
+import re
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -68,6 +77,8 @@ SCHEMA = pa.schema([("asset", pa.string()), ("ts_ms", pa.int64()), ("feature", p
 ROW_GROUP_ROWS = 262_144
 DAY_MS = 86_400_000
 POLL_TIMEOUT_MS = 500  # a stop or a due timed flush waits at most this long
+TMP_DIR = ".archiver-tmp"  # under the archive root; the scan skips hidden paths
+_TMP_NAME = re.compile(r"(?P<run>[0-9a-f]{8})-part-\d{8}T\d{12}Z-(?P<partition>\d{5,})-\d{19}\.parquet\.tmp")
 
 RECORDS = Counter("plantwatch_archive_records_total", "Records read by the archiver")
 REJECTS = Counter("plantwatch_archive_rejects_total", "Records not archived because they do not decode",
@@ -123,12 +134,17 @@ class Rows:
 
 
 class ArchiveWriter:
-    """Writes one partition's flushed readings as one Parquet file per UTC date, atomically."""
+    """Writes one partition's flushed readings as one Parquet file per UTC date, atomically.
 
-    def __init__(self, uri: str, features: Sequence[str]) -> None:
+    Temporary files go to ``.archiver-tmp/<group>/`` (``group`` a consumer group id), named
+    after this writer's random run id and the final name."""
+
+    def __init__(self, uri: str, features: Sequence[str], *, group: str = "default") -> None:
         self.fs, self.root = storage.resolve(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.features = pa.array(list(features), pa.string())
+        self.run = secrets.token_hex(4)
+        self.tmp_dir = storage.join(self.root, TMP_DIR, re.sub(r"[^A-Za-z0-9_-]", "_", group) or "_")
         self._last_us = 0
 
     def write(self, partition: int, rows: Rows) -> list[str]:
@@ -138,37 +154,39 @@ class ArchiveWriter:
         paths = [self._write_file(str(np.datetime64(int(d), "D")), partition,
                                   rows if len(days) == 1 else rows.take(np.flatnonzero(day == d)))
                  for d in days]
-        if self.local:  # the renames and any new date directory survive a power loss
-            for directory in sorted({posixpath.dirname(p) for p in paths} | {self.root}):
-                _fsync(directory)
+        for directory in sorted({posixpath.dirname(p) for p in paths} | {self.root}):
+            storage.fsync(self.fs, directory)  # local disk: the renames and new date directories persist
         return paths
 
     def _write_file(self, day: str, partition: int, rows: Rows) -> str:
-        directory = storage.join(self.root, f"date={day}")
         name = f"part-{self._stamp()}-{partition:05d}-{int(rows.offset[0]):019d}.parquet"
-        final, tmp = storage.join(directory, name), storage.join(directory, f".{name}.tmp")
-        self.fs.create_dir(directory, recursive=True)
-        pq.write_table(rows.table(partition, self.features), tmp, filesystem=self.fs,
-                       row_group_size=ROW_GROUP_ROWS, compression="zstd",
-                       use_dictionary=["asset", "feature", "partition"])
-        if self.local:
-            _fsync(tmp)
-        self.fs.move(tmp, final)
+        final = storage.join(self.root, f"date={day}", name)
+        table = rows.table(partition, self.features)
+        storage.write_atomic(self.fs, final, lambda tmp: pq.write_table(
+            table, tmp, filesystem=self.fs, row_group_size=ROW_GROUP_ROWS, compression="zstd",
+            use_dictionary=["asset", "feature", "partition"]),
+            tmp=storage.join(self.tmp_dir, f"{self.run}-{name}.tmp"), sync=self.local)
         return final
+
+    def sweep(self, partitions: Iterable[int]) -> list[str]:
+        """Delete the temporary files of these partitions that other runs left; returns their paths."""
+        if not storage.exists(self.fs, self.tmp_dir):
+            return []
+        wanted = set(partitions)
+        swept = []
+        for info in self.fs.get_file_info(pafs.FileSelector(self.tmp_dir, recursive=False)):
+            m = _TMP_NAME.fullmatch(posixpath.basename(info.path))
+            if (info.type == pafs.FileType.File and m is not None and m["run"] != self.run
+                    and int(m["partition"]) in wanted):
+                self.fs.delete_file(info.path)
+                swept.append(info.path)
+        return swept
 
     def _stamp(self) -> str:
         """UTC write time in microseconds, strictly increasing even if the wall clock steps back."""
         us = max(time.time_ns() // 1000, self._last_us + 1)
         self._last_us = us
         return datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y%m%dT%H%M%S") + f"{us % 1_000_000:06d}Z"
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -187,7 +205,7 @@ class Archiver:
     def __init__(self, settings: Settings, *, stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.stop = stop or threading.Event()
-        self.writer = ArchiveWriter(settings.archive.uri, settings.model.features)
+        self.writer = ArchiveWriter(settings.archive.uri, settings.model.features, group=settings.archive.group_id)
         self.limits = DecodeLimits(max_record_bytes=settings.detector.max_record_bytes)
         self.log = get_logger("plantwatch.archiver").bind(group=settings.archive.group_id)
         self.pending: dict[TopicPartition, _Pending] = {}
@@ -362,6 +380,17 @@ class Archiver:
                 del self.durable[tp]
 
     # ------------------------------------------------------------ rebalancing
+    def sweep(self, tps: Iterable[TopicPartition]) -> None:
+        """Delete what earlier runs left half written for partitions just assigned (harmless if
+        it fails: the scan never reads temporary files)."""
+        try:
+            swept = self.writer.sweep(tp.partition for tp in tps)
+        except (OSError, pa.ArrowException) as exc:
+            self.log.warning("could not sweep leftover temporary files", error=str(exc))
+            return
+        if swept:
+            self.log.info("leftover temporary files deleted", files=len(swept), dir=self.writer.tmp_dir)
+
     def forget(self, tps: set[TopicPartition]) -> None:
         """Drop all state of partitions this member no longer owns."""
         for tp in tps:
@@ -404,5 +433,6 @@ class _Listener(AsyncConsumerRebalanceListener):
         self.archiver.log.warning("partitions lost", partitions=sorted(tp.partition for tp in lost))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.archiver.sweep(assigned)
         self.archiver.assigned = True
         self.archiver.log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))

@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import pytest
 from kafka import TopicPartition
 
 from consumers.archiver import SCHEMA, Archiver
@@ -39,6 +41,7 @@ MIDNIGHT = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the streams below cross it
 PLANT = PlantConfig(n_assets=4, period_ms=1000, seed=11)
 FEATURES = PLANT.features
 FILE_NAME = re.compile(r"part-\d{8}T\d{12}Z-(\d{5})-(\d{19})\.parquet")
+ARCHIVE_FILE = re.compile(r"date=\d{4}-\d{2}-\d{2}/" + FILE_NAME.pattern)
 Row = tuple[str, int, str, float]
 
 
@@ -97,14 +100,54 @@ def archiver_thread(s: Settings) -> Iterator[Archiver]:
         yield archiver
 
 
-def archive_process(s: Settings, log: pathlib.Path, *args: str) -> subprocess.Popen[bytes]:
-    """``plantwatch archive`` with every non-default setting of ``s`` as a ``--set`` flag."""
+# ``plantwatch archive`` that, once it has written ``after`` files, stops half-way through the
+# next one: it writes half of the file's bytes to the temporary path, fsyncs them, names that
+# path in the file ``paused`` and waits to be killed.
+_PAUSING_ARCHIVE = """
+import os, sys, time
+import pyarrow as pa
+import pyarrow.parquet as pq
+from cli.main import main
+
+paused, after = sys.argv[1], int(sys.argv[2])
+written = 0
+write_table = pq.write_table
+
+def pausing_write_table(table, where, *args, filesystem=None, **kwargs):
+    global written
+    if written < after:
+        write_table(table, where, *args, filesystem=filesystem, **kwargs)
+        written += 1
+        return
+    sink = pa.BufferOutputStream()
+    write_table(table, sink, *args, **kwargs)
+    data = sink.getvalue().to_pybytes()
+    with open(where, "wb") as fh:
+        fh.write(data[:len(data) // 2])
+        fh.flush()
+        os.fsync(fh.fileno())
+    with open(paused + ".part", "w") as fh:
+        fh.write(where)
+    os.rename(paused + ".part", paused)
+    time.sleep(600)
+    os._exit(3)
+
+pq.write_table = pausing_write_table
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def archive_process(s: Settings, log: pathlib.Path, *args: str,
+                    pause: tuple[pathlib.Path, int] | None = None) -> subprocess.Popen[bytes]:
+    """``plantwatch archive`` with every non-default setting of ``s`` as a ``--set`` flag;
+    ``pause=(path, n)``: one that stops half-way through a file after ``n`` files (see above)."""
     mine, default = to_dict(s, redact=False), to_dict(Settings(), redact=False)
     flags = [f"--set={section}.{key}={_flag_value(v)}"
              for section, values in mine.items() for key, v in values.items() if v != default[section][key]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLANTWATCH_")}
+    launch = ["-m", "cli"] if pause is None else ["-c", _PAUSING_ARCHIVE, str(pause[0]), str(pause[1])]
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "cli", "archive", "--log-format=json", *flags, *args],
+        return subprocess.Popen([sys.executable, *launch, "archive", "--log-format=json", *flags, *args],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -214,39 +257,46 @@ def test_a_revoked_partition_is_written_and_committed_before_the_next_owner_take
     assert stats.duplicates == 0  # the next owner started exactly where the revoked one ended
 
 
-def test_kill_9_mid_file_and_restart_lose_nothing_and_duplicate_nothing(
+def test_kill_9_mid_file_and_restart_lose_nothing_duplicate_nothing_and_leave_no_temporary_file(
         broker: Any, settings_for: Any, tmp_path: pathlib.Path) -> None:
+    """The first archiver is killed while its seventh file is half written; readings keep
+    arriving while it is down; the next one sweeps the half-written file and rewrites."""
     s = archive_settings(settings_for, broker, **{"archive.flush_rows": 300, "archive.flush_seconds": 0.2,
                                                   "kafka.max_poll_records": 500})
-    log = tmp_path / "archiver.log"
+    log, paused = tmp_path / "archiver.log", tmp_path / "paused"
     start, end, slice_ms = MIDNIGHT - 3_000_000, MIDNIGHT + 3_000_000, 100_000
+    # 8,000 records before the crash: a flush holds at most 799 readings (300 - 1 plus one
+    # poll), so they fill at least 11 files, and the seventh is always reached
+    crash_at = MIDNIGHT - 1_000_000
     produced: list[int] = []
-    stop_producing = threading.Event()
+    crashed = threading.Event()
 
-    def produce_continuously() -> None:
+    def produce_across_the_crash() -> None:
         producer = make_producer(s)
         try:
             for t in range(start, end, slice_ms):
+                if t == crash_at:
+                    crashed.wait(90)
                 produced.append(feed(producer, s.topics.readings, PlantSimulator(PLANT), t, t + slice_ms).records)
-                if stop_producing.wait(0.15):
-                    return
+                time.sleep(0.05)
         finally:
             producer.close()
 
-    procs = [archive_process(s, log)]
-    producer = threading.Thread(target=produce_continuously, daemon=True)
+    procs = [archive_process(s, log, pause=(paused, 6))]
+    producer = threading.Thread(target=produce_across_the_crash, daemon=True)
     producer.start()
     try:
-        wait_until(lambda: alive(procs[0], log) and sum(FILE_NAME.fullmatch(f.split("/")[-1]) is not None
-                                                        for f in archive_files(s)) >= 6,
-                   40, "the first archiver writing files")
-        root = pathlib.Path(s.archive.uri)
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and not any(root.glob("date=*/.*.tmp")):
-            time.sleep(0.001)  # kill while a file is half written, if the timing allows
+        wait_until(lambda: alive(procs[0], log) and paused.exists(), 60, "the first archiver half-way through a file")
+        half_written = pathlib.Path(paused.read_text())
+        assert half_written.parent.parent == pathlib.Path(s.archive.uri) / ".archiver-tmp"
+        assert half_written.stat().st_size > 0
+        with pytest.raises(pa.ArrowInvalid):
+            pq.read_metadata(half_written)  # really half a file
         procs[0].send_signal(signal.SIGKILL)
         assert exit_code(procs[0], log, 10) == -signal.SIGKILL
-        assert producer.is_alive(), "production should still be running across the crash"
+        assert half_written.exists()  # what the kill left behind
+        assert sum(produced) <= 8_000
+        crashed.set()
         procs.append(archive_process(s, log))
         producer.join(timeout=60)
         assert sum(produced) == 24_000
@@ -255,7 +305,7 @@ def test_kill_9_mid_file_and_restart_lose_nothing_and_duplicate_nothing(
         procs[1].send_signal(signal.SIGTERM)
         assert exit_code(procs[1], log, 15) == 0
     finally:
-        stop_producing.set()
+        crashed.set()
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
@@ -263,9 +313,10 @@ def test_kill_9_mid_file_and_restart_lose_nothing_and_duplicate_nothing(
 
     stats = ScanStats()
     assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
-    visible = [f for f in archive_files(s) if not any(p.startswith(".") for p in f.split("/"))]
-    assert all(FILE_NAME.fullmatch(f.split("/")[-1]) for f in visible)
-    assert stats.files == len(visible)
+    files = archive_files(s)  # hidden ones included
+    assert not half_written.exists()
+    assert [f for f in files if not ARCHIVE_FILE.fullmatch(f)] == [], "files other than archive files are left"
+    assert stats.files == len(files)
 
 
 def test_sigterm_writes_the_buffer_commits_and_exits_0(

@@ -1,0 +1,85 @@
+"""The archive writer's temporary files: where they are written, that a failed write leaves
+none, and the sweep of those a killed run left (the kill itself: tests/integration/test_archiver.py)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from consumers import archiver
+from consumers.archiver import TMP_DIR, ArchiveWriter, Rows
+from pipeline import storage
+
+FEATURES = ("a", "b", "c")
+MIDNIGHT = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+@pytest.fixture(params=["local", "mock"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return str(tmp_path / "archive") if request.param == "local" else f"mock://archive-{uuid.uuid4().hex[:8]}"
+
+
+def rows(first_offset: int, n: int, start_ms: int) -> Rows:
+    """``n`` readings of one asset, one second apart, three values each."""
+    ts = np.repeat(start_ms + 1000 * np.arange(n, dtype=np.int64), 3)
+    return Rows(np.full(3 * n, "pump-1", dtype=object), ts, np.tile(np.arange(3, dtype=np.int32), n),
+                np.arange(3 * n, dtype=np.float64), np.repeat(first_offset + np.arange(n, dtype=np.int64), 3))
+
+
+def files_under(uri: str) -> list[str]:
+    """Every file under ``uri``, hidden ones included."""
+    fs, path = storage.resolve(uri)
+    if not storage.exists(fs, path):
+        return []
+    return sorted(i.path[len(path) + 1:] for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                  if i.type == pafs.FileType.File)
+
+
+def test_files_go_through_the_groups_temporary_directory_and_none_is_left(root: str) -> None:
+    writer = ArchiveWriter(root, FEATURES, group="plant.archiver/1")
+    fs, path = storage.resolve(root)
+    assert writer.tmp_dir == storage.join(path, TMP_DIR, "plant_archiver_1")
+    written = writer.write(2, rows(100, 20, MIDNIGHT - 10_000))  # ten readings on each side of midnight
+    assert [p[len(path) + 1:] for p in written] == files_under(root)
+    assert [f.split("/")[0] for f in files_under(root)] == ["date=2025-12-31", "date=2026-01-01"]
+    assert sum(pq.read_metadata(p, filesystem=fs).num_rows for p in written) == 60
+
+
+def test_a_failed_write_leaves_no_file(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def half_then_fail(table: Any, where: str, *args: Any, filesystem: Any = None, **kwargs: Any) -> None:
+        with filesystem.open_output_stream(where) as fh:
+            fh.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(archiver.pq, "write_table", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        ArchiveWriter(root, FEATURES).write(0, rows(0, 5, MIDNIGHT))
+    assert files_under(root) == []
+
+
+def test_the_sweep_deletes_only_what_other_runs_left_for_the_given_partitions(root: str) -> None:
+    writer = ArchiveWriter(root, FEATURES, group="plantwatch-archiver")
+    assert writer.sweep([0, 1]) == []  # nothing written yet: no temporary directory
+    fs, path = storage.resolve(root)
+
+    def tmp(run: str, partition: int, group: str = "plantwatch-archiver") -> str:
+        name = f"{run}-part-20260101T000000000000Z-{partition:05d}-{7:019d}.parquet.tmp"
+        return f"{TMP_DIR}/{group}/{name}"
+
+    leftovers = [tmp("0badc0de", 1), tmp("0badc0de", 3), tmp("12345678", 3)]
+    kept = [tmp("0badc0de", 2),  # a partition not assigned: another member may be writing it
+            tmp(writer.run, 1),  # this run's own
+            tmp("0badc0de", 1, group="other-group"),  # another consumer group's
+            f"{TMP_DIR}/plantwatch-archiver/notes.tmp",  # not an archiver's name
+            "date=2026-01-01/.part-20260101T000000000000Z-00001-0000000000000000007.parquet.tmp"]
+    for rel in leftovers + kept:
+        storage.write_bytes(fs, storage.join(path, rel), b"half a file")
+    assert sorted(writer.sweep([1, 3])) == sorted(storage.join(path, rel) for rel in leftovers)
+    assert files_under(root) == sorted(kept)
+    assert writer.sweep([1, 3]) == []
