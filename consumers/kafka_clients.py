@@ -1,5 +1,11 @@
 """Kafka clients built from the settings, so every process connects (TLS, SASL, timeouts) the same way.
 
+Every KafkaConsumer, KafkaProducer and KafkaAdminClient of plantwatch is built here (a unit
+test checks that no other module constructs one), so the ``kafka.security_protocol``,
+``kafka.sasl_*`` and ``kafka.ssl_*`` settings reach all of them. The SASL password is read
+from ``kafka.sasl_password_file`` each time a client is built, and masked in plantwatch's
+log output from then on.
+
 Keys and values stay raw bytes: decoding is done in batches by the pipeline, not per record
 by a client-side deserializer.
 """
@@ -10,6 +16,7 @@ from collections.abc import Sequence
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
+from pipeline.logs import mask_secret
 from pipeline.settings import KafkaSettings, Settings, SettingsError
 
 _SSL_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
@@ -42,9 +49,12 @@ def client_options(kafka: KafkaSettings) -> dict[str, object]:
         "request_timeout_ms": kafka.request_timeout_ms,
     }
     if kafka.security_protocol in _SASL_PROTOCOLS:
+        password = kafka.sasl_secret()
+        mask_secret(password)
+        # kafka-python takes the user name and password under these names for PLAIN and SCRAM alike
         options["sasl_mechanism"] = kafka.sasl_mechanism
         options["sasl_plain_username"] = kafka.sasl_username
-        options["sasl_plain_password"] = kafka.sasl_password
+        options["sasl_plain_password"] = password
     if kafka.security_protocol in _SSL_PROTOCOLS:
         options["ssl_check_hostname"] = kafka.ssl_check_hostname
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
@@ -100,6 +110,6 @@ def make_producer(settings: Settings, **overrides: object) -> KafkaProducer:
     return KafkaProducer(**config)
 
 
-def make_admin(settings: Settings) -> KafkaAdminClient:
-    """An admin client for topic set-up and cluster checks."""
-    return KafkaAdminClient(**_with_role(settings.kafka, "admin"))
+def make_admin(settings: Settings, **overrides: object) -> KafkaAdminClient:
+    """An admin client for topic set-up and cluster checks (it connects while being built)."""
+    return KafkaAdminClient(**{**_with_role(settings.kafka, "admin"), **overrides})

@@ -16,7 +16,7 @@ import structlog
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.errors import AuthorizationError, KafkaError, TopicAlreadyExistsError, for_code
 
-from consumers.kafka_clients import client_options, make_admin
+from consumers.kafka_clients import make_admin
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
@@ -209,11 +209,8 @@ def _client_errors() -> Iterator[list[str]]:
 
 
 def _admin(settings: Settings, bootstrap_timeout_ms: int | None) -> KafkaAdminClient:
-    if bootstrap_timeout_ms is None:
-        return make_admin(settings)
-    k = settings.kafka
-    return KafkaAdminClient(**{**client_options(k), "client_id": f"{k.client_id}-admin",
-                               "bootstrap_timeout_ms": bootstrap_timeout_ms})
+    return make_admin(settings) if bootstrap_timeout_ms is None else \
+        make_admin(settings, bootstrap_timeout_ms=bootstrap_timeout_ms)
 
 
 def _partition_counts(admin: KafkaAdminClient, names: Collection[str]) -> dict[str, int]:

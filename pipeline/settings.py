@@ -49,6 +49,25 @@ def _f(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+def _secret(doc: str) -> Any:
+    """A secret string field: left out of repr(), shown as "***" by :func:`to_dict`."""
+    return field(default="", repr=False, metadata={"doc": doc, "secret": True})
+
+
+def read_secret_file(key: str, path: str) -> str:
+    """The secret held by a ``*_file`` setting (e.g. a mounted Kubernetes Secret), without its
+    trailing line break; errors name the key and the path, never the content."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read().rstrip("\r\n")
+    except OSError as exc:
+        raise SettingsError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(key, f"{path} is not UTF-8 text") from None
+    _check(key, value != "", f"{path} is empty")
+    return value
+
+
 def _check(key: str, ok: bool, message: str) -> None:
     if not ok:
         raise SettingsError(key, message)
@@ -61,7 +80,8 @@ class KafkaSettings:
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = _f("PLAINTEXT", "transport security")
     sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = _f("", "SASL mechanism when security_protocol is SASL_*")
     sasl_username: str = _f("", "SASL user name")
-    sasl_password: str = _f("", "SASL password (prefer the PLANTWATCH_KAFKA__SASL_PASSWORD environment variable)")
+    sasl_password: str = _secret("SASL password (prefer sasl_password_file, or the PLANTWATCH_KAFKA__SASL_PASSWORD environment variable); never shown")
+    sasl_password_file: str = _f("", "file holding the SASL password (a mounted Kubernetes Secret), read whenever a client is built; excludes sasl_password")
     ssl_cafile: str = _f("", "CA bundle (PEM) to verify the brokers")
     ssl_certfile: str = _f("", "client certificate (PEM) for mutual TLS")
     ssl_keyfile: str = _f("", "client private key (PEM) for mutual TLS")
@@ -85,9 +105,20 @@ class KafkaSettings:
         if self.security_protocol.startswith("SASL"):
             _check(p + "sasl_mechanism", self.sasl_mechanism != "", f"required with {self.security_protocol}")
             _check(p + "sasl_username", self.sasl_username != "", f"required with {self.security_protocol}")
+        _check(p + "sasl_password_file", not (self.sasl_password and self.sasl_password_file),
+               "set either sasl_password or sasl_password_file, not both")
+        if self.sasl_password_file:
+            read_secret_file(p + "sasl_password_file", self.sasl_password_file)  # fail at start-up, not at connect
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             path = getattr(self, name)
             _check(p + name, path == "" or Path(path).is_file(), f"file not found: {path}")
+
+    def sasl_secret(self) -> str:
+        """The SASL password: read from sasl_password_file on each call (a client built after
+        the Secret is rotated gets the new one), else sasl_password."""
+        if self.sasl_password_file:
+            return read_secret_file("kafka.sasl_password_file", self.sasl_password_file)
+        return self.sasl_password
 
 
 @dataclass(frozen=True)
@@ -353,7 +384,13 @@ def _merge(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
     hints = typing.get_type_hints(sections[section])
     if name not in hints:
         raise SettingsError(key, f"unknown key; {section} has {', '.join(hints)}")
-    tree.setdefault(section, {})[name] = _coerce(key, hints[name], value)
+    secret = any(f.name == name and f.metadata.get("secret") for f in fields(sections[section]))
+    try:
+        tree.setdefault(section, {})[name] = _coerce(key, hints[name], value)
+    except SettingsError:
+        if not secret:
+            raise
+        raise SettingsError(key, "must be a string (value not shown)") from None
 
 
 def _env_items(env: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -405,10 +442,12 @@ def parse_assignments(pairs: list[str]) -> dict[str, str]:
 
 
 def to_dict(settings: Settings, *, redact: bool = True) -> dict[str, dict[str, Any]]:
-    """Settings as plain data (for logs and `plantwatch config`); secrets are redacted."""
+    """Settings as plain data (for logs and `plantwatch config`); set secrets show as "***"."""
     out = dataclasses.asdict(settings)
-    if redact and out["kafka"]["sasl_password"]:
-        out["kafka"]["sasl_password"] = "***"
+    for section in fields(settings) if redact else ():
+        for f in fields(getattr(settings, section.name)):
+            if f.metadata.get("secret") and out[section.name][f.name]:
+                out[section.name][f.name] = "***"
     return out
 
 
