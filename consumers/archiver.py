@@ -7,7 +7,10 @@ Layout (what :mod:`trainers.archive_scan` reads)::
 
 long format, one row per (reading, feature): ``asset`` string, ``ts_ms`` int64, ``feature``
 string, ``value`` float64, ``partition`` int32, ``offset`` int64, in Kafka order. The date
-is the UTC date of ``ts_ms``.
+is the UTC date of ``ts_ms``. Nothing of a record enters a path (asset ids are column values
+only), and every path written or swept is checked to stay inside the archive root: on a
+local disk a symbolic link leading out of it (a date directory, ``.archiver-tmp``) makes the
+write fail instead of being followed.
 
 A flush writes, for each Kafka partition with buffered readings, one file per date holding
 *every* reading of that partition consumed since the previous flush. That is what makes the
@@ -160,17 +163,21 @@ class ArchiveWriter:
 
     def _write_file(self, day: str, partition: int, rows: Rows) -> str:
         name = f"part-{self._stamp()}-{partition:05d}-{int(rows.offset[0]):019d}.parquet"
-        final = storage.join(self.root, f"date={day}", name)
+        final = self._inside(storage.join(self.root, storage.check_component(f"date={day}", "date directory"), name))
         table = rows.table(partition, self.features)
         storage.write_atomic(self.fs, final, lambda tmp: pq.write_table(
             table, tmp, filesystem=self.fs, row_group_size=ROW_GROUP_ROWS, compression="zstd",
             use_dictionary=["asset", "feature", "partition"]),
-            tmp=storage.join(self.tmp_dir, f"{self.run}-{name}.tmp"), sync=self.local)
+            tmp=self._inside(storage.join(self.tmp_dir, f"{self.run}-{name}.tmp")), sync=self.local)
         return final
+
+    def _inside(self, path: str) -> str:
+        """``path``, or :class:`~pipeline.storage.PathEscapeError` if it would leave the archive root."""
+        return storage.confined(self.fs, self.root, path)
 
     def sweep(self, partitions: Iterable[int]) -> list[str]:
         """Delete the temporary files of these partitions that other runs left; returns their paths."""
-        if not storage.exists(self.fs, self.tmp_dir):
+        if not storage.exists(self.fs, self._inside(self.tmp_dir)):  # never sweep a directory elsewhere
             return []
         wanted = set(partitions)
         swept = []
@@ -339,7 +346,7 @@ class Archiver:
                 data = Rows.concat(pending.chunks)
                 try:
                     files += len(self.writer.write(tp.partition, data))
-                except (OSError, pa.ArrowException) as exc:
+                except (OSError, pa.ArrowException, storage.PathEscapeError) as exc:
                     raise ArchiveWriteError(f"partition {tp.partition}: {exc}") from exc
                 rows += len(data.value)
                 readings += pending.readings
@@ -385,7 +392,7 @@ class Archiver:
         it fails: the scan never reads temporary files)."""
         try:
             swept = self.writer.sweep(tp.partition for tp in tps)
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, pa.ArrowException, storage.PathEscapeError) as exc:
             self.log.warning("could not sweep leftover temporary files", error=str(exc))
             return
         if swept:

@@ -9,7 +9,9 @@ Files::
 
 Loading reads JSON and ``np.load(allow_pickle=False)`` only, and rebuilds the network from
 code: no bytes from a bundle are ever executed. Every file is verified against the
-manifest, and the manifest against its own checksum, before anything is used.
+manifest, and the manifest against its own checksum, before anything is used. The files
+are read under fixed names only: a manifest naming any other file (``../x``, ``/etc/x``) is
+refused, so a bundle cannot point a reader outside its directory.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.npz"
 SCALING = "scaling.npz"
+DATA_FILES = (WEIGHTS, SCALING)  # the files the manifest lists, with their checksums
 
 
 class BundleError(ValueError):
@@ -237,7 +240,20 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
         raise BundleError("manifest checksum mismatch")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"unsupported bundle format {manifest.get('format_version')!r}")
-    for name, digest in manifest["files"].items():
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        raise BundleError("manifest.json has no file list")
+    for name in listed:
+        try:
+            storage.check_component(name, "file name")
+        except storage.PathEscapeError as exc:
+            raise BundleError(f"manifest.json refused: {exc}") from None
+        if name not in DATA_FILES:
+            raise BundleError(f"manifest.json lists {name!r}; a bundle holds {', '.join(DATA_FILES)}")
+    for name in DATA_FILES:
+        if name not in listed:
+            raise BundleError(f"manifest.json does not list {name}")
+    for name, digest in listed.items():
         if name not in files:
             raise BundleError(f"{name} is missing")
         if _sha256(files[name]) != digest:

@@ -16,6 +16,11 @@ bundle: the previous one or the new one. Pruning never deletes the current or pi
 version, and it first moves a doomed version into ``.staging`` where it can, so on local
 disk ``models/`` only ever holds complete versions.
 
+Every path is confined to the root: version names are single path components (letters,
+digits, ``.``, ``_``, ``-``) wherever they come from (a command line, a pointer file, a
+control-topic message), and on a local disk a symbolic link leading out of the root (a
+version directory, a bundle file, a pointer, ``.staging``) is refused, never followed.
+
 One publisher at a time (the trainer runs as a single job); readers are unlimited.
 Loading raises :class:`~pipeline.bundle.BundleError` for a defective bundle and
 :class:`RegistryError` for a registry-level problem (nothing published, unknown version).
@@ -89,13 +94,22 @@ class _Root:
     uri: str
 
     def version_dir(self, version: str) -> str:
-        return storage.join(self.path, MODELS, version)
+        return self.confined(storage.join(self.path, MODELS, check_version_name(version)))
+
+    def bundle_file(self, version: str, name: str) -> str:
+        return self.confined(storage.join(self.version_dir(version), name))
 
     def staging(self, name: str) -> str:
-        return storage.join(self.path, STAGING, name)
+        return self.confined(storage.join(self.path, STAGING, name))
 
     def pointer(self, name: str) -> str:
-        return storage.join(self.path, name)
+        return self.confined(storage.join(self.path, name))
+
+    def confined(self, path: str) -> str:
+        try:
+            return storage.confined(self.fs, self.path, path)
+        except storage.PathEscapeError as exc:
+            raise RegistryError(f"refused: {exc}") from None
 
 
 def _root(uri: str) -> _Root:
@@ -104,8 +118,9 @@ def _root(uri: str) -> _Root:
 
 
 def check_version_name(version: str) -> str:
-    """Refuse names that are not a single safe path component (they become directory names)."""
-    if not _VERSION_RE.fullmatch(version):
+    """Refuse names that are not a single safe path component (they become directory names):
+    no ``/``, no ``..``, not absolute, not hidden."""
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
         raise RegistryError(f"invalid version name {version!r}: use letters, digits, '.', '_' and '-' (max 128)")
     return version
 
@@ -142,7 +157,19 @@ def _write_pointer(root: _Root, name: str, payload: dict[str, Any]) -> None:
 def _pointers(root: _Root) -> Pointers:
     cur = _read_json(root.fs, root.pointer(CURRENT)) or {}
     pin = _read_json(root.fs, root.pointer(PINNED)) or {}
-    return Pointers(cur.get("version"), cur.get("previous"), cur.get("published_at"), pin.get("version"))
+    return Pointers(_named(cur, CURRENT, "version"), _named(cur, CURRENT, "previous"), cur.get("published_at"),
+                    _named(pin, PINNED, "version"))
+
+
+def _named(pointer: dict[str, Any], name: str, key: str) -> str | None:
+    """A version a pointer file names, refused unless it is a valid version name."""
+    version = pointer.get(key)
+    if version is None:
+        return None
+    try:
+        return check_version_name(version)
+    except RegistryError as exc:
+        raise RegistryError(f"{name} is damaged: {key}: {exc}") from None
 
 
 def pointers(root_uri: str) -> Pointers:
@@ -158,8 +185,9 @@ def current_version(root_uri: str) -> str | None:
 
 
 def _read_bundle(root: _Root, version: str, expected_features: tuple[str, ...] | None) -> ModelBundle:
+    paths = {name: root.bundle_file(version, name) for name in (MANIFEST, WEIGHTS, SCALING)}
     try:
-        files = _read_files(root.fs, root.version_dir(version))
+        files = {name: storage.read_bytes(root.fs, path) for name, path in paths.items()}
     except OSError as exc:
         raise BundleError(f"cannot read version {version} in {root.uri}: {exc}") from None
     bundle = decode_bundle(files)
@@ -176,8 +204,8 @@ def _manifests(root: _Root) -> list[tuple[str, dict[str, Any]]]:
     found = []
     for name in storage.list_dirs(root.fs, storage.join(root.path, MODELS)):
         try:
-            manifest = _read_json(root.fs, storage.join(root.version_dir(name), MANIFEST))
-        except RegistryError:
+            manifest = _read_json(root.fs, root.bundle_file(name, MANIFEST))
+        except RegistryError:  # not a version, a link leading out, or a manifest that is not JSON
             continue
         if manifest is not None:
             found.append((name, manifest))
@@ -190,8 +218,7 @@ def _published_at(manifest: dict[str, Any]) -> str | None:
 
 
 def _require_known(root: _Root, version: str) -> None:
-    check_version_name(version)
-    if not storage.exists(root.fs, storage.join(root.version_dir(version), MANIFEST)):
+    if not storage.exists(root.fs, root.bundle_file(version, MANIFEST)):
         known = [v for v, _ in _manifests(root)]
         raise RegistryError(f"unknown version {version!r} in {root.uri}; known: {', '.join(known) or 'none'}")
 
@@ -215,7 +242,7 @@ def manifest(root_uri: str, version: str) -> dict[str, Any]:
     """A version's manifest as stored (not verified: use load_version for that)."""
     root = _root(root_uri)
     _require_known(root, version)
-    found = _read_json(root.fs, storage.join(root.version_dir(version), MANIFEST))
+    found = _read_json(root.fs, root.bundle_file(version, MANIFEST))
     if found is None:  # deleted since _require_known looked
         raise RegistryError(f"version {version!r} was just deleted from {root_uri}")
     return found
@@ -278,7 +305,7 @@ def _already_published(root: _Root, version: str, files: dict[str, bytes]) -> bo
     except BundleError:
         root.fs.delete_dir(final)
         return False
-    old = _read_json(root.fs, storage.join(final, MANIFEST)) or {}
+    old = _read_json(root.fs, root.bundle_file(version, MANIFEST)) or {}
     if json.loads(files[MANIFEST])["files"] != old.get("files"):
         raise RegistryError(f"version {version} is already published with different content")
     return True
@@ -374,8 +401,16 @@ def _prune(root: _Root, keep: int, now: float) -> list[str]:
     protected = {p.current, p.pinned}
     complete = [v for v, _ in _manifests(root)]
     doomed = [v for v in complete[:max(0, len(complete) - keep)] if v not in protected]
-    doomed += [d for d in storage.list_dirs(root.fs, storage.join(root.path, MODELS))
-               if d not in complete and d not in protected and _stale(root.fs, root.version_dir(d), now)]
+    for d in storage.list_dirs(root.fs, storage.join(root.path, MODELS)):
+        if d in complete or d in protected:
+            continue
+        try:
+            path = root.version_dir(d)
+        except RegistryError as exc:  # not a version name, or a link leading out: not ours to delete
+            log.warning("registry entry left alone", entry=d, reason=str(exc))
+            continue
+        if _stale(root.fs, path, now):
+            doomed.append(d)
     for version in doomed:
         _remove_version(root, version)
     _clean_staging(root, now)
@@ -387,7 +422,7 @@ def _remove_version(root: _Root, version: str) -> None:
     src = root.version_dir(version)
     trash = root.staging(f"{version}-{secrets.token_hex(4)}.deleted")
     try:
-        root.fs.create_dir(storage.join(root.path, STAGING), recursive=True)
+        root.fs.create_dir(root.confined(storage.join(root.path, STAGING)), recursive=True)
         root.fs.move(src, trash)
     except (NotImplementedError, OSError):
         trash = src
@@ -395,7 +430,7 @@ def _remove_version(root: _Root, version: str) -> None:
 
 
 def _clean_staging(root: _Root, now: float) -> None:
-    staging = storage.join(root.path, STAGING)
+    staging = root.confined(storage.join(root.path, STAGING))  # never sweep a directory elsewhere
     if not storage.exists(root.fs, staging):
         return
     for info in root.fs.get_file_info(pafs.FileSelector(staging, recursive=False)):

@@ -24,6 +24,36 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 _MOCK = pafs._MockFileSystem()  # process-wide in-memory filesystem for tests
 
 
+class PathEscapeError(ValueError):
+    """A path built from a setting, a manifest or a record would leave the root it belongs under."""
+
+
+def check_component(name: str, what: str) -> str:
+    """``name`` if it is one plain path component: not empty, ``.`` or ``..``, and without ``/``,
+    ``\\`` or NUL (so not absolute either)."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise PathEscapeError(f"{what} {name!r} is not a single file or directory name")
+    return name
+
+
+def confined(fs: pafs.FileSystem, root: str, path: str) -> str:
+    """``path`` if it stays inside ``root``: as written (no ``..`` climbing out, no other
+    absolute path) and, on a local disk, also once symbolic links are resolved, so a link in
+    the tree pointing elsewhere is refused rather than followed."""
+    base, target = posixpath.normpath(root), posixpath.normpath(path)
+    if not _inside(base, target):
+        raise PathEscapeError(f"{path} is outside {root}")
+    if isinstance(fs, pafs.LocalFileSystem):
+        real_base, real = os.path.realpath(base), os.path.realpath(target)
+        if not _inside(real_base, real):
+            raise PathEscapeError(f"{path} resolves to {real}, outside {root} (a symbolic link leads out)")
+    return path
+
+
+def _inside(base: str, path: str) -> bool:
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
 def join(*parts: str) -> str:
     return posixpath.join(*parts)
 

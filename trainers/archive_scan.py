@@ -30,6 +30,9 @@ because a file holds every archived reading of its offset range for that date (t
 writes everything it consumed, split by date), and it costs a few ranges per file, not a
 set of keys. Duplicates inside one file (which the archiver does not produce) are kept.
 Without those columns nothing is deduplicated.
+
+Confinement: on a local disk, a data file whose path leads out of the archive root through a
+symbolic link is refused (:class:`ArchiveError`), not read.
 """
 
 from __future__ import annotations
@@ -120,19 +123,23 @@ def _file_groups(fs: pafs.FileSystem, root: str, key: str, start_ms: int, end_ms
             except ValueError:
                 continue
     if not days:
-        return [_data_files(fs, root)]
+        return [_data_files(fs, root, root)]
     first, last = _utc_date(start_ms), _utc_date(end_ms - 1)
-    return [_data_files(fs, path) for day, path in sorted(days.items()) if first <= day <= last]
+    return [_data_files(fs, root, path) for day, path in sorted(days.items()) if first <= day <= last]
 
 
-def _data_files(fs: pafs.FileSystem, base: str) -> list[str]:
-    """Files under ``base``, skipping hidden, ``_``-prefixed and temporary ones (writes in progress)."""
+def _data_files(fs: pafs.FileSystem, root: str, base: str) -> list[str]:
+    """Files under ``base``, skipping hidden, ``_``-prefixed and temporary ones (writes in progress);
+    a file leading out of ``root`` is refused."""
     out = []
     for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         parts = info.path[len(base):].strip("/").split("/")
         if info.type == pafs.FileType.File and not info.path.endswith(".tmp") \
                 and not any(p.startswith((".", "_")) for p in parts):
-            out.append(info.path)
+            try:
+                out.append(storage.confined(fs, root, info.path))
+            except storage.PathEscapeError as exc:
+                raise ArchiveError(f"refused: {exc}") from None
     return sorted(out)
 
 
