@@ -7,6 +7,21 @@ flap). While open it emits an update every ``update_every`` steps or when its pe
 by a fifth. Its id is a hash of (asset, start step, model version): replaying the same
 readings with the same model after a crash re-emits the same ids, so consumers of the
 alert topic can de-duplicate.
+
+Every close event names its ``reason``:
+
+* ``recovered``: the hysteresis close above; ``end_ms`` is the start of the first of the
+  ``close_after`` steps below the closing level.
+* ``data_gap``: the asset's readings stopped for longer than ``grid.gap_reset_steps`` and its
+  state was reset (:mod:`pipeline.grid`). Nothing is known across the gap, so the alert closes
+  when the asset's first step after it is scored (``step_ms``), and ``end_ms`` is where the gap
+  began: the end of the last step the asset had readings for. The lifecycle then starts
+  afresh, so an abnormality that persists opens a new alert (new start, new id). A *hole*
+  (a feature silent for longer than ``grid.carry_forward_steps``, or the asset silent for up
+  to ``gap_reset_steps``) also restarts the model state but leaves an open alert open.
+
+A model swap does not close alerts: an open alert keeps the version it opened under (and so
+its id) until it closes.
 """
 
 from __future__ import annotations
@@ -18,9 +33,11 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.bundle import ThresholdParams
+from pipeline.grid import NO_GAP
 from pipeline.state import FleetState
 
 AlertState = Literal["open", "update", "close"]
+CloseReason = Literal["recovered", "data_gap"]
 PEAK_GROWTH_FOR_UPDATE = 1.2
 
 
@@ -41,6 +58,7 @@ class AlertEvent:
     threshold: float
     top_features: tuple[tuple[str, float], ...]  # (feature, share of the alert's squared error)
     model_version: str
+    reason: CloseReason | None = None  # why the alert closed (close only)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -56,14 +74,35 @@ def _top(contrib: np.ndarray, features: tuple[str, ...], k: int) -> tuple[tuple[
     return tuple((features[i], float(contrib[i] / total)) for i in order)
 
 
+def restart_lifecycle(state: FleetState, rows: np.ndarray) -> None:
+    """Forget these assets' alert and run state: no alert open, no run above or below counted."""
+    cols = state.cols
+    for name in ("above", "below", "run_start", "alert_start", "alert_last_event", "alert_steps"):
+        cols[name][rows] = 0
+    for name in ("alert_peak", "alert_peak_sent"):
+        cols[name][rows] = np.nan
+    cols["alert_open"][rows] = False
+    state.alert_contrib[rows] = 0.0
+    for r in np.atleast_1d(rows).tolist():
+        state.alert_version.pop(r, None)
+
+
 def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray,
                   smoothed: np.ndarray, threshold: np.ndarray, contrib: np.ndarray, p: ThresholdParams,
-                  features: tuple[str, ...], period_ms: int, model_version: str) -> list[AlertEvent]:
+                  features: tuple[str, ...], period_ms: int, model_version: str,
+                  gap_start: np.ndarray | None = None) -> list[AlertEvent]:
     """Advance the lifecycle of one step for each of ``rows`` (distinct assets).
 
     ``smoothed`` is the alert score, ``contrib`` (k, F) each feature's non-negative weight in it.
+    ``gap_start`` (the grid's, :data:`pipeline.grid.NO_GAP` where none) marks steps that follow
+    a data gap: an open alert closes with reason ``data_gap`` before the step counts, and the
+    step starts a fresh lifecycle.
     """
     cols = state.cols
+    events: list[AlertEvent] = []
+    if gap_start is not None:
+        events += _close_at_gaps(state, rows, assets, steps, smoothed, threshold, gap_start, p, features, period_ms,
+                                 model_version)
     valid = np.isfinite(smoothed)
     above = valid & (smoothed > threshold)
     below = valid & (smoothed < p.close_ratio * threshold)
@@ -80,7 +119,6 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
                                         cols["alert_peak"][rows])
     cols["alert_steps"][rows] += is_open
 
-    events: list[AlertEvent] = []
     opening = ~is_open & (count >= p.open_after)
     closing = is_open & (cols["below"][rows] >= p.close_after)
     since_event = steps - cols["alert_last_event"][rows]
@@ -108,13 +146,36 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
             start_ms=start * period_ms, end_ms=None if end_step is None else end_step * period_ms,
             step_ms=int(steps[i]) * period_ms, score=float(smoothed[i]), peak_score=float(cols["alert_peak"][r]),
             threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
-            model_version=version,
+            model_version=version, reason="recovered" if kind == "close" else None,
         ))
         cols["alert_last_event"][r] = steps[i]
         cols["alert_peak_sent"][r] = cols["alert_peak"][r]
         if kind == "close":
-            state.alert_version.pop(r, None)
-            cols["alert_open"][r] = False
-            cols["above"][r] = 0
-            state.alert_contrib[r] = 0.0
+            restart_lifecycle(state, np.array([r]))
+    return events
+
+
+def _close_at_gaps(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray, smoothed: np.ndarray,
+                   threshold: np.ndarray, gap_start: np.ndarray, p: ThresholdParams, features: tuple[str, ...],
+                   period_ms: int, model_version: str) -> list[AlertEvent]:
+    """Close the open alerts of assets whose step follows a data gap; restart their lifecycle."""
+    gapped = np.flatnonzero(gap_start != NO_GAP)
+    if not len(gapped):
+        return []
+    cols = state.cols
+    events = []
+    for i in gapped[cols["alert_open"][rows[gapped]]]:
+        # The alert ends where the gap began; one that opened on carried-forward values after the
+        # last readings (a gap closed over several polls) still spans at least its first step.
+        r = rows[i]
+        start = int(cols["alert_start"][r])
+        version = state.alert_version.get(r, model_version)
+        events.append(AlertEvent(
+            alert_id=alert_id(str(assets[i]), start, version), asset=str(assets[i]), state="close",
+            start_ms=start * period_ms, end_ms=max(int(gap_start[i]), start + 1) * period_ms,
+            step_ms=int(steps[i]) * period_ms, score=float(smoothed[i]), peak_score=float(cols["alert_peak"][r]),
+            threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
+            model_version=version, reason="data_gap",
+        ))
+    restart_lifecycle(state, rows[gapped])
     return events

@@ -3,7 +3,8 @@
 This is the one code path shared by the Kafka detector, ``plantwatch replay`` and
 ``plantwatch evaluate``: grid → carried-state LSTM scoring → smoothing and thresholds →
 alert lifecycle. It does no I/O; the caller supplies readings, their source positions and
-the wall clock.
+the wall clock. A step that follows a data gap (``GridSteps.gap_start``) restarts the asset's
+score terms and closes its open alert with reason ``data_gap`` (see :mod:`pipeline.alerts`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import numpy as np
 
 from pipeline.alerts import AlertEvent, update_alerts
 from pipeline.bundle import ModelBundle
-from pipeline.grid import GridConfig, GridCounters, GridResult, GridSteps
+from pipeline.grid import NO_GAP, GridConfig, GridCounters, GridResult, GridSteps
 from pipeline.model import StepFunction
 from pipeline.readings import DecodedBatch
 from pipeline.scoring import predicted_change, rank_within_asset, score_steps
 from pipeline.settings import GridSettings
 from pipeline.state import PRIOR_LEVEL, FleetState
-from pipeline.thresholds import TermLevels, update_thresholds
+from pipeline.thresholds import TermLevels, restart_terms, update_thresholds
 
 
 @dataclass
@@ -139,13 +140,17 @@ class DetectionEngine:
         for r in range(int(rank.max()) + 1 if n else 0):
             sel = np.flatnonzero(rank == r)
             rows = scored.rows[sel]
+            gap_start = steps.gap_start[sel]
+            gapped = gap_start != NO_GAP
+            if gapped.any():  # nothing is known across a data gap: score terms and alerts restart
+                restart_terms(self.state, rows[gapped])
             combined, threshold[sel] = update_thresholds(self.state, rows, steps.values[sel], scored.errors[sel],
                                                          scored.novelty[sel], levels.take(sel), b.thresholds)
             smoothed[sel] = combined.score
             terms[sel] = np.stack([combined.forecast, combined.novelty, combined.flat], axis=1)
             events += update_alerts(self.state, rows, steps.asset[sel], steps.step[sel], smoothed[sel],
                                     threshold[sel], combined.contributions, b.thresholds, b.features,
-                                    b.period_ms, b.version)
+                                    b.period_ms, b.version, gap_start)
         return EngineOutput(steps.asset, steps.step, steps.values, scored.score, smoothed, threshold,
                             scored.errors, terms, events, result.late_records, result.future_records,
                             result.counters)

@@ -11,8 +11,11 @@ so one bad clock cannot close every open step of its asset.
 A closed step whose feature has no reading keeps that feature's last value for at most
 ``carry_forward_steps`` steps; past that the step is a *hole*: not emitted, and the next
 emitted step carries ``reset=True`` so the model starts that asset from a clean state
-instead of scoring invented data. More than ``gap_reset_steps`` empty steps in a row also
-forget the carried values.
+instead of scoring invented data. More than ``gap_reset_steps`` empty steps in a row are a
+*gap*: the carried values are forgotten, and the next emitted step carries ``gap_start``,
+the first step of the gap (the step after the last one with readings), besides ``reset``.
+A gap is measured over consecutive empty steps however many calls closed them, so it does
+not depend on how the readings were polled.
 
 Everything here is pure: the caller passes ``now_ms`` and a position (e.g. the Kafka
 offset) per reading; :meth:`AssetGrid.oldest_pending_pos` lets a consumer commit only
@@ -30,6 +33,7 @@ import pandas as pd
 from pipeline.settings import GridSettings
 
 NO_POS = np.iinfo(np.int64).max
+NO_GAP = np.iinfo(np.int64).min  # GridSteps.gap_start of a step that does not follow a gap
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,21 @@ class GridSteps:
     reset: np.ndarray    # bool (n,): the asset's model state must restart before this step
     n_readings: np.ndarray  # int32 (n,): readings aggregated into the step (0 = fully carried forward)
     pos: np.ndarray      # int64 (n,): smallest source position of the step's readings (NO_POS if none)
+    # int64 (n,): first step of the data gap (longer than gap_reset_steps) that reset the asset
+    # just before this step, NO_GAP if none; a gap implies ``reset``, a hole resets without one.
+    gap_start: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.gap_start is None:
+            self.gap_start = np.full(len(self.step), NO_GAP, np.int64)
 
     def __len__(self) -> int:
         return len(self.step)
+
+    @property
+    def gap(self) -> np.ndarray:
+        """bool (n,): the step follows a gap reset."""
+        return self.gap_start != NO_GAP
 
     @classmethod
     def empty(cls, n_features: int) -> GridSteps:
@@ -73,11 +89,12 @@ class GridSteps:
             return cls.empty(n_features)
         return cls(np.concatenate([p.asset for p in parts]), np.concatenate([p.step for p in parts]),
                    np.concatenate([p.values for p in parts]), np.concatenate([p.reset for p in parts]),
-                   np.concatenate([p.n_readings for p in parts]), np.concatenate([p.pos for p in parts]))
+                   np.concatenate([p.n_readings for p in parts]), np.concatenate([p.pos for p in parts]),
+                   np.concatenate([p.gap_start for p in parts]))
 
     def take(self, idx: np.ndarray) -> GridSteps:
         return GridSteps(self.asset[idx], self.step[idx], self.values[idx], self.reset[idx], self.n_readings[idx],
-                         self.pos[idx])
+                         self.pos[idx], self.gap_start[idx])
 
 
 @dataclass
@@ -115,6 +132,8 @@ class AssetGrid:
     last_step: np.ndarray = field(default=None)   # type: ignore[assignment]
     pending_reset: bool = True
     open: dict[int, _OpenStep] = field(default_factory=dict)
+    empty_run: int = 0  # empty steps closed in a row since the last step with readings
+    gap_start: int | None = None  # first step of a gap not yet reported on an emitted step
 
     def __post_init__(self) -> None:
         if self.last_value is None:
@@ -160,7 +179,8 @@ class AssetGrid:
     def close(self, cfg: GridConfig, up_to_step: int | None = None) -> tuple[list[Any], GridCounters]:
         """Close every step the watermark has passed (or every step up to ``up_to_step``).
 
-        Returns rows ``(step, values, reset, n_readings, min_pos)`` and the counters of holes/resets.
+        Returns rows ``(step, values, reset, n_readings, min_pos, gap_start)`` and the counters of
+        holes/resets.
         """
         counters = GridCounters()
         rows: list[Any] = []
@@ -171,27 +191,34 @@ class AssetGrid:
             last_closable = max(last_closable, up_to_step)
         k = self.next_step
         for present in sorted(s for s in self.open if s <= last_closable):
-            gap = present - k
-            if gap > cfg.gap_reset_steps:
-                counters.gap_resets += 1
-                self._forget()
-            else:
-                for empty_step in range(k, present):
-                    self._close_one(cfg, empty_step, None, rows, counters)
+            self._close_empty(cfg, k, present, rows, counters)
             self._close_one(cfg, present, self.open.pop(present), rows, counters)
+            self.empty_run = 0
             k = present + 1
-        # Trailing empty steps up to what can be closed (bounded by the gap limit).
-        trailing = last_closable - k + 1
-        if trailing > 0:
-            if trailing > cfg.gap_reset_steps:
-                counters.gap_resets += 1
-                self._forget()
-            else:
-                for empty_step in range(k, last_closable + 1):
-                    self._close_one(cfg, empty_step, None, rows, counters)
+        # Trailing empty steps up to what can be closed.
+        if last_closable >= k:
+            self._close_empty(cfg, k, last_closable + 1, rows, counters)
             k = last_closable + 1
         self.next_step = k
         return rows, counters
+
+    def _close_empty(self, cfg: GridConfig, k: int, end: int, rows: list[Any], counters: GridCounters) -> None:
+        """Close the empty steps ``[k, end)``; a run of more than ``gap_reset_steps`` of them
+        (counting those closed by earlier calls) is one gap: nothing is invented across it."""
+        n = end - k
+        if n <= 0:
+            return
+        run = self.empty_run + n
+        if run > cfg.gap_reset_steps:
+            if self.empty_run <= cfg.gap_reset_steps:  # the run crosses the limit here
+                counters.gap_resets += 1
+                self._forget()
+                self.gap_start = k - self.empty_run
+            # else the gap was already counted; past the forget, empty steps emit nothing
+        else:
+            for empty_step in range(k, end):
+                self._close_one(cfg, empty_step, None, rows, counters)
+        self.empty_run = run
 
     def _forget(self) -> None:
         self.last_value[:] = np.nan
@@ -209,8 +236,10 @@ class AssetGrid:
             n = o.n
         fresh = step - self.last_step <= cfg.carry_forward_steps
         if fresh.all():
-            rows.append((step, self.last_value.copy(), self.pending_reset, n, min_pos))
+            rows.append((step, self.last_value.copy(), self.pending_reset, n, min_pos,
+                         NO_GAP if self.gap_start is None else self.gap_start))
             self.pending_reset = False
+            self.gap_start = None
             counters.emitted += 1
         else:
             if not np.isnan(self.last_value).all():
@@ -226,6 +255,8 @@ class AssetGrid:
             "last_step": [int(x) for x in self.last_step],
             "pending_reset": self.pending_reset,
             "open": {str(k): [o.sum.tolist(), o.count.tolist(), o.n, o.min_pos] for k, o in self.open.items()},
+            "empty_run": self.empty_run,
+            "gap_start": self.gap_start,
         }
 
     @classmethod
@@ -238,6 +269,8 @@ class AssetGrid:
         g.pending_reset = bool(snap["pending_reset"])
         g.open = {int(k): _OpenStep(np.array(v[0], float), np.array(v[1], np.int32), int(v[2]), int(v[3]))
                   for k, v in snap["open"].items()}
+        g.empty_run = int(snap.get("empty_run", 0))  # absent from snapshots of older versions
+        g.gap_start = None if snap.get("gap_start") is None else int(snap["gap_start"])
         return g
 
 
@@ -312,4 +345,5 @@ def _rows_to_steps(name: str, rows: list[Any], n_features: int) -> GridSteps:
         np.fromiter((r[2] for r in rows), bool, len(rows)),
         np.fromiter((r[3] for r in rows), np.int32, len(rows)),
         np.fromiter((r[4] for r in rows), np.int64, len(rows)),
+        np.fromiter((r[5] for r in rows), np.int64, len(rows)),
     )

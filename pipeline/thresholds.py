@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle, ThresholdParams
-from pipeline.state import FleetState
+from pipeline.state import PRIOR_LEVEL, FleetState
 
 
 def ewma(prev: np.ndarray, x: np.ndarray, alpha: float) -> np.ndarray:
@@ -145,6 +145,17 @@ def calibrate_levels(ewma_sq: np.ndarray, quantile: float, margin: float) -> np.
     if ok.sum() < 10:
         raise ValueError(f"need at least 10 scored held-out steps to calibrate a threshold, got {int(ok.sum())}")
     return level_from_quantile(np.quantile(v[ok], feature_quantile(quantile, v.shape[1]), axis=0), margin)
+
+
+def restart_terms(state: FleetState, rows: np.ndarray) -> None:
+    """Start these assets' score terms afresh (after a data gap): the smoothed error terms at
+    their normal level, no flat run. The online threshold statistics, which describe the asset
+    over a long time, are kept."""
+    v = state.vectors
+    v["forecast_ewma"][rows] = PRIOR_LEVEL
+    v["novelty_ewma"][rows] = PRIOR_LEVEL
+    v["prev_value"][rows] = np.nan
+    v["flat_run"][rows] = 0
 
 
 def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, errors: np.ndarray,

@@ -36,6 +36,8 @@ def test_polls_of_any_size_give_the_same_scores_and_alerts_as_one_batch(tiny_bun
     np.testing.assert_allclose([merged[k] for k in expected], list(expected.values()), atol=1e-5)
     ids = lambda evs: [(e.alert_id, e.state) for e in evs]  # noqa: E731
     assert ids([e for o in outs for e in o.events]) == ids(a.events + a_flush.events)
+    closes = [e.reason for e in a.events + a_flush.events if e.state == "close"]
+    assert closes and set(closes) == {"recovered"}  # no gap in these readings
 
 
 def test_swap_rewarms_from_recent_steps_so_scoring_has_no_cold_gap(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
@@ -104,3 +106,43 @@ def test_each_asset_is_judged_against_its_own_levels(tiny_bundle) -> None:  # ty
     np.testing.assert_allclose([outs["tight"][k][1][:2] for k in p1], [4 * outs["base"][k][1][:2] for k in p1],
                                rtol=1e-6)
     np.testing.assert_array_equal([outs["tight"][k][0] for k in p2], [outs["base"][k][0] for k in p2])
+
+
+def _events_with_silence(bundle, silent: range, poll: int | None = None):  # type: ignore[no-untyped-def]
+    """Alert events of one asset whose feature b is far off from second 150 on and which sends
+    nothing during ``silent`` (seconds), in one batch or in polls of ``poll`` rows."""
+    frame = sine_frame(400, assets=("p1",), seed=7)
+    frame.loc[150:, "b"] += 30.0
+    frame = frame.drop(index=silent)
+    engine = DetectionEngine(bundle, GridSettings())  # gap_reset_steps 30, carry_forward_steps 5
+    size = poll or len(frame)
+    outs = [engine.process(_batch(frame.iloc[i:i + size])) for i in range(0, len(frame), size)] + [engine.flush()]
+    t0 = int(frame.ts.iloc[0])
+    return [e for o in outs for e in o.events], t0, sum(o.counters.gap_resets for o in outs)
+
+
+def test_a_data_gap_closes_the_open_alert_and_a_persisting_fault_opens_a_new_one(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    events, t0, gap_resets = _events_with_silence(tiny_bundle, range(200, 286))  # 86 s without readings
+    assert gap_resets == 1
+    closes = [e for e in events if e.state == "close"]
+    assert [e.reason for e in closes] == ["data_gap"]
+    (gap,) = closes
+    first = [e for e in events if e.alert_id == gap.alert_id]
+    assert first[0].state == "open" and first[0].start_ms == t0 + 150_000
+    assert first[-1] is gap and gap.end_ms == t0 + 200_000  # the end of second 199, the last with readings
+    assert gap.step_ms == t0 + 286_000  # seen when the asset is back
+    after = [e for e in events if e.step_ms > gap.step_ms]
+    assert after and after[0].state == "open" and after[0].alert_id != gap.alert_id
+    assert after[0].start_ms >= gap.step_ms  # the new alert starts after the gap
+    assert all(e.alert_id == after[0].alert_id for e in after)
+    polled, _, _ = _events_with_silence(tiny_bundle, range(200, 286), poll=7)
+    assert [(e.alert_id, e.state, e.reason, e.end_ms) for e in polled] == \
+        [(e.alert_id, e.state, e.reason, e.end_ms) for e in events]
+
+
+def test_a_short_hole_leaves_the_open_alert_open(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    events, _, gap_resets = _events_with_silence(tiny_bundle, range(200, 212))  # 12 s: a hole, not a gap
+    assert gap_resets == 0
+    assert {e.alert_id for e in events} == {events[0].alert_id} and events[0].state == "open"
+    assert [e.state for e in events[1:]] == ["update"] * (len(events) - 1)
+    assert all(e.reason is None for e in events)

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.grid import NO_POS, AssetGrid, FleetGrid, GridConfig, GridSteps
+from pipeline.grid import NO_GAP, NO_POS, AssetGrid, FleetGrid, GridConfig, GridSteps
 
 CFG = GridConfig(period_ms=1000, lateness_ms=3000, max_future_ms=60_000, carry_forward_steps=2,
                  gap_reset_steps=10, n_features=2)
@@ -83,6 +83,52 @@ def test_long_gap_resets_the_asset_without_inventing_steps() -> None:
     assert r.steps.step.tolist() == [0, 10**5, 10**5 + 1]  # nothing invented across the gap
     assert r.steps.reset.tolist() == [True, True, False]
     assert r.counters.gap_resets == 1
+
+
+def test_the_step_after_a_gap_says_where_the_gap_began_and_a_hole_is_no_gap() -> None:
+    g = FleetGrid(CFG)
+    rows = [r for t in range(6) for r in both("a", t * 1000, 1.0, 1.0)]        # steps 0-5
+    rows += [("a", t * 1000, 0, 1.0) for t in range(6, 12)]                   # feature 1 silent: a hole
+    rows += [r for t in range(12, 14) for r in both("a", t * 1000, 1.0, 1.0)]  # steps 12-13
+    rows += [r for t in range(30, 40) for r in both("a", t * 1000, 1.0, 1.0)]  # 16 empty steps: a gap
+    steps = feed(g, rows).steps
+    by_step = dict(zip(steps.step.tolist(), zip(steps.reset.tolist(), steps.gap_start.tolist())))
+    assert by_step[12] == (True, NO_GAP)  # the hole restarts the model but is no gap
+    assert by_step[30] == (True, 14)      # the gap began after step 13, the last with readings
+    assert steps.gap.tolist() == [s == 30 for s in steps.step.tolist()]
+
+
+def test_a_gap_closed_over_several_polls_is_one_gap_as_in_one_batch() -> None:
+    """With lateness, the watermark closes a gap's empty steps over several polls; the gap is
+    measured over all of them, so one batch and a poll per reading see the same gap."""
+    rows = [r for t in list(range(6)) + list(range(18, 30)) for r in both("a", t * 1000, 1.0, 1.0)]  # 12 empty
+    whole = FleetGrid(CFG)
+    one = feed(whole, rows)
+    polled = FleetGrid(CFG)
+    parts = [feed(polled, rows[i:i + 2]) for i in range(0, len(rows), 2)]
+    for r in (one, *parts):
+        assert r.steps.gap_start[r.steps.step == 18].tolist() in ([], [6])
+    assert one.counters.gap_resets == sum(p.counters.gap_resets for p in parts) == 1
+    got = GridSteps.concat([p.steps for p in parts], 2)
+    assert got.gap_start[got.step == 18].tolist() == one.steps.gap_start[one.steps.step == 18].tolist() == [6]
+    assert got.gap.sum() == 1
+
+
+def test_a_gap_not_yet_reported_travels_in_the_snapshot() -> None:
+    rows = [r for t in range(6) for r in both("a", t * 1000, 1.0, 1.0)]
+    later = [r for t in range(31, 40) for r in both("a", t * 1000, 2.0, 2.0)]
+    g1 = FleetGrid(CFG)
+    feed(g1, rows)
+    assert len(feed(g1, both("a", 30_000, 2.0, 2.0)).steps.step) == 4  # steps 2-5; the gap is seen, step 30 open
+    snap = g1.assets["a"].snapshot()
+    assert snap["gap_start"] == 6
+    g2 = FleetGrid(CFG)
+    g2.assets["a"] = AssetGrid.restore(2, snap)
+    out1, out2 = feed(g1, later).steps, feed(g2, later).steps
+    assert out1.step.tolist() == out2.step.tolist() and out1.step[0] == 30
+    assert out1.gap_start.tolist() == out2.gap_start.tolist() == [6] + [NO_GAP] * (len(out1) - 1)
+    old = {k: v for k, v in snap.items() if k not in ("gap_start", "empty_run")}  # written by an older version
+    assert AssetGrid.restore(2, old).gap_start is None
 
 
 def test_flush_closes_everything_and_pending_positions_track_open_steps() -> None:

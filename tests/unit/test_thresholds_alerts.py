@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.alerts import alert_id, update_alerts
 from pipeline.bundle import ThresholdParams
-from pipeline.grid import GridConfig
+from pipeline.grid import NO_GAP, GridConfig
 from pipeline.settings import ThresholdSettings
 from pipeline.state import FleetState
 from pipeline.thresholds import TermLevels, calibrate_levels, combine, ewma_series, flat_runs, update_thresholds
@@ -28,14 +28,18 @@ def new_state() -> tuple[FleetState, np.ndarray]:
     return state, state.rows(np.array(["a"], object))
 
 
-def lifecycle(scores: list[float], contrib: list[list[float]] | None = None, p: ThresholdParams | None = None):  # type: ignore[no-untyped-def]
+def lifecycle(scores: list[float], contrib: list[list[float]] | None = None, p: ThresholdParams | None = None,
+              gaps: dict[int, int] | None = None, steps: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """Events of one asset; ``gaps`` maps a score's index to the first step of the data gap before it."""
     p = p or params()
     state, rows = new_state()
     events = []
     for i, s in enumerate(scores):
         c = np.array([contrib[i] if contrib else [1.0, 0.0]])
-        events += update_alerts(state, rows, np.array(["a"], object), np.array([100 + i]), np.array([s]),
-                                np.array([1.0]), c, p, FEATS, 1000, "v1")
+        step = steps[i] if steps else 100 + i
+        events += update_alerts(state, rows, np.array(["a"], object), np.array([step]), np.array([s]),
+                                np.array([1.0]), c, p, FEATS, 1000, "v1",
+                                gap_start=np.array([(gaps or {}).get(i, NO_GAP)], np.int64))
     return events
 
 
@@ -73,6 +77,38 @@ def test_alert_opens_after_consecutive_steps_starts_at_the_first_and_closes_with
     # 0.8 is below the threshold but above close_ratio × threshold: still open (no flapping)
     assert closed.step_ms == 110_000 and closed.end_ms == 108_000
     assert opened.alert_id == closed.alert_id == alert_id("a", 102, "v1")
+
+
+def test_a_normal_close_is_recovered_and_every_event_serialises_its_reason() -> None:
+    events = lifecycle([2.0, 2.0, 0.1, 0.1, 0.1])
+    assert [(e.state, e.reason) for e in events] == [("open", None), ("close", "recovered")]
+    assert [e.to_dict()["reason"] for e in events] == [None, "recovered"]
+
+
+def test_a_data_gap_closes_the_open_alert_once_and_the_next_alert_is_a_new_one() -> None:
+    # steps 100-104 above the threshold, readings stop after step 104, the asset is back at step 190
+    steps = [100, 101, 102, 103, 104, 190, 191, 192, 193, 194, 195]
+    scores = [2.0, 2.0, 2.0, 2.0, 2.0, 0.1, 2.0, 2.0, 2.0, 0.1, 0.1]
+    events = lifecycle(scores, gaps={5: 105}, steps=steps)
+    assert [(e.state, e.reason) for e in events] == [("open", None), ("close", "data_gap"), ("open", None)]
+    opened, gap_close, reopened = events
+    assert gap_close.alert_id == opened.alert_id == alert_id("a", 100, "v1")
+    assert gap_close.end_ms == 105_000  # the end of the last step with readings
+    assert gap_close.step_ms == 190_000  # closed when the asset's first step after the gap is seen
+    assert gap_close.to_dict()["reason"] == "data_gap"
+    assert reopened.start_ms == 191_000 and reopened.alert_id != opened.alert_id
+
+
+def test_a_data_gap_restarts_the_counters_of_an_asset_without_an_open_alert() -> None:
+    # one step above before the gap and one after are not two in a row
+    assert lifecycle([0.1, 2.0, 2.0, 0.1], gaps={2: 102}, steps=[100, 101, 150, 151]) == []
+    # after the gap the lifecycle runs as for a new asset: open after 2 steps above, recovered after 3 below
+    events = lifecycle([2.0, 2.0, 0.1, 0.1, 2.0, 2.0, 0.1, 0.1, 0.1], gaps={4: 104}, steps=[100, 101, 102, 103,
+                                                                                          200, 201, 202, 203, 204])
+    assert [(e.state, e.reason, e.step_ms) for e in events] == [
+        ("open", None, 101_000), ("close", "data_gap", 200_000), ("open", None, 201_000),
+        ("close", "recovered", 204_000)]
+    assert events[1].end_ms == 104_000 and events[3].end_ms == 202_000
 
 
 def test_one_step_excursion_does_not_open_an_alert() -> None:
