@@ -6,6 +6,10 @@ when it ends; a crash or an out-of-memory kill of one run is logged as a failed 
 the scheduler carries on; and the child takes the run lock exactly as a cron-started
 ``plantwatch train`` would, so the two can share a machine. SIGTERM or SIGINT stops the
 scheduler between runs; a run in progress is finished first.
+
+Exit status of the scheduler itself: 0 stopped by SIGTERM or SIGINT, 2 bad settings (such as
+``trainer.cron``), 1 the scheduler failed. A run's exit status is logged, never returned: see
+:func:`exit_codes_help`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+import textwrap
 from typing import Any
 
 from pipeline.settings import Settings
@@ -21,6 +26,9 @@ from trainers.schedule import RunResult, result_of
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # the epilog's table as written
+    p.description = textwrap.fill(p.description or "", 79)
+    p.epilog = exit_codes_help()
     p.add_argument("--now", action="store_true", help="run once right away, then on the schedule")
 
 
@@ -44,6 +52,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def exit_codes_help() -> str:
+    """The scheduler's exit statuses and how it reads a run's, for ``--help``."""
+    from cli.train_cmd import EXIT_CODES
+
+    outcome = {"published": "published", "refused": "refused", "busy": "skipped", "failed": "failed"}
+    lines = ["exit status: 0 stopped by SIGTERM or SIGINT, 2 bad arguments or settings",
+             "(such as trainer.cron), 1 the scheduler itself failed.",
+             "",
+             "each run is a `plantwatch train` process; its exit status is logged as the",
+             "run's outcome, and the scheduler carries on:"]
+    lines += [f"  {code:<5}  {outcome[status]:<9}  {meaning}" for code, (status, meaning) in EXIT_CODES.items()
+              if status in outcome]
+    lines.append(f"  {'other':<5}  {'failed':<9}  a crash, an out-of-memory kill or a signal")
+    return "\n".join(lines)
+
+
 def _forwarded(args: argparse.Namespace) -> list[str]:
     """This command's settings flags, so each run sees the same settings."""
     out = ["--config", args.config] if args.config else []
@@ -58,8 +82,13 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 
 def run_child(argv: list[str]) -> RunResult:
     """One training run in a child process; its logs go to our stderr, its summary line is read."""
+    from cli.train_cmd import EXIT_BUSY
+
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
-    return result_of(done.returncode, _last_json(done.stdout))
+    summary = _last_json(done.stdout)
+    if done.returncode == EXIT_BUSY:  # skipped, not failed, even if the summary line was lost
+        summary = {"error": "another training run holds the lock", **(summary or {}), "status": "busy"}
+    return result_of(done.returncode, summary)
 
 
 def _last_json(text: str) -> dict[str, Any] | None:

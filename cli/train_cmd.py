@@ -1,8 +1,8 @@
 """``plantwatch train``: one retraining run, for cron, a systemd timer, a Kubernetes CronJob or a person.
 
-Prints one JSON line on stdout (status, version, reason or error) and exits with
-0 published, 3 refused by the gate (the serving model stays: not an error), 2 usage,
-1 failure, including another run holding the lock (status ``busy``).
+Prints one JSON line on stdout (status, version, reason or error) and exits with one of
+:data:`EXIT_CODES`: 0 published, 3 refused by the gate (the serving model stays: not an
+error), 75 busy (another run holds the lock: nothing was tried, try later), 1 failed, 2 usage.
 """
 
 from __future__ import annotations
@@ -10,16 +10,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from typing import Any, TextIO
 
 from pipeline.settings import Settings, SettingsError
+from trainers.schedule import EXIT_FAILED, EXIT_PUBLISHED, EXIT_REFUSED, EXIT_USAGE
+
+EXIT_BUSY = 75  # EX_TEMPFAIL in sysexits.h ("try again later"); systemd shows it as 75/TEMPFAIL
+
+# exit status -> (summary status, meaning): the contract with cron, systemd, Kubernetes and `plantwatch schedule`
+EXIT_CODES: dict[int, tuple[str, str]] = {
+    EXIT_PUBLISHED: ("published", "a new version passed the gate, is current and announced"),
+    EXIT_REFUSED: ("refused", "the gate kept the serving model (an outcome, not an error)"),
+    EXIT_BUSY: ("busy", "another run holds trainer.lock_path; nothing was tried"),
+    EXIT_FAILED: ("failed", "the run failed: data, archive, registry or other error"),
+    EXIT_USAGE: ("usage", "bad arguments or settings (no JSON line)"),
+}
 
 _REDRAW_S = 0.2  # scan progress redraws the terminal line at most this often
 _CLEAR = "\r\x1b[2K"  # to the start of the line, and erase it
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # the epilog's table as written
+    p.description = textwrap.fill(p.description or "", 79)
+    p.epilog = exit_codes_help()
     p.add_argument("--end", metavar="TIME",
                    help="end of the training range, epoch milliseconds or ISO-8601 (default: now); for backfills")
 
@@ -32,7 +48,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.readings import parse_timestamp_ms
     from pipeline.registry import RegistryError
     from trainers.archive_scan import ArchiveError
-    from trainers.schedule import EXIT_FAILED, LockHeld, RunLock
+    from trainers.schedule import LockHeld, RunLock
     from trainers.train import TrainError, run_training
 
     log = get_logger("plantwatch.train")
@@ -48,7 +64,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except LockHeld as exc:
         log.error("training run not started", error=str(exc))
         _emit({"status": "busy", "error": str(exc)})
-        return EXIT_FAILED
+        return EXIT_BUSY
     except SettingsError:
         raise
     except (TrainError, FitError, ArchiveError, RegistryError, BundleError) as exc:  # the data or the registry
@@ -64,6 +80,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             terminal.close()
     _emit(outcome.summary())
     return outcome.exit_code
+
+
+def exit_codes_help() -> str:
+    """The exit statuses, for ``--help``."""
+    lines = ["exit status (the JSON line on stdout names the same status):"]
+    lines += [f"  {code:<5}  {status:<9}  {meaning}" for code, (status, meaning) in EXIT_CODES.items()]
+    return "\n".join(lines)
 
 
 def _emit(summary: dict[str, Any]) -> None:
