@@ -149,7 +149,8 @@ class Detector:
                     # The coordinator is marked unknown within a few heartbeats of losing the broker.
                     self._set_health(broker_ok=not self.consumer._coordinator.coordinator_unknown())
                 except Fenced as exc:
-                    self._forget_all(f"fenced: {exc}")
+                    # Partitions still assigned after the rejoin are re-read from their committed offsets.
+                    self._forget_all(f"fenced: {exc}", rewind=True)
                 except (DeliveryError, KafkaError) as exc:
                     if isinstance(exc, DeliveryError) and not exc.retriable:
                         self.log.error("an output cannot be delivered; stopping without commit", error=str(exc))
@@ -546,5 +547,6 @@ class _Listener(AsyncConsumerRebalanceListener):
         for tp in assigned:
             om = fetched.get(tp)
             d.to_restore[tp] = om.offset if om is not None and om.offset >= 0 else -1
+            d.rewind.discard(tp)
         d.assigned = True
         d._set_health(assigned=True)

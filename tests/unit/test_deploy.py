@@ -200,11 +200,13 @@ def test_systemd_settings_load(tmp_path: Path) -> None:
         assert uri.startswith("/var/lib/plantwatch/")  # the units' StateDirectory
 
 
-def test_a_gate_refusal_is_not_treated_as_a_failure_to_retry() -> None:
+def test_a_gate_refusal_or_a_busy_lock_is_not_treated_as_a_failure_to_retry() -> None:
+    from cli.train_cmd import EXIT_BUSY
+
     service = text(DEPLOY / "systemd" / "plantwatch-train.service")
-    assert re.search(rf"^SuccessExitStatus={EXIT_REFUSED}$", service, flags=re.M)
+    assert re.search(rf"^SuccessExitStatus={EXIT_REFUSED} {EXIT_BUSY}$", service, flags=re.M)
     cronjob = text(K8S / "trainer-cronjob.yaml")
-    assert f"values: [{EXIT_USAGE}, {EXIT_REFUSED}]" in cronjob and "restartPolicy: Never" in cronjob
+    assert f"values: [{EXIT_USAGE}, {EXIT_REFUSED}, {EXIT_BUSY}]" in cronjob and "restartPolicy: Never" in cronjob
 
 
 @pytest.mark.parametrize("source", ["compose", "cronjob"])

@@ -1,0 +1,244 @@
+"""Faults injected into a live stream on real broker processes; each run is compared with an
+uninterrupted reference of the same seeded input and written to ``tests/faults-report.json``.
+
+Run alone with ``pytest -m faults``; ``make test-fast`` skips them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumers.broker import LocalBroker, free_port
+from consumers.detector import Detector
+from pipeline import registry
+
+from . import faults
+from .plant import detector_settings, read_topic, running, wait_until
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(420)]
+
+STEPS = 1500  # per asset: 7,500 readings
+RATE = 300.0  # readings per second: a 25 s live stream
+
+
+def _ref(fitted_plant: Any, settings: Any, steps: int = STEPS) -> faults.Reference:
+    return faults.reference(fitted_plant.bundle, settings, fitted_plant.stream_start_ms, steps)
+
+
+def _finish(name: str, settings: Any, ref: faults.Reference, stream: faults.Stream, fault_at: float | None,
+            *procs: Any) -> dict[str, Any]:
+    stream.join(120)
+    scores = faults.wait_for_scores(settings, ref, 150)
+    for p in procs:
+        assert faults.stop(p) == 0, f"detector exited with {p.returncode}"
+    row = faults.compare(settings, ref, stream.sent, scores, fault_at)
+    faults.record(name, row)
+    print(name, json.dumps(row))
+    return row
+
+
+def test_detector_kill_9_during_a_live_stream(broker: Any, settings_for: Any, fitted_plant: Any,
+                                               ) -> None:
+    settings = detector_settings(settings_for, broker, scores=True)
+    ref = _ref(fitted_plant, settings)
+    first = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("detector_kill_9", "a"))
+    stream = faults.Stream(settings, ref, RATE).start()
+    wait_until(lambda: stream.sent > len(ref.records) // 3, 60, "a third of the stream")
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    fault_at = time.time()
+    second = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("detector_kill_9", "b"))
+    faults.assert_exact(_finish("detector_kill_9", settings, ref, stream, fault_at, second))
+
+
+def test_sigterm_of_one_of_two_members_while_readings_flow(broker: Any, settings_for: Any, fitted_plant: Any,
+                                                           ) -> None:
+    settings = detector_settings(settings_for, broker, scores=True)
+    ref = _ref(fitted_plant, settings)
+    a = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("member_sigterm", "a"))
+    b = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("member_sigterm", "b"))
+    stream = faults.Stream(settings, ref, RATE).start()
+    wait_until(lambda: stream.sent > len(ref.records) // 3, 60, "a third of the stream")
+    fault_at = time.time()
+    assert faults.stop(a) == 0
+    row = _finish("member_sigterm", settings, ref, stream, fault_at, b)
+    row["stop_s"] = round(time.time() - fault_at, 2)
+    faults.assert_exact(row)
+    assert row["duplicate_alert_events"] == 0 and row["duplicate_scores"] == 0, row
+
+
+def test_member_stopped_for_20_s_then_resumed(broker: Any, settings_for: Any, fitted_plant: Any,
+                                              ) -> None:
+    settings = detector_settings(settings_for, broker, scores=True)
+    ref = _ref(fitted_plant, settings, steps=2400)  # 40 s: the stall sits inside the stream
+    a = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("member_stopped_20s", "a"))
+    b = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("member_stopped_20s", "b"))
+    stream = faults.Stream(settings, ref, RATE).start()
+    wait_until(lambda: stream.sent > len(ref.records) // 5, 60, "a fifth of the stream")
+    fault_at = time.time()
+    a.send_signal(signal.SIGSTOP)
+    time.sleep(20)
+    a.send_signal(signal.SIGCONT)
+    faults.assert_exact(_finish("member_stopped_20s", settings, ref, stream, fault_at, a, b))
+
+
+class _SlowOnce(Detector):
+    """A detector whose one poll takes longer than ``max_poll_interval_ms`` (a slow model, a GC pause)."""
+
+    stall_s = 12.0
+
+    def process(self, polled: Any) -> None:
+        if self.stats.records > 1500 and self.stall_s:
+            time.sleep(self.stall_s)
+            self.stall_s = 0.0
+        super().process(polled)
+
+
+def test_a_poll_past_max_poll_interval_rejoins_without_exiting_or_re_emitting(
+        broker: Any, settings_for: Any, fitted_plant: Any) -> None:
+    settings = detector_settings(settings_for, broker, {"kafka.max_poll_interval_ms": "7000"}, scores=True)
+    ref = _ref(fitted_plant, settings)
+    stop = threading.Event()
+    det = _SlowOnce(settings, fitted_plant.bundle, stop=stop)
+    with running(det, stop):
+        stream = faults.Stream(settings, ref, RATE).start()
+        wait_until(lambda: det.stall_s == 0, 90, "the slow poll")
+        fault_at = time.time()
+        stream.join(120)
+        scores = faults.wait_for_scores(settings, ref, 150)
+    row = faults.compare(settings, ref, stream.sent, scores, fault_at)
+    faults.record("poll_past_max_poll_interval", row)
+    faults.assert_exact(row)
+    assert row["duplicate_alert_events"] == 0 and row["duplicate_scores"] == 0, row
+
+
+def test_broker_down_for_30_s_at_start_up(settings_for: Any, fitted_plant: Any) -> None:
+    own = LocalBroker(port=free_port())
+    settings = settings_for(own, {"detector.http_port": str(free_port())})
+    settings = dataclasses.replace(settings, topics=dataclasses.replace(
+        settings.topics, scores=f"{settings.topics.readings}.scores"))
+    ref = _ref(fitted_plant, settings, steps=600)
+    det = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("broker_down_30s_at_start", "d"),
+                                {"detector.http_port": str(settings.detector.http_port)})
+    try:
+        time.sleep(30)
+        assert det.poll() is None, "the detector gave up while the broker was down"
+        own.start()
+        fault_at = time.time()
+        wait_until(lambda: _ready(settings.detector.http_port), 60, "the detector to be ready")
+        stream = faults.Stream(settings, ref, RATE).start()
+        row = _finish("broker_down_30s_at_start", settings, ref, stream, fault_at, det)
+        faults.assert_exact(row)
+    finally:
+        if det.poll() is None:
+            det.kill()
+        own.close()
+
+
+def _ready(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_a_corrupt_bundle_published_while_following_the_registry_is_refused(
+        broker: Any, settings_for: Any, fitted_plant: Any) -> None:
+    settings = detector_settings(settings_for, broker, {"detector.registry_poll_s": "0.5"}, scores=True)
+    uri = settings.registry.uri
+    registry.publish(uri, fitted_plant.bundle, keep=10)
+    ref = _ref(fitted_plant, settings)
+    stop = threading.Event()
+    det = Detector(settings, fitted_plant.bundle, stop=stop, follow_registry=True)
+    with running(det, stop):
+        stream = faults.Stream(settings, ref, RATE).start()
+        wait_until(lambda: stream.sent > len(ref.records) // 3, 60, "a third of the stream")
+        bad = dataclasses.replace(fitted_plant.bundle, version=f"{fitted_plant.bundle.version[:16]}-corrupt")
+        version = registry.publish(uri, bad, keep=10)
+        weights = Path(uri) / "models" / version / "weights.npz"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        fault_at = time.time()
+        wait_until(lambda: version in det.watcher.refused, 30, "the corrupt bundle to be refused")
+        assert det.engine.model_version == fitted_plant.bundle.version
+        stream.join(120)
+        scores = faults.wait_for_scores(settings, ref, 150)
+    row = faults.compare(settings, ref, stream.sent, scores, fault_at)
+    faults.record("corrupt_bundle_published", row)
+    faults.assert_exact(row)
+
+
+class _MotoS3:
+    """An S3 emulator on 127.0.0.1 (moto) holding one bucket: durable storage for a broker."""
+
+    def __init__(self, bucket: str = "tansu") -> None:
+        import shutil
+        import subprocess
+
+        self.port = free_port()
+        exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        import boto3
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test",
+                             aws_secret_access_key="test").create_bucket(Bucket=bucket)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        self.env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_ENDPOINT": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+        self.url = f"s3://{bucket}/"
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+def test_broker_kill_9_and_restart_on_durable_storage(settings_for: Any, fitted_plant: Any) -> None:
+    s3 = _MotoS3()
+    own = LocalBroker(port=free_port(), storage_url=s3.url, extra_env=s3.env, log_path=faults.log_path("broker_kill_9_restart_s3", "broker"))
+    try:
+        own.start()
+        settings = detector_settings(settings_for, own, scores=True)
+        ref = _ref(fitted_plant, settings)
+        det = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("broker_kill_9_restart_s3", "d"))
+        stream = faults.Stream(settings, ref, RATE).start()
+        wait_until(lambda: stream.sent > len(ref.records) // 3, 90, "a third of the stream")
+        own.kill()
+        fault_at = time.time()
+        time.sleep(5)
+        own.start()
+        stream.join(180)
+        # What the broker itself lost (acknowledged just before its kill) is its durability, not
+        # the detector's: the reference is rebuilt from the readings the topic really holds.
+        held = read_topic(settings, settings.topics.readings, until=lambda r: len(r) >= stream.sent, timeout_s=30)
+        broker_lost = stream.sent - len(held)
+        if broker_lost:
+            ref = faults.reference_of(fitted_plant.bundle, settings, sorted(held, key=lambda r: (r.partition, r.offset)))
+        row = _finish("broker_kill_9_restart_s3", settings, ref, stream, fault_at, det)
+        row["broker_lost_readings"] = broker_lost
+        faults.record("broker_kill_9_restart_s3", row)
+        faults.assert_exact(row)
+    finally:
+        own.close()
+        s3.close()
