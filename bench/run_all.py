@@ -19,6 +19,7 @@ OUT = Path(__file__).with_name("results.json")
 QUICK = {
     "scoring_cost": ["-m", "bench.scoring_cost", "--assets", "1000"],
     "swap_memory": ["-m", "bench.swap_memory", "--swaps", "200", "--assets", "1000"],
+    "recovery_cost": ["-m", "bench.recovery_cost", "--fleets", "1000,100000", "--sigterm-assets", "100000"],
 }
 FULL = {"train_memory": ["-m", "bench.train_memory", "--readings", "5000000"]}
 

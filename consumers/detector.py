@@ -398,6 +398,7 @@ class Detector:
             raise Fenced(f"commit refused: {type(exc).__name__}") from None
         done = {p: pos for p, (pos, _) in pending.items()}
         self.checkpoints.checkpointed(done, self.clock() * 1000)
+        self.log.debug("checkpoint", positions=done, assets=n)
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - t)
         metrics.CHECKPOINT_ASSETS.inc(n)
         return done
@@ -428,6 +429,9 @@ class Detector:
                     rewarm.append(self.engine.state.index[asset])
             self.checkpoints.assign(tp.partition, committed, Restored(good, info.emitted))
             restored_assets += len(good)
+            cur = self.checkpoints.cursors[tp.partition]
+            self.log.info("partition restored", partition=tp.partition, committed=committed, emitted=cur.emitted,
+                          snapshots=len(good), newest_snapshot=max(good.values(), default=None))
         if rewarm:
             self.engine.rewarm(np.array(rewarm, np.int64))
         self.restore_s.append(time.perf_counter() - t)
@@ -546,7 +550,14 @@ class _Listener(AsyncConsumerRebalanceListener):
         fetched = await d.consumer._coordinator.fetch_committed_offsets_async(set(assigned))
         for tp in assigned:
             om = fetched.get(tp)
-            d.to_restore[tp] = om.offset if om is not None and om.offset >= 0 else -1
+            committed = om.offset if om is not None and om.offset >= 0 else -1
+            # kafka-python keeps the fetch position of a partition held before and after a
+            # rebalance; the state restored is the committed one, so reading starts there.
+            if committed >= 0:
+                d.consumer.seek(tp, committed)
+            else:
+                d.consumer.seek_to_beginning(tp)
+            d.to_restore[tp] = committed
             d.rewind.discard(tp)
         d.assigned = True
         d._set_health(assigned=True)

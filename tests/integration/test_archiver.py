@@ -34,6 +34,7 @@ from pipeline.settings import Settings, to_dict
 from pipeline.simulate import PlantConfig, PlantSimulator
 from trainers.archive_scan import ScanStats, scan_archive
 
+from . import faults
 from .plant import produce, running, wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -312,8 +313,13 @@ def test_kill_9_mid_file_and_restart_lose_nothing_duplicate_nothing_and_leave_no
                 proc.wait()
 
     stats = ScanStats()
-    assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
+    got, want = archived_rows(s, stats), expected_rows(start, end)
     files = archive_files(s)  # hidden ones included
+    faults.record("archiver_kill_9_mid_file", {
+        "sent": sum(produced), "archived_rows": len({r[:3] for r in got}), "expected_rows": len(want),
+        "lost": len(set(want) - set(got)), "duplicate_rows": len(got) - len({r[:3] for r in got}),
+        "leftover_temporary_files": len([f for f in files if not ARCHIVE_FILE.fullmatch(f)]) + half_written.exists()})
+    assert_archived_once(got, want)
     assert not half_written.exists()
     assert [f for f in files if not ARCHIVE_FILE.fullmatch(f)] == [], "files other than archive files are left"
     assert stats.files == len(files)
