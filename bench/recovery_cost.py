@@ -76,13 +76,13 @@ def pure_costs(n: int, poll: int, repeats: int = 20) -> dict[str, float]:
 
 
 def checkpoint_cost(bootstrap: str, n: int) -> float:
-    from consumers.kafka_clients import make_producer
+    from consumers.detector import make_state_producer
     from pipeline.settings import load_settings
 
     engine = _engine_with(n)
     names = sorted(engine.state.grid.assets)
     settings = load_settings(env={}, overrides={"kafka.bootstrap_servers": bootstrap})
-    producer = make_producer(settings, max_request_size=2_000_000)
+    producer = make_state_producer(settings)
     try:
         t = time.perf_counter()
         for i in range(0, n, 5000):
