@@ -6,12 +6,16 @@ Files::
                     training metadata, the sha256 of every other file, and its own checksum
     weights.npz     the network weights as plain arrays, and per-asset output layers
     scaling.npz     global and per-asset feature scaling, per-feature error scales
+    report.json     optional: the training report (loss curves, the gate's comparison)
+    report.png      optional: the same as a figure
 
 Loading reads JSON and ``np.load(allow_pickle=False)`` only, and rebuilds the network from
 code: no bytes from a bundle are ever executed. Every file is verified against the
 manifest, and the manifest against its own checksum, before anything is used. The files
 are read under fixed names only: a manifest naming any other file (``../x``, ``/etc/x``) is
-refused, so a bundle cannot point a reader outside its directory.
+refused, so a bundle cannot point a reader outside its directory. The report files are for
+people: the manifest does not list them, loading never reads them, and a bundle without them
+(or with others beside it) loads and verifies the same.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.npz"
 SCALING = "scaling.npz"
 DATA_FILES = (WEIGHTS, SCALING)  # the files the manifest lists, with their checksums
+REPORT_JSON = "report.json"
+REPORT_PNG = "report.png"
+REPORT_FILES = (REPORT_JSON, REPORT_PNG)  # beside a bundle, outside its checksums, never read by loading
 
 
 class BundleError(ValueError):
@@ -339,10 +346,14 @@ def _check_shapes(b: ModelBundle) -> None:
                 raise BundleError(f"{name} must be positive finite numbers, one row of {f} per listed asset")
 
 
-def save_bundle(bundle: ModelBundle, uri: str) -> None:
-    """Write a bundle directory (not atomic by itself: the registry publishes atomically)."""
+def save_bundle(bundle: ModelBundle, uri: str, extra: dict[str, bytes] | None = None) -> None:
+    """Write a bundle directory, with report files (``extra``) beside it (not atomic by itself:
+    the registry publishes atomically)."""
     fs, path = storage.resolve(uri)
-    for name, data in encode_bundle(bundle).items():
+    for name in extra or {}:
+        if name not in REPORT_FILES:
+            raise BundleError(f"a bundle may carry only {', '.join(REPORT_FILES)} beside it, not {name!r}")
+    for name, data in {**encode_bundle(bundle), **(extra or {})}.items():
         storage.write_bytes(fs, storage.join(path, name), data)
 
 
@@ -357,3 +368,10 @@ def load_bundle(uri: str, expected_features: tuple[str, ...] | None = None) -> M
     if expected_features is not None and bundle.features != tuple(expected_features):
         raise BundleError(f"bundle features {list(bundle.features)} differ from the configured {list(expected_features)}")
     return bundle
+
+
+def read_report_files(uri: str) -> dict[str, bytes]:
+    """The report files present in a bundle directory (none is an empty dict)."""
+    fs, path = storage.resolve(uri)
+    return {name: storage.read_bytes(fs, storage.join(path, name)) for name in REPORT_FILES
+            if storage.exists(fs, storage.join(path, name))}

@@ -16,6 +16,8 @@ reads those files in bounded pieces, so memory does not grow with the history:
 4. Each epoch scores the whole history through the production scoring path, chunk by
    chunk with every asset's state carried, and is judged on the held-out tail; the best
    epoch's weights are kept (early stopping). That pass also measures the error scale.
+   Fine-tuning (``initial_weights``, e.g. the serving model's) starts from given weights
+   and scores them first, as epoch 0: they are kept unless an epoch improves on them.
 5. With the best weights, each asset with enough training steps gets its own output layer,
    fitted in closed form on the network's last LSTM outputs (one pass), and the error
    scale is measured again with those layers (another pass).
@@ -80,6 +82,7 @@ class FitReport:
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     duration_s: float = 0.0
+    initial_val_loss: float | None = None  # fine-tuning: the starting weights' validation error (epoch 0)
 
 
 # ---------------------------------------------------------------- the history on disk
@@ -625,29 +628,37 @@ def _version(weights: list[np.ndarray]) -> str:
 
 
 def fit_stream(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings, *,
-               metadata: dict[str, Any] | None = None, progress: Progress | None = None
-               ) -> tuple[ModelBundle, FitReport]:
+               metadata: dict[str, Any] | None = None, progress: Progress | None = None,
+               initial_weights: list[np.ndarray] | None = None) -> tuple[ModelBundle, FitReport]:
     """Fit from a source of batches (e.g. an archive scan), opened once.
 
     The grid steps are spilled to a temporary directory (``tempfile``'s, e.g. ``TMPDIR``;
     about ``9 + 8·F`` bytes per step) and removed afterwards; peak memory depends on the
     batch and chunk sizes and the model, not on the length of the history.
+
+    ``initial_weights`` (the network's, in bundle order) starts training from them instead of
+    the seeded initialisation; they must fit the configured features and layers.
+    The same source, settings and starting point give the same weights, bit for bit
+    (the initialisation and the order of training runs are seeded by ``model.seed``).
     """
     workdir = tempfile.mkdtemp(prefix="plantwatch-fit-")
     try:
-        return _fit(open_batches, settings, Path(workdir), metadata, progress)
+        return _fit(open_batches, settings, Path(workdir), metadata, progress, initial_weights)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def fit_bundle(batch: DecodedBatch, settings: Settings, *, metadata: dict[str, Any] | None = None,
-               progress: Progress | None = None) -> tuple[ModelBundle, FitReport]:
+               progress: Progress | None = None, initial_weights: list[np.ndarray] | None = None
+               ) -> tuple[ModelBundle, FitReport]:
     """Train, validate and calibrate a bundle from a long-format batch of normal history."""
-    return fit_stream(lambda: iter([batch]), settings, metadata=metadata, progress=progress)
+    return fit_stream(lambda: iter([batch]), settings, metadata=metadata, progress=progress,
+                      initial_weights=initial_weights)
 
 
 def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings, workdir: Path,
-         metadata: dict[str, Any] | None, progress: Progress | None) -> tuple[ModelBundle, FitReport]:
+         metadata: dict[str, Any] | None, progress: Progress | None,
+         initial_weights: list[np.ndarray] | None = None) -> tuple[ModelBundle, FitReport]:
     t0 = time.monotonic()
     m = settings.model
     f = len(m.features)
@@ -666,11 +677,24 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     warmup = m.timesteps  # a cold state predicts poorly for about one training window
 
     net = build_training_model(f, m.units, streams, m.timesteps, m.learning_rate, m.seed)
+    if initial_weights is not None:
+        shapes = [tuple(w.shape) for w in net.get_weights()]
+        if [tuple(np.shape(w)) for w in initial_weights] != shapes:
+            raise FitError(f"initial weights do not fit {f} features and layers {m.units}: "
+                           f"{[tuple(np.shape(w)) for w in initial_weights]} != {shapes}")
+        net.set_weights([np.asarray(w, np.float32) for w in initial_weights])
     rng = np.random.default_rng(m.seed)
     report = FitReport(rows=source.rows, assets=len(counts), train_steps=int(cut.sum()),
                        holdout_steps=total - int(cut.sum()), runs=len(runs), epochs=0, best_epoch=0)
     best_loss, best_weights, best_check, stale = np.inf, net.get_weights(), None, 0
     scorer = StepFunction(f, m.units, best_weights)
+    if initial_weights is not None:  # epoch 0: the starting point is a candidate like any epoch
+        check = _check(history, cut, _provisional(settings, part.scaler, best_weights, warmup), scorer, settings)
+        report.initial_val_loss = check.held_mse
+        if check.held_mse is not None:
+            best_loss, best_check = check.held_mse, check
+        if progress is not None:
+            progress({"epoch": 0, "val_loss": check.held_mse})
     for epoch in range(1, m.epochs + 1):
         loss = _train_epoch(net, history, runs, (mean, scale), streams, chunks, m.timesteps, rng)
         weights = net.get_weights()
@@ -727,6 +751,7 @@ def _metadata(report: FitReport, source: SourceSummary, steps: int, streams: int
         "streams": streams, "chunks": chunks, "epochs": report.epochs, "best_epoch": report.best_epoch,
         "train_loss": [round(v, 6) for v in report.train_loss], "val_loss": [round(v, 6) for v in report.val_loss],
         "validation_error": round(best_loss, 6), "duration_s": round(report.duration_s, 2),
+        **({"initial_val_loss": round(report.initial_val_loss, 6)} if report.initial_val_loss is not None else {}),
         "versions": {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                      "numpy": np.__version__},
         **(extra or {}),

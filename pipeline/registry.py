@@ -2,7 +2,10 @@
 
 Layout under a root on any filesystem pyarrow reaches (local disk, S3, GCS, HDFS)::
 
-    models/<version>/   a complete bundle (manifest.json, weights.npz, scaling.npz)
+    models/<version>/   a complete bundle (manifest.json, weights.npz, scaling.npz), with its
+                        training report beside it (report.json, report.png) when it has one
+    candidates/<version>/  a model the gate refused, kept with its report for inspection and
+                        ``promote``; the newest ``keep_candidates`` are kept. Never served.
     CURRENT             {"version", "published_at", "previous"}: the newest published version
     PINNED              {"version"}: chosen by an operator (promote, rollback); wins over CURRENT
     .staging/           uploads in progress, pointer temp files, deletions; never read
@@ -41,10 +44,12 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.bundle import MANIFEST, SCALING, WEIGHTS, BundleError, ModelBundle, decode_bundle, encode_bundle
+from pipeline.bundle import (MANIFEST, REPORT_FILES, REPORT_JSON, SCALING, WEIGHTS, BundleError, ModelBundle,
+                             decode_bundle, encode_bundle)
 from pipeline.logs import get_logger
 
 MODELS = "models"
+CANDIDATES = "candidates"
 STAGING = ".staging"
 CURRENT = "CURRENT"
 PINNED = "PINNED"
@@ -85,6 +90,8 @@ class VersionInfo:
     threshold: float | None
     current: bool
     pinned: bool
+    candidate: bool = False                 # refused by the gate, kept under candidates/
+    gate: dict[str, Any] | None = None      # the gate's verdict and paired figures (see gate_summary)
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,13 @@ class _Root:
 
     def bundle_file(self, version: str, name: str) -> str:
         return self.confined(storage.join(self.version_dir(version), name))
+
+    def area_dir(self, area: str, version: str) -> str:
+        """A version's directory under ``models/`` or ``candidates/``."""
+        return self.confined(storage.join(self.path, area, check_version_name(version)))
+
+    def area_file(self, area: str, version: str, name: str) -> str:
+        return self.confined(storage.join(self.area_dir(area, version), name))
 
     def staging(self, name: str) -> str:
         return self.confined(storage.join(self.path, STAGING, name))
@@ -184,8 +198,9 @@ def current_version(root_uri: str) -> str | None:
 # ---------------------------------------------------------------- reading versions
 
 
-def _read_bundle(root: _Root, version: str, expected_features: tuple[str, ...] | None) -> ModelBundle:
-    paths = {name: root.bundle_file(version, name) for name in (MANIFEST, WEIGHTS, SCALING)}
+def _read_bundle(root: _Root, version: str, expected_features: tuple[str, ...] | None,
+                 area: str = MODELS) -> ModelBundle:
+    paths = {name: root.area_file(area, version, name) for name in (MANIFEST, WEIGHTS, SCALING)}
     try:
         files = {name: storage.read_bytes(root.fs, path) for name, path in paths.items()}
     except OSError as exc:
@@ -199,12 +214,12 @@ def _read_bundle(root: _Root, version: str, expected_features: tuple[str, ...] |
     return bundle
 
 
-def _manifests(root: _Root) -> list[tuple[str, dict[str, Any]]]:
+def _manifests(root: _Root, area: str = MODELS) -> list[tuple[str, dict[str, Any]]]:
     """Readable manifests of the version directories, oldest publication first."""
     found = []
-    for name in storage.list_dirs(root.fs, storage.join(root.path, MODELS)):
+    for name in storage.list_dirs(root.fs, storage.join(root.path, area)):
         try:
-            manifest = _read_json(root.fs, root.bundle_file(name, MANIFEST))
+            manifest = _read_json(root.fs, root.area_file(area, name, MANIFEST))
         except RegistryError:  # not a version, a link leading out, or a manifest that is not JSON
             continue
         if manifest is not None:
@@ -214,7 +229,7 @@ def _manifests(root: _Root) -> list[tuple[str, dict[str, Any]]]:
 
 def _published_at(manifest: dict[str, Any]) -> str | None:
     meta = manifest.get("metadata") or {}
-    return meta.get("published_at") or meta.get("created_at")
+    return meta.get("published_at") or meta.get("stored_at") or meta.get("created_at")
 
 
 def _require_known(root: _Root, version: str) -> None:
@@ -239,45 +254,88 @@ def load_current(root_uri: str, expected_features: tuple[str, ...] | None = None
 
 
 def manifest(root_uri: str, version: str) -> dict[str, Any]:
-    """A version's manifest as stored (not verified: use load_version for that)."""
+    """A version's manifest as stored, published or candidate (not verified: use load_version for that)."""
     root = _root(root_uri)
-    _require_known(root, version)
-    found = _read_json(root.fs, root.bundle_file(version, MANIFEST))
+    area = _area_of(root, version)
+    found = _read_json(root.fs, root.area_file(area, version, MANIFEST))
     if found is None:  # deleted since _require_known looked
         raise RegistryError(f"version {version!r} was just deleted from {root_uri}")
     return found
 
 
-def list_versions(root_uri: str) -> list[VersionInfo]:
-    """Published versions, newest first."""
+def list_versions(root_uri: str, *, candidates: bool = False) -> list[VersionInfo]:
+    """Published versions, newest first; with ``candidates``, then the refused ones kept, newest first."""
     root = _root(root_uri)
     p = _pointers(root)
     out = []
-    for version, m in reversed(_manifests(root)):
-        meta = m.get("metadata") or {}
-        out.append(VersionInfo(
-            version=version, published_at=meta.get("published_at"), created_at=meta.get("created_at"),
-            epochs=meta.get("epochs"), validation_error=meta.get("validation_error"),
-            threshold=(m.get("thresholds") or {}).get("threshold"),
-            current=version == p.current, pinned=version == p.pinned,
-        ))
+    for area in (MODELS, CANDIDATES) if candidates else (MODELS,):
+        for version, m in reversed(_manifests(root, area)):
+            meta = m.get("metadata") or {}
+            out.append(VersionInfo(
+                version=version, published_at=meta.get("published_at") or meta.get("stored_at"),
+                created_at=meta.get("created_at"), epochs=meta.get("epochs"),
+                validation_error=meta.get("validation_error"), threshold=(m.get("thresholds") or {}).get("threshold"),
+                current=version == p.current, pinned=version == p.pinned, candidate=area == CANDIDATES,
+                gate=gate_summary(meta.get("gate")),
+            ))
     return out
+
+
+def gate_summary(gate: Any) -> dict[str, Any] | None:
+    """The gate's verdict and its paired intervals, from a manifest's ``metadata.gate``."""
+    if not isinstance(gate, dict):
+        return None
+    paired = gate.get("paired") if isinstance(gate.get("paired"), dict) else {}
+    return {"decision": gate.get("decision"), "reason": gate.get("reason"),
+            "champion": (gate.get("champion") or {}).get("version") if isinstance(gate.get("champion"), dict) else None,
+            **{k: paired.get(k) for k in ("error_change", "alert_change", "error_allowed", "alert_allowed")}}
+
+
+def _area_of(root: _Root, version: str) -> str:
+    """Where a version lives: ``models`` (published) or ``candidates`` (refused, kept)."""
+    for area in (MODELS, CANDIDATES):
+        if storage.exists(root.fs, root.area_file(area, version, MANIFEST)):
+            return area
+    known = [v for v, _ in _manifests(root)]
+    kept = [v for v, _ in _manifests(root, CANDIDATES)]
+    raise RegistryError(f"unknown version {version!r} in {root.uri}; known: {', '.join(known) or 'none'}"
+                        + (f"; candidates: {', '.join(kept)}" if kept else ""))
+
+
+def is_candidate(root_uri: str, version: str) -> bool:
+    """True for a refused model kept under candidates/, False for a published one; unknown raises."""
+    return _area_of(_root(root_uri), version) == CANDIDATES
+
+
+def load_any(root_uri: str, version: str) -> ModelBundle:
+    """A published or candidate version, verified (for inspection; serving uses load_version)."""
+    root = _root(root_uri)
+    return _read_bundle(root, version, None, _area_of(root, version))
+
+
+def read_report(root_uri: str, version: str) -> dict[str, Any] | None:
+    """The training report (report.json) beside a published or candidate version, if it has one."""
+    root = _root(root_uri)
+    return _read_json(root.fs, root.area_file(_area_of(root, version), version, REPORT_JSON))
 
 
 # ---------------------------------------------------------------- publishing
 
 
-def publish(root_uri: str, bundle: ModelBundle, *, keep: int, make_current: bool = True) -> str:
+def publish(root_uri: str, bundle: ModelBundle, *, keep: int, make_current: bool = True,
+            extra: dict[str, bytes] | None = None) -> str:
     """Publish a bundle as a new version (atomically, see the module docstring); returns the version.
 
     ``make_current=False`` stores it without serving it (a challenger to promote later).
+    ``extra`` holds report files (:data:`~pipeline.bundle.REPORT_FILES`) written beside the
+    bundle; they are not covered by its checksums and loading ignores them.
     Republishing identical content is a no-op for the files; the same version name with
     different content is refused.
     """
     root = _root(root_uri)
     version = check_version_name(bundle.version)
     stamped = dataclasses.replace(bundle, metadata={**bundle.metadata, "published_at": _now()})
-    files = encode_bundle(stamped)
+    files = {**encode_bundle(stamped), **_extras(extra)}
     final = root.version_dir(version)
     if not _already_published(root, version, files):
         staged = root.staging(f"{version}-{secrets.token_hex(4)}")
@@ -320,22 +378,41 @@ def _read_files(fs: pafs.FileSystem, path: str) -> dict[str, bytes]:
     return {n: storage.read_bytes(fs, storage.join(path, n)) for n in (MANIFEST, WEIGHTS, SCALING)}
 
 
+def _read_extras(fs: pafs.FileSystem, path: str) -> dict[str, bytes]:
+    """The report files present beside a bundle."""
+    return {n: storage.read_bytes(fs, storage.join(path, n)) for n in REPORT_FILES
+            if storage.exists(fs, storage.join(path, n))}
+
+
+def _extras(extra: dict[str, bytes] | None) -> dict[str, bytes]:
+    unknown = sorted(set(extra or {}) - set(REPORT_FILES))
+    if unknown:
+        raise RegistryError(f"a bundle may carry only {', '.join(REPORT_FILES)} beside it, not {', '.join(unknown)}")
+    return dict(extra or {})
+
+
 def _move_dir(fs: pafs.FileSystem, src: str, dest: str) -> None:
     """A rename where the filesystem has one; a copy where it cannot move directories."""
     fs.create_dir(posixpath.dirname(dest), recursive=True)
     try:
         fs.move(src, dest)
     except (NotImplementedError, OSError):
-        _write_files(fs, dest, _read_files(fs, src))
+        _write_files(fs, dest, {**_read_files(fs, src), **_read_extras(fs, src)})
         fs.delete_dir(src)
 
 
 # ---------------------------------------------------------------- operator actions
 
 
-def promote(root_uri: str, version: str) -> None:
-    """Make a version current and pin it (a later publish does not replace it until unpinned)."""
+def promote(root_uri: str, version: str, *, keep: int | None = None) -> None:
+    """Make a version current and pin it (a later publish does not replace it until unpinned).
+
+    A candidate (refused by the gate) is published first, report and all, and leaves
+    candidates/; ``keep`` then prunes old published versions as a publish does.
+    """
     root = _root(root_uri)
+    if _area_of(root, version) == CANDIDATES:
+        _publish_candidate(root_uri, root, version, keep)
     _require_known(root, version)
     _verified(root, version, "promote")
     previous = _pointers(root).current
@@ -417,9 +494,9 @@ def _prune(root: _Root, keep: int, now: float) -> list[str]:
     return doomed
 
 
-def _remove_version(root: _Root, version: str) -> None:
+def _remove_version(root: _Root, version: str, area: str = MODELS) -> None:
     """Move out of ``models/`` first where possible, so a kill mid-delete leaves no half version."""
-    src = root.version_dir(version)
+    src = root.area_dir(area, version)
     trash = root.staging(f"{version}-{secrets.token_hex(4)}.deleted")
     try:
         root.fs.create_dir(root.confined(storage.join(root.path, STAGING)), recursive=True)
@@ -452,3 +529,66 @@ def _stale(fs: pafs.FileSystem, path: str, now: float) -> bool:
     if not times and info.mtime is not None:
         times = [info.mtime.timestamp()]
     return not times or now - max(times) > STALE_AFTER_S
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def store_candidate(root_uri: str, bundle: ModelBundle, *, keep: int, extra: dict[str, bytes] | None = None) -> str:
+    """Keep a model the gate refused under ``candidates/<version>`` (staged, verified, moved, as a
+    publish), with its report files; then delete all but the newest ``keep`` candidates. Nothing
+    names a candidate, so it is never served until ``promote`` publishes it."""
+    root = _root(root_uri)
+    version = check_version_name(bundle.version)
+    stamped = dataclasses.replace(bundle, metadata={**bundle.metadata, "stored_at": _now()})
+    files = {**encode_bundle(stamped), **_extras(extra)}
+    final = root.area_dir(CANDIDATES, version)
+    staged = root.staging(f"{version}-{secrets.token_hex(4)}.candidate")
+    _write_files(root.fs, staged, files)
+    decode_bundle(_read_files(root.fs, staged))
+    if storage.exists(root.fs, final):  # the same version stored again: the newer copy wins
+        _remove_version(root, version, CANDIDATES)
+    _move_dir(root.fs, staged, final)
+    _read_bundle(root, version, None, CANDIDATES)
+    prune_candidates(root_uri, keep=keep)
+    return version
+
+
+def prune_candidates(root_uri: str, *, keep: int, now: float | None = None) -> list[str]:
+    """Delete all but the newest ``keep`` candidates (0: all), and incomplete candidate directories
+    untouched for an hour; returns the deleted versions."""
+    if keep < 0:
+        raise ValueError("keep must be >= 0")
+    root = _root(root_uri)
+    now = time.time() if now is None else now
+    complete = [v for v, _ in _manifests(root, CANDIDATES)]
+    doomed = complete[:max(0, len(complete) - keep)]
+    for d in storage.list_dirs(root.fs, storage.join(root.path, CANDIDATES)):
+        if d in complete:
+            continue
+        try:
+            path = root.area_dir(CANDIDATES, d)
+        except RegistryError as exc:
+            log.warning("registry entry left alone", entry=d, reason=str(exc))
+            continue
+        if _stale(root.fs, path, now):
+            doomed.append(d)
+    for version in doomed:
+        _remove_version(root, version, CANDIDATES)
+    return doomed
+
+
+def _publish_candidate(root_uri: str, root: _Root, version: str, keep: int | None) -> None:
+    """Publish a candidate deliberately (without making it current), report files included,
+    then remove it from candidates/. A kill in between leaves it in both: harmless, the
+    published copy wins and pruning removes the other."""
+    try:
+        bundle = _read_bundle(root, version, None, CANDIDATES)
+    except BundleError as exc:
+        raise RegistryError(f"refusing to promote {version}: {exc}") from None
+    extras = _read_extras(root.fs, root.area_dir(CANDIDATES, version))
+    meta = {k: v for k, v in bundle.metadata.items() if k != "stored_at"}
+    meta["promoted"] = {"from": "candidate", "at": _now(), "stored_at": bundle.metadata.get("stored_at")}
+    publish(root_uri, dataclasses.replace(bundle, metadata=meta), keep=keep if keep is not None else 1 << 30,
+            make_current=False, extra=extras)
+    _remove_version(root, version, CANDIDATES)

@@ -266,10 +266,12 @@ class DetectorSettings:
 class RegistrySettings:
     uri: str = _f("var/registry", "model registry: a local path or any pyarrow filesystem URI (s3://, gs://, hdfs://)")
     keep: int = _f(5, "published versions kept (older ones are deleted, pinned ones never)")
+    keep_candidates: int = _f(10, "models refused by the gate kept under candidates/ with their gate report, for plantwatch models show and promote (older ones are deleted; 0 keeps none)")
 
     def __post_init__(self) -> None:
         _check("registry.uri", bool(self.uri), "must not be empty")
         _check("registry.keep", self.keep >= 1, "must be >= 1")
+        _check("registry.keep_candidates", self.keep_candidates >= 0, "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,9 @@ class ArchiveSettings:
 class TrainerSettings:
     lookback_hours: float = _f(168.0, "training range: it ends at the start of the run and begins this many hours earlier")
     holdout_hours: float = _f(24.0, "newest hours of that range, kept out of training, on which the gate compares the new model with the serving one (0 = no gate)")
-    gate_margin: float = _f(0.05, "the new model is published only if it is at most this fraction worse than the serving one on each gate figure")
+    gate_margin: float = _f(0.05, "the new model is refused only if a paired test over the held-out steps (95 % block bootstrap) shows it worse than the serving one by more than this fraction: its forecast error, or its alert fraction (plus gate_alert_tolerance)")
+    gate_alert_tolerance: float = _f(0.002, "absolute room on the alert fraction (steps above threshold per held-out step) beyond gate_margin, so a serving model that never alerted does not veto one short excursion")
+    fine_tune: bool = _f(True, "start training from the serving model's weights when its features and layers match; early stopping keeps those weights unless an epoch improves on them (false: from scratch)")
     interval_s: float = _f(86400.0, "plantwatch schedule: seconds between training runs when cron is empty")
     cron: str = _f("", "plantwatch schedule: 5-field cron expression in UTC (minute hour day-of-month month day-of-week); empty = every interval_s")
     lock_path: str = _f("var/trainer.lock", "lock file naming the pid and start time of the running training job: one run at a time")
@@ -303,6 +307,7 @@ class TrainerSettings:
         _check(p + "lookback_hours", self.lookback_hours > 0, "must be > 0")
         _check(p + "holdout_hours", 0 <= self.holdout_hours < self.lookback_hours, "must be >= 0 and below lookback_hours")
         _check(p + "gate_margin", self.gate_margin >= 0, "must be >= 0")
+        _check(p + "gate_alert_tolerance", 0 <= self.gate_alert_tolerance < 1, "must be in [0, 1)")
         _check(p + "interval_s", self.interval_s > 0, "must be > 0")
         _check(p + "cron", len(self.cron.split()) in (0, 5), "must have 5 fields: minute hour day-of-month month day-of-week")
         _check(p + "lock_path", bool(self.lock_path), "must not be empty")

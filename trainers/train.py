@@ -11,12 +11,17 @@ One run (``plantwatch train``, or one tick of ``plantwatch schedule``):
    archive scan, so memory stays bounded by the scan's batch size, and dropped stretches
    become gaps that reset the grid rather than joining the readings around them.
 3. :func:`~pipeline.fit.fit_stream` trains, validates and calibrates, re-opening the
-   filtered scan as often as it needs.
+   filtered scan as often as it needs. With ``trainer.fine_tune`` it starts from the
+   serving model's weights when its features and layers match (and keeps them unless an
+   epoch improves on them), else from the seeded initialisation.
 4. The gate (:mod:`trainers.gate`) compares the new model with the one serving on the
-   held-out data; a first model, or one whose features or grid period changed on purpose,
-   is published without comparison.
-5. The bundle, with the run's metadata and the gate's figures and decision, is published
-   atomically to the registry and announced on the control topic (key ``current``).
+   held-out data, step by step; a first model, or one whose features or grid period
+   changed on purpose, is published without comparison.
+5. The bundle, with the run's metadata and the gate's figures and decision, and its
+   training report beside it (:mod:`trainers.report`), is published atomically to the
+   registry and announced on the control topic (key ``current``). A refused model is kept
+   under ``candidates/`` with the same report (``registry.keep_candidates``), where
+   ``plantwatch models show`` finds it and ``plantwatch models promote`` can publish it.
 
 Failures raise; a refusal by the gate is an outcome, not an error (exit code 3).
 """
@@ -42,11 +47,13 @@ from pipeline.bundle import BundleError, ModelBundle
 from pipeline.fit import fit_stream
 from pipeline.logs import get_logger
 from pipeline.readings import DecodedBatch
-from pipeline.registry import RegistryError, current_version, load_version, pointers, publish
+from pipeline.registry import RegistryError, current_version, load_version, publish, store_candidate
 from pipeline.settings import Settings
 from pipeline.tables import TableError, timestamps_ms
 from trainers.archive_scan import scan_archive
 from trainers.gate import GateDecision, compare, decide, incompatibility, unconditional
+from trainers.announce import announce
+from trainers.report import report_files
 from trainers.schedule import EXIT_PUBLISHED, EXIT_REFUSED
 HOUR_MS = 3_600_000
 LOG_EVERY_S = 30.0          # scan progress is logged at most this often (epochs and passes always)
@@ -305,6 +312,7 @@ class TrainOutcome:
     gate: GateDecision
     announced: bool
     metadata: dict[str, Any]
+    candidate: bool = False  # refused and kept under candidates/ (plantwatch models show / promote)
 
     @property
     def exit_code(self) -> int:
@@ -312,9 +320,12 @@ class TrainOutcome:
 
     def summary(self) -> dict[str, Any]:
         """One JSON-able line for scripts and the scheduler."""
-        return {"status": "published" if self.published else "refused", "version": self.version,
-                "reason": self.gate.reason, "announced": self.announced,
-                "champion": self.gate.champion.version if self.gate.champion else None}
+        out = {"status": "published" if self.published else "refused", "version": self.version,
+               "reason": self.gate.reason, "announced": self.announced,
+               "champion": self.gate.champion.version if self.gate.champion else None}
+        if not self.published:
+            out["candidate"] = self.candidate
+        return out
 
 
 def run_training(settings: Settings, now_ms: int, *, progress: Progress | None = None) -> TrainOutcome:
@@ -329,15 +340,22 @@ def run_training(settings: Settings, now_ms: int, *, progress: Progress | None =
                  holdout=holdout.to_dict() if holdout else None, excluded_ranges=sources)
     excluded_at = time.monotonic()
 
+    champion = _champion(settings)
+    start = _starting_point(settings, champion)
     source = _Source(settings, train_span, exclusions, "train", reporter, t.min_rows)
     bundle, report = fit_stream(source.open, settings,
                                 progress=lambda e: reporter.emit("training progress", {"phase": "fit", **e},
-                                                                 milestone=True))
+                                                                 milestone=True),
+                                initial_weights=start.weights if start else None,
+                                metadata={"fine_tuned_from": start.version} if start else None)
     fitted_at = time.monotonic()
     run_log.info("model fitted", version=bundle.version, epochs=report.epochs, best_epoch=report.best_epoch,
-                 validation_error=bundle.metadata.get("validation_error"), duration_s=round(report.duration_s, 1))
+                 validation_error=bundle.metadata.get("validation_error"), duration_s=round(report.duration_s, 1),
+                 fine_tuned_from=start.version if start else None, initial_val_loss=report.initial_val_loss)
 
-    decision = _gate(settings, bundle, holdout, exclusions, reporter)
+    if current_version(settings.registry.uri) != (champion.bundle.version if champion.bundle else None):
+        champion = _champion(settings)  # the registry changed during the fit: gate against what serves now
+    decision = _gate(settings, bundle, champion, holdout, exclusions, reporter)
     gated_at = time.monotonic()
     run_log.info("gate", decision="publish" if decision.publish else "refuse", reason=decision.reason,
                  champion=decision.champion.to_dict() if decision.champion else None,
@@ -349,38 +367,70 @@ def run_training(settings: Settings, now_ms: int, *, progress: Progress | None =
         **_run_metadata(settings, bundle, train_span, holdout, source.first, sources, durations),
         "gate": decision.to_dict(),
     })
+    files = report_files(bundle)
     if not decision.publish:
-        run_log.warning("model refused by the gate: nothing published", version=bundle.version, reason=decision.reason)
-        return TrainOutcome(False, bundle.version, decision, False, bundle.metadata)
-    version = publish(settings.registry.uri, bundle, keep=settings.registry.keep)
+        kept = settings.registry.keep_candidates > 0
+        if kept:
+            store_candidate(settings.registry.uri, bundle, keep=settings.registry.keep_candidates, extra=files)
+        run_log.warning("model refused by the gate: nothing published", version=bundle.version, reason=decision.reason,
+                        kept_as_candidate=kept)
+        return TrainOutcome(False, bundle.version, decision, False, bundle.metadata, candidate=kept)
+    version = publish(settings.registry.uri, bundle, keep=settings.registry.keep, extra=files)
     announced = announce(settings, version) if _has_broker(settings) else False
     run_log.info("model published", version=version, registry=settings.registry.uri, announced=announced,
                  duration_s=round(time.monotonic() - started, 1))
     return TrainOutcome(True, version, decision, announced, bundle.metadata)
 
 
-def _gate(settings: Settings, challenger: ModelBundle, holdout: Span | None, exclusions: Exclusions,
-          reporter: _Reporter) -> GateDecision:
-    margin = settings.trainer.gate_margin
+@dataclass(frozen=True)
+class _Champion:
+    """The serving model for the gate: its bundle, or why there is none to compare with."""
+
+    bundle: ModelBundle | None
+    why_not: str
+
+
+def _champion(settings: Settings) -> _Champion:
     uri = settings.registry.uri
     serving = current_version(uri)
     if serving is None:
-        return unconditional("first model: nothing published to compare with", margin)
+        return _Champion(None, "first model: nothing published to compare with")
     try:
-        champion = load_version(uri, serving)
+        return _Champion(load_version(uri, serving), "")
     except (BundleError, RegistryError) as exc:
-        log.warning("the serving model cannot be loaded; publishing without comparison", version=serving,
-                    error=str(exc))
-        return unconditional(f"the serving model {serving} cannot be loaded ({exc})", margin)
+        log.warning("the serving model cannot be loaded; training from scratch, publishing without comparison",
+                    version=serving, error=str(exc))
+        return _Champion(None, f"the serving model {serving} cannot be loaded ({exc})")
+
+
+def _starting_point(settings: Settings, champion: _Champion) -> ModelBundle | None:
+    """The serving model to fine-tune from: with trainer.fine_tune, when its network has the
+    configured features and layers (a deliberate change of either trains from scratch)."""
+    b, m = champion.bundle, settings.model
+    if not settings.trainer.fine_tune or b is None:
+        return None
+    if b.features != tuple(m.features) or tuple(b.units) != tuple(m.units):
+        log.info("training from scratch: the serving model's network differs", version=b.version,
+                 serving_units=list(b.units), units=list(m.units))
+        return None
+    return b
+
+
+def _gate(settings: Settings, challenger: ModelBundle, serving: _Champion, holdout: Span | None,
+          exclusions: Exclusions, reporter: _Reporter) -> GateDecision:
+    t = settings.trainer
+    margin = t.gate_margin
+    champion = serving.bundle
+    if champion is None:
+        return unconditional(serving.why_not, margin)
     why = incompatibility(champion, challenger)
     if why is not None:
-        log.warning("the new model is not comparable with the serving one", version=serving, change=why)
-        return unconditional(f"not comparable with the serving model {serving}: {why}", margin)
+        log.warning("the new model is not comparable with the serving one", version=champion.version, change=why)
+        return unconditional(f"not comparable with the serving model {champion.version}: {why}", margin)
     if holdout is None:
         return unconditional("no held-out period (trainer.holdout_hours = 0): published without comparison", margin)
     source = _Source(settings, holdout, exclusions, "gate", reporter)
-    champion_figures, challenger_figures = compare(champion, challenger, source.open(), settings.grid)
-    return decide(champion_figures, challenger_figures, margin)
+    return decide(compare(champion, challenger, source.open(), settings.grid), margin, t.gate_alert_tolerance)
 
 
 def _run_metadata(settings: Settings, bundle: ModelBundle, train: Span, holdout: Span | None, counts: ScanCounts,
@@ -398,33 +448,6 @@ def _run_metadata(settings: Settings, bundle: ModelBundle, train: Span, holdout:
             "durations_s": {name: round(s, 2) for name, s in durations.items()},
         },
     }
-
-
-def announce(settings: Settings, version: str) -> bool:
-    """Tell running detectors on the control topic; False (logged) if the broker did not take it.
-
-    Detectors also poll the registry, so a lost announcement only delays the swap.
-    """
-    from kafka.errors import KafkaError
-
-    from consumers.kafka_clients import make_producer
-    from consumers.topics import ensure_topics
-
-    topic = settings.topics.models
-    body = {"version": version, "published_at": pointers(settings.registry.uri).published_at,
-            "uri": settings.registry.uri}
-    try:
-        ensure_topics(settings, {topic: 1})
-        producer = make_producer(settings)
-        try:
-            producer.send(topic, key=b"current", value=json.dumps(body).encode()).get(
-                timeout=settings.kafka.request_timeout_ms / 1000)
-        finally:
-            producer.close()
-    except KafkaError as exc:
-        log.warning("model published but not announced", version=version, topic=topic, error=str(exc))
-        return False
-    return True
 
 
 def code_version() -> str:

@@ -18,8 +18,8 @@ from pipeline.bundle import AssetHeads, AssetLevels, ModelBundle
 from pipeline.readings import DecodedBatch
 from pipeline.tables import frame_to_batch
 from tests.unit.conftest import FEATURES, sine_frame, tiny_settings
-from trainers.gate import (ALERT_SLACK, GateError, GateFigures, compare, decide, incompatibility,
-                           unconditional)
+from trainers.gate import (ALERT_TOLERANCE, BLOCK_STEPS, Comparison, GateError, GateFigures, PairedBlocks,
+                           blocks_from_steps, compare, decide, incompatibility, paired_test, unconditional)
 from trainers.train import Exclusions, TrainError, read_label_ranges
 
 HOLDOUT_START = 1_700_100_000_000
@@ -29,32 +29,145 @@ def figures(error: float, alerts: float, steps: int = 1000, version: str = "v") 
     return GateFigures(version, steps, error, alerts, alerts=0)
 
 
-# ---------------------------------------------------------------- decisions
+# ---------------------------------------------------------------- the paired test on per-step figures
+
+
+def held_out(n_assets: int = 4, steps: int = 3000, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A champion's per-step errors on a held-out day: heavy-tailed and autocorrelated (an
+    AR(1) level times chi-square noise), the way forecast errors of neighbouring steps are."""
+    rng = np.random.default_rng(seed)
+    asset = np.repeat([f"p{i}" for i in range(n_assets)], steps).astype(object)
+    step = np.tile(np.arange(1_000_000, 1_000_000 + steps), n_assets)
+    level = np.empty(n_assets * steps)
+    shocks = rng.normal(size=n_assets * steps)
+    for i in range(n_assets):
+        x = 0.0
+        for t in range(steps):
+            x = 0.98 * x + 0.2 * shocks[i * steps + t]
+            level[i * steps + t] = x
+    error = np.exp(level) * rng.chisquare(2, size=n_assets * steps) / 2
+    return asset, step, error
+
+
+def excursions(n: int, rate: float, length: int, seed: int) -> np.ndarray:
+    """Steps above the threshold: runs of ``length`` steps starting at random, covering about ``rate``."""
+    rng = np.random.default_rng(seed)
+    above = np.zeros(n)
+    for start in np.flatnonzero(rng.random(n) < rate / length):
+        above[start:start + length] = 1.0
+    return above
+
+
+def pair(asset: np.ndarray, step: np.ndarray, champion: np.ndarray, challenger: np.ndarray,
+         above_champion: np.ndarray | None = None, above_challenger: np.ndarray | None = None) -> PairedBlocks:
+    a0 = np.zeros(len(step)) if above_champion is None else above_champion
+    a1 = a0 if above_challenger is None else above_challenger
+    return blocks_from_steps(asset, step, np.column_stack([champion, challenger]), np.column_stack([a0, a1]))
+
+
+def test_an_equal_model_passes_and_a_worse_one_is_refused() -> None:
+    asset, step, error = held_out()
+    rng = np.random.default_rng(7)
+    # Another retrain on the same data: the same predictions plus noise of its own.
+    equal = error * rng.lognormal(0.0, 0.3, size=len(error)) / np.exp(0.3**2 / 2)
+    t = paired_test(pair(asset, step, error, equal), margin=0.05)
+    assert t.blocks == 4 * 47 and t.steps == 4 * 3000  # 3000 steps from 1,000,000 = 15,625 × 64: 47 blocks each
+    assert t.error_change.low < 0 < t.error_change.high and not t.error_worse and not t.alert_worse
+    # The same data through a model half as good again.
+    worse = paired_test(pair(asset, step, error, 1.5 * equal), margin=0.05)
+    assert worse.error_change.estimate == pytest.approx(0.5, abs=0.05)
+    assert worse.error_change.low > 0.3 and worse.error_worse
+    # Even a generous margin refuses it; one above the whole interval lets it through.
+    assert paired_test(pair(asset, step, error, 1.5 * equal), margin=0.2).error_worse
+    assert not paired_test(pair(asset, step, error, 1.5 * equal), margin=0.8).error_worse
+
+
+def test_point_figures_that_differ_by_chance_do_not_refuse() -> None:
+    """A challenger a few percent worse on this held-out day, but within what the day's own
+    variability explains, passes, where comparing the two point figures refused it."""
+    asset, step, error = held_out(n_assets=2, steps=1500, seed=3)
+    rng = np.random.default_rng(11)
+    noisy = error * rng.lognormal(0.0, 0.8, size=len(error)) / np.exp(0.8**2 / 2) * 1.08
+    t = paired_test(pair(asset, step, error, noisy), margin=0.05)
+    assert t.error_change.estimate > 0.05  # the old rule: refused
+    assert t.error_change.low <= 0.05 and not t.error_worse
+
+
+def test_a_challenger_alerting_more_is_refused_and_one_short_excursion_is_not() -> None:
+    asset, step, error = held_out()
+    n = len(step)
+    quiet = excursions(n, 0.001, 20, seed=1)
+    t = paired_test(pair(asset, step, error, error, quiet, excursions(n, 0.03, 20, seed=2)), margin=0.05)
+    assert t.alert_change.low > t.alert_allowed and t.alert_worse and not t.error_worse
+    assert t.alert_allowed == pytest.approx(0.05 * quiet.mean() + ALERT_TOLERANCE)
+    # A champion that never alerted, a challenger with one 20-step excursion: within the tolerance.
+    once = np.zeros(n)
+    once[5000:5020] = 1.0
+    t = paired_test(pair(asset, step, error, error, np.zeros(n), once), margin=0.05)
+    assert t.alert_change.estimate == pytest.approx(20 / n) and not t.alert_worse
+
+
+def test_the_test_is_deterministic_for_a_seed_and_blocks_keep_assets_apart() -> None:
+    asset, step, error = held_out(n_assets=3, steps=700)
+    noisy = error * np.random.default_rng(5).lognormal(0.0, 0.3, size=len(error))
+    blocks = pair(asset, step, error, noisy)
+    a, b = paired_test(blocks, margin=0.05, seed=3), paired_test(blocks, margin=0.05, seed=3)
+    assert a == b
+    assert paired_test(blocks, margin=0.05, seed=4).error_change.low != a.error_change.low
+    assert a.error_change.estimate == pytest.approx(noisy.sum() / error.sum() - 1)
+    # 700 steps from step 1,000,000 (= 15,625 × 64): 11 blocks per asset, none shared.
+    assert len(blocks) == 3 * 11 and blocks.steps.sum() == 2100
+    assert set(blocks.steps.tolist()) == {64.0, 700 - 10 * 64}
+
+
+def test_large_held_out_sets_are_resampled_in_bounded_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainers import gate
+
+    asset, step, error = held_out(n_assets=2, steps=2000)
+    blocks = pair(asset, step, error, error * np.random.default_rng(5).lognormal(0.0, 0.3, size=len(error)))
+    whole = paired_test(blocks, margin=0.05)
+    monkeypatch.setattr(gate, "_CELLS", 100)  # a few resamples per round: the same draws, summed in pieces
+    rounds = paired_test(blocks, margin=0.05)
+    for name in ("error_change", "alert_change"):
+        got, want = getattr(rounds, name), getattr(whole, name)
+        assert (got.low, got.high) == pytest.approx((want.low, want.high), rel=1e-12, abs=1e-15)
+
+
+def comparison(champion: GateFigures, challenger: GateFigures, blocks: PairedBlocks | None = None) -> Comparison:
+    if blocks is None:
+        asset, step, error = held_out(n_assets=2, steps=1000)
+        blocks = pair(asset, step, error * champion.forecast_error, error * challenger.forecast_error)
+    return Comparison(champion, challenger, blocks)
 
 
 @pytest.mark.parametrize("champion, challenger, publish, why", [
-    (figures(1.0, 0.010), figures(0.8, 0.005), True, "not worse"),                 # better
-    (figures(1.0, 0.010), figures(1.0, 0.010), True, "not worse"),                 # equal
-    (figures(1.0, 0.010), figures(1.049, 0.0105), True, "not worse"),              # worse within the margin
-    (figures(1.0, 0.010), figures(1.06, 0.010), False, "forecast error 1.06 above the limit 1.05"),
-    (figures(1.0, 0.010), figures(0.9, 0.0117), False, "alert fraction 0.0117 above the limit 0.0115"),
-    (figures(1.0, 0.0), figures(1.0, ALERT_SLACK / 2), True, "not worse"),         # a quiet champion: slack
-    (figures(1.0, 0.0), figures(1.0, 2 * ALERT_SLACK), False, "alert fraction"),
-    (figures(1.0, 0.0), figures(math.nan, 0.0), False, "forecast error nan"),      # no feature moved
+    (figures(1.0, 0.0), figures(0.8, 0.0), True, "not worse"),                   # better
+    (figures(1.0, 0.0), figures(1.0, 0.0), True, "not worse"),                   # equal
+    (figures(1.0, 0.0), figures(1.5, 0.0), False, "forecast error +50.0%"),
+    (figures(1.0, 0.0), figures(math.nan, 0.0), False, "forecast error undefined"),  # no feature moved
     (figures(1.0, 0.0), figures(0.5, 0.0, steps=0), False, "no held-out step"),
 ])
 def test_decisions(champion: GateFigures, challenger: GateFigures, publish: bool, why: str) -> None:
-    d = decide(champion, challenger, margin=0.05)
+    d = decide(comparison(champion, challenger), margin=0.05)
     assert d.publish is publish
     assert why in d.reason
     recorded = json.loads(json.dumps(d.to_dict(), allow_nan=False))  # goes into the bundle's JSON manifest
     assert recorded["decision"] == ("publish" if publish else "refuse")
     assert recorded["champion"]["forecast_error"] == champion.forecast_error
     assert recorded["margin"] == 0.05
+    if math.isfinite(challenger.forecast_error) and challenger.steps:
+        paired = recorded["paired"]
+        assert paired["method"] == "block bootstrap" and paired["resamples"] == 1000
+        assert paired["error_worse"] is (not publish)
+        low, high = paired["error_change"]["low"], paired["error_change"]["high"]
+        assert low <= paired["error_change"]["estimate"] <= high
 
 
 def test_both_figures_worse_are_both_named() -> None:
-    d = decide(figures(1.0, 0.01), figures(2.0, 0.5), margin=0.05)
+    asset, step, error = held_out(n_assets=2, steps=1000)
+    n = len(step)
+    blocks = pair(asset, step, error, 2 * error, np.zeros(n), excursions(n, 0.2, 20, seed=4))
+    d = decide(comparison(figures(1.0, 0.0), figures(2.0, 0.2), blocks), margin=0.05)
     assert not d.publish and "forecast error" in d.reason and "alert fraction" in d.reason
 
 
@@ -91,34 +204,49 @@ def with_head(bundle: ModelBundle, version: str, kernel: float, bias: float) -> 
 
 def test_a_model_against_itself_is_equal_and_published(tiny_bundle: ModelBundle) -> None:
     grid = tiny_settings().grid
-    champion, challenger = compare(tiny_bundle, variant(tiny_bundle, "same"), holdout_batches(), grid)
+    c = compare(tiny_bundle, variant(tiny_bundle, "same"), holdout_batches(), grid)
+    champion, challenger = c.champion, c.challenger
     # Every step after the first warm-up window is scored: 2 assets × (300 - 8).
-    assert champion.steps == challenger.steps == 2 * (300 - tiny_bundle.warmup_steps)
+    assert champion.steps == challenger.steps == 2 * (300 - tiny_bundle.warmup_steps) == int(c.blocks.steps.sum())
     assert challenger.forecast_error == champion.forecast_error
     assert challenger.alert_fraction == champion.alert_fraction
     assert set(champion.feature_error) == set(FEATURES)
-    assert decide(champion, challenger, 0.05).publish
+    # The per-block sums hold the same figure as the totals: the mean over steps of the per-step error.
+    np.testing.assert_allclose(c.blocks.error.sum(axis=0) / champion.steps, champion.forecast_error, rtol=1e-9)
+    d = decide(c, 0.05)
+    assert d.publish and d.paired is not None
+    assert d.paired.error_change == type(d.paired.error_change)(0.0, 0.0, 0.0)
+
+
+def test_batches_split_blocks_without_changing_them(tiny_bundle: ModelBundle) -> None:
+    grid = tiny_settings().grid
+    whole = compare(tiny_bundle, variant(tiny_bundle, "same"), holdout_batches(parts=1), grid)
+    split = compare(tiny_bundle, variant(tiny_bundle, "same"), holdout_batches(parts=7), grid)
+    np.testing.assert_array_equal(whole.blocks.steps, split.blocks.steps)
+    # Only the naive scale moves: it skips the step pairs that straddle two batches.
+    np.testing.assert_allclose(whole.blocks.error, split.blocks.error, rtol=5e-3)
 
 
 def test_forecast_error_does_not_depend_on_the_model_s_own_error_units(tiny_bundle: ModelBundle) -> None:
     """A model reporting its errors in units 10× larger has the same raw errors: the same figure."""
     rescaled = variant(tiny_bundle, "rescaled", error_scale=tiny_bundle.error_scale * 10)
-    champion, challenger = compare(tiny_bundle, rescaled, holdout_batches(), tiny_settings().grid)
-    assert challenger.forecast_error == pytest.approx(champion.forecast_error, rel=1e-9)
+    c = compare(tiny_bundle, rescaled, holdout_batches(), tiny_settings().grid)
+    assert c.challenger.forecast_error == pytest.approx(c.champion.forecast_error, rel=1e-9)
 
 
 def test_a_model_predicting_no_change_scores_about_one(tiny_bundle: ModelBundle) -> None:
     persistence = with_head(tiny_bundle, "persistence", kernel=0.0, bias=0.0)
-    _, figures_ = compare(tiny_bundle, persistence, holdout_batches(), tiny_settings().grid)
-    assert figures_.forecast_error == pytest.approx(1.0, abs=0.05)
+    c = compare(tiny_bundle, persistence, holdout_batches(), tiny_settings().grid)
+    assert c.challenger.forecast_error == pytest.approx(1.0, abs=0.05)
 
 
 def test_a_worse_forecaster_is_refused(tiny_bundle: ModelBundle) -> None:
     drifting = with_head(tiny_bundle, "drifting", kernel=0.0, bias=0.5)  # always predicts half a std of change
-    champion, challenger = compare(tiny_bundle, drifting, holdout_batches(), tiny_settings().grid)
-    assert challenger.forecast_error > 2 * champion.forecast_error
-    d = decide(champion, challenger, 0.05)
+    c = compare(tiny_bundle, drifting, holdout_batches(), tiny_settings().grid)
+    assert c.challenger.forecast_error > 2 * c.champion.forecast_error
+    d = decide(c, 0.05)
     assert not d.publish and "forecast error" in d.reason
+    assert d.paired is not None and d.paired.error_change.low > 1.0
 
 
 def test_a_model_alerting_on_normal_data_is_refused(tiny_bundle: ModelBundle) -> None:
@@ -126,11 +254,11 @@ def test_a_model_alerting_on_normal_data_is_refused(tiny_bundle: ModelBundle) ->
     jumpy = variant(tiny_bundle, "jumpy", forecast_level=tiny_bundle.forecast_level * 0.05,
                     novelty_level=tiny_bundle.novelty_level * 0.05,
                     asset_levels=AssetLevels(own.names, own.forecast * 0.05, own.novelty * 0.05))
-    champion, challenger = compare(tiny_bundle, jumpy, holdout_batches(), tiny_settings().grid)
-    assert challenger.forecast_error == pytest.approx(champion.forecast_error, rel=1e-9)
-    assert challenger.alert_fraction > champion.alert_fraction + 10 * ALERT_SLACK
-    assert challenger.alerts >= 1
-    d = decide(champion, challenger, 0.05)
+    c = compare(tiny_bundle, jumpy, holdout_batches(), tiny_settings().grid)
+    assert c.challenger.forecast_error == pytest.approx(c.champion.forecast_error, rel=1e-9)
+    assert c.challenger.alert_fraction > c.champion.alert_fraction + 10 * ALERT_TOLERANCE
+    assert c.challenger.alerts >= 1
+    d = decide(c, 0.05)
     assert not d.publish and "alert fraction" in d.reason and "forecast error" not in d.reason
 
 
