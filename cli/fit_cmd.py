@@ -35,7 +35,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                                     progress=lambda p: log.info("epoch", **p))
     except (TableError, FitError) as exc:
         raise UsageError(str(exc)) from None
-    save_bundle(bundle, args.out)
+    from trainers.report import report_files
+
+    save_bundle(bundle, args.out, extra=report_files(bundle))  # loss curves beside the bundle
     log.info("bundle written", path=args.out, version=bundle.version, epochs=report.epochs,
              threshold=round(bundle.thresholds.threshold, 4))
     print(json.dumps({"version": bundle.version, "path": args.out, "epochs": report.epochs,
