@@ -57,11 +57,25 @@ class _ScrubFilter(logging.Filter):
         return True
 
 
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write, not as it was when logging was configured (a test
+    harness or a daemonising wrapper may replace it, and the old stream may be closed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto",
                       stream: object = None) -> None:
     """Set up structlog and route the standard library's logging (kafka-python, TF) through it."""
     global _configured
-    out = stream or sys.stderr
+    out = stream or _CurrentStderr()
     use_console = fmt == "console" or (fmt == "auto" and hasattr(out, "isatty") and out.isatty())
     renderer = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     numeric = getattr(logging, level.upper())
