@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("cli.simulate_cmd", "simulate a plant: produce readings to Kafka or write normal history"),
 }
 
+EXIT_FAILED = 1         # the command failed (e.g. the registry's store kept failing)
 EXIT_USAGE = 2          # bad arguments or settings
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C outside a daemon's own stop handling
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: whoever read stdout went away (`| head`)
@@ -136,15 +137,20 @@ def _main(argv: Sequence[str] | None) -> int:
     except SettingsError as exc:
         print(f"plantwatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from pipeline import storage
     from pipeline.logs import configure_logging
 
     configure_logging(settings.log.level, settings.log.format)
+    storage.configure(settings.storage)
     run: Callable[[argparse.Namespace, Settings], int] = importlib.import_module(args._module).run
     try:
         return run(args, settings)
     except (SettingsError, UsageError) as exc:
         print(f"plantwatch {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except storage.StorageError as exc:  # the store is unreachable or kept failing: one line, no traceback
+        print(f"plantwatch {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

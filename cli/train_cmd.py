@@ -47,6 +47,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.logs import get_logger
     from pipeline.readings import parse_timestamp_ms
     from pipeline.registry import RegistryError
+    from pipeline.storage import StorageError
     from trainers.archive_scan import ArchiveError
     from trainers.schedule import LockHeld, RunLock
     from trainers.train import TrainError, run_training
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_BUSY
     except SettingsError:
         raise
-    except (TrainError, FitError, ArchiveError, RegistryError, BundleError) as exc:  # the data or the registry
+    except (TrainError, FitError, ArchiveError, RegistryError, BundleError, StorageError) as exc:
+        # the data, the registry or its store
         log.error("training run failed", error=str(exc), error_type=type(exc).__name__)
         _emit({"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return EXIT_FAILED

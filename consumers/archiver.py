@@ -38,6 +38,13 @@ Delivery (at-least-once, duplicates removed on read):
 * Partition revocation writes what is buffered for the revoked partitions and commits it
   from the rebalance hook, so the next owner starts where this one ended; a stop does the
   same for every partition.
+* A write that fails (a full disk, an object store that is down or refuses) is not fatal: the
+  archiver keeps what it buffered, commits nothing of it, pauses its partitions (it stays in
+  the group, polling) and tries the flush again after a backoff (``storage.retry_backoff_s``
+  doubled up to ``storage.retry_backoff_max_s``), until it succeeds or is stopped. Each
+  failure is logged with its duration ("object store slow/failed, retrying"); meanwhile the
+  archiver is alive but not ready (``waiting for storage``). Days of a partition already in
+  place when a later day's file failed are not written again.
 
 Records that do not decode are not archived, only counted and logged: the detector is
 the one that dead-letters them.
@@ -66,6 +73,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from consumers import metrics
+from consumers.health import Health
 from consumers.http_server import serve
 from consumers.kafka_clients import make_consumer
 from pipeline import storage
@@ -89,10 +97,18 @@ REJECTS = Counter("plantwatch_archive_rejects_total", "Records not archived beca
 FILES = Counter("plantwatch_archive_files_total", "Parquet files written to the archive")
 BUFFERED = Gauge("plantwatch_archive_buffered_readings", "Readings consumed and not yet in an archive file")
 LAG = Gauge("plantwatch_archive_lag", "Records behind the partition's high watermark", ["partition"])
+WRITE_RETRIES = Counter("plantwatch_archive_write_retries_total",
+                        "Flushes that failed on the store (full disk, object store error) and were retried")
 
 
 class ArchiveWriteError(RuntimeError):
-    """A file could not be written or moved into place: nothing of its flush is committed."""
+    """A file could not be written or moved into place: nothing of its flush is committed.
+    ``retriable``: the store failed (an ``OSError``: full disk, object store down), as opposed
+    to a path leaving the archive root or data pyarrow refuses."""
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
 
 
 @dataclass
@@ -104,6 +120,7 @@ class ArchiverStats:
     rows: int = 0      # values in those files
     files: int = 0
     rejects: dict[str, int] = field(default_factory=dict)
+    write_retries: int = 0  # flushes that failed on the store and were tried again
 
 
 @dataclass
@@ -150,13 +167,21 @@ class ArchiveWriter:
         self.tmp_dir = storage.join(self.root, TMP_DIR, re.sub(r"[^A-Za-z0-9_-]", "_", group) or "_")
         self._last_us = 0
 
-    def write(self, partition: int, rows: Rows) -> list[str]:
-        """The paths written, each complete and in place (and fsynced on a local disk)."""
+    def write(self, partition: int, rows: Rows, *, done: set[int] | None = None) -> list[str]:
+        """The paths written, each complete and in place (and fsynced on a local disk).
+
+        ``done``: days (since the epoch) already in place from an earlier try of the same rows,
+        skipped; each day written is added to it, so a try that fails half-way is resumed."""
         day = rows.ts_ms // DAY_MS
         days = np.unique(day)
-        paths = [self._write_file(str(np.datetime64(int(d), "D")), partition,
-                                  rows if len(days) == 1 else rows.take(np.flatnonzero(day == d)))
-                 for d in days]
+        paths = []
+        for d in days:
+            if done is not None and int(d) in done:
+                continue
+            paths.append(self._write_file(str(np.datetime64(int(d), "D")), partition,
+                                          rows if len(days) == 1 else rows.take(np.flatnonzero(day == d))))
+            if done is not None:
+                done.add(int(d))
         for directory in sorted({posixpath.dirname(p) for p in paths} | {self.root}):
             storage.fsync(self.fs, directory)  # local disk: the renames and new date directories persist
         return paths
@@ -204,14 +229,18 @@ class _Pending:
     chunks: list[Rows] = field(default_factory=list)
     readings: int = 0
     records: int = 0
+    days_done: set[int] = field(default_factory=set)  # days in place from a failed try of this flush
 
 
 class Archiver:
     """One archiver process (one member of the archive consumer group)."""
 
-    def __init__(self, settings: Settings, *, stop: threading.Event | None = None) -> None:
+    def __init__(self, settings: Settings, *, stop: threading.Event | None = None,
+                 health: Health | None = None) -> None:
+        storage.configure(settings.storage)
         self.settings = settings
         self.stop = stop or threading.Event()
+        self.health = health
         self.writer = ArchiveWriter(settings.archive.uri, settings.model.features, group=settings.archive.group_id)
         self.limits = DecodeLimits(max_record_bytes=settings.detector.max_record_bytes)
         self.log = get_logger("plantwatch.archiver").bind(group=settings.archive.group_id)
@@ -222,6 +251,11 @@ class Archiver:
         self.last_loop = time.monotonic()
         self.assigned = False
         self.stats = ArchiverStats()
+        self.write_failures = 0                # consecutive failed flushes
+        self.retry_at: float | None = None     # monotonic time of the next try while the store fails
+        self.failing_since: float | None = None
+        if health is not None:
+            health.follow(self)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self, http_port: int = 0) -> int:
@@ -240,9 +274,11 @@ class Archiver:
                 if polled:
                     self.add(polled)
                     self._update_lag(polled)
+                if self.retry_at is not None:
+                    self._pause_all()  # partitions assigned meanwhile wait too
                 if self._due():
-                    self.flush()
-                    self._commit()
+                    self._flush_or_wait()
+                    self._commit()  # what is durable, even when another partition's file failed
             self.flush()
             self._commit()
         except (ArchiveWriteError, KafkaError) as exc:
@@ -268,20 +304,75 @@ class Archiver:
 
     @property
     def ready(self) -> bool:
-        return self.assigned and time.monotonic() - self.last_loop < 30
+        return self.assigned and self.retry_at is None and time.monotonic() - self.last_loop < 30
 
     def _poll_timeout_ms(self) -> int:
         if self.buffered_since is None:
             return POLL_TIMEOUT_MS
-        left = self.buffered_since + self.settings.archive.flush_seconds - time.monotonic()
+        due = self.retry_at if self.retry_at is not None else self.buffered_since + self.settings.archive.flush_seconds
+        left = due - time.monotonic()
         return int(min(POLL_TIMEOUT_MS, max(0.0, left * 1000)))
 
     def _due(self) -> bool:
         a = self.settings.archive
         if self.buffered_since is None:
             return False
+        if self.retry_at is not None:
+            return time.monotonic() >= self.retry_at
         return (sum(p.readings for p in self.pending.values()) >= a.flush_rows
                 or time.monotonic() - self.buffered_since >= a.flush_seconds)
+
+    # ------------------------------------------------------ a failing store
+    def _flush_or_wait(self) -> bool:
+        """Flush; True if everything buffered is now in place. A store failure is logged and
+        retried later (partitions paused meanwhile, nothing of it committed): False."""
+        t0 = time.monotonic()
+        try:
+            self.flush()
+        except ArchiveWriteError as exc:
+            if not exc.retriable:
+                raise
+            self._store_failed(exc, time.monotonic() - t0)
+            return False
+        if self.retry_at is not None:
+            self.log.info("archive writes succeed again; archiving resumed", attempts=self.write_failures + 1,
+                          outage_s=round(time.monotonic() - (self.failing_since or t0), 3))
+            self._store_recovered()
+        return True
+
+    def _store_failed(self, exc: ArchiveWriteError, seconds: float) -> None:
+        now = time.monotonic()
+        self.write_failures += 1
+        self.stats.write_retries += 1
+        WRITE_RETRIES.inc()
+        if self.failing_since is None:
+            self.failing_since = now
+        delay = storage.backoff_s(self.write_failures)
+        self.retry_at = now + delay
+        storage.log_retry("archive write", self.settings.archive.uri, self.write_failures, seconds,
+                          exc.__cause__ or exc, delay, buffered_readings=sum(p.readings for p in self.pending.values()),
+                          failing_for_s=round(now - self.failing_since, 3))
+        self._pause_all()
+        if self.health is not None:
+            self.health.waiting_for = "storage"
+
+    def _store_recovered(self) -> None:
+        self.write_failures = 0
+        self.retry_at = self.failing_since = None
+        if self.consumer is not None:
+            paused = self.consumer.paused()
+            if paused:
+                self.consumer.resume(*paused)
+        if self.health is not None:
+            self.health.waiting_for = None
+
+    def _pause_all(self) -> None:
+        """Stop fetching while the store fails (memory stays bounded); polls go on, so the member
+        keeps its partitions."""
+        if self.consumer is not None:
+            assigned = self.consumer.assignment()
+            if assigned:
+                self.consumer.pause(*assigned)
 
     # ------------------------------------------------------------------ one poll
     def add(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> None:
@@ -298,6 +389,7 @@ class Archiver:
         readings_of = np.diff(np.searchsorted(np.unique(batch.record_index), record_bounds))
         for i, tp in enumerate(tps):
             pending = self.pending.setdefault(tp, _Pending(end=polled[tp][0].offset))
+            pending.days_done.clear()  # new rows: a retry writes every day again (the scan drops duplicates)
             lo, hi = row_bounds[i], row_bounds[i + 1]
             if hi > lo:
                 pending.chunks.append(Rows(batch.asset[lo:hi], batch.ts_ms[lo:hi], batch.feature[lo:hi],
@@ -345,9 +437,11 @@ class Archiver:
             if pending.chunks:
                 data = Rows.concat(pending.chunks)
                 try:
-                    files += len(self.writer.write(tp.partition, data))
+                    with storage.timed("archive write", self.settings.archive.uri):
+                        files += len(self.writer.write(tp.partition, data, done=pending.days_done))
                 except (OSError, pa.ArrowException, storage.PathEscapeError) as exc:
-                    raise ArchiveWriteError(f"partition {tp.partition}: {exc}") from exc
+                    raise ArchiveWriteError(f"partition {tp.partition}: {exc}",
+                                            retriable=isinstance(exc, OSError)) from exc
                 rows += len(data.value)
                 readings += pending.readings
             self.durable[tp] = pending.end
@@ -405,6 +499,8 @@ class Archiver:
             self.durable.pop(tp, None)
         if not any(p.records for p in self.pending.values()):
             self.buffered_since = None
+            if self.retry_at is not None:  # nothing left to retry: fetch again, the next flush tells
+                self._store_recovered()
 
 
 class _Listener(AsyncConsumerRebalanceListener):
@@ -421,7 +517,11 @@ class _Listener(AsyncConsumerRebalanceListener):
         a = self.archiver
         a.assigned = False
         try:
-            a.flush(revoked)
+            try:
+                a.flush(revoked)
+            except ArchiveWriteError as exc:  # not committed: the next owner rewrites them
+                a.log.warning("could not write the revoked partitions' readings; the next owner rewrites them "
+                              "from the last commit", error=str(exc))
             offsets = a.committable(revoked)
             if offsets:
                 assert a.consumer is not None

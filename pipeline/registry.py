@@ -336,21 +336,52 @@ def publish(root_uri: str, bundle: ModelBundle, *, keep: int, make_current: bool
     version = check_version_name(bundle.version)
     stamped = dataclasses.replace(bundle, metadata={**bundle.metadata, "published_at": _now()})
     files = {**encode_bundle(stamped), **_extras(extra)}
+    storage.retrying(f"publishing version {version}", root_uri, lambda: _store_version(root, version, files))
+    if make_current:
+        def point() -> Pointers:
+            p = _pointers(root)
+            _write_pointer(root, CURRENT, {"version": version, "published_at": _now(),
+                                           "previous": p.current if p.current != version else None})
+            return p
+
+        p = storage.retrying(f"pointing CURRENT at version {version}", root_uri, point)
+        if p.pinned is not None:
+            log.warning("published while pinned: the pinned version is still served", version=version, pinned=p.pinned)
+    try:
+        _prune(root, keep, time.time())
+    except OSError as exc:  # published all the same; the next publish or `prune` tries again
+        log.warning("published, but pruning old versions failed", version=version, error=str(exc))
+    return version
+
+
+def _store_version(root: _Root, version: str, files: dict[str, bytes]) -> None:
+    """One try at putting the bundle, verified, under ``models/<version>``. Whatever fails (a
+    full disk, an object store error, a bundle that does not read back), the try removes its
+    staging directory and anything it left under ``models/<version>`` before raising."""
+    if _already_published(root, version, files):
+        return
     final = root.version_dir(version)
-    if not _already_published(root, version, files):
-        staged = root.staging(f"{version}-{secrets.token_hex(4)}")
+    staged = root.staging(f"{version}-{secrets.token_hex(4)}")
+    try:
         _write_files(root.fs, staged, files)
         decode_bundle(_read_files(root.fs, staged))  # what was written reads back intact
         _move_dir(root.fs, staged, final)
         _read_bundle(root, version, None)  # complete in place before anything names it
-    if make_current:
-        p = _pointers(root)
-        _write_pointer(root, CURRENT, {"version": version, "published_at": _now(),
-                                       "previous": p.current if p.current != version else None})
-        if p.pinned is not None:
-            log.warning("published while pinned: the pinned version is still served", version=version, pinned=p.pinned)
-    _prune(root, keep, time.time())
-    return version
+    except BaseException as exc:
+        _discard(root, staged, final, exc)
+        raise
+
+
+def _discard(root: _Root, staged: str, final: str, cause: BaseException) -> None:
+    """Remove what a failed try wrote: its staging directory and an incomplete version (nothing
+    names it: CURRENT is written only after it verifies)."""
+    for path in (staged, final):
+        try:
+            if storage.exists(root.fs, path):
+                root.fs.delete_dir(path)
+        except OSError as exc:  # swept later by prune, once stale
+            log.warning("could not remove what a failed publish left", path=path, error=str(exc),
+                        cause=str(cause))
 
 
 def _already_published(root: _Root, version: str, files: dict[str, bytes]) -> bool:

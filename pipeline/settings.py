@@ -288,6 +288,42 @@ class ArchiveSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    endpoint_url: str = _f("", "S3-compatible endpoint for s3:// registry and archive URIs (MinIO, Ceph, …), e.g. http://minio:9000; empty = AWS S3, or the AWS_ENDPOINT_URL environment variable")
+    region: str = _f("", "region of the bucket; empty = AWS_REGION/AWS_DEFAULT_REGION, else us-east-1 with an endpoint_url, else looked up on AWS S3")
+    access_key_id: str = _f("", "access key id; empty = pyarrow's usual sources (AWS_ACCESS_KEY_ID, profile, instance or workload identity)")
+    secret_access_key: str = _secret("secret access key (prefer secret_access_key_file, or the PLANTWATCH_STORAGE__SECRET_ACCESS_KEY environment variable); never shown")
+    secret_access_key_file: str = _f("", "file holding the secret access key (a mounted Kubernetes Secret), read whenever a filesystem is built; excludes secret_access_key")
+    retry_attempts: int = _f(4, "tries of a registry publish (and of each registry write in it) before it fails; the archiver retries its writes until they succeed")
+    retry_backoff_s: float = _f(1.0, "first wait before retrying a failed object store or disk write, doubled each time")
+    retry_backoff_max_s: float = _f(30.0, "longest wait between retries")
+    slow_s: float = _f(10.0, "a store write taking longer than this is logged as slow, with its duration")
+
+    def __post_init__(self) -> None:
+        p = "storage."
+        if self.endpoint_url:
+            _check(p + "endpoint_url", self.endpoint_url.split("://", 1)[0] in ("http", "https")
+                   and "://" in self.endpoint_url, "must start with http:// or https://")
+        _check(p + "secret_access_key_file", not (self.secret_access_key and self.secret_access_key_file),
+               "set either secret_access_key or secret_access_key_file, not both")
+        has_secret = bool(self.secret_access_key or self.secret_access_key_file)
+        _check(p + "access_key_id", bool(self.access_key_id) == has_secret,
+               "access_key_id and a secret access key (secret_access_key or secret_access_key_file) go together")
+        if self.secret_access_key_file:
+            read_secret_file(p + "secret_access_key_file", self.secret_access_key_file)  # fail at start-up
+        _check(p + "retry_attempts", self.retry_attempts >= 1, "must be >= 1")
+        _check(p + "retry_backoff_s", self.retry_backoff_s >= 0, "must be >= 0")
+        _check(p + "retry_backoff_max_s", self.retry_backoff_max_s >= self.retry_backoff_s, "must be >= retry_backoff_s")
+        _check(p + "slow_s", self.slow_s > 0, "must be > 0")
+
+    def secret(self) -> str:
+        """The secret access key: read from secret_access_key_file on each call, else secret_access_key."""
+        if self.secret_access_key_file:
+            return read_secret_file("storage.secret_access_key_file", self.secret_access_key_file)
+        return self.secret_access_key
+
+
+@dataclass(frozen=True)
 class TrainerSettings:
     lookback_hours: float = _f(168.0, "training range: it ends at the start of the run and begins this many hours earlier")
     holdout_hours: float = _f(24.0, "newest hours of that range, kept out of training, on which the gate compares the new model with the serving one (0 = no gate)")
@@ -331,6 +367,7 @@ class Settings:
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     log: LogSettings = field(default_factory=LogSettings)
 

@@ -330,6 +330,7 @@ class TrainOutcome:
 
 def run_training(settings: Settings, now_ms: int, *, progress: Progress | None = None) -> TrainOutcome:
     """One training run ending at ``now_ms``; raises on failure (see :class:`TrainError`)."""
+    storage.configure(settings.storage)
     t = settings.trainer
     train_span, holdout = spans(now_ms, t.lookback_hours, t.holdout_hours)
     run_log = log.bind(run_at=_iso(now_ms))
