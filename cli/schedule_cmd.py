@@ -5,7 +5,10 @@ environment it inherits). A run's memory, TensorFlow's included, goes back to th
 when it ends; a crash or an out-of-memory kill of one run is logged as a failed run and
 the scheduler carries on; and the child takes the run lock exactly as a cron-started
 ``plantwatch train`` would, so the two can share a machine. SIGTERM or SIGINT stops the
-scheduler between runs; a run in progress is finished first.
+scheduler between runs; a run in progress is finished first. The run dies with the
+scheduler: it runs in a session of its own (a terminal's Ctrl-C reaches the scheduler only)
+and the kernel kills it when the scheduler dies, even by ``kill -9`` (Linux
+``PR_SET_PDEATHSIG``), so no orphaned run goes on holding the lock.
 
 Exit status of the scheduler itself: 0 stopped by SIGTERM or SIGINT, 2 bad settings (such as
 ``trainer.cron``), 1 the scheduler failed. A run's exit status is logged, never returned: see
@@ -83,8 +86,13 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 def run_child(argv: list[str]) -> RunResult:
     """One training run in a child process; its logs go to our stderr, its summary line is read."""
     from cli.train_cmd import EXIT_BUSY
+    from trainers.schedule import die_with_parent
 
-    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
+    # The run is ours: in a session of its own, Ctrl-C in a terminal reaches only the scheduler
+    # (which lets the run finish, as for SIGTERM); and if the scheduler dies, even by kill -9,
+    # the kernel kills the run (PR_SET_PDEATHSIG), whose lock any next run then takes over.
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False, start_new_session=True,
+                          preexec_fn=die_with_parent())
     summary = _last_json(done.stdout)
     if done.returncode == EXIT_BUSY:  # skipped, not failed, even if the summary line was lost
         summary = {"error": "another training run holds the lock", **(summary or {}), "status": "busy"}

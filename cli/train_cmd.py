@@ -49,7 +49,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.registry import RegistryError
     from pipeline.storage import StorageError
     from trainers.archive_scan import ArchiveError
-    from trainers.schedule import LockHeld, RunLock
+    from trainers.schedule import LockHeld, LockLost, RunLock
     from trainers.train import TrainError, run_training
 
     log = get_logger("plantwatch.train")
@@ -60,16 +60,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     terminal = _Terminal(sys.stderr) if sys.stderr.isatty() else None
     t = settings.trainer
     try:
-        with RunLock(t.lock_path, t.lock_max_age_s):
-            outcome = run_training(settings, now_ms, progress=terminal)
+        with RunLock(t.lock_path, t.lock_max_age_s, lease_s=t.lock_lease_s) as lock:
+            outcome = run_training(settings, now_ms, progress=terminal, before_publish=lock.check)
     except LockHeld as exc:
         log.error("training run not started", error=str(exc))
         _emit({"status": "busy", "error": str(exc)})
         return EXIT_BUSY
     except SettingsError:
         raise
-    except (TrainError, FitError, ArchiveError, RegistryError, BundleError, StorageError) as exc:
-        # the data, the registry or its store
+    except (TrainError, FitError, ArchiveError, RegistryError, BundleError, StorageError, LockLost) as exc:
+        # the data, the registry, its store, or a lease another run took over
         log.error("training run failed", error=str(exc), error_type=type(exc).__name__)
         _emit({"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return EXIT_FAILED

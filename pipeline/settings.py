@@ -332,8 +332,9 @@ class TrainerSettings:
     fine_tune: bool = _f(True, "start training from the serving model's weights when its features and layers match; early stopping keeps those weights unless an epoch improves on them (false: from scratch)")
     interval_s: float = _f(86400.0, "plantwatch schedule: seconds between training runs when cron is empty")
     cron: str = _f("", "plantwatch schedule: 5-field cron expression in UTC (minute hour day-of-month month day-of-week); empty = every interval_s")
-    lock_path: str = _f("var/trainer.lock", "lock file naming the pid and start time of the running training job: one run at a time")
-    lock_max_age_s: float = _f(43200.0, "a lock older than this is broken even if its process looks alive (a hung run, or one on another host)")
+    lock_path: str = _f("var/trainer.lock", "lock file naming the running training job (host, pid, start, token) and its heartbeat: one run at a time, also across hosts sharing the file")
+    lock_lease_s: float = _f(120.0, "the running job renews the lock's heartbeat every quarter of this; a lock whose heartbeat is older is taken over (a killed run, on any host)")
+    lock_max_age_s: float = _f(43200.0, "a lock older than this is broken even if its heartbeat is fresh (a hung run)")
     exclude_alerts: bool = _f(True, "drop the periods covered by alerts on the alerts topic from the training and gate data (when a broker is configured)")
     labels_uri: str = _f("", "optional CSV/Parquet file of labelled abnormal periods (columns asset, start_ms, end_ms) to drop likewise")
     min_rows: int = _f(10000, "fewest readings, after exclusions, a training run accepts")
@@ -347,7 +348,8 @@ class TrainerSettings:
         _check(p + "interval_s", self.interval_s > 0, "must be > 0")
         _check(p + "cron", len(self.cron.split()) in (0, 5), "must have 5 fields: minute hour day-of-month month day-of-week")
         _check(p + "lock_path", bool(self.lock_path), "must not be empty")
-        _check(p + "lock_max_age_s", self.lock_max_age_s > 0, "must be > 0")
+        _check(p + "lock_lease_s", self.lock_lease_s >= 1, "must be >= 1")
+        _check(p + "lock_max_age_s", self.lock_max_age_s > self.lock_lease_s, "must be > lock_lease_s")
         _check(p + "min_rows", self.min_rows >= 1, "must be >= 1")
 
 

@@ -328,8 +328,12 @@ class TrainOutcome:
         return out
 
 
-def run_training(settings: Settings, now_ms: int, *, progress: Progress | None = None) -> TrainOutcome:
-    """One training run ending at ``now_ms``; raises on failure (see :class:`TrainError`)."""
+def run_training(settings: Settings, now_ms: int, *, progress: Progress | None = None,
+                 before_publish: Callable[[], None] | None = None) -> TrainOutcome:
+    """One training run ending at ``now_ms``; raises on failure (see :class:`TrainError`).
+
+    ``before_publish`` is called just before publishing and may raise to stop it (the run
+    lock's check that this run still holds its lease)."""
     storage.configure(settings.storage)
     t = settings.trainer
     train_span, holdout = spans(now_ms, t.lookback_hours, t.holdout_hours)
@@ -376,6 +380,8 @@ def run_training(settings: Settings, now_ms: int, *, progress: Progress | None =
         run_log.warning("model refused by the gate: nothing published", version=bundle.version, reason=decision.reason,
                         kept_as_candidate=kept)
         return TrainOutcome(False, bundle.version, decision, False, bundle.metadata, candidate=kept)
+    if before_publish is not None:
+        before_publish()
     version = publish(settings.registry.uri, bundle, keep=settings.registry.keep, extra=files)
     announced = announce(settings, version) if _has_broker(settings) else False
     run_log.info("model published", version=version, registry=settings.registry.uri, announced=announced,
