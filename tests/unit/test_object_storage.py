@@ -60,7 +60,7 @@ def test_without_storage_settings_the_environment_still_decides(monkeypatch: pyt
     monkeypatch.setenv("AWS_REGION", "us-west-2")
     fs, path = storage.resolve("s3://plant-data/registry")  # pyarrow's own resolution, as before
     assert isinstance(fs, pafs.S3FileSystem) and path == "plant-data/registry" and fs.region == "us-west-2"
-    storage.configure(StorageSettings(access_key_id="k", secret_access_key="s"))  # credentials only
+    storage.configure(StorageSettings(access_key_id="k", secret_access_key=SECRET))  # credentials only
     fs, _ = storage.resolve("s3://plant-data/registry")
     assert options(fs)["region"] == "us-west-2"  # the environment's region, not an AWS lookup
 
