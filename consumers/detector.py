@@ -23,7 +23,6 @@ import json
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,9 +253,13 @@ class Detector:
             batch = batch.select(~np.isin(batch.record_index, bad))
 
         pos = offsets[todo]
-        touched: dict[int, set[str]] = defaultdict(set)
-        for a, p in set(zip(batch.asset.tolist(), partitions[todo][batch.record_index].tolist())):
-            touched[p].add(a)
+        touched: dict[int, set[str]] = {}
+        if len(batch):  # each asset once (an asset lives in one partition)
+            codes, names = pd.factorize(batch.asset)
+            first = np.unique(codes, return_index=True)[1]
+            parts = partitions[todo][batch.record_index[first]]
+            for p in np.unique(parts).tolist():
+                touched[p] = set(names[parts == p].tolist())
         quiet = silent_rec[batch.record_index]
         t1 = time.perf_counter()
         now_ms = int(self.clock() * 1000)

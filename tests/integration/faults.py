@@ -120,10 +120,37 @@ def detector_flags(settings: Settings, extra: dict[str, str] | None = None) -> l
 
 def start_detector(settings: Settings, bundle_dir: str, log: Path, extra: dict[str, str] | None = None
                    ) -> subprocess.Popen[bytes]:
-    """``plantwatch detect --model DIR`` as a separate process (so it can be killed for real)."""
-    cmd = [sys.executable, "-m", "cli", "detect", "--model", bundle_dir, *detector_flags(settings, extra)]
-    return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    """``plantwatch detect --model DIR`` as a separate process (so it can be killed for real);
+    its probe port is ``proc.http_port``."""
+    from consumers.broker import free_port
+
+    port = int((extra or {}).get("detector.http_port") or free_port())
+    cmd = [sys.executable, "-m", "cli", "detect", "--model", bundle_dir,
+           *detector_flags(settings, {**(extra or {}), "detector.http_port": str(port)})]
+    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc.http_port = port  # type: ignore[attr-defined]
+    return proc
+
+
+def ready(port: int) -> bool:
+    """The detector on ``port`` answers /readyz with 200 (partitions assigned and restored)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def wait_ready(*procs: Any, timeout_s: float = 120) -> None:
+    """Block until every detector process is ready, so a fault lands on running members."""
+    deadline = time.monotonic() + timeout_s
+    while not all(ready(p.http_port) for p in procs):
+        assert all(p.poll() is None for p in procs), "a detector exited before it was ready"
+        assert time.monotonic() < deadline, "detectors not ready in time"
+        time.sleep(0.3)
 
 
 def log_path(fault: str, name: str) -> Path:

@@ -51,6 +51,7 @@ def test_detector_kill_9_during_a_live_stream(broker: Any, settings_for: Any, fi
     settings = detector_settings(settings_for, broker, scores=True)
     ref = _ref(fitted_plant, settings)
     first = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("detector_kill_9", "a"))
+    faults.wait_ready(first)
     stream = faults.Stream(settings, ref, RATE).start()
     wait_until(lambda: stream.sent > len(ref.records) // 3, 60, "a third of the stream")
     first.send_signal(signal.SIGKILL)
@@ -66,6 +67,7 @@ def test_sigterm_of_one_of_two_members_while_readings_flow(broker: Any, settings
     ref = _ref(fitted_plant, settings)
     a = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("member_sigterm", "a"))
     b = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("member_sigterm", "b"))
+    faults.wait_ready(a, b)
     stream = faults.Stream(settings, ref, RATE).start()
     wait_until(lambda: stream.sent > len(ref.records) // 3, 60, "a third of the stream")
     fault_at = time.time()
@@ -82,6 +84,7 @@ def test_member_stopped_for_20_s_then_resumed(broker: Any, settings_for: Any, fi
     ref = _ref(fitted_plant, settings, steps=2400)  # 40 s: the stall sits inside the stream
     a = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("member_stopped_20s", "a"))
     b = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("member_stopped_20s", "b"))
+    faults.wait_ready(a, b)
     stream = faults.Stream(settings, ref, RATE).start()
     wait_until(lambda: stream.sent > len(ref.records) // 5, 60, "a fifth of the stream")
     fault_at = time.time()
@@ -134,7 +137,7 @@ def test_broker_down_for_30_s_at_start_up(settings_for: Any, fitted_plant: Any) 
         assert det.poll() is None, "the detector gave up while the broker was down"
         own.start()
         fault_at = time.time()
-        wait_until(lambda: _ready(settings.detector.http_port), 60, "the detector to be ready")
+        wait_until(lambda: faults.ready(settings.detector.http_port), 60, "the detector to be ready")
         stream = faults.Stream(settings, ref, RATE).start()
         row = _finish("broker_down_30s_at_start", settings, ref, stream, fault_at, det)
         faults.assert_exact(row)
@@ -142,16 +145,6 @@ def test_broker_down_for_30_s_at_start_up(settings_for: Any, fitted_plant: Any) 
         if det.poll() is None:
             det.kill()
         own.close()
-
-
-def _ready(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def test_a_corrupt_bundle_published_while_following_the_registry_is_refused(
@@ -189,7 +182,8 @@ class _MotoS3:
         import subprocess
 
         self.port = free_port()
-        exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+        beside = Path(sys.executable).with_name("moto_server")  # this environment's pinned moto first
+        exe = str(beside) if beside.exists() else shutil.which("moto_server") or "moto_server"
         self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -222,6 +216,7 @@ def test_broker_kill_9_and_restart_on_durable_storage(settings_for: Any, fitted_
         settings = detector_settings(settings_for, own, scores=True)
         ref = _ref(fitted_plant, settings)
         det = faults.start_detector(settings, fitted_plant.bundle_dir, faults.log_path("broker_kill_9_restart_s3", "d"))
+        faults.wait_ready(det)
         stream = faults.Stream(settings, ref, RATE).start()
         wait_until(lambda: stream.sent > len(ref.records) // 3, 90, "a third of the stream")
         own.kill()
