@@ -164,17 +164,20 @@ class Detector:
                     self.stop.wait(backoff)
                     backoff = min(backoff * 2, 15.0)
             if code == 0:
+                self.log.info("stopping: final checkpoint")
                 self._final_checkpoint()
         finally:
+            t = time.perf_counter()
             if self.watcher is not None:
                 self.watcher.stop()
             try:
-                self.consumer.close(autocommit=False)
+                self.consumer.close(autocommit=False, timeout_ms=10_000)
             except Exception as exc:  # leaving the group failed: the session timeout does it
                 self.log.warning("leaving the group failed", error=str(exc))
-            self.producer.close(timeout=10)
-            self.state_producer.close(timeout=10)
-        self.log.info("detector stopped", exit_code=code)
+            self.producer.close(timeout=5)
+            self.state_producer.close(timeout=5)
+            close_s = time.perf_counter() - t
+        self.log.info("detector stopped", exit_code=code, close_s=round(close_s, 2))
         return code
 
     @property
@@ -210,7 +213,7 @@ class Detector:
         assert self.consumer is not None
         owned = self.consumer.assignment()
         wanted = [tp for tp in self.rewind if tp in owned]
-        committed = {tp: self.consumer.committed(tp) for tp in wanted}
+        committed = {tp: self.consumer.committed(tp, timeout_ms=self.settings.kafka.request_timeout_ms) for tp in wanted}
         for tp, off in committed.items():
             if off is None:
                 self.consumer.seek_to_beginning(tp)
@@ -403,9 +406,11 @@ class Detector:
         commits = {TopicPartition(topic, p): OffsetAndMetadata(pos, "", -1) for p, (pos, _) in pending.items()
                    if pos >= 0}
         try:
-            self.consumer.commit(commits)
+            self.consumer.commit(commits, timeout_ms=self.settings.kafka.request_timeout_ms)
         except (CommitFailedError, RebalanceInProgressError) as exc:
             raise Fenced(f"commit refused: {type(exc).__name__}") from None
+        except KafkaTimeoutError:
+            raise DeliveryError("offset commit not acknowledged within kafka.request_timeout_ms") from None
         done = {p: pos for p, (pos, _) in pending.items()}
         self.checkpoints.checkpointed(done, self.clock() * 1000)
         self.log.debug("checkpoint", positions=done, assets=n)
