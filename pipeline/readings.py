@@ -8,8 +8,11 @@ Record formats (UTF-8 JSON objects; the Kafka key is the asset id)::
 A wide record may carry any subset of the model's features. ``ts`` is either a number of
 **milliseconds** since the Unix epoch or an ISO-8601 string (``2020-03-09T10:14:33Z``,
 ``2020-03-09 10:14:33.250``, ``2020-03-09T12:14:33+02:00``); a string without an offset is
-UTC. Values are JSON numbers; ``true``/``false``, strings, ``null``, ``NaN`` and
-``Infinity`` are refused.
+UTC. Besides what :meth:`datetime.fromisoformat` reads (calendar and week dates, basic and
+extended formats, reduced precision), ordinal dates (``2020-069``), the end of a day
+(``T24:00``), a decimal fraction of the hour or minute (``T10:14,55`` is 10:14:33) and the
+minus sign U+2212 in an offset are read as ISO 8601 defines them. Values are JSON numbers;
+``true``/``false``, strings, ``null``, ``NaN`` and ``Infinity`` are refused.
 
 A record with a ``"values"`` key is wide; one with ``"sensor"`` or ``"value"`` is narrow (so a
 narrow record lacking one of the two is reported as ``missing_field``, which says more
@@ -24,13 +27,15 @@ grid step never receives half of a sensor snapshot.
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import numbers
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Literal
 
 import numpy as np
@@ -155,12 +160,58 @@ def parse_timestamp_ms(ts: object) -> int:
     raise ValueError(f"timestamp must be a number of ms or an ISO-8601 string, not {type(ts).__name__}")
 
 
+# A decimal fraction right after the hour or the minute: fromisoformat reads it as a fraction
+# of a second (``22:13,5`` as 22:13:00.5, not 22:13:30), so such strings take the slow path.
+_FRACTION_OF_HOUR_OR_MINUTE = re.compile(r"[T ]\d\d(?::?\d\d)?[.,]\d", re.ASCII)
+_ORDINAL_DATE = re.compile(r"(?P<year>\d{4})-?(?P<day>\d{3})(?=[T ]|\Z)", re.ASCII)
+# hh[:mm[:ss]] or hhmm[ss], then a decimal fraction of the last of them, then the offset.
+_TIME_OF_DAY = re.compile(
+    r"(?P<h>\d\d)(?:(?P<sep>:?)(?P<m>\d\d)(?:(?P=sep)(?P<s>\d\d))?)?(?:[.,](?P<frac>\d+))?(?P<zone>\s*(?:Z|[+-]\d\d(?::?\d\d)?)?)\Z",
+    re.ASCII)
+_US_PER_DAY = 86_400_000_000
+
+
 def _iso_ms(text: str) -> int:
+    iso = text.strip().upper().replace("\u2212", "-")  # ISO 8601's minus sign in an offset
+    error: ValueError | None = None
+    if not _FRACTION_OF_HOUR_OR_MINUTE.search(iso):
+        try:
+            return _datetime_ms(datetime.fromisoformat(iso))
+        except ValueError as err:
+            error = err
     try:
-        parsed = datetime.fromisoformat(text.strip().upper())
-    except ValueError as err:
-        raise ValueError(f"unparsable ISO-8601 timestamp {_shown(text)}: {err}") from None
+        parsed = _iso_beyond_fromisoformat(iso)
+    except (ValueError, OverflowError) as err:
+        raise ValueError(f"unparsable ISO-8601 timestamp {_shown(text)}: {error or err}") from None
     return _datetime_ms(parsed)
+
+
+def _iso_beyond_fromisoformat(iso: str) -> datetime:
+    """The ISO 8601 forms fromisoformat misses or misreads: ordinal dates, ``24:00`` (the end of
+    the day) and a decimal fraction of the hour or minute. Raises ValueError or OverflowError."""
+    ordinal = _ORDINAL_DATE.match(iso)
+    if ordinal is not None:
+        year, day = int(ordinal["year"]), int(ordinal["day"])
+        if not 1 <= day <= 365 + calendar.isleap(year):
+            raise ValueError(f"day of the year {day} out of range")
+        iso = (date(year, 1, 1) + timedelta(days=day - 1)).isoformat() + iso[ordinal.end():]
+    cut = min((i for i in (iso.find("T"), iso.find(" ")) if i >= 0), default=-1)
+    clock = _TIME_OF_DAY.match(iso, cut + 1) if cut >= 0 else None
+    if clock is None:
+        return datetime.fromisoformat(iso)
+    hours, minutes, seconds = int(clock["h"]), int(clock["m"] or 0), int(clock["s"] or 0)
+    if hours > 24 or minutes > 59 or seconds > 59:
+        raise ValueError("hour, minute or second out of range")
+    unit_us = 1_000_000 if clock["s"] else 60_000_000 if clock["m"] else 3_600_000_000
+    frac = clock["frac"] or "0"
+    us = ((hours * 60 + minutes) * 60 + seconds) * 1_000_000 + int(frac) * unit_us // 10 ** len(frac)
+    if hours == 24 and us != _US_PER_DAY:
+        raise ValueError("only 24:00 itself, the end of the day, may have hour 24")
+    days, us = divmod(us, _US_PER_DAY)
+    hh, us = divmod(us, 3_600_000_000)
+    mm, us = divmod(us, 60_000_000)
+    ss, us = divmod(us, 1_000_000)
+    return datetime.fromisoformat(f"{iso[:cut]}T{hh:02d}:{mm:02d}:{ss:02d}.{us:06d}{clock['zone']}") + timedelta(days=days)
 
 
 def _datetime_ms(moment: datetime) -> int:

@@ -22,6 +22,7 @@ from pipeline.readings import (
     encode_wide,
     parse_timestamp_ms,
 )
+from tests import iso_variants
 
 FEATURES = ("Pressure", "Current", "Temperature")
 TS = 1583748873000  # 2020-03-09T10:14:33Z
@@ -336,6 +337,59 @@ def test_parse_timestamp_ms(ts: object, expected: int) -> None:
 def test_parse_timestamp_ms_refuses(ts: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_timestamp_ms(ts)
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        # fromisoformat reads a fraction after the hour or minute as a fraction of a second
+        ("2020-03-09T10:14,55Z", TS),
+        ("2020-03-09T10:14.55Z", TS),
+        ("2020-03-09T1014,55Z", TS),
+        ("2020-03-09T12:14,55+02:00", TS),
+        ("2020-03-09T10,5Z", TS - (14 * 60 + 33 - 30 * 60) * 1000),
+        ("2020-03-09T10.2425Z", TS),
+        ("2020-03-09T10:14,5500001Z", TS),  # floored to the millisecond, as a fraction of a second is
+        # ordinal dates (2020 is a leap year: 9 March is day 69)
+        ("2020-069T10:14:33Z", TS),
+        ("2020069T101433Z", TS),
+        ("2020-069", TS - (10 * 3600 + 14 * 60 + 33) * 1000),
+        ("2020-366T00:00:00Z", 1609372800000),
+        # the end of a day is the next day's midnight
+        ("2020-03-08T24:00Z", TS - (10 * 3600 + 14 * 60 + 33) * 1000),
+        ("2020-03-08T24:00:00.000+00:00", TS - (10 * 3600 + 14 * 60 + 33) * 1000),
+        ("2020-03-08T240000Z", TS - (10 * 3600 + 14 * 60 + 33) * 1000),
+        ("2020-068T24:00Z", TS - (10 * 3600 + 14 * 60 + 33) * 1000),
+        # ISO 8601's own minus sign in an offset
+        ("2020-03-09T08:14:33\u221202:00", TS),
+    ],
+)
+def test_parse_timestamp_ms_reads_iso_8601_beyond_fromisoformat(ts: str, expected: int) -> None:
+    assert parse_timestamp_ms(ts) == expected
+
+
+@pytest.mark.parametrize(
+    "ts",
+    ["2021-366T00:00:00Z", "2020-000", "2020-367", "2020-03-09T24:00:01Z", "2020-03-09T24:30Z",
+     "2020-03-09T24,5Z", "2020-03-09T10:60,5Z", "2020-03-09T25,5Z", "9999-12-31T24:00Z", "2020-03-09T10:1433Z",
+     "2020-03-09T10:14,5+25:00", "2020-03-09T10:14,5UTC", "\u0662\u0660\u0662\u0660-\u0660\u0666\u0669",
+     "2020-03-09T\u0661\u0660,5Z"],
+)
+def test_parse_timestamp_ms_refuses_impossible_iso_8601(ts: str) -> None:
+    with pytest.raises(ValueError, match="unparsable"):
+        parse_timestamp_ms(ts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(moment=st.integers(946684800000, 7258118400000), variant=st.sampled_from(iso_variants.VARIANTS),
+       offset=st.integers(-23 * 60 - 59, 23 * 60 + 59), whole=st.sampled_from([1, 1000, 60_000, 3_600_000, 86_400_000]))
+def test_every_iso_8601_form_of_an_instant_decodes_to_it(moment: int, variant: str, offset: int, whole: int) -> None:
+    moment -= moment % whole  # so the forms of reduced precision can write it too
+    text = iso_variants.render(moment, variant, offset)
+    if text is not None:
+        assert parse_timestamp_ms(text) == moment, text
+        record = _json({"asset": "a", "ts": text, "values": {"Pressure": 1.0}})
+        assert decode_batch([record], FEATURES).ts_ms.tolist() == [moment]
 
 
 def test_iso_and_numeric_timestamps_decode_alike() -> None:
