@@ -42,7 +42,7 @@ def _prepared(watcher: ModelWatcher, timeout_s: float = 30.0) -> tuple[PreparedM
     raise AssertionError(f"nothing prepared within {timeout_s} s")
 
 
-def test_rollback_and_promote_reach_a_watching_detector_within_a_poll(
+def test_rollback_unpin_promote_and_publish_reach_a_watching_detector_within_a_poll(
         broker: Any, settings_for: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = settings_for(broker, {"detector.registry_poll_s": str(POLL_S)})
     ensure_topics(settings, {settings.topics.models: 1})
@@ -60,13 +60,34 @@ def test_rollback_and_promote_reach_a_watching_detector_within_a_poll(
         assert prepared.bundle.version == "v1" and waited < 15.0
         watcher.swapped(prepared, prepared.model)
 
+        latency = {"rollback": waited}
+
+        assert _cli(capsys, settings, "unpin")["announced"] is True
+        prepared, waited = _prepared(watcher)
+        assert prepared.bundle.version == "v2" and waited < 15.0  # the newest published version
+        latency["unpin"] = waited
+        watcher.swapped(prepared, prepared.model)
+
+        from pipeline.bundle import save_bundle
+
+        save_bundle(make_bundle("v3"), str(tmp_path / "v3"))
+        assert _cli(capsys, settings, "publish", str(tmp_path / "v3"))["announced"] is True
+        prepared, waited = _prepared(watcher)
+        assert prepared.bundle.version == "v3" and waited < 15.0
+        latency["publish"] = waited
+        watcher.swapped(prepared, prepared.model)
+
         assert _cli(capsys, settings, "promote", "c1")["announced"] is True
         prepared, waited = _prepared(watcher)
         assert prepared.bundle.version == "c1" and waited < 15.0
+        latency["promote"] = waited
     finally:
         watcher.stop()
+    with capsys.disabled():
+        print("\nannouncement → model prepared beside the serving one (s):",
+              json.dumps({k: round(v, 2) for k, v in latency.items()}))
 
     bodies = [(r.key, json.loads(r.value)) for r in read_topic(settings, settings.topics.models, timeout_s=30)]
     assert [(key, b["action"], b["version"], b["uri"]) for key, b in bodies] == [
-        (b"current", "rollback", "v1", uri), (b"current", "promote", "c1", uri)]
-    assert bodies[1][1]["published_at"] == registry.pointers(uri).published_at
+        (b"current", "rollback", "v1", uri), (b"current", "unpin", "v2", uri), (b"current", "publish", "v3", uri),
+        (b"current", "promote", "c1", uri)]
