@@ -18,6 +18,9 @@ A record with a ``"values"`` key is wide; one with ``"sensor"`` or ``"value"`` i
 narrow record lacking one of the two is reported as ``missing_field``, which says more
 than ``unknown_format``). Anything else is ``unknown_format``.
 
+JSON nested deeper than ``DecodeLimits.max_depth`` (64) levels is ``malformed_json`` before it
+is parsed, so no verdict depends on the recursion limit or the decoding thread's stack.
+
 Decoding never raises on bad input and never drops a record silently: every record of a
 batch either contributes rows to the result or appears exactly once in
 :attr:`DecodedBatch.rejects` with one of :data:`REASONS`, so the consumer can route it
@@ -87,10 +90,15 @@ class DecodeLimits:
     min_ts_ms: int = 946684800000  # 2000-01-01T00:00:00Z
     max_ts_ms: int = 7258118400000  # 2200-01-01T00:00:00Z
     max_asset_len: int = 256
+    # JSON nesting (objects and arrays) beyond which a record is malformed_json: checked before
+    # parsing, so no verdict depends on Python's recursion limit or the decoding thread's stack.
+    max_depth: int = 64
 
     def __post_init__(self) -> None:
         if self.max_record_bytes <= 0 or self.max_asset_len <= 0:
             raise ValueError("max_record_bytes and max_asset_len must be > 0")
+        if self.max_depth < 2:
+            raise ValueError("max_depth must be >= 2 (a wide reading nests its values)")
         if not -_INT64_MAX <= self.min_ts_ms <= self.max_ts_ms <= _INT64_MAX:
             raise ValueError("need min_ts_ms <= max_ts_ms, both within int64")
 
@@ -254,6 +262,10 @@ def _load(raw: bytes | str | None, limits: DecodeLimits) -> dict[str, object]:
             _check_size(len(text.encode("utf-8", "surrogatepass")), limits)
     else:
         raise TypeError(f"record values must be bytes, str or None, not {type(raw).__name__}")
+    # Nesting is bounded before json.loads recurses into it; only a record with more opening
+    # brackets than the bound pays for measuring it.
+    if text.count("{") + text.count("[") > limits.max_depth and _nesting_depth(text) > limits.max_depth:
+        raise _Rejected("malformed_json", f"nested deeper than {limits.max_depth} levels")
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError) as err:  # ValueError covers JSONDecodeError and int-digit limits
@@ -261,6 +273,18 @@ def _load(raw: bytes | str | None, limits: DecodeLimits) -> dict[str, object]:
     if type(obj) is not dict:
         raise _Rejected("not_object", f"JSON {type(obj).__name__}, expected an object")
     return obj
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def _nesting_depth(text: str) -> int:
+    """Deepest nesting of objects and arrays in JSON text, brackets inside strings not counted
+    (an unterminated string's brackets are: such text is malformed anyway)."""
+    data = np.frombuffer(_JSON_STRING.sub('""', text).encode("utf-8", "surrogatepass"), np.uint8)
+    opens = (data == 0x5B) | (data == 0x7B)
+    closes = (data == 0x5D) | (data == 0x7D)
+    return int(np.cumsum(opens.astype(np.int32) - closes).max(initial=0))
 
 
 def _check_size(n_bytes: int, limits: DecodeLimits) -> None:

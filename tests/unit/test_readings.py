@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,6 +272,42 @@ def test_impossible_limits_are_refused() -> None:
         DecodeLimits(min_ts_ms=2, max_ts_ms=1)
     with pytest.raises(ValueError, match="max_record_bytes"):
         DecodeLimits(max_record_bytes=0)
+    with pytest.raises(ValueError, match="max_depth"):
+        DecodeLimits(max_depth=1)
+
+
+def _nested(levels: int) -> bytes:
+    """A wide record nesting ``levels`` objects in all (the record, its values, then ``{"k": …}``)."""
+    return (f'{{"asset":"a","ts":{TS},"values":' + '{"k":' * (levels - 1) + "1" + "}" * levels).encode()
+
+
+def test_nesting_beyond_the_limit_is_malformed_json_before_parsing() -> None:
+    assert _one_reject(_nested(64)).reason == "unknown_feature"  # parsed: 'k' is not a feature
+    for levels in (65, 900, 5_000):
+        reject = _one_reject(_nested(levels))
+        assert (reject.reason, reject.detail) == ("malformed_json", "nested deeper than 64 levels")
+    assert _one_reject(_nested(4), limits=DecodeLimits(max_depth=3)).reason == "malformed_json"
+    # Brackets inside strings are not nesting.
+    asset = '[{"' * 80
+    record = _json({"asset": asset, "ts": TS, "values": {"Pressure": 1.0}, "note": "]]}}" * 100})
+    assert decode_batch([record], FEATURES).asset.tolist() == [asset]
+
+
+def test_deep_nesting_in_a_thread_with_a_small_stack_is_rejected_not_a_crash() -> None:
+    """Python's recursion limit does not bound the C stack: json.loads of a record nested 900 deep
+    overflowed a 128 KiB thread stack (musl's default) and killed the process."""
+    code = (
+        "import threading\n"
+        "from pipeline.readings import decode_batch\n"
+        "threading.stack_size(128 * 1024)\n"
+        "out = []\n"
+        "record = b'{\"asset\":\"a\",\"ts\":1583748873000,\"values\":{\"Pressure\":' + b'[' * 900 + b'0' + b']' * 900 + b'}}'\n"
+        "t = threading.Thread(target=lambda: out.append(decode_batch([record], ['Pressure']).rejects[0].reason))\n"
+        "t.start(); t.join(); print(out[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert (done.returncode, done.stdout.strip()) == (0, "malformed_json"), done.stderr[-2000:]
 
 
 def test_programming_errors_raise() -> None:
