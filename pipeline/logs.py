@@ -91,7 +91,7 @@ def configure_logging(level: str = "info", fmt: Literal["auto", "json", "console
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=out),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # a cached logger escapes structlog.testing.capture_logs
     )
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

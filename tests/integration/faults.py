@@ -79,15 +79,21 @@ class Stream:
         self.settings, self.ref, self.rate = settings, ref, rate
         self.sent = 0
         self.done = threading.Event()
+        self.started = time.time()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> Stream:
         self._thread.start()
         return self
 
+    def sent_at(self, index: int) -> float:
+        """Wall-clock time the record at ``index`` was due to be sent."""
+        return self.started + index / self.rate
+
     def _run(self) -> None:
         producer = make_producer(self.settings)
         t0 = time.monotonic()
+        self.started = time.time()
         try:
             for i, (asset, _, value) in enumerate(self.ref.records):
                 delay = t0 + i / self.rate - time.monotonic()
@@ -209,7 +215,8 @@ def compare(settings: Settings, ref: Reference, sent: int, scores: list[Any], fa
         "orphaned_alerts": len(ref.closes - closed),
         "reference_alerts": len({e[0] for e in ref.events}),
         "recovery_s": recovery,
-        "examples": {"lost": sorted(ref.steps - set(got_steps))[:3], "duplicated": [k for k, n in got_steps.items() if n > 1][:3]},
+        "lost_steps": sorted(ref.steps - set(got_steps)),
+        "examples": {"duplicated": [k for k, n in got_steps.items() if n > 1][:3]},
     }
 
 
