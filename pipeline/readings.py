@@ -174,8 +174,8 @@ _FRACTION_OF_HOUR_OR_MINUTE = re.compile(r"[T ]\d\d(?::?\d\d)?[.,]\d", re.ASCII)
 _ORDINAL_DATE = re.compile(r"(?P<year>\d{4})-?(?P<day>\d{3})(?=[T ]|\Z)", re.ASCII)
 # hh[:mm[:ss]] or hhmm[ss], then a decimal fraction of the last of them, then the offset.
 _TIME_OF_DAY = re.compile(
-    r"(?P<h>\d\d)(?:(?P<sep>:?)(?P<m>\d\d)(?:(?P=sep)(?P<s>\d\d))?)?(?:[.,](?P<frac>\d+))?(?P<zone>\s*(?:Z|[+-]\d\d(?::?\d\d)?)?)\Z",
-    re.ASCII)
+    r"(?P<h>\d\d)(?:(?P<sep>:?)(?P<m>\d\d)(?:(?P=sep)(?P<s>\d\d))?)?"
+    r"(?:[.,](?P<frac>\d+))?(?P<zone>\s*(?:Z|[+-]\d\d(?::?\d\d)?)?)\Z", re.ASCII)
 _US_PER_DAY = 86_400_000_000
 
 
@@ -219,7 +219,8 @@ def _iso_beyond_fromisoformat(iso: str) -> datetime:
     hh, us = divmod(us, 3_600_000_000)
     mm, us = divmod(us, 60_000_000)
     ss, us = divmod(us, 1_000_000)
-    return datetime.fromisoformat(f"{iso[:cut]}T{hh:02d}:{mm:02d}:{ss:02d}.{us:06d}{clock['zone']}") + timedelta(days=days)
+    clock_text = f"{hh:02d}:{mm:02d}:{ss:02d}.{us:06d}{clock['zone']}"
+    return datetime.fromisoformat(f"{iso[:cut]}T{clock_text}") + timedelta(days=days)
 
 
 def _datetime_ms(moment: datetime) -> int:
