@@ -18,7 +18,7 @@ from pipeline.bundle import ModelBundle
 from pipeline.grid import NO_GAP, GridConfig, GridCounters, GridResult, GridSteps
 from pipeline.model import StepFunction
 from pipeline.readings import DecodedBatch
-from pipeline.scoring import predicted_change, rank_within_asset, score_steps
+from pipeline.scoring import predicted_change, rank_within_asset, scaled_values, score_steps
 from pipeline.settings import GridSettings
 from pipeline.state import PRIOR_LEVEL, FleetState
 from pipeline.thresholds import TermLevels, restart_terms, update_thresholds
@@ -106,8 +106,8 @@ class DetectionEngine:
         if len(warm):
             values, mask = state.recent_batch(warm)
             names = np.array([state.names[r] for r in warm], dtype=object)
-            flat = bundle.scaler.transform(np.repeat(names, values.shape[1]), values.reshape(-1, bundle.n_features))
-            x = flat.reshape(values.shape).astype(np.float32)
+            flat = scaled_values(bundle, np.repeat(names, values.shape[1]), values.reshape(-1, bundle.n_features))
+            x = flat.reshape(values.shape)
             y, top, final = model(x, mask, model.zero_states(len(warm)))
             y = predicted_change(bundle, names, y, top)
             last = mask.sum(axis=1) - 1

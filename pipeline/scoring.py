@@ -67,7 +67,7 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     if n == 0:
         return ScoredSteps(steps.asset, steps.step, rows, np.empty(0), np.empty((0, f)), np.empty((0, f)),
                            np.empty((0, bundle.units[-1]), np.float32))
-    scaled = bundle.scaler.transform(steps.asset, steps.values).astype(np.float32)
+    scaled = scaled_values(bundle, steps.asset, steps.values)
 
     starts = segment_bounds(steps.asset, steps.reset)
     lengths = np.diff(np.append(starts, n))
@@ -129,6 +129,16 @@ def predicted_change(bundle: ModelBundle, assets: np.ndarray, y: np.ndarray, top
     y[own] = (np.einsum("btu,buf->btf", top[own], bundle.heads.kernel[idx[own]])
               + bundle.heads.bias[idx[own]][:, None, :]).astype(y.dtype)
     return y
+
+
+SCALED_LIMIT = 1e3  # standard deviations: far past any reading a model can explain, yet finite in float32
+
+
+def scaled_values(bundle: ModelBundle, assets: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Readings in the model's units (float32), clipped to ±:data:`SCALED_LIMIT`: an absurd but
+    finite reading (1e39 overflows float32) must score as a huge error, not turn the asset's
+    carried LSTM state into NaN for good."""
+    return np.clip(bundle.scaler.transform(assets, values), -SCALED_LIMIT, SCALED_LIMIT).astype(np.float32)
 
 
 def novelty_design(scaled: np.ndarray) -> np.ndarray:

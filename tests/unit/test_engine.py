@@ -146,3 +146,18 @@ def test_a_short_hole_leaves_the_open_alert_open(tiny_bundle) -> None:  # type: 
     assert {e.alert_id for e in events} == {events[0].alert_id} and events[0].state == "open"
     assert [e.state for e in events[1:]] == ["update"] * (len(events) - 1)
     assert all(e.reason is None for e in events)
+
+
+def test_an_absurd_but_finite_reading_alerts_and_the_asset_keeps_being_scored(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """1e39 overflows float32: the step must score as a huge error, not leave the asset's LSTM state NaN."""
+    from pipeline.readings import decode_batch, encode_wide
+    from tests.unit.conftest import sine_frame
+
+    f = sine_frame(300, assets=("p1",), seed=3, start_ms=1_700_000_600_000)
+    f.loc[150, "a"] = 1e39
+    records = [encode_wide(r.asset, int(r.ts), {k: float(getattr(r, k)) for k in tiny_bundle.features})
+               for r in f.itertuples()]
+    out = DetectionEngine(tiny_bundle, GridSettings()).process(decode_batch(records, tiny_bundle.features))
+    after = out.step > out.step[np.flatnonzero(out.score == out.score)[0]] + 160  # well past the absurd step
+    assert np.isfinite(out.score[after]).all() and after.sum() > 100
+    assert any(e.state == "open" for e in out.events)
