@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from consumers.detector import Detector
 from pipeline import registry
 
 from . import faults
+from .s3_emulator import MotoS3
 from .plant import detector_settings, read_topic, running, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -183,42 +183,8 @@ def _closing_index(ref: faults.Reference, asset: str, step_ms: int) -> int:
     return next((i for i, (a, ts, _) in enumerate(ref.records) if a == asset and ts >= limit), len(ref.records) - 1)
 
 
-class _MotoS3:
-    """An S3 emulator on 127.0.0.1 (moto) holding one bucket: durable storage for a broker."""
-
-    def __init__(self, bucket: str = "tansu") -> None:
-        import shutil
-        import subprocess
-
-        self.port = free_port()
-        beside = Path(sys.executable).with_name("moto_server")  # this environment's pinned moto first
-        exe = str(beside) if beside.exists() else shutil.which("moto_server") or "moto_server"
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        import boto3
-
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test",
-                             aws_secret_access_key="test").create_bucket(Bucket=bucket)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        self.env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                    "AWS_ENDPOINT": self.endpoint, "AWS_ALLOW_HTTP": "true"}
-        self.url = f"s3://{bucket}/"
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-
 def test_broker_kill_9_and_restart_on_durable_storage(settings_for: Any, fitted_plant: Any) -> None:
-    s3 = _MotoS3()
+    s3 = MotoS3()
     own = LocalBroker(port=free_port(), storage_url=s3.url, extra_env=s3.env, log_path=faults.log_path("broker_kill_9_restart_s3", "broker"))
     try:
         own.start()

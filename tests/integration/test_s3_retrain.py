@@ -18,6 +18,7 @@ from trainers.train import run_training
 
 from . import faults
 from .plant import PERIOD_MS, PLANT, detector_settings, produce, running_detector, wait_until
+from .s3_emulator import MotoS3
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -28,7 +29,7 @@ BUCKET = "plantwatch-data"
 
 def test_archive_train_publish_and_swap_on_s3(broker: Any, settings_for: Any, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    s3 = _Moto(BUCKET, tmp_path / "moto.log")
+    s3 = MotoS3(BUCKET, tmp_path / "moto.log")
     before = storage.config()
     stop = threading.Event()
     try:
@@ -74,7 +75,8 @@ def test_archive_train_publish_and_swap_on_s3(broker: Any, settings_for: Any, tm
 
         stop.set()
         arch_thread.join(30)
-        keys = _keys(s3.endpoint, BUCKET)
+        keys = [o["Key"] for page in s3.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+                for o in page.get("Contents", [])]
         parquet = [k for k in keys if k.startswith("archive/date=") and k.endswith(".parquet")]
         assert parquet and not [k for k in keys if k.startswith("archive/.archiver-tmp/") and k.endswith(".tmp")]
         assert f"registry/models/{second.version}/manifest.json" in keys and "registry/CURRENT" in keys
@@ -99,52 +101,3 @@ def test_archive_train_publish_and_swap_on_s3(broker: Any, settings_for: Any, tm
 
 
 PLANT_START = 1_700_000_000_000
-
-
-class _Moto:
-    """The S3 emulator on 127.0.0.1 with one bucket (as test_faults.py starts it), its log kept."""
-
-    def __init__(self, bucket: str, log: Path) -> None:
-        import shutil
-        import subprocess
-        import sys
-
-        import boto3
-
-        from consumers.broker import free_port
-
-        port = free_port()
-        # The environment's own moto first: another moto_server on PATH (an older one) answers
-        # pyarrow's multipart uploads with an error inside a 200 response.
-        ours = Path(sys.executable).with_name("moto_server")
-        exe = str(ours) if ours.exists() else shutil.which("moto_server") or "moto_server"
-        self.log = log.open("wb")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        self.endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id="test",
-                             aws_secret_access_key="test").create_bucket(Bucket=bucket)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
-
-
-def _keys(endpoint: str, bucket: str) -> list[str]:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="test",
-                          aws_secret_access_key="test")
-    keys: list[str] = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        keys += [o["Key"] for o in page.get("Contents", [])]
-    return keys
