@@ -86,7 +86,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 def run_child(argv: list[str]) -> RunResult:
     """One training run in a child process; its logs go to our stderr, its summary line is read."""
     from cli.train_cmd import EXIT_BUSY
-    from trainers.schedule import die_with_parent
+    from consumers.child_process import die_with_parent
 
     # The run is ours: in a session of its own, Ctrl-C in a terminal reaches only the scheduler
     # (which lets the run finish, as for SIGTERM); and if the scheduler dies, even by kill -9,

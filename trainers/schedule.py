@@ -17,15 +17,11 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import os
 import secrets
-import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
+from consumers.child_process import die_with_parent
 from pipeline.logs import get_logger
 
 log = get_logger(__name__)
@@ -453,29 +450,6 @@ def _parse(raw: bytes) -> LockHolder | None:
 
 
 # ---------------------------------------------------------------- child processes
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to send ``sig`` to the child when the thread that started
-    it exits, so a scheduler killed with ``kill -9`` takes its training run with it (None
-    elsewhere). Start the child from a thread that lives as long as the child should (the
-    scheduler's main thread). The ctypes lookup happens here, in the parent, so the forked
-    child makes one call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    prctl = libc.prctl
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
-
 
 # ---------------------------------------------------------------- loop
 
