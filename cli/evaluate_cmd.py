@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-rows", type=int, default=5000, help="rows fed to the engine per call, like a poll (default: 5000)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the full results (per file, pooled, per seed) as JSON")
     p.add_argument("--plots", default=None, metavar="DIR",
-                   help="write one PNG per file: standardised features, score, smoothed score, threshold, alerts, labels")
+                   help="write one PNG per file: standardised features, forecast error, alert score, threshold, alerts, labels")
     p.add_argument("--per-file", action="store_true", help="also print one line per file")
 
 
@@ -300,7 +300,7 @@ def write_plots(out_dir: Path, files: Sequence[Any], result: Any, features: Sequ
 
 
 def plot_file(path: Path, f: Any, features: Sequence[str], trace: Any) -> None:
-    """Standardised features over score, smoothed score and threshold; labels red, alerts orange."""
+    """Standardised features over forecast error, alert score and threshold; labels red, alerts orange."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,8 +328,8 @@ def plot_file(path: Path, f: Any, features: Sequence[str], trace: Any) -> None:
         if f.train_rows:
             ax.axvline(t[f.train_rows], color="k", ls=":", lw=0.8)
     st = trace.step_ms.astype("datetime64[ms]")
-    ax2.plot(st, trace.score, lw=0.5, color="0.6", label="score")
-    ax2.plot(st, trace.smoothed, lw=1.0, color="tab:blue", label="smoothed")
+    ax2.plot(st, trace.forecast_error, lw=0.5, color="0.6", label="forecast error")
+    ax2.plot(st, trace.alert_score, lw=1.0, color="tab:blue", label="alert score")
     ax2.plot(st, trace.threshold, lw=1.0, ls="--", color="tab:red", label="threshold")
     ax2.set_yscale("log")
     ax2.set_ylabel("score")

@@ -277,7 +277,7 @@ class Detector:
         rejects += [Reject(int(i), "future", "timestamp too far ahead of the wall clock")
                     for i in out.future_records]
         rejects = [r for r in rejects if not silent_rec[r.index]]
-        scored = np.isfinite(out.score)
+        scored = np.isfinite(out.forecast_error)
         metrics.STEPS_SCORED.inc(int(scored.sum()))
         st = self.stats
         st.accepted += out.counters.accepted
@@ -348,7 +348,7 @@ class Detector:
         topic, version = self.settings.topics.scores, self.engine.model_version
         futures = []
         for i in np.flatnonzero(scored):
-            body = {"asset": out.asset[i], "step_ms": int(out.step[i]) * period, "score": round(float(out.smoothed[i]), 5),
+            body = {"asset": out.asset[i], "step_ms": int(out.step[i]) * period, "score": round(float(out.alert_score[i]), 5),
                     "threshold": round(float(out.threshold[i]), 5), "model_version": version}
             futures.append(self.producer.send(topic, key=str(out.asset[i]).encode(),
                                               value=json.dumps(body, separators=(",", ":")).encode()))

@@ -1,6 +1,6 @@
 """The alert lifecycle: open, update, close, with hysteresis and deterministic ids.
 
-An alert opens after ``open_after`` consecutive smoothed scores above the threshold and
+An alert opens after ``open_after`` consecutive alert_score scores above the threshold and
 starts at the first of them; it closes after ``close_after`` consecutive scores below
 ``close_ratio × threshold`` (hysteresis, so an alert hovering at the threshold does not
 flap). While open it emits an update every ``update_every`` steps or when its peak grows
@@ -88,12 +88,12 @@ def restart_lifecycle(state: FleetState, rows: np.ndarray) -> None:
 
 
 def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray,
-                  smoothed: np.ndarray, threshold: np.ndarray, contrib: np.ndarray, p: ThresholdParams,
+                  alert_score: np.ndarray, threshold: np.ndarray, contrib: np.ndarray, p: ThresholdParams,
                   features: tuple[str, ...], period_ms: int, model_version: str,
                   gap_start: np.ndarray | None = None) -> list[AlertEvent]:
     """Advance the lifecycle of one step for each of ``rows`` (distinct assets).
 
-    ``smoothed`` is the alert score, ``contrib`` (k, F) each feature's non-negative weight in it.
+    ``alert_score`` is the alert score, ``contrib`` (k, F) each feature's non-negative weight in it.
     ``gap_start`` (the grid's, :data:`pipeline.grid.NO_GAP` where none) marks steps that follow
     a data gap: an open alert closes with reason ``data_gap`` before the step counts, and the
     step starts a fresh lifecycle.
@@ -101,11 +101,11 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
     cols = state.cols
     events: list[AlertEvent] = []
     if gap_start is not None:
-        events += _close_at_gaps(state, rows, assets, steps, smoothed, threshold, gap_start, p, features, period_ms,
+        events += _close_at_gaps(state, rows, assets, steps, alert_score, threshold, gap_start, p, features, period_ms,
                                  model_version)
-    valid = np.isfinite(smoothed)
-    above = valid & (smoothed > threshold)
-    below = valid & (smoothed < p.close_ratio * threshold)
+    valid = np.isfinite(alert_score)
+    above = valid & (alert_score > threshold)
+    below = valid & (alert_score < p.close_ratio * threshold)
 
     count = np.where(above, cols["above"][rows] + 1, 0)
     cols["above"][rows] = count
@@ -115,7 +115,7 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
     sq = np.where(valid[:, None], contrib, 0.0)
     state.alert_contrib[rows[is_open & above]] += sq[is_open & above]
     cols["below"][rows] = np.where(is_open & below, cols["below"][rows] + 1, 0)
-    cols["alert_peak"][rows] = np.where(is_open & valid, np.fmax(cols["alert_peak"][rows], smoothed),
+    cols["alert_peak"][rows] = np.where(is_open & valid, np.fmax(cols["alert_peak"][rows], alert_score),
                                         cols["alert_peak"][rows])
     cols["alert_steps"][rows] += is_open
 
@@ -131,7 +131,7 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
             state.alert_version[r] = model_version
             cols["alert_open"][r] = True
             cols["alert_start"][r] = cols["run_start"][r]
-            cols["alert_peak"][r] = smoothed[i]
+            cols["alert_peak"][r] = alert_score[i]
             cols["alert_steps"][r] = count[i]
             cols["below"][r] = 0
             state.alert_contrib[r] = sq[i]
@@ -144,7 +144,7 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
         events.append(AlertEvent(
             alert_id=alert_id(str(assets[i]), start, version), asset=str(assets[i]), state=kind,
             start_ms=start * period_ms, end_ms=None if end_step is None else end_step * period_ms,
-            step_ms=int(steps[i]) * period_ms, score=float(smoothed[i]), peak_score=float(cols["alert_peak"][r]),
+            step_ms=int(steps[i]) * period_ms, score=float(alert_score[i]), peak_score=float(cols["alert_peak"][r]),
             threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
             model_version=version, reason="recovered" if kind == "close" else None,
         ))
@@ -155,7 +155,7 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
     return events
 
 
-def _close_at_gaps(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray, smoothed: np.ndarray,
+def _close_at_gaps(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray, alert_score: np.ndarray,
                    threshold: np.ndarray, gap_start: np.ndarray, p: ThresholdParams, features: tuple[str, ...],
                    period_ms: int, model_version: str) -> list[AlertEvent]:
     """Close the open alerts of assets whose step follows a data gap; restart their lifecycle."""
@@ -173,7 +173,7 @@ def _close_at_gaps(state: FleetState, rows: np.ndarray, assets: np.ndarray, step
         events.append(AlertEvent(
             alert_id=alert_id(str(assets[i]), start, version), asset=str(assets[i]), state="close",
             start_ms=start * period_ms, end_ms=max(int(gap_start[i]), start + 1) * period_ms,
-            step_ms=int(steps[i]) * period_ms, score=float(smoothed[i]), peak_score=float(cols["alert_peak"][r]),
+            step_ms=int(steps[i]) * period_ms, score=float(alert_score[i]), peak_score=float(cols["alert_peak"][r]),
             threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
             model_version=version, reason="data_gap",
         ))

@@ -29,9 +29,9 @@ class EngineOutput:
     asset: np.ndarray       # object (n,): one row per closed grid step
     step: np.ndarray        # int64 (n,)
     values: np.ndarray      # float64 (n, F) grid values
-    score: np.ndarray       # float64 (n,) RMS forecast error, NaN while warming up
-    smoothed: np.ndarray    # float64 (n,) the alert score (largest term, 1 = calibrated threshold)
-    threshold: np.ndarray   # float64 (n,) the asset's threshold in force (>= 1)
+    forecast_error: np.ndarray  # float64 (n,) RMS of the normalised forecast errors, NaN while warming up
+    alert_score: np.ndarray     # float64 (n,) the alert score (largest term, 1 = calibrated threshold)
+    threshold: np.ndarray       # float64 (n,) the asset's threshold in force (>= 1)
     errors: np.ndarray      # float64 (n, F) normalised per-feature forecast errors
     terms: np.ndarray = field(default_factory=lambda: np.empty((0, 3)))  # (n, 3) forecast, novelty, flatline
     events: list[AlertEvent] = field(default_factory=list)
@@ -131,7 +131,7 @@ class DetectionEngine:
         b = self.bundle
         scored = score_steps(self.state, self.model, b, steps)
         n = len(steps)
-        smoothed, threshold = np.full(n, np.nan), np.full(n, np.nan)
+        alert_score, threshold = np.full(n, np.nan), np.full(n, np.nan)
         terms = np.full((n, 3), np.nan)
         events: list[AlertEvent] = []
         rank = rank_within_asset(steps.asset)
@@ -146,11 +146,11 @@ class DetectionEngine:
                 restart_terms(self.state, rows[gapped])
             combined, threshold[sel] = update_thresholds(self.state, rows, steps.values[sel], scored.errors[sel],
                                                          scored.novelty[sel], levels.take(sel), b.thresholds)
-            smoothed[sel] = combined.score
+            alert_score[sel] = combined.score
             terms[sel] = np.stack([combined.forecast, combined.novelty, combined.flat], axis=1)
-            events += update_alerts(self.state, rows, steps.asset[sel], steps.step[sel], smoothed[sel],
+            events += update_alerts(self.state, rows, steps.asset[sel], steps.step[sel], alert_score[sel],
                                     threshold[sel], combined.contributions, b.thresholds, b.features,
                                     b.period_ms, b.version, gap_start)
-        return EngineOutput(steps.asset, steps.step, steps.values, scored.score, smoothed, threshold,
+        return EngineOutput(steps.asset, steps.step, steps.values, scored.score, alert_score, threshold,
                             scored.errors, terms, events, result.late_records, result.future_records,
                             result.counters)

@@ -184,8 +184,8 @@ class EngineTrace:
     """What the engine produced for one asset: per-step series and its alert spans."""
 
     step_ms: np.ndarray
-    score: np.ndarray
-    smoothed: np.ndarray
+    forecast_error: np.ndarray
+    alert_score: np.ndarray
     threshold: np.ndarray
     spans: list[tuple[int, float]]
 
@@ -224,12 +224,12 @@ def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series],
     outputs.append(engine.flush())
     asset = np.concatenate([o.asset for o in outputs])
     step = np.concatenate([o.step for o in outputs])
-    cols = {k: np.concatenate([getattr(o, k) for o in outputs]) for k in ("score", "smoothed", "threshold")}
+    cols = {k: np.concatenate([getattr(o, k) for o in outputs]) for k in ("forecast_error", "alert_score", "threshold")}
     events = [e for o in outputs for e in o.events]
     traces = {}
     for s in files:
         sel = np.flatnonzero(asset == s.name)
-        traces[s.name] = EngineTrace(step[sel] * bundle.period_ms, cols["score"][sel], cols["smoothed"][sel],
+        traces[s.name] = EngineTrace(step[sel] * bundle.period_ms, cols["forecast_error"][sel], cols["alert_score"][sel],
                                      cols["threshold"][sel], alert_spans(events, s.name))
     return traces
 

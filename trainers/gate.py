@@ -348,13 +348,13 @@ def _add(bundles: tuple[ModelBundle, ModelBundle], outs: list[EngineOutput], acc
         raise GateError("the two models closed different grid steps on the same data")
     both = np.ones(len(a), bool)
     for out in outs:
-        both &= np.isfinite(out.errors).all(axis=1) & np.isfinite(out.smoothed) & np.isfinite(out.threshold)
+        both &= np.isfinite(out.errors).all(axis=1) & np.isfinite(out.alert_score) & np.isfinite(out.threshold)
     sq, above = [], []
     for m, (bundle, out) in enumerate(zip(bundles, outs)):
         _, scale = bundle.scaler.rows_for(out.asset[both])
         raw = out.errors[both] * bundle.error_scale * scale  # back from the model's units to the sensor's
         sq.append(raw**2)
-        above.append((out.smoothed[both] > out.threshold[both]).astype(float))
+        above.append((out.alert_score[both] > out.threshold[both]).astype(float))
         alerts[m] += sum(e.state == "open" for e in out.events)
     acc.add(a.asset[both], a.step[both], (sq[0], sq[1]), (above[0], above[1]))
     changes.add(a)

@@ -52,7 +52,7 @@ def reference(bundle: Any, settings: Settings, start_ms: int, steps: int) -> Ref
                for r in frame.itertuples(index=False)]
     engine = DetectionEngine(bundle, settings.grid)
     out = engine.process(frame_to_batch(frame, PLANT.features, ts_col="ts_ms", asset_col="asset"))
-    scored = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.score) if sc == sc}
+    scored = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.forecast_error) if sc == sc}
     events = [(e.alert_id, e.state, e.step_ms) for e in out.events]
     return Reference(records, scored, events, {e.alert_id for e in out.events if e.state == "close"})
 
@@ -67,7 +67,7 @@ def reference_of(bundle: Any, settings: Settings, held: list[Any]) -> Reference:
     records = [(r.key.decode(), int(b["ts"]), r.value) for r, b in zip(held, rows)]
     engine = DetectionEngine(bundle, settings.grid)
     out = engine.process(frame_to_batch(frame, PLANT.features, ts_col="ts_ms", asset_col="asset"))
-    scored = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.score) if sc == sc}
+    scored = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.forecast_error) if sc == sc}
     return Reference(records, scored, [(e.alert_id, e.state, e.step_ms) for e in out.events],
                      {e.alert_id for e in out.events if e.state == "close"})
 

@@ -49,7 +49,7 @@ def _reference(fitted: Any, frame: Any) -> tuple[set[tuple[str, int]], list[Any]
     """The same readings through the same engine, uninterrupted."""
     engine = DetectionEngine(fitted.bundle, GridSettings())
     out = engine.process(frame_to_batch(frame, PLANT.features, ts_col="ts_ms", asset_col="asset"))
-    steps = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.score) if sc == sc}
+    steps = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.forecast_error) if sc == sc}
     return steps, [e for e in out.events if e.state == "open"]
 
 

@@ -822,7 +822,7 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
     # Scores of the good assets against a reference engine fed the good readings alone.
     engine = DetectionEngine(fitted_plant.bundle, settings.grid)
     out = engine.process(frame_to_batch(plant.frame, FEATURES, ts_col="ts_ms", asset_col="asset"))
-    reference = {(a, int(s) * PERIOD_MS): float(sc) for a, s, sc, ok in zip(out.asset, out.step, out.smoothed, out.score)
+    reference = {(a, int(s) * PERIOD_MS): float(sc) for a, s, sc, ok in zip(out.asset, out.step, out.alert_score, out.forecast_error)
                  if ok == ok}
     got_scores = Counter()
     score_of: dict[tuple[str, int], float] = {}
@@ -847,7 +847,7 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
     ext_out = DetectionEngine(fitted_plant.bundle, settings.grid).process(
         decode_batch([r.value for _, r in ext], FEATURES))
     extreme = {"readings": len(ext), "steps_closed": len(ext_out),
-               "steps_scored_reference": int(np.isfinite(ext_out.score).sum()), "steps_scored": other_scored["extreme"]}
+               "steps_scored_reference": int(np.isfinite(ext_out.forecast_error).sum()), "steps_scored": other_scored["extreme"]}
 
     hostile_sent = sum(n for k, n in by_kind.items() if k != "good")
     row = {

@@ -51,7 +51,7 @@ def test_live_stream_at_wall_clock_pace_scores_every_step_exactly_once(broker: A
     assert settings.grid == GridSettings(gap_reset_steps=GAP_RESET_STEPS)
     frame = pd.DataFrame([{"asset": a, "ts_ms": ts, **v} for ts, a, v in plan])
     out = reference.process(frame_to_batch(frame, PLANT.features, ts_col="ts_ms", asset_col="asset"))
-    expected = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.score) if sc == sc}
+    expected = {(a, int(s) * PERIOD_MS) for a, s, sc in zip(out.asset, out.step, out.forecast_error) if sc == sc}
     # the asset that appears mid-run is scored too (the one that goes silent restarts its warm-up)
     assert {a for a, _ in expected} >= {PLANT.asset_ids[0], PLANT.asset_ids[2], PLANT.asset_ids[3]}
 

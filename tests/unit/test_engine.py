@@ -27,7 +27,7 @@ def test_polls_of_any_size_give_the_same_scores_and_alerts_as_one_batch(tiny_bun
     a_flush = whole.flush()
     polled = DetectionEngine(tiny_bundle, GridSettings())
     outs = [polled.process(_batch(frame.iloc[i:i + 37])) for i in range(0, len(frame), 37)] + [polled.flush()]
-    key = lambda o: {(x, int(s)): v for x, s, v in zip(o.asset, o.step, o.smoothed)}  # noqa: E731
+    key = lambda o: {(x, int(s)): v for x, s, v in zip(o.asset, o.step, o.alert_score)}  # noqa: E731
     merged: dict = {}
     for o in outs:
         merged.update(key(o))
@@ -48,11 +48,11 @@ def test_swap_rewarms_from_recent_steps_so_scoring_has_no_cold_gap(tiny_bundle) 
     warmed = engine.swap(new, StepFunction(new.n_features, new.units, new.weights))
     assert warmed == 1
     out = engine.process(_batch(frame.iloc[120:]))
-    assert len(out) > 50 and np.isfinite(out.score).all()  # no warm-up after the swap
+    assert len(out) > 50 and np.isfinite(out.forecast_error).all()  # no warm-up after the swap
     reference = DetectionEngine(tiny_bundle, GridSettings(allowed_lateness_s=0))
     ref = reference.process(_batch(frame))
-    tail = {int(s): v for s, v in zip(ref.step, ref.score)}
-    diffs = [abs(tail[int(s)] - v) for s, v in zip(out.step, out.score)]
+    tail = {int(s): v for s, v in zip(ref.step, ref.forecast_error)}
+    diffs = [abs(tail[int(s)] - v) for s, v in zip(out.step, out.forecast_error)]
     assert np.median(diffs) < 0.1 * np.nanmedian(list(tail.values()))  # re-warmed state ≈ carried state
 
 
@@ -98,7 +98,7 @@ def test_each_asset_is_judged_against_its_own_levels(tiny_bundle) -> None:  # ty
     for name, b in (("base", tiny_bundle), ("tight", tight)):
         e = DetectionEngine(b, GridSettings())
         o = [e.process(_batch(frame)), e.flush()]
-        outs[name] = {(a, int(s)): (v, t) for x in o for a, s, v, t in zip(x.asset, x.step, x.smoothed, x.terms)}
+        outs[name] = {(a, int(s)): (v, t) for x in o for a, s, v, t in zip(x.asset, x.step, x.alert_score, x.terms)}
     keys = [k for k in outs["base"] if np.isfinite(outs["base"][k][0])]
     p1 = [k for k in keys if k[0] == "p1"]
     p2 = [k for k in keys if k[0] == "p2"]
@@ -158,6 +158,6 @@ def test_an_absurd_but_finite_reading_alerts_and_the_asset_keeps_being_scored(ti
     records = [encode_wide(r.asset, int(r.ts), {k: float(getattr(r, k)) for k in tiny_bundle.features})
                for r in f.itertuples()]
     out = DetectionEngine(tiny_bundle, GridSettings()).process(decode_batch(records, tiny_bundle.features))
-    after = out.step > out.step[np.flatnonzero(out.score == out.score)[0]] + 160  # well past the absurd step
-    assert np.isfinite(out.score[after]).all() and after.sum() > 100
+    after = out.step > out.step[np.flatnonzero(out.forecast_error == out.forecast_error)[0]] + 160  # well past the absurd step
+    assert np.isfinite(out.forecast_error[after]).all() and after.sum() > 100
     assert any(e.state == "open" for e in out.events)
