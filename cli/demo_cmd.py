@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers.demo import run_demo
+    from cli.demo import run_demo
     from consumers.signals import stop_on_signals
 
     result = run_demo(args.seconds, n_assets=args.assets, workdir=Path(args.workdir), stop=stop_on_signals())
