@@ -13,7 +13,7 @@ from pipeline.settings import load_settings
 from pipeline.tables import read_table, frame_to_batch, timestamps_ms
 from pipeline.fit import fit_bundle
 from pipeline.engine import DetectionEngine
-from pipeline.metrics import ranges_from_labels
+from pipeline.quality_metrics import ranges_from_labels
 SKAB = Path(os.environ.get("PLANTWATCH_SKAB_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "skab"))
 F=("Accelerometer1RMS","Accelerometer2RMS","Current","Pressure","Temperature","Thermocouple","Voltage","Volume Flow RateRMS")
 s=load_settings(env={}, overrides={"model.features":",".join(F),"model.timesteps":"16","model.chunks_per_run":"4","model.streams":"16","log.level":"warning"})

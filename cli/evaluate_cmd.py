@@ -1,8 +1,10 @@
 """``plantwatch evaluate``: replay labelled recordings through the detection engine and score it.
 
 No Kafka: each file goes through the same engine as the live detector, and the same
-metric code scores the LSTM and the baselines (flag everything, PCA T², T²+Q, and T² at
-the LSTM's false alarm rate). Results go to the terminal and, with ``--out``, to JSON.
+metric code scores the LSTM and the baselines (flag everything, PCA T², T²+Q, and T² and
+T²+Q at the LSTM's false alarm rate). Results go to the terminal and, with ``--out``, to JSON.
+Unless ``grid.period_s`` is set (``--set``, config file or environment), the grid period is
+the data's own spacing (median of the positive time differences).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from cli.tables_args import features_for, with_features
 from pipeline.settings import Settings, to_dict
@@ -44,15 +45,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--changepoint-col", default="changepoint",
                    help="0/1 changepoint column; NAB scores are reported when the files have it (default: changepoint)")
     p.add_argument("--labels", default=None, metavar="FILE",
-                   help="CSV or JSON of labelled ranges (columns/keys file,start,end; file = asset name, start and "
-                        "end inclusive, epoch ms or ISO-8601) used instead of --label-col; a file without a range "
-                        "is all normal")
+                   help="labelled ranges used instead of --label-col: a CSV/Parquet/JSON table with a file (or "
+                        "asset) column = asset name and start,end (epoch ms or ISO-8601) or start_row,end_row "
+                        "(0-based row indices), both ends inclusive; or Numenta's windows JSON ({file: [[start, "
+                        "end], …]}); a file without a range is all normal")
     train = p.add_mutually_exclusive_group()
     train.add_argument("--train-rows", type=int, default=400,
                        help="each file's first N rows are its training data, one model per file (default: 400)")
     train.add_argument("--train-file", default=None,
                        help="fit one model (and each baseline) on this file of normal readings and score every input "
                             "row; every row is then a test row")
+    train.add_argument("--train-dir", default=None, metavar="DIR",
+                       help="each input file has its own training file of the same relative name (or, failing "
+                            "that, the same file name) under DIR: one model per file, every input row a test row")
     p.add_argument("--fleet", action="store_true",
                    help="one model fitted on the union of every file's first --train-rows rows, each file its own "
                         "asset with its own scaling (sets model.per_asset_scaling=true)")
@@ -117,32 +122,39 @@ class LoadOptions:
     train_rows: int     # 0 when a separate training file is used
 
 
-def read_label_ranges(path: str) -> dict[str, list[tuple[int, int]]]:
-    """``{asset name: [(start_ms, end_ms), …]}`` from a CSV or JSON list of ``file,start,end``."""
-    from pipeline.tables import read_table, timestamps_ms
+def read_label_ranges(path: str) -> dict[str, list[Any]]:
+    """``{asset name: [LabelRange, …]}`` from any label file :mod:`pipeline.labels` reads."""
+    from cli.main import UsageError
+    from pipeline.labels import LabelError, ranges_by_name
+    from pipeline.labels import read_label_ranges as read_ranges
 
-    if path.lower().endswith(".json"):
-        with open(path, encoding="utf-8") as fh:
-            frame = pd.DataFrame(json.load(fh))
-    else:
-        frame = read_table(path)
-    missing = {"file", "start", "end"} - set(frame.columns)
-    if missing:
-        from cli.main import UsageError
+    try:
+        return ranges_by_name(read_ranges(path))
+    except LabelError as exc:
+        raise UsageError(str(exc)) from None
 
-        raise UsageError(f"{path}: missing {sorted(missing)}; expected file,start,end")
-    starts, ends = timestamps_ms(frame["start"]), timestamps_ms(frame["end"])
-    out: dict[str, list[tuple[int, int]]] = {}
-    for name, s, e in zip(frame["file"].astype(str), starts, ends):
-        out.setdefault(name, []).append((int(s), int(e)))
-    return out
+
+def training_file_for(path: Path, root: Path, train_dir: Path) -> Path:
+    """The training file of a test file: same relative path under ``train_dir``, else the one file of the same name."""
+    from cli.main import UsageError
+
+    same = train_dir / path.relative_to(root)
+    if same.is_file():
+        return same
+    found = [q for q in train_dir.rglob(path.name) if q.is_file()]
+    if len(found) == 1:
+        return found[0]
+    why = "several files" if found else "no file"
+    raise UsageError(f"--train-dir {train_dir}: {why} named {path.name} to train {path.relative_to(root)} on")
 
 
 def load_files(paths: Sequence[Path], root: Path, features: Sequence[str], opts: LoadOptions,
-               ranges: dict[str, list[tuple[int, int]]] | None = None) -> tuple[list[Any], list[str]]:
+               ranges: dict[str, list[Any]] | None = None,
+               train_dir: Path | None = None) -> tuple[list[Any], list[str]]:
     """Labelled files ready for evaluation, and the names of files skipped for lack of labels."""
-    from pipeline.evaluation import asset_name, labelled_file, labels_from_ranges, series_from_frame
-    from pipeline.tables import read_table
+    from pipeline.evaluation import asset_name, labelled_file, series_from_frame
+    from pipeline.labels import row_labels
+    from pipeline.tables import read_table, timestamps_ms
 
     files, skipped = [], []
     for path in paths:
@@ -150,14 +162,18 @@ def load_files(paths: Sequence[Path], root: Path, features: Sequence[str], opts:
         frame = read_table(path, sep=opts.sep)
         series = series_from_frame(frame, name, features, opts.time_col)
         if ranges is not None:
-            labels = labels_from_ranges(series.ts_ms, ranges.get(name, []))
+            labels = row_labels(timestamps_ms(frame[opts.time_col]), ranges.get(name, []))
         elif opts.label_col in frame.columns:
             labels = frame[opts.label_col].to_numpy(np.float64)
         else:
             skipped.append(name)
             continue
         cps = frame[opts.changepoint_col].to_numpy(np.float64) if opts.changepoint_col in frame.columns else None
-        files.append(labelled_file(series, labels, cps, opts.train_rows))
+        train = None
+        if train_dir is not None:
+            tpath = training_file_for(path, root, train_dir)
+            train = series_from_frame(read_table(tpath, sep=opts.sep), f"{name} (train)", features, opts.time_col)
+        files.append(labelled_file(series, labels, cps, opts.train_rows, train))
     if ranges is not None:
         unknown = sorted(set(ranges) - {f.name for f in files})
         if unknown:
@@ -188,23 +204,35 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.tables import TableError, read_table
 
     log = get_logger("plantwatch.evaluate")
-    if args.fleet and args.train_file:
-        raise UsageError("--fleet fits on the files' own first rows; it cannot be combined with --train-file")
+    if args.fleet and (args.train_file or args.train_dir):
+        raise UsageError("--fleet fits on the files' own first rows; it cannot be combined with --train-file/--train-dir")
     root, paths = discover(args.inputs, args.root)
     train_path = Path(os.path.abspath(args.train_file)) if args.train_file else None
-    paths = [p for p in paths if p != train_path]
+    train_dir = Path(os.path.abspath(args.train_dir)) if args.train_dir else None
+    if train_dir is not None and not train_dir.is_dir():
+        raise UsageError(f"--train-dir {args.train_dir} is not a directory")
+    paths = [p for p in paths if p != train_path and (train_dir is None or train_dir not in p.parents)]
+    if not paths:
+        raise UsageError("no input files left to score besides the training data")
     try:
         features = resolve_features(args, paths[0], settings)
         settings = with_features(settings, features)
         opts = LoadOptions(args.time_col, args.sep, args.label_col, args.changepoint_col,
-                           0 if train_path else args.train_rows)
+                           0 if train_path or train_dir else args.train_rows)
         ranges = read_label_ranges(args.labels) if args.labels else None
-        files, skipped = load_files(paths, root, features, opts, ranges)
+        files, skipped = load_files(paths, root, features, opts, ranges, train_dir)
         for name in skipped:
             log.warning("skipped: no label column", file=name, label_col=args.label_col)
+        if not files:
+            raise UsageError(f"no input file has labels: give --label-col (now {args.label_col!r}) or --labels")
         train = (series_from_frame(read_table(train_path, sep=args.sep), train_path.name, features, args.time_col)
                  if train_path else None)
-        plan: Plan = "train_file" if train_path else "fleet" if args.fleet else "per_file"
+        for s in [*(f.series for f in files), *(f.train for f in files if f.train is not None), *([train] if train else [])]:
+            for note in s.notes:
+                log.warning("timestamps repaired", file=s.name, note=note)
+        if not period_is_set(args):
+            settings = with_data_period(settings, [f.series for f in files], log)
+        plan: Plan = "train_file" if train_path else "paired" if train_dir else "fleet" if args.fleet else "per_file"
         settings = plan_settings(settings, plan)
         seeds = parse_seeds(args.seeds, settings.model.seed)
         result = evaluate(files, settings, plan, seeds=seeds, train=train, chunk_rows=args.chunk_rows,
@@ -219,6 +247,40 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.plots:
         write_plots(Path(args.plots), files, result, features)
     return 0
+
+
+def period_is_set(args: argparse.Namespace) -> bool:
+    """Whether the user chose grid.period_s: by --set, in the --config file or in the environment."""
+    import tomllib
+
+    from pipeline.settings import ENV_PREFIX, parse_assignments
+
+    if "grid.period_s" in parse_assignments(list(getattr(args, "assignments", None) or [])):
+        return True
+    if f"{ENV_PREFIX}GRID__PERIOD_S" in os.environ:
+        return True
+    config = getattr(args, "config", None)
+    if config:
+        try:
+            with open(config, "rb") as fh:
+                return "period_s" in (tomllib.load(fh).get("grid") or {})
+        except (OSError, tomllib.TOMLDecodeError):
+            return False  # the settings loader has already reported a bad file
+    return False
+
+
+def with_data_period(settings: Settings, series: Sequence[Any], log: Any) -> Settings:
+    """Settings whose grid period is the data's median spacing (logged when it changes)."""
+    import dataclasses
+
+    from pipeline.evaluation import data_period_s
+
+    period = data_period_s(series)
+    if period is None or period == settings.grid.period_s:
+        return settings
+    log.info("grid period taken from the data's spacing; set grid.period_s to choose another",
+             period_s=period, default_s=settings.grid.period_s)
+    return dataclasses.replace(settings, grid=dataclasses.replace(settings.grid, period_s=period))
 
 
 def parse_seeds(text: str | None, default: int) -> list[int]:
@@ -258,19 +320,24 @@ def _num(x: float | None, fmt: str = "5.3f") -> str:
 def _row(label: str, pooled: dict[str, Any]) -> str:
     w, t, ev = pooled["point"]["whole"], pooled["point"]["test"], pooled["event"]["whole"]
     nab = (pooled.get("nab") or {}).get("skab") or {}
-    return (f"{label:<16} {_num(w['f1'])} {_pct(w['far'])} {_pct(w['mar'])} | {_num(t['f1'])} {_pct(t['far'])} "
-            f"{_pct(t['mar'])} | {_num(ev['precision'])} {_num(ev['recall'])} {_num(ev['f1'])} | "
-            f"{_num(nab.get('standard'), '6.2f')} {_num(nab.get('low_fp'), '6.2f')} {_num(nab.get('low_fn'), '6.2f')} | "
-            f"{_num(pooled['delay']['mean_s'], '6.1f')}")
+    numenta = (pooled.get("nab_numenta") or {}).get("alert_starts") or {}
+    cov = pooled.get("coverage") or {}
+    return (f"{label:<16} {_num(w.get('f1'))} {_pct(w.get('far'))} {_pct(w.get('mar'))} | {_num(t.get('f1'))} "
+            f"{_pct(t.get('far'))} {_pct(t.get('mar'))} | {_num(ev.get('precision'))} {_num(ev.get('recall'))} "
+            f"{_num(ev.get('f1'))} | {_num(nab.get('standard'), '6.2f')} {_num(nab.get('low_fp'), '6.2f')} "
+            f"{_num(nab.get('low_fn'), '6.2f')} | {_num(numenta.get('standard'), '7.2f')} | "
+            f"{_pct(cov.get('max_normal_share'))} | {_num((pooled.get('delay') or {}).get('mean_s'), '6.1f')}")
 
 
 def format_report(report: dict[str, Any], per_file: bool = False) -> str:
     """Pooled metrics per detector (LSTM as the mean over seeds, with its standard deviation)."""
     head = (f"{'detector':<16} {'F1':>5} {'FAR%':>6} {'MAR%':>6} | {'F1':>5} {'FAR%':>6} {'MAR%':>6} | "
-            f"{'evP':>5} {'evR':>5} {'evF1':>5} | {'NAB':>6} {'lowFP':>6} {'lowFN':>6} | {'delay':>6}")
+            f"{'evP':>5} {'evR':>5} {'evF1':>5} | {'NAB':>6} {'lowFP':>6} {'lowFN':>6} | {'Numenta':>7} | "
+            f"{'maxN%':>6} | {'delay':>6}")
     proto = report["protocol"]
     lines = [f"plan={proto['plan']} files={len(proto['files'])} seeds={proto['seeds']}  "
-             "columns: whole file | test rows | events (whole) | NAB (SKAB convention) | mean delay s", head]
+             "columns: whole file | test rows | events (whole) | NAB, SKAB's convention | Numenta's NAB "
+             "(alert starts) | largest share of a file's normal rows under alert | mean delay s", head]
     mean, std = report["summary"]["mean"], report["summary"]["std"]
     n = len(proto["seeds"])
     lines.append(_row("lstm" if n == 1 else f"lstm (mean of {n})", mean["lstm"]))
@@ -278,14 +345,21 @@ def format_report(report: dict[str, Any], per_file: bool = False) -> str:
         lines.append(_row("lstm (std)", std["lstm"]))
     for name, res in report["baselines"].items():
         lines.append(_row(name, res["pooled"]))
-    lines.append(_row("t2 @ lstm FAR", mean["t2_equal_far"]))
+    for base in ("t2", "t2_q"):
+        if f"{base}_equal_far" in mean:
+            lines.append(_row(f"{base} @ lstm FAR", mean[f"{base}_equal_far"]))
+    for name, res in report["baselines"].items():
+        for file, why in (res.get("not_fitted") or {}).items():
+            lines.append(f"note: {name} not fitted on {file}: {why}")
     if per_file:
-        lines += ["", f"{'file':<24} {'rows':>5} {'lstm F1':>7} {'FAR%':>6} {'MAR%':>6} {'found':>5} {'t2_q F1':>7}"]
+        lines += ["", f"{'file':<24} {'rows':>6} {'lstm F1':>7} {'FAR%':>6} {'MAR%':>6} {'found':>5} "
+                      f"{'longest%':>8} {'t2_q F1':>7} {'t2_q N%':>7}"]
         first, t2q = report["runs"][0]["lstm"]["files"], report["baselines"]["t2_q"]["files"]
         for name, r in first.items():
-            w, ev = r["point"]["whole"], r["event"]["whole"]
-            lines.append(f"{name:<24} {r['rows']:>5} {w['f1']:>7.3f} {_pct(w['far'])} {_pct(w['mar'])} "
-                         f"{ev['tp']:>2}/{ev['tp'] + ev['fn']:<2} {t2q[name]['point']['whole']['f1']:>7.3f}")
+            w, ev, cov = r["point"]["whole"], r["event"]["whole"], r["coverage"]
+            lines.append(f"{name:<24} {r['rows']:>6} {w['f1']:>7.3f} {_pct(w['far'])} {_pct(w['mar'])} "
+                         f"{ev['tp']:>2}/{ev['tp'] + ev['fn']:<2} {_pct(cov['longest_share']):>8} "
+                         f"{t2q[name]['point']['whole']['f1']:>7.3f} {_pct(t2q[name]['coverage']['normal_share']):>7}")
     return "\n".join(lines)
 
 
@@ -307,7 +381,7 @@ def plot_file(path: Path, f: Any, features: Sequence[str], trace: Any) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from pipeline.metrics import ranges_from_labels
+    from pipeline.quality_metrics import ranges_from_labels
 
     ts = f.series.ts_ms
     t = ts.astype("datetime64[ms]")

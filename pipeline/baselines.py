@@ -242,7 +242,8 @@ def _rolling_median(values: NDArray[np.float64], window: int) -> NDArray[np.floa
 class PCAT2:
     """Hotelling T² on principal components, optionally with the SPE / Q residual statistic.
 
-    Fit: drop columns constant on the training rows, standardise with the training mean
+    Fit: drop columns constant on the training rows (when all are, the detector never
+    alarms: there is no variation to model), standardise with the training mean
     and (population) standard deviation, keep the fewest principal components whose
     explained variance ratio exceeds ``variance`` (scikit-learn's rule; ``variance=1.0``
     keeps every component, i.e. plain T²), and set limits at ``confidence`` either from
@@ -298,8 +299,10 @@ class PCAT2:
         x = _matrix(x_train)
         sd = x.std(axis=0)
         self.columns_ = np.flatnonzero(sd > 0)
-        if self.columns_.size == 0:
-            raise ValueError("every training column is constant")
+        if self.columns_.size == 0:  # nothing varies: no subspace to model, never alarm
+            self.n_components_, self.q_used_ = 0, False
+            self.t2_limit_ = self.q_limit_ = math.inf
+            return self
         self.mean_ = x.mean(axis=0)[self.columns_]
         self.scale_ = sd[self.columns_]
         z = (x[:, self.columns_] - self.mean_) / self.scale_
@@ -344,7 +347,10 @@ class PCAT2:
         return t2, q
 
     def statistics(self, x: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """Smoothed T² and Q of every row (NaN where the median window is not yet full)."""
+        """Smoothed T² and Q of every row (NaN where the median window is not yet full; 0 without a varying column)."""
+        if self.n_components_ == 0:
+            zeros = np.zeros(_matrix(x).shape[0])
+            return zeros, zeros
         z = (_matrix(x)[:, self.columns_] - self.mean_) / self.scale_
         t2, q = self._raw_statistics(z)
         return _rolling_median(t2, self.median_window), _rolling_median(q, self.median_window)

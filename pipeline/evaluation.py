@@ -1,7 +1,7 @@
 """Evaluation on labelled recordings: the LSTM engine and the baselines, scored by the same code.
 
 Every detector turns a file into one 0/1 prediction per row and is scored by
-:mod:`pipeline.metrics`, so the comparison is fair by construction:
+:mod:`pipeline.quality_metrics`, so the comparison is fair by construction:
 
 * The LSTM is replayed through :class:`~pipeline.engine.DetectionEngine`, the code path of
   the live detector. A row is predicted anomalous when its grid step lies inside an alert,
@@ -10,17 +10,21 @@ Every detector turns a file into one 0/1 prediction per row and is scored by
 * The baselines (flag everything, PCA T² and T²+Q in SKAB's leaderboard configurations)
   are fitted on the same training rows and score the same rows.
 
-Training data comes from one of three plans: each file's first N rows (one model per
+Training data comes from one of four plans: each file's first N rows (one model per
 file, SKAB's leaderboard protocol); the union of every file's first N rows (one *fleet*
-model, each file its own asset with its own scaling); or a separate file of normal data
-(one model for every file).
+model, each file its own asset with its own scaling); a separate file of normal data
+(one model for every file); or each file's own training file (``paired``: one model per
+file, as SMD and telemetry benchmarks ship a train and a test file per series).
 
 Metrics are reported on two bases: the whole file (training rows included, as SKAB's
 notebooks score) and the test rows only. Point-wise counts are pooled over files without
 point adjustment; event-level counts are summed per file; NAB follows SKAB's ``tsad``
 convention (30 s centred windows, and a predicted changepoint at both edges of every
 alert run, as SKAB's notebooks derive them), reported beside the stricter variant that
-only counts run starts. Rates are fractions in [0, 1]. No I/O happens here.
+only counts run starts, and Numenta's own scorer (``nab_numenta``) on the labelled ranges.
+An alert covering more than half of a file's normal rows finds no event (it is one false
+positive); per file, the share of normal rows under alert and the longest alert are
+reported. Rates are fractions in [0, 1]. No I/O happens here.
 """
 
 from __future__ import annotations
@@ -39,23 +43,27 @@ import pandas as pd
 from pipeline.alerts import AlertEvent
 from pipeline.baselines import PCAT2, Detector, FlagEverything
 from pipeline.bundle import ModelBundle
-from pipeline.metrics import (
+from pipeline.quality_metrics import (
+    alert_coverage,
     changepoints_from_alerts,
     event_metrics,
     nab_scores,
+    numenta_nab_scores,
     point_metrics,
     pooled_event_metrics,
     pooled_point_metrics,
     ranges_from_labels,
+    runs_as_spans,
 )
 from pipeline.readings import DecodedBatch
 from pipeline.settings import GridSettings, Settings
 from pipeline.tables import frame_to_batch, timestamps_ms
 
-Plan = Literal["per_file", "fleet", "train_file"]
+Plan = Literal["per_file", "fleet", "train_file", "paired"]
 Progress = Callable[[dict[str, Any]], None]
 
 NAB_WINDOW_S = 30.0
+BLANKET_SHARE = 0.5  # an alert over more than this share of a file's normal rows finds no event
 _TS = "\x00ts"  # timestamp column name that cannot clash with a feature
 
 
@@ -73,6 +81,7 @@ class Series:
     name: str
     ts_ms: np.ndarray     # int64 (n,)
     values: np.ndarray    # float64 (n, F), NaN = missing reading
+    notes: tuple[str, ...] = ()  # what was repaired on reading (timestamps out of order, …)
 
     def __len__(self) -> int:
         return len(self.ts_ms)
@@ -89,6 +98,7 @@ class LabelledFile:
     labels: np.ndarray                 # int8 (n,)
     changepoints: np.ndarray | None    # int8 (n,) when the data marks changepoints
     train_rows: int
+    train: Series | None = None        # the file's own training series (paired plan)
 
     @property
     def name(self) -> str:
@@ -106,35 +116,80 @@ def asset_name(path: PurePath, root: PurePath) -> str:
     return path.relative_to(root).as_posix()
 
 
+def median_spacing_ms(ts_ms: np.ndarray) -> float | None:
+    """Median of the positive differences between consecutive stamps (None with fewer than two distinct)."""
+    d = np.diff(np.asarray(ts_ms, np.int64))
+    d = d[d > 0]
+    return float(np.median(d)) if d.size else None
+
+
+def data_period_s(series: Sequence[Series]) -> float | None:
+    """The data's own grid period: the median positive spacing of every series' stamps, in seconds."""
+    diffs = [np.diff(s.ts_ms) for s in series]
+    d = np.concatenate(diffs) if diffs else np.empty(0, np.int64)
+    d = d[d > 0]
+    return float(np.median(d)) / 1000 if d.size else None
+
+
+def in_row_order(ts_ms: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Stamps that never go back, keeping the rows' order, and what was done.
+
+    A stamp earlier than its predecessor (an hour repeated at a clock change, a logger
+    restarted with an old clock) shifts it and every later stamp forward, to one median
+    spacing after the predecessor: rows stay in recorded order and spacing is kept, as a
+    local-time recording re-stamped in UTC would be. Repeated stamps are kept: readings of
+    one grid step are averaged by the grid.
+    """
+    ts = np.asarray(ts_ms, np.int64)
+    d = np.diff(ts)
+    notes: list[str] = []
+    back = np.flatnonzero(d < 0)
+    if back.size:
+        step = int(round(median_spacing_ms(ts) or 1))
+        shift = np.zeros(ts.size, np.int64)
+        shift[back + 1] = -d[back] + step
+        ts = ts + np.cumsum(shift)
+        notes.append(f"timestamps go back {back.size} time(s) (first at row {int(back[0]) + 1}, by up to "
+                     f"{-int(d[back].min()) / 1000:g} s, e.g. an hour repeated at a clock change): the later rows "
+                     "are shifted forward to keep the recorded order")
+    repeated = int(np.count_nonzero(d == 0))
+    if repeated:
+        notes.append(f"{repeated} row(s) repeat the previous row's timestamp: readings of one grid step are averaged")
+    return ts, notes
+
+
 def series_from_frame(frame: pd.DataFrame, name: str, features: Sequence[str], ts_col: str) -> Series:
-    """Arrays of a wide frame; rows must already be in time order."""
+    """Arrays of a wide frame in recorded row order; stamps out of order are repaired with a note."""
     missing = [c for c in [ts_col, *features] if c not in frame.columns]
     if missing:
         raise EvaluationError(f"{name}: missing columns {missing}")
-    ts = timestamps_ms(frame[ts_col])
-    if np.any(np.diff(ts) < 0):
-        raise EvaluationError(f"{name}: timestamps are not in order")
-    return Series(name, ts, frame[list(features)].to_numpy(np.float64))
+    ts, notes = in_row_order(timestamps_ms(frame[ts_col]))
+    return Series(name, ts, frame[list(features)].to_numpy(np.float64), tuple(notes))
 
 
 def labels_from_ranges(ts_ms: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
-    """0/1 row labels from ``(start_ms, end_ms)`` ranges, both ends inclusive."""
-    starts = np.searchsorted(ts_ms, [r[0] for r in ranges], side="left")
-    stops = np.searchsorted(ts_ms, [r[1] for r in ranges], side="right")
-    return _cover(len(ts_ms), starts, stops)
+    """0/1 row labels from ``(start_ms, end_ms)`` ranges, both ends inclusive (stamps in any order)."""
+    ts = np.asarray(ts_ms, np.int64)
+    flags = np.zeros(ts.size, bool)
+    for start, end in ranges:
+        flags |= (ts >= start) & (ts <= end)
+    return flags.astype(np.int8)
 
 
 def labelled_file(series: Series, labels: np.ndarray, changepoints: np.ndarray | None,
-                  train_rows: int) -> LabelledFile:
+                  train_rows: int, train: Series | None = None) -> LabelledFile:
     """Check lengths and the split, then bundle a file for evaluation."""
     n = len(series)
     for what, arr in (("labels", labels), ("changepoints", changepoints)):
         if arr is not None and len(arr) != n:
             raise EvaluationError(f"{series.name}: {what} have {len(arr)} rows, readings {n}")
     if not 0 <= train_rows < n:
-        raise EvaluationError(f"{series.name}: {n} rows leave no test rows after {train_rows} training rows")
+        raise EvaluationError(f"{series.name}: {n} rows leave no test rows after {train_rows} training rows "
+                              "(lower --train-rows or give training files)")
+    if train is not None and train_rows:
+        raise EvaluationError(f"{series.name}: a file with its own training file has no training rows")
     cp = None if changepoints is None else _flags01(changepoints)
-    return LabelledFile(series, _flags01(labels), cp, train_rows)
+    return LabelledFile(series, _flags01(labels), cp, train_rows, train)
 
 
 def _flags01(values: np.ndarray) -> np.ndarray:
@@ -256,6 +311,16 @@ def _event_details(labels: np.ndarray, predicted: np.ndarray, ts_ms: np.ndarray)
     return out
 
 
+def _nab_numenta(files: Sequence[LabelledFile], predicted: Sequence[np.ndarray]) -> dict[str, Any] | None:
+    """Numenta's NAB on the labelled ranges: every alert start a detection, and every alerted row one."""
+    windows = [[(s, e - 1) for s, e in ranges_from_labels(f.labels)] for f in files]
+    starts = [changepoints_from_alerts(p) for p in predicted]
+    by_starts = numenta_nab_scores(list(zip(windows, starts)))
+    if by_starts is None:
+        return None
+    return {"alert_starts": by_starts, "alerted_rows": numenta_nab_scores(list(zip(windows, predicted)))}
+
+
 def _nab(files: Sequence[LabelledFile], predicted: Sequence[np.ndarray], window_s: float) -> dict[str, Any] | None:
     """NAB scores under SKAB's convention and under the run-starts-only variant."""
     pairs = [(f, p) for f, p in zip(files, predicted) if f.changepoints is not None]
@@ -288,20 +353,30 @@ def score_predictions(files: Sequence[LabelledFile], predicted: Mapping[str, np.
         t = f.test
         ev = _event_details(f.labels, p, f.series.ts_ms)
         details += [{"file": f.name, **d} for d in ev]
+        cov = alert_coverage(f.labels, p, f.series.ts_ms)
         per_file[f.name] = {
             "rows": len(p), "test_rows": int(t.sum()), "predicted_rows": int(p.sum()),
             "point": {"whole": _dict(point_metrics(f.labels, p)), "test": _dict(point_metrics(f.labels[t], p[t]))},
-            "event": {"whole": _dict(event_metrics(f.labels, p)),
-                      "test": _dict(event_metrics(f.labels[t], p[t]))},
+            "event": {"whole": _dict(event_metrics(f.labels, p, blanket_share=BLANKET_SHARE)),
+                      "test": _dict(event_metrics(f.labels[t], p[t], blanket_share=BLANKET_SHARE))},
+            "coverage": _dict(cov),
             "events": ev,
+            "alerts": [list(span) for span in runs_as_spans(p, f.series.ts_ms)],
         }
+    covs = [r["coverage"] for r in per_file.values()]
     pooled = {
         "point": {"whole": _dict(pooled_point_metrics([(f.labels, p) for f, p in zip(files, preds)])),
                   "test": _dict(pooled_point_metrics([(f.labels[f.test], p[f.test]) for f, p in zip(files, preds)]))},
-        "event": {"whole": _dict(pooled_event_metrics([(f.labels, p) for f, p in zip(files, preds)])),
-                  "test": _dict(pooled_event_metrics([(f.labels[f.test], p[f.test]) for f, p in zip(files, preds)]))},
+        "event": {"whole": _dict(pooled_event_metrics([(f.labels, p) for f, p in zip(files, preds)],
+                                                      blanket_share=BLANKET_SHARE)),
+                  "test": _dict(pooled_event_metrics([(f.labels[f.test], p[f.test]) for f, p in zip(files, preds)],
+                                                     blanket_share=BLANKET_SHARE))},
+        "coverage": {"max_normal_share": max(c["normal_share"] for c in covs),
+                     "max_longest_share": max(c["longest_share"] for c in covs),
+                     "files_over_quarter": sum(c["normal_share"] > 0.25 for c in covs)},
         "delay": _delay_summary(details),
         "nab": _nab(files, preds, nab_window_s),
+        "nab_numenta": _nab_numenta(files, preds),
     }
     return {"pooled": pooled, "files": per_file}
 
@@ -331,12 +406,20 @@ def training_groups(files: Sequence[LabelledFile], plan: Plan,
         if train is None:
             raise EvaluationError("the train_file plan needs a training series")
         return [([train], list(files))]
+    if plan == "paired":
+        unpaired = [f.name for f in files if f.train is None]
+        if unpaired:
+            raise EvaluationError(f"no training file for {unpaired[:3]}")
+        return [([f.train], [f]) for f in files]  # type: ignore[list-item]
     untrained = [f.name for f in files if f.train_rows == 0]
     if untrained:
         raise EvaluationError(f"no training rows in {untrained[:3]}: give training rows or a training file")
     if plan == "fleet":
         return [([f.series.head(f.train_rows) for f in files], list(files))]
     return [([f.series.head(f.train_rows)], [f]) for f in files]
+
+
+EQUAL_FAR_BASELINES = ("t2", "t2_q")
 
 
 def baseline_detectors() -> dict[str, Callable[[], Detector]]:
@@ -353,17 +436,27 @@ def _filled(values: np.ndarray) -> np.ndarray:
     return pd.DataFrame(values).ffill().bfill().to_numpy(np.float64)
 
 
+def _training_values(f: LabelledFile) -> np.ndarray:
+    return f.train.values if f.train is not None else f.series.values[: f.train_rows]
+
+
 def baseline_scores(files: Sequence[LabelledFile], plan: Plan, train: Series | None,
-                    name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Scores and predictions of one baseline, fitted per file on its training rows (or the training file)."""
+                    name: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
+    """Scores and predictions of one baseline, fitted per file on its training rows (or training file),
+    and why it could not be fitted on some files (it then scores 0 and predicts nothing there)."""
     make = baseline_detectors()[name]
     shared = make().fit(_filled(train.values)) if plan == "train_file" and train is not None else None
-    scores, preds = {}, {}
+    scores, preds, failed = {}, {}, {}
     for f in files:
-        det = shared if shared is not None else make().fit(_filled(f.series.values[: f.train_rows]))
         x = _filled(f.series.values)
+        try:
+            det = shared if shared is not None else make().fit(_filled(_training_values(f)))
+        except ValueError as exc:  # e.g. fewer training rows than components
+            failed[f.name] = str(exc)
+            scores[f.name], preds[f.name] = np.zeros(len(x)), np.zeros(len(x), np.int8)
+            continue
         scores[f.name], preds[f.name] = det.score(x), det.predict(x)
-    return scores, preds
+    return scores, preds, failed
 
 
 def plan_settings(settings: Settings, plan: Plan, seed: int | None = None) -> Settings:
@@ -416,7 +509,8 @@ def run_lstm(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, t
 
 
 def mean_std(trees: Sequence[Any]) -> tuple[Any, Any] | None:
-    """Mean and sample standard deviation of every numeric leaf shared by equally shaped trees."""
+    """Mean and sample standard deviation of every numeric leaf shared by equally shaped trees;
+    a leaf that is None in some trees is averaged over the others, None in all stays None."""
     first = trees[0]
     if isinstance(first, dict):
         pairs = {k: mean_std([t[k] for t in trees]) for k in first if all(isinstance(t, dict) and k in t for t in trees)}
@@ -425,6 +519,11 @@ def mean_std(trees: Sequence[Any]) -> tuple[Any, Any] | None:
     if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in trees):
         arr = np.asarray(trees, np.float64)
         return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    if all(t is None for t in trees):  # e.g. the mean delay when nothing was found: kept, as None
+        return None, None
+    numbers = [t for t in trees if t is not None]
+    if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in numbers):
+        return mean_std(numbers)  # defined in some seeds only (a delay when one seed found nothing)
     return None
 
 
@@ -446,32 +545,39 @@ def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, s
     t0 = time.monotonic()
     baselines: dict[str, Any] = {}
     predicted: dict[str, dict[str, np.ndarray]] = {}
-    t2_scores: dict[str, np.ndarray] = {}
+    all_scores: dict[str, dict[str, np.ndarray]] = {}
     for name in baseline_detectors():
-        scores, preds = baseline_scores(files, plan, train, name)
-        baselines[name] = score_predictions(files, preds, nab_window_s)
+        scores, preds, failed = baseline_scores(files, plan, train, name)
+        baselines[name] = {**score_predictions(files, preds, nab_window_s), "not_fitted": failed}
         predicted[name] = preds
-        if name == "t2":
-            t2_scores = scores
+        all_scores[name] = scores
 
     runs, first = [], None
     for seed in seeds:
         run = run_lstm(files, settings, plan, train=train, seed=seed, chunk_rows=chunk_rows, progress=progress)
         first = run if first is None else first
         lstm = score_predictions(files, run.predicted, nab_window_s)
+        for name, trace in run.traces.items():
+            lstm["files"][name]["alert_spans"] = [[int(a), None if math.isinf(b) else int(b)] for a, b in trace.spans]
         target = lstm["pooled"]["point"]["whole"]["far"]
-        cut, eq_preds = equal_far_predictions(files, t2_scores, target)
-        eq = {"target_far": target, "cut": cut, **score_predictions(files, eq_preds, nab_window_s)}
-        runs.append({"seed": run.seed, "duration_s": run.duration_s, "fits": run.fits, "lstm": lstm,
-                     "t2_equal_far": eq})
+        entry = {"seed": run.seed, "duration_s": run.duration_s, "fits": run.fits, "lstm": lstm}
+        for base in EQUAL_FAR_BASELINES:
+            cut, eq_preds = equal_far_predictions(files, all_scores[base], target)
+            entry[f"{base}_equal_far"] = {"target_far": target, "cut": cut, **score_predictions(files, eq_preds, nab_window_s)}
+        runs.append(entry)
     assert first is not None  # seeds is not empty
     predicted["lstm"] = first.predicted
-    summary = mean_std([{"lstm": r["lstm"]["pooled"], "t2_equal_far": r["t2_equal_far"]["pooled"],
-                         "duration_s": r["duration_s"]} for r in runs])
+    summary = mean_std([{"lstm": r["lstm"]["pooled"], "duration_s": r["duration_s"],
+                         **{f"{b}_equal_far": r[f"{b}_equal_far"]["pooled"] for b in EQUAL_FAR_BASELINES}}
+                        for r in runs])
     assert summary is not None
     report = {
         "protocol": {"plan": plan, "files": [f.name for f in files], "train_rows": [f.train_rows for f in files],
-                     "train_file": None if train is None else train.name, "seeds": [r["seed"] for r in runs]},
+                     "train_file": None if train is None else train.name, "seeds": [r["seed"] for r in runs],
+                     "train_files": {f.name: f.train.name for f in files if f.train is not None},
+                     "grid_period_s": settings.grid.period_s},
+        "notes": {s.name: list(s.notes) for s in [*(f.series for f in files), *(f.train for f in files if f.train),
+                                                   *([train] if train else [])] if s.notes},
         "conventions": CONVENTIONS | {"nab_window_s": nab_window_s},
         "baselines": baselines,
         "runs": runs,
@@ -487,14 +593,26 @@ CONVENTIONS: dict[str, Any] = {
     "bases": {"whole": "every row of the file, training rows included (as SKAB's notebooks score)",
               "test": "rows after each file's training rows"},
     "event": "telemanom/Orion overlap: a labelled range is found if any predicted row falls inside it; "
-             "a predicted run overlapping no labelled range is a false positive; counts summed per file",
+             "a predicted run overlapping no labelled range is a false positive; a predicted run covering more "
+             "than half of a file's normal rows finds nothing and is one false positive; counts summed per file",
+    "coverage": "per file: normal_share = share of normal rows under alert; longest alert in rows, seconds "
+                "(first to last row) and share of the file's rows",
+    "alerts": "per file, every predicted run as [first row ms, last row ms]; for the LSTM also alert_spans, the "
+              "engine's alerts as [start_ms, end_ms) with end null when the alert never closed",
     "lstm_rows": "a row is predicted when its grid step lies in [alert start_ms, end_ms), to the end if never closed",
     "nab": {"skab": "SKAB tsad chp_score: 30 s windows centred on each changepoint, predicted changepoints at "
                     "the first row of every alert run and the first row after it (include_run_ends=True)",
             "run_starts_only": "same windows, a predicted changepoint only where an alert run starts"},
+    "nab_numenta": "Numenta's scorer (nab/sweeper.py): windows are the labelled ranges, scaled sigmoid of the "
+                   "window-relative position, only a window's first detection counts, each detection outside "
+                   "the windows costs A_FP times the sigmoid of its distance past the preceding window, the first "
+                   "15 % of rows (at most 750) are probationary, normalised with the null and perfect detectors; "
+                   "alert_starts: each alert's first row is a detection; alerted_rows: every alerted row is one",
     "baselines": {"t2": "PCAT2(variance=1.0, confidence=0.999, limit_factor=2.0, median_window=5)",
                   "t2_q": "PCAT2(variance=0.85, confidence=0.999, use_q=True, median_window=5, q_limit='skab')",
                   "t2_equal_far": "T² score cut so its pooled whole-file FAR matches the LSTM's (label-aware "
-                                  "diagnostic, not a deployable threshold)"},
+                                  "diagnostic, not a deployable threshold)",
+                  "t2_q_equal_far": "the same for the T²+Q score",
+                  "not_fitted": "files a baseline could not be fitted on (it then predicts nothing there)"},
     "seeds": "summary.mean/std over seeds; std is the sample standard deviation (0 for one seed)",
 }

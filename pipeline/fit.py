@@ -359,7 +359,10 @@ def training_runs(segments: np.ndarray, timesteps: int, chunks: int, streams: in
     longest = int(lengths.max(initial=0))
     chunks = min(chunks, (longest - 1) // timesteps)
     if chunks < 1:
-        raise FitError(f"no stretch of {timesteps + 1} consecutive normal steps to train on (longest {longest})")
+        raise FitError(f"no stretch of {timesteps + 1} consecutive normal steps to train on (longest {longest}): "
+                       "if the readings are further apart than grid.period_s, set grid.period_s to their spacing "
+                       "(gaps longer than grid.gap_reset_steps steps split the history); "
+                       "or lower model.timesteps for a short history")
     length = chunks * timesteps
     usable = segments[lengths >= length + 1]
     stride = length

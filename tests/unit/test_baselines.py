@@ -250,9 +250,22 @@ def test_pcat2_rejects_bad_settings(kwargs: dict[str, object]) -> None:
         PCAT2(**kwargs)  # type: ignore[arg-type]
 
 
-def test_pcat2_rejects_all_constant_training_data() -> None:
-    with pytest.raises(ValueError, match="constant"):
-        PCAT2().fit(np.ones((50, 3)))
+def test_all_constant_training_data_gives_a_detector_that_never_alarms() -> None:
+    # a telemetry channel constant over its training file used to raise "every training column is constant"
+    x_test = np.vstack([np.ones((20, 3)), np.full((5, 3), 7.0)])
+    for detector in (PCAT2(), PCAT2(variance=0.85, use_q=True, median_window=5, q_limit="skab")):
+        detector.fit(np.ones((50, 3)))
+        np.testing.assert_array_equal(detector.predict(x_test), np.zeros(25, dtype=np.int8))
+        np.testing.assert_array_equal(detector.score(x_test), np.zeros(25))
+
+
+def test_one_varying_column_among_constant_ones_is_modelled() -> None:
+    rng = np.random.default_rng(3)
+    train = np.column_stack([np.ones(300), rng.normal(size=300), np.full(300, 2.0)])
+    test = train[:40].copy()
+    test[30:, 1] = 25.0
+    pred = PCAT2(variance=1.0, confidence=0.999).fit(train).predict(test)
+    assert pred[30:].all() and pred[:30].sum() <= 1
 
 
 def test_flag_everything() -> None:

@@ -141,10 +141,12 @@ def test_equal_far_cut_never_exceeds_the_target() -> None:
 
 
 def test_mean_std_over_seeds_keeps_shared_numeric_leaves() -> None:
-    mean, std = mean_std([{"a": {"x": 1.0, "n": None}, "b": 2, "flag": True},
-                          {"a": {"x": 3.0, "n": None}, "b": 4, "flag": False}])  # type: ignore[misc]
-    assert mean == {"a": {"x": 2.0}, "b": 3.0}
-    assert std == {"a": {"x": pytest.approx(math.sqrt(2))}, "b": pytest.approx(math.sqrt(2))}
+    mean, std = mean_std([{"a": {"x": 1.0, "n": None, "d": None}, "b": 2, "flag": True},
+                          {"a": {"x": 3.0, "n": None, "d": 5.0}, "b": 4, "flag": False}])  # type: ignore[misc]
+    # a leaf None in every seed (no event found, so no mean delay) stays, as None; one None in some
+    # seeds is averaged over the others
+    assert mean == {"a": {"x": 2.0, "n": None, "d": 5.0}, "b": 3.0}
+    assert std == {"a": {"x": pytest.approx(math.sqrt(2)), "n": None, "d": 0.0}, "b": pytest.approx(math.sqrt(2))}
 
 
 def test_labelled_file_refuses_a_split_without_test_rows_and_bad_labels() -> None:

@@ -9,17 +9,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.metrics import (
+from pipeline.quality_metrics import (
     NAB_PROFILES,
+    Coverage,
     EventMetrics,
     PointMetrics,
+    alert_coverage,
+    blanket_runs,
     changepoints_from_alerts,
     event_metrics,
     nab_scores,
+    numenta_nab_scores,
     point_metrics,
     pooled_event_metrics,
     pooled_point_metrics,
     ranges_from_labels,
+    runs_as_spans,
 )
 
 # --------------------------------------------------------------------------- point-wise
@@ -296,3 +301,79 @@ def test_nab_rejects_mismatched_timestamps() -> None:
         nab_scores(_one_file(35), timestamps=[np.arange(N - 1)])
     with pytest.raises(ValueError):
         nab_scores(_one_file(35), timestamps=[np.arange(N)[::-1]])
+
+
+# --------------------------------------------------------------------------- Numenta's NAB, blanket alerts, coverage
+
+
+def _det(n: int, *rows: int) -> np.ndarray:
+    flags = np.zeros(n, np.int8)
+    flags[list(rows)] = 1
+    return flags
+
+
+def _sig(x: float) -> float:
+    return 2 / (1 + math.exp(5 * x)) - 1
+
+
+def test_numenta_nab_perfect_null_and_a_late_detection() -> None:
+    window = [(40, 49)]  # 100 rows: the first 15 are probationary
+    assert numenta_nab_scores([(window, _det(100, 40))])["standard"] == pytest.approx(100.0)
+    assert numenta_nab_scores([(window, _det(100))])["standard"] == pytest.approx(0.0)
+    # halfway: relative position -(49 - 45 + 1) / 10 = -0.5, scaled by the window's first row
+    tp = _sig(-0.5) / _sig(-1.0)
+    assert numenta_nab_scores([(window, _det(100, 45))])["standard"] == pytest.approx(100 * (tp + 1) / 2)
+
+
+def test_numenta_nab_counts_only_the_first_detection_in_a_window_and_ignores_probation() -> None:
+    window = [(40, 49)]
+    first_only = numenta_nab_scores([(window, _det(100, 40, 41, 42, 49))])
+    assert first_only["standard"] == pytest.approx(100.0)
+    assert numenta_nab_scores([(window, _det(100, 3, 40))])["standard"] == pytest.approx(100.0)  # row 3: probation
+
+
+def test_numenta_nab_false_positives_weighted_by_distance_from_the_preceding_window() -> None:
+    window = [(40, 49)]
+    before = numenta_nab_scores([(window, _det(100, 30, 40))])  # no window before row 30: full A_FP
+    assert before["standard"] == pytest.approx(100 * (1 - 0.11 + 1) / 2)
+    assert before["reward_low_fp_rate"] == pytest.approx(100 * (1 - 0.22 + 1) / 2)
+    just_after = numenta_nab_scores([(window, _det(100, 40, 50))])  # |49 - 50| / (10 - 1) past the window
+    assert just_after["standard"] == pytest.approx(100 * (1 + 0.11 * _sig(1 / 9) + 1) / 2)
+    far_after = numenta_nab_scores([(window, _det(100, 40, 90))])  # more than 3 window widths: -A_FP
+    assert far_after["standard"] == pytest.approx(before["standard"])
+
+
+def test_numenta_nab_low_fn_profile_and_files_pooled() -> None:
+    files = [([(40, 49)], _det(100, 40)), ([(20, 29)], _det(100))]
+    got = numenta_nab_scores(files)
+    assert got["standard"] == pytest.approx(100 * (1 - 1 + 2) / 4)
+    assert got["reward_low_fn_rate"] == pytest.approx(100 * (1 - 2 + 4) / 6)
+    assert got["windows"] == 2
+    assert numenta_nab_scores([([], _det(100, 50))]) is None  # no window, no score
+
+
+def test_an_alert_over_most_of_the_normal_rows_finds_nothing() -> None:
+    labels = np.zeros(100, np.int8)
+    labels[60:70] = 1
+    blanket = np.zeros(100, np.int8)
+    blanket[5:] = 1  # opens early and never ends: 85 of 90 normal rows under alert
+    assert event_metrics(labels, blanket).tp == 1  # the overlap convention alone calls it found
+    m = event_metrics(labels, blanket, blanket_share=0.5)
+    assert (m.tp, m.fp, m.fn) == (0, 1, 1)
+    specific = np.zeros(100, np.int8)
+    specific[62:75] = 1
+    m = event_metrics(labels, specific, blanket_share=0.5)
+    assert (m.tp, m.fp, m.fn) == (1, 0, 0)
+    assert blanket_runs(labels, blanket) == [(5, 100)]
+    pooled = pooled_event_metrics([(labels, blanket), (labels, specific)], blanket_share=0.5)
+    assert (pooled.tp, pooled.fp, pooled.fn) == (1, 1, 1)
+
+
+def test_alert_coverage_of_a_normal_recording() -> None:
+    labels = np.zeros(10, np.int8)
+    pred = np.array([0, 1, 1, 0, 1, 1, 1, 1, 0, 0], np.int8)
+    cov = alert_coverage(labels, pred, np.arange(10) * 2000)
+    assert cov == Coverage(normal_share=0.6, longest_rows=4, longest_s=6.0, longest_share=0.4, alerts=2)
+    assert runs_as_spans(pred, np.arange(10) * 2000) == [(2000, 4000), (8000, 14000)]
+    none = alert_coverage(labels, np.zeros(10, np.int8), np.arange(10))
+    assert (none.normal_share, none.longest_rows, none.alerts) == (0.0, 0, 0)

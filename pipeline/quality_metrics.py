@@ -6,7 +6,10 @@ the SKAB leaderboard and with telemanom / Orion:
 * point-wise (outlier detection): row confusion counts pooled over files, F1, FAR, MAR;
 * event-level: labelled ranges detected by any overlapping predicted range, with the
   detection delay of every found range;
-* NAB (changepoint detection): Numenta's scoring as implemented by SKAB's ``tsad`` code.
+* NAB (changepoint detection): Numenta's scoring as implemented by SKAB's ``tsad`` code,
+  and Numenta's own scorer (:func:`numenta_nab_scores`), which differs from it.
+
+Plus alert coverage: the share of normal rows under alert and the longest alert.
 
 All functions are pure and work on numpy arrays of 0/1 flags (or index ranges).
 """
@@ -184,7 +187,32 @@ class EventMetrics:
         )
 
 
-def _event_counts(labels: EventInput, predicted: EventInput) -> tuple[int, int, int, tuple[int, ...]]:
+def blanket_runs(labels: ArrayLike, predicted: ArrayLike, share: float = 0.5) -> list[Range]:
+    """Predicted runs that cover more than ``share`` of the file's normal rows.
+
+    Such an alert says "something is wrong with this whole recording": it overlaps every
+    labelled range by construction, so counting it as finding them would reward an alert
+    that never ends. A file without normal rows has none.
+    """
+    true, pred = _paired_flags(labels, predicted)
+    normal = int(np.count_nonzero(~true))
+    if normal == 0:
+        return []
+    normal_before = np.concatenate(([0], np.cumsum(~true)))
+    return [(s, e) for s, e in ranges_from_labels(pred.astype(np.int8))
+            if normal_before[e] - normal_before[s] > share * normal]
+
+
+def _event_counts(labels: EventInput, predicted: EventInput,
+                  blanket_share: float | None = None) -> tuple[int, int, int, tuple[int, ...]]:
+    blanket: list[Range] = []
+    if blanket_share is not None and np.asarray(labels).ndim == 1 and np.asarray(predicted).ndim == 1:
+        blanket = blanket_runs(labels, predicted, blanket_share)
+        if blanket:
+            kept = np.asarray(predicted).astype(np.int8).copy()
+            for s, e in blanket:
+                kept[s:e] = 0
+            predicted = kept
     label_starts, label_ends = _as_ranges(labels, "labels")
     pred_starts, pred_ends = _as_ranges(predicted, "predicted")
     first, stop = _overlap_bounds(label_starts, label_ends, pred_starts, pred_ends)
@@ -193,20 +221,23 @@ def _event_counts(labels: EventInput, predicted: EventInput) -> tuple[int, int, 
     delays = tuple(int(d) for d in first_step - label_starts[detected])
     p_first, p_stop = _overlap_bounds(pred_starts, pred_ends, label_starts, label_ends)
     tp = int(np.count_nonzero(detected))
-    fp = int(np.count_nonzero(p_first >= p_stop))
+    fp = int(np.count_nonzero(p_first >= p_stop)) + len(blanket)
     return tp, fp, int(label_starts.size - tp), delays
 
 
-def event_metrics(labels: EventInput, predicted: EventInput) -> EventMetrics:
+def event_metrics(labels: EventInput, predicted: EventInput, *, blanket_share: float | None = None) -> EventMetrics:
     """Event-level metrics of one series; inputs are 0/1 flags or ``(start, end)`` ranges.
 
     A labelled range is a TP if any predicted range overlaps it, else a FN; a predicted
-    range overlapping no labelled range is a FP.
+    range overlapping no labelled range is a FP. With ``blanket_share`` (0/1 flags only),
+    a predicted run covering more than that share of the normal rows finds nothing and
+    is one FP (see :func:`blanket_runs`).
     """
-    return EventMetrics.from_counts(*_event_counts(labels, predicted))
+    return EventMetrics.from_counts(*_event_counts(labels, predicted, blanket_share))
 
 
-def pooled_event_metrics(pairs: Sequence[tuple[EventInput, EventInput]]) -> EventMetrics:
+def pooled_event_metrics(pairs: Sequence[tuple[EventInput, EventInput]], *,
+                         blanket_share: float | None = None) -> EventMetrics:
     """Event-level metrics over several files.
 
     Counts are summed per file rather than over concatenated rows, so that a run ending
@@ -215,7 +246,7 @@ def pooled_event_metrics(pairs: Sequence[tuple[EventInput, EventInput]]) -> Even
     tp = fp = fn = 0
     delays: list[int] = []
     for labels, predicted in pairs:
-        tp_, fp_, fn_, delays_ = _event_counts(labels, predicted)
+        tp_, fp_, fn_, delays_ = _event_counts(labels, predicted, blanket_share)
         tp, fp, fn = tp + tp_, fp + fp_, fn + fn_
         delays.extend(delays_)
     return EventMetrics.from_counts(tp, fp, fn, tuple(delays))
@@ -400,3 +431,143 @@ def nab_scores(
         null, perfect = n_windows * profile.a_fn, n_windows * profile.a_tp
         scores[name] = 100.0 * (raw - null) / (perfect - null)
     return scores
+
+
+# --------------------------------------------------------------------------- Numenta's NAB
+#
+# Numenta's scorer, repository numenta/NAB, nab/sweeper.py (``Sweeper.calcSweepScore``,
+# ``calcScoreByThreshold``, ``scaledSigmoid``) as used by NAB v1.1, and the normalisation
+# of nab/runner.py. It differs from SKAB's variant above:
+#   * windows are the labelled ranges themselves (NAB's windows JSON), row indices inclusive;
+#   * scaledSigmoid(x) = 2 / (1 + exp(5 x)) - 1, and -1 for x >= 3;
+#   * a detection at row i inside a window [left, right] of width w = right - left + 1 is at
+#     relative position -(right - i + 1) / w and scores A_TP * scaledSigmoid(pos) / scaledSigmoid(-1),
+#     so a detection at the window's first row scores exactly A_TP; only the best (first)
+#     detection of a window counts; a window without one scores -A_FN;
+#   * a detection outside every window scores A_FP * scaledSigmoid(|i - prev_right| / (prev_w - 1))
+#     relative to the closest preceding window (so FPs just after a window cost little), and
+#     -A_FP when no window precedes it (or that window is one row wide, where NAB divides by 0);
+#   * rows of the probationary period, the first min(floor(0.15 n), 750) rows, are not scored,
+#     and a window entirely inside it does not count;
+#   * raw, null (every window missed: -A_FN each) and perfect (every window detected at its
+#     first row: A_TP each) scores are summed over files; score = 100 (S - null) / (perfect - null).
+# Every flagged row is a detection, as NAB thresholds per-row anomaly scores.
+
+NUMENTA_PROFILES: Mapping[str, NabProfile] = {
+    "standard": NabProfile(a_tp=1.0, a_fp=0.11, a_fn=1.0),
+    "reward_low_fp_rate": NabProfile(a_tp=1.0, a_fp=0.22, a_fn=1.0),
+    "reward_low_fn_rate": NabProfile(a_tp=1.0, a_fp=0.11, a_fn=2.0),
+}
+NUMENTA_PROBATION = 0.15
+
+
+def _scaled_sigmoid(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    return np.where(x >= 3.0, -1.0, 2.0 / (1.0 + np.exp(np.minimum(5.0 * x, 700.0))) - 1.0)
+
+
+@dataclass(frozen=True)
+class _NumentaTally:
+    n_windows: int
+    tp_unit: NDArray[np.float64]    # scaledSigmoid / maxTP of each detected window's best detection
+    n_missed: int
+    fp_unit: NDArray[np.float64]    # scaledSigmoid (negative) of each detection outside the windows
+
+    def raw(self, p: NabProfile) -> float:
+        return float(p.a_tp * self.tp_unit.sum() + p.a_fp * self.fp_unit.sum() - p.a_fn * self.n_missed)
+
+
+def numenta_probation_rows(n: int, share: float = NUMENTA_PROBATION) -> int:
+    return int(min(math.floor(share * n), share * 5000))
+
+
+def _numenta_tally(windows: Sequence[Range], detections: ArrayLike, probation: float) -> _NumentaTally:
+    det = _flags(detections, "detections")
+    n = det.size
+    skip = numenta_probation_rows(n, probation)
+    wins = sorted((int(s), int(e)) for s, e in windows if int(e) >= skip and int(s) < n)
+    wins = [(s, min(e, n - 1)) for s, e in wins]
+    if any(e < s for s, e in wins) or any(b[0] <= a[1] for a, b in zip(wins, wins[1:])):
+        raise ValueError("NAB windows must be non-empty, disjoint (start, end) row ranges, end inclusive")
+    max_tp = 2.0 / (1.0 + math.exp(-5.0)) - 1.0
+    rows = np.flatnonzero(det)
+    rows = rows[rows >= skip]
+    lefts = np.array([s for s, _ in wins], np.int64)
+    rights = np.array([e for _, e in wins], np.int64)
+    owner = np.searchsorted(lefts, rows, side="right") - 1
+    inside = (owner >= 0) & (rows <= rights[np.maximum(owner, 0)] if len(wins) else np.zeros(rows.size, bool))
+    tp_unit, missed = [], 0
+    for k, (s, e) in enumerate(wins):
+        hits = rows[inside & (owner == k)]
+        if hits.size:
+            width = e - s + 1
+            tp_unit.append(float(_scaled_sigmoid(np.array([-(e - hits[0] + 1) / width]))[0]) / max_tp)
+        else:
+            missed += 1
+    out_rows, prev = rows[~inside], owner[~inside]
+    fp_unit = np.full(out_rows.size, -1.0)
+    has_prev = prev >= 0
+    if has_prev.any():
+        prev_right, prev_width = rights[prev[has_prev]], rights[prev[has_prev]] - lefts[prev[has_prev]] + 1
+        pos = np.where(prev_width > 1, np.abs(out_rows[has_prev] - prev_right) / np.maximum(prev_width - 1, 1), 3.0)
+        fp_unit[has_prev] = _scaled_sigmoid(pos.astype(np.float64))
+    return _NumentaTally(len(wins), np.asarray(tp_unit, np.float64), missed, fp_unit)
+
+
+def numenta_nab_scores(files: Sequence[tuple[Sequence[Range], ArrayLike]], *, probation: float = NUMENTA_PROBATION,
+                       profiles: Mapping[str, NabProfile] = NUMENTA_PROFILES) -> dict[str, float] | None:
+    """Numenta's NAB score (0 = no detection at all, 100 = every window at its first row) over files.
+
+    ``files`` holds one ``(windows, detection flags)`` pair per file; windows are
+    ``(first row, last row)`` pairs, both inclusive. ``None`` when no window is scored.
+    """
+    tallies = [_numenta_tally(w, d, probation) for w, d in files]
+    n_windows = sum(t.n_windows for t in tallies)
+    if n_windows == 0:
+        return None
+    out: dict[str, float] = {}
+    for name, p in profiles.items():
+        raw = math.fsum(t.raw(p) for t in tallies)
+        null, perfect = -n_windows * p.a_fn, n_windows * p.a_tp
+        out[name] = 100.0 * (raw - null) / (perfect - null)
+    out["windows"] = float(n_windows)
+    return out
+
+
+# --------------------------------------------------------------------------- alert coverage
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of a recording a detector keeps under alert.
+
+    ``normal_share`` is the share of normal rows under alert (a file's FAR, named for
+    what it says about alerts that do not end); the longest alert in rows, in seconds
+    (first to last row) and as a share of the file's rows.
+    """
+
+    normal_share: float
+    longest_rows: int
+    longest_s: float
+    longest_share: float
+    alerts: int
+
+
+def alert_coverage(labels: ArrayLike, predicted: ArrayLike, ts_ms: ArrayLike) -> Coverage:
+    true, pred = _paired_flags(labels, predicted)
+    ts = np.asarray(ts_ms, np.int64)
+    runs = ranges_from_labels(pred.astype(np.int8))
+    longest = max(runs, key=lambda r: r[1] - r[0], default=(0, 0))
+    rows = longest[1] - longest[0]
+    return Coverage(
+        normal_share=_safe_ratio(np.count_nonzero(pred & ~true), np.count_nonzero(~true)),
+        longest_rows=rows,
+        longest_s=float(ts[longest[1] - 1] - ts[longest[0]]) / 1000 if rows else 0.0,
+        longest_share=_safe_ratio(rows, true.size),
+        alerts=len(runs),
+    )
+
+
+def runs_as_spans(predicted: ArrayLike, ts_ms: ArrayLike) -> list[tuple[int, int]]:
+    """``(first row ms, last row ms)`` of each predicted run, both inclusive."""
+    ts = np.asarray(ts_ms, np.int64)
+    return [(int(ts[s]), int(ts[e - 1])) for s, e in ranges_from_labels(_flags(predicted, "predicted").astype(np.int8))]

@@ -1,0 +1,161 @@
+"""The evaluator on ordinary data that used to break it: no detection, constant columns, a repeated
+hour, a 5-minute series, a univariate series, a file without anomalies, row and Numenta labels,
+training files paired by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cli.evaluate_cmd import LoadOptions, format_report, json_safe, load_files, read_label_ranges
+from pipeline.evaluation import (
+    EQUAL_FAR_BASELINES,
+    Series,
+    baseline_scores,
+    data_period_s,
+    in_row_order,
+    labelled_file,
+    mean_std,
+    score_predictions,
+    series_from_frame,
+)
+from pipeline.fit import FitError, fit_bundle
+from pipeline.tables import frame_to_batch
+from tests.unit.conftest import tiny_settings
+
+HOUR = 3_600_000
+
+
+def _series(values: np.ndarray, name: str = "f", step_ms: int = 1000) -> Series:
+    values = values.reshape(len(values), -1).astype(np.float64)
+    return Series(name, np.arange(len(values), dtype=np.int64) * step_ms, values)
+
+
+def test_a_detector_that_finds_nothing_reports_and_serialises() -> None:
+    # used to raise KeyError: 'mean_s' (the mean delay was None, dropped from the seed summary)
+    labels = np.zeros(60, np.int8)
+    labels[30:40] = 1
+    f = labelled_file(_series(np.zeros(60)), labels, None, 20)
+    nothing = score_predictions([f], {"f": np.zeros(60, np.int8)})
+    assert nothing["pooled"]["delay"] == {"events": 1, "found": 0, "mean_s": None, "median_s": None, "max_s": None}
+    mean, std = mean_std([{"lstm": nothing["pooled"], **{f"{b}_equal_far": nothing["pooled"] for b in EQUAL_FAR_BASELINES}}])
+    report = {"protocol": {"plan": "per_file", "files": ["f"], "seeds": [0]}, "summary": {"mean": mean, "std": std},
+              "baselines": {"t2_q": {**nothing, "not_fitted": {}}}, "runs": [{"lstm": nothing}]}
+    text = format_report(report, per_file=True)
+    assert "lstm" in text and "t2_q @ lstm FAR" in text
+    json.dumps(json_safe(report))
+
+
+def test_a_file_without_anomalies_scores_without_nab_or_events() -> None:
+    f = labelled_file(_series(np.zeros(60)), np.zeros(60), None, 20)
+    pred = np.zeros(60, np.int8)
+    pred[45:50] = 1
+    res = score_predictions([f], {"f": pred})
+    assert res["pooled"]["nab"] is None and res["pooled"]["nab_numenta"] is None
+    ev = res["files"]["f"]["event"]["whole"]
+    assert (ev["tp"], ev["fp"], ev["fn"]) == (0, 1, 0)
+    assert res["files"]["f"]["coverage"]["normal_share"] == pytest.approx(5 / 60)
+    assert res["files"]["f"]["alerts"] == [[45_000, 49_000]]
+
+
+def test_baselines_fit_on_files_with_constant_training_columns() -> None:
+    # 14 of 82 telemetry channels are constant over their training file: used to raise
+    # "every training column is constant" and lose the LSTM's result with it
+    rng = np.random.default_rng(0)
+    flat = labelled_file(_series(np.r_[np.ones(100), np.full(20, 3.0)], "flat"), np.r_[np.zeros(100), np.ones(20)],
+                         None, 50)
+    mixed_values = np.column_stack([np.ones(120), rng.normal(size=120)])
+    mixed = labelled_file(_series(mixed_values, "mixed"), np.zeros(120), None, 50)
+    for name in ("t2", "t2_q"):
+        scores, preds, failed = baseline_scores([flat, mixed], "per_file", None, name)
+        assert failed == {}
+        assert preds["flat"].sum() == 0 and np.all(scores["flat"] == 0)
+        assert len(preds["mixed"]) == 120
+
+
+def test_a_repeated_hour_is_shifted_forward_with_a_note() -> None:
+    # local time at a clock change: 01:00-01:59 twice; used to be refused ("timestamps are not in order")
+    first = np.arange(0, HOUR, 600_000)
+    ts = np.r_[first, first, HOUR + np.arange(0, HOUR, 600_000)]
+    frame = pd.DataFrame({"ts": ts, "x": np.arange(len(ts), dtype=float)})
+    s = series_from_frame(frame, "dst.csv", ["x"], "ts")
+    assert np.all(np.diff(s.ts_ms) > 0)
+    assert s.ts_ms[6] == first[-1] + 600_000 and s.ts_ms[-1] - s.ts_ms[6] == ts[-1] - ts[6]
+    assert s.values[:, 0].tolist() == list(range(len(ts)))  # recorded order kept
+    assert len(s.notes) == 1 and "go back 1 time" in s.notes[0]
+
+
+def test_repeated_stamps_are_kept_with_a_note() -> None:
+    ts, notes = in_row_order(np.array([0, 1000, 1000, 2000]))
+    assert ts.tolist() == [0, 1000, 1000, 2000] and "1 row(s) repeat" in notes[0]
+    assert in_row_order(np.array([0, 1000]))[1] == []
+
+
+def test_the_data_period_is_the_median_positive_spacing() -> None:
+    five_min = np.r_[np.arange(0, 300_000 * 50, 300_000), [300_000 * 49], 300_000 * 60 + np.arange(3) * 300_000]
+    s = Series("m", five_min, np.zeros((len(five_min), 1)))
+    assert data_period_s([s]) == 300.0
+    assert data_period_s([Series("one", np.array([5]), np.zeros((1, 1)))]) is None
+
+
+def test_a_five_minute_series_on_a_one_second_grid_names_the_setting() -> None:
+    frame = pd.DataFrame({"ts": np.arange(200) * 300_000, "a": np.sin(np.arange(200) / 5),
+                          "b": np.cos(np.arange(200) / 5), "c": np.arange(200) % 7})
+    with pytest.raises(FitError, match="set grid.period_s"):
+        fit_bundle(frame_to_batch(frame, ["a", "b", "c"], ts_col="ts"), tiny_settings())
+
+
+def test_row_index_labels_and_numenta_windows_label_files(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"timestamp": pd.date_range("2014-02-19 10:00", periods=30, freq="5min").astype(str),
+                          "value": np.arange(30.0)})
+    (tmp_path / "data" / "realKnownCause").mkdir(parents=True)
+    frame.to_csv(tmp_path / "data" / "realKnownCause" / "a.csv", index=False)
+    frame.to_csv(tmp_path / "data" / "b.csv", index=False)
+    windows = tmp_path / "windows.json"
+    windows.write_text(json.dumps({"realKnownCause/a.csv": [["2014-02-19 10:50:00.000000", "2014-02-19 11:00:00"]]}))
+    rows = tmp_path / "rows.csv"
+    rows.write_text("file,start_row,end_row\nb.csv,3,4\nrealKnownCause/a.csv,0,0\n")
+    paths = [tmp_path / "data" / "realKnownCause" / "a.csv", tmp_path / "data" / "b.csv"]
+    opts = LoadOptions("timestamp", None, "anomaly", "changepoint", 10)
+    files, skipped = load_files(paths, tmp_path / "data", ["value"], opts, read_label_ranges(str(windows)))
+    assert skipped == [] and files[0].series.values.shape == (30, 1)  # univariate
+    assert np.flatnonzero(files[0].labels).tolist() == [10, 11, 12] and files[1].labels.sum() == 0
+    files, _ = load_files(paths, tmp_path / "data", ["value"], opts, read_label_ranges(str(rows)))
+    assert np.flatnonzero(files[0].labels).tolist() == [0] and np.flatnonzero(files[1].labels).tolist() == [3, 4]
+
+
+def test_cli_pairs_training_files_by_name_on_a_univariate_five_minute_series(tmp_path: Path) -> None:
+    from cli.main import main
+
+    rng = np.random.default_rng(4)
+    for split, n in (("train", 400), ("test", 300)):
+        (tmp_path / split).mkdir()
+        for k, name in enumerate(("m-1.csv", "m-2.csv")):
+            t = np.arange(n)
+            ts = pd.Timestamp("2020-01-01", tz="UTC") + pd.to_timedelta((t + (n if split == "test" else 0)) * 5, "min")
+            value = np.sin(2 * np.pi * t / 24 + k) + 0.05 * rng.normal(size=n)
+            frame = pd.DataFrame({"ts": ts.strftime("%Y-%m-%dT%H:%M:%SZ"), "value": value})
+            if split == "test" and k == 0:
+                frame.loc[200:220, "value"] += 6.0
+            frame.to_csv(tmp_path / split / name, index=False)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,start_row,end_row\nm-1.csv,200,220\n")  # m-2.csv: no anomaly
+    out = tmp_path / "out.json"
+    overrides = {"model.units": "8,4", "model.timesteps": "8", "model.chunks_per_run": "2", "model.streams": "4",
+                 "model.epochs": "1", "model.patience": "1"}
+    argv = ["evaluate", str(tmp_path / "test"), "--train-dir", str(tmp_path / "train"), "--features", "value",
+            "--labels", str(labels), "--out", str(out), "--per-file"]
+    argv += [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["protocol"]["plan"] == "paired" and report["protocol"]["grid_period_s"] == 300.0
+    assert report["protocol"]["train_files"] == {"m-1.csv": "m-1.csv (train)", "m-2.csv": "m-2.csv (train)"}
+    assert report["protocol"]["train_rows"] == [0, 0]
+    lstm = report["runs"][0]["lstm"]
+    assert set(lstm["files"]) == {"m-1.csv", "m-2.csv"}
+    assert all("alert_spans" in r and "coverage" in r for r in lstm["files"].values())
+    assert "nab_numenta" in lstm["pooled"] and "t2_q_equal_far" in report["runs"][0]
