@@ -6,91 +6,20 @@ compare detectors at an equal false alarm rate); ``predict`` applies the fitted 
 
 The PCA-based Hotelling T² / SPE detector follows SKAB's baseline (repository waico/SKAB,
 file core/t2.py, used by notebooks/t2_SKAB.ipynb and notebooks/t2_with_q_SKAB.ipynb).
-scipy is not available, so the F, chi-square and normal quantiles its limits need are
-computed here from the regularized incomplete beta and gamma functions.
+The F, chi-square and normal quantiles of its control limits come from scipy.stats.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal, Protocol, Self
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import ArrayLike, NDArray
-
-_MAX_ITERATIONS = 10_000
-_EPS = 1e-15
-_TINY = 1e-300
-
+from scipy import stats
 
 # --------------------------------------------------------------------------- distributions
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """Lentz's evaluation of the continued fraction of the incomplete beta function."""
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > _TINY else _TINY)
-    h = d
-    for m in range(1, _MAX_ITERATIONS + 1):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > _TINY else _TINY)
-            c = 1.0 + aa / c
-            c = c if abs(c) > _TINY else _TINY
-            step = d * c
-            h *= step
-        if abs(step - 1.0) < _EPS:
-            return h
-    raise ArithmeticError("incomplete beta continued fraction did not converge")
-
-
-def regularized_beta(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the CDF of a Beta(a, b) variable at x."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(log_front)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def regularized_gamma(a: float, x: float) -> float:
-    """P(a, x), the lower regularized incomplete gamma function (series or continued fraction)."""
-    if x <= 0.0:
-        return 0.0
-    log_front = a * math.log(x) - x - math.lgamma(a)
-    if x < a + 1.0:
-        term = total = 1.0 / a
-        denom = a
-        for _ in range(_MAX_ITERATIONS):
-            denom += 1.0
-            term *= x / denom
-            total += term
-            if abs(term) < abs(total) * _EPS:
-                return total * math.exp(log_front)
-        raise ArithmeticError("incomplete gamma series did not converge")
-    b = x + 1.0 - a
-    c, d = 1.0 / _TINY, 1.0 / b
-    h = d
-    for i in range(1, _MAX_ITERATIONS + 1):
-        an = -i * (i - a)
-        b += 2.0
-        d = an * d + b
-        d = 1.0 / (d if abs(d) > _TINY else _TINY)
-        c = b + an / c
-        c = c if abs(c) > _TINY else _TINY
-        step = d * c
-        h *= step
-        if abs(step - 1.0) < _EPS:
-            return 1.0 - math.exp(log_front) * h
-    raise ArithmeticError("incomplete gamma continued fraction did not converge")
 
 
 def _check_probability(p: float) -> None:
@@ -98,48 +27,22 @@ def _check_probability(p: float) -> None:
         raise ValueError(f"probability must be in (0, 1), got {p}")
 
 
-def _invert_cdf(cdf: Callable[[float], float], p: float, low: float, high: float) -> float:
-    """Quantile of a continuous increasing CDF by bisection to machine precision.
-
-    ``high`` is doubled until it brackets p; bisection stops when no float lies between
-    the bounds, so tiny quantiles (small p, few degrees of freedom) keep full relative precision.
-    """
-    while cdf(high) < p:
-        low, high = high, 2.0 * high
-    mid = 0.5 * (low + high)
-    while low < mid < high:
-        if cdf(mid) < p:
-            low = mid
-        else:
-            high = mid
-        mid = 0.5 * (low + high)
-    return mid
-
-
 def normal_quantile(p: float) -> float:
     """z such that P(N(0, 1) <= z) = p."""
     _check_probability(p)
-    return _invert_cdf(lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0)), p, -40.0, 40.0)
+    return float(stats.norm.ppf(p))
 
 
 def chi2_quantile(p: float, df: float) -> float:
     """x such that P(chi2(df) <= x) = p."""
     _check_probability(p)
-    return _invert_cdf(lambda x: regularized_gamma(df / 2.0, x / 2.0), p, 0.0, max(1.0, 2.0 * df))
-
-
-def _f_cdf(x: float, dfn: float, dfd: float) -> float:
-    """F CDF through the incomplete beta; large x uses the complement, whose argument does not round to 1."""
-    denominator = dfn * x + dfd
-    if dfn * x <= dfd:
-        return regularized_beta(dfn / 2.0, dfd / 2.0, dfn * x / denominator)
-    return 1.0 - regularized_beta(dfd / 2.0, dfn / 2.0, dfd / denominator)
+    return float(stats.chi2.ppf(p, df))
 
 
 def f_quantile(p: float, dfn: float, dfd: float) -> float:
     """x such that P(F(dfn, dfd) <= x) = p."""
     _check_probability(p)
-    return _invert_cdf(lambda x: _f_cdf(x, dfn, dfd), p, 0.0, 2.0)
+    return float(stats.f.ppf(p, dfn, dfd))
 
 
 # --------------------------------------------------------------------------- control limits
