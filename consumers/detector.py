@@ -36,7 +36,7 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
-from consumers.kafka_clients import make_consumer, make_producer
+from consumers.kafka_clients import ReadTimeout, make_consumer, make_producer, read_to_end
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -504,42 +504,31 @@ def read_changelog(settings: Settings, producer: Any, partitions: set[int], stat
                            headers=[(KIND, b"open"), (GROUP, group.encode())], partition=sp)
         ends[sp] = md.get(timeout=s.kafka.request_timeout_ms / 1000).offset
     found: dict[int, tuple[dict[str, tuple[int, bytes]], Restored]] = {p: ({}, Restored()) for p in partitions}
-    consumer = make_consumer(s, group_id=None)
-    try:
-        tps = [TopicPartition(topic, sp) for sp in ends]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        open_parts = set(tps)
-        while open_parts:
-            if time.monotonic() > deadline:
-                raise DeliveryError(f"state topic {topic!r} not read to its end within {timeout_s:.0f} s")
-            for tp, recs in consumer.poll(timeout_ms=200, max_records=20000).items():
-                for r in recs:
-                    if r.offset >= ends[tp.partition]:
-                        open_parts.discard(tp)
-                    h = dict(r.headers or [])
-                    if h.get(GROUP) != group.encode() or PARTITION not in h:
-                        continue
-                    p, position = int(h[PARTITION]), int(h[POSITION])
-                    if p not in found:
-                        continue
-                    snaps, info = found[p]
-                    if h[KIND] == b"progress":
-                        info.emitted = max(info.emitted, position)
-                    elif h[KIND] == b"snapshot" and r.value:
-                        try:
-                            asset = read_snapshot_header(r.value)["asset"]
-                        except ValueError:
-                            continue
-                        if asset not in snaps or snaps[asset][0] <= position:
-                            snaps[asset] = (position, r.value)
-            for tp in list(open_parts):
-                if consumer.position(tp) > ends[tp.partition]:
-                    open_parts.discard(tp)
-        return found
-    finally:
-        consumer.close(autocommit=False)
+
+    def take(r: Any) -> None:
+        h = dict(r.headers or [])
+        if h.get(GROUP) != group.encode() or PARTITION not in h:
+            return
+        p, position = int(h[PARTITION]), int(h[POSITION])
+        if p not in found:
+            return
+        snaps, info = found[p]
+        if h[KIND] == b"progress":
+            info.emitted = max(info.emitted, position)
+        elif h[KIND] == b"snapshot" and r.value:
+            try:
+                asset = read_snapshot_header(r.value)["asset"]
+            except ValueError:
+                return
+            if asset not in snaps or snaps[asset][0] <= position:
+                snaps[asset] = (position, r.value)
+
+    try:  # up to the markers, included
+        read_to_end(s, topic, take, ends={sp: end + 1 for sp, end in ends.items()}, timeout_s=timeout_s,
+                    max_records=20000)
+    except ReadTimeout as exc:
+        raise DeliveryError(f"state {exc}") from None
+    return found
 
 
 class _Listener(AsyncConsumerRebalanceListener):

@@ -8,13 +8,18 @@ log output from then on.
 
 Keys and values stay raw bytes: decoding is done in batches by the pipeline, not per record
 by a client-side deserializer.
+
+:func:`read_to_end` reads a whole topic once, from its beginning to its end (the trainer's
+alert exclusions, the detector's state changelog).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from pipeline.logs import mask_secret
 from pipeline.settings import KafkaSettings, Settings, SettingsError
@@ -113,3 +118,56 @@ def make_producer(settings: Settings, **overrides: object) -> KafkaProducer:
 def make_admin(settings: Settings, **overrides: object) -> KafkaAdminClient:
     """An admin client for topic set-up and cluster checks (it connects while being built)."""
     return KafkaAdminClient(**{**_with_role(settings.kafka, "admin"), **overrides})
+
+
+class ReadTimeout(TimeoutError):
+    """A topic was not read to its end in time (a partial read must not pass for a whole one)."""
+
+
+def read_to_end(settings: Settings, topic: str, on_record: Callable[[Any], object], *,
+                ends: Mapping[int, int] | None = None, timeout_s: float, max_records: int = 10_000) -> int:
+    """Pass every record of ``topic``, from the beginning of each partition to its end, to
+    ``on_record`` (in offset order within a partition); returns how many were passed.
+
+    The end of a partition is ``ends[partition]`` (exclusive) when given: a reader that wrote
+    a marker and must see everything acknowledged before it passes the marker's offset + 1 (a
+    broker's high watermark can lag what it acknowledged). Without ``ends``, it is the high
+    watermark of the partition's first fetch, so records arriving meanwhile do not keep the
+    read going. (Not the ListOffsets answer: the embedded broker reports 1 for a partition of
+    100 records there.) Records at or past an end are not passed. Not reaching every end
+    within ``timeout_s`` raises :class:`ReadTimeout`.
+    """
+    consumer = make_consumer(settings, group_id=None)
+    passed = 0
+    try:
+        if ends is None:
+            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+            stop_at: dict[TopicPartition, int | None] = dict.fromkeys(tps)
+        else:
+            stop_at = {TopicPartition(topic, p): end for p, end in sorted(ends.items())}
+        if not stop_at:
+            return 0
+        consumer.assign(list(stop_at))
+        consumer.seek_to_beginning(*stop_at)
+        deadline = time.monotonic() + timeout_s
+        unread = set(stop_at)
+        while True:
+            for tp in unread:
+                if stop_at[tp] is None:
+                    stop_at[tp] = consumer.highwater(tp)  # known once a fetch has answered
+            unread = {tp for tp in unread if (end := stop_at[tp]) is None or consumer.position(tp) < end}
+            if not unread:
+                return passed
+            if time.monotonic() > deadline:
+                raise ReadTimeout(f"topic {topic!r} not read to its end within {timeout_s:.0f} s "
+                                  f"({len(unread)} of {len(stop_at)} partitions unfinished)")
+            for tp, records in consumer.poll(timeout_ms=200, max_records=max_records).items():
+                end = stop_at[tp]
+                if end is None:
+                    end = stop_at[tp] = consumer.highwater(tp)
+                for record in records:
+                    if end is None or record.offset < end:
+                        on_record(record)
+                        passed += 1
+    finally:
+        consumer.close(autocommit=False)

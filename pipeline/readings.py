@@ -118,10 +118,12 @@ class DecodedBatch:
     def __len__(self) -> int:
         return len(self.value)
 
-    def select(self, keep: np.ndarray, rejects: list[Reject] | None = None) -> DecodedBatch:
-        """The rows where ``keep`` (bool, one per value) holds, with ``rejects`` (default: the same)."""
+    def select(self, keep: np.ndarray, rejects: list[Reject] | None = None, n_records: int | None = None) -> DecodedBatch:
+        """The rows where ``keep`` (bool, one per value) holds, with ``rejects`` and ``n_records``
+        (default: the same; a caller that drops whole readings and counts them says how many remain)."""
         return DecodedBatch(self.record_index[keep], self.asset[keep], self.ts_ms[keep], self.feature[keep],
-                            self.value[keep], self.rejects if rejects is None else rejects, self.n_records)
+                            self.value[keep], self.rejects if rejects is None else rejects,
+                            self.n_records if n_records is None else n_records)
 
 
 class _Rejected(Exception):
