@@ -16,6 +16,8 @@ import pytest
 from cli import main as cli_main
 from cli import schedule_cmd, train_cmd
 from cli.main import EXIT_CLOSED_PIPE, main, parse_args
+from pipeline.bundle import ModelBundle, save_bundle
+from pipeline.registry import current_version
 from trainers.schedule import RunLock, RunResult
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,6 +153,38 @@ def test_settings_options_before_or_after_any_command(command: list[str]) -> Non
         assert (args.config, args.assignments, args.log_level, args.log_format) == \
             ("pw.toml", ["a.b=1", "c.d=2"], "debug", "json")
     assert vars(before) == vars(after)
+
+
+# the least each command needs to parse; a command added to COMMANDS without an entry here fails below
+MINIMAL_ARGV: dict[str, list[list[str]]] = {
+    "config": [[]], "fit": [["data.csv", "--out", "o"]], "replay": [["data.csv", "--model", "m"]], "broker": [[]],
+    "detect": [[]], "evaluate": [["a.csv"]], "archive": [[]], "demo": [["--seconds", "5"]],
+    "models": [["list"], ["show", "v1"], ["promote", "v1"], ["rollback"], ["unpin"], ["publish", "DIR"]],
+    "train": [[]], "schedule": [[]], "simulate": [[]],
+}
+
+
+def test_every_command_takes_the_settings_options_before_and_after_it() -> None:
+    assert set(MINIMAL_ARGV) == set(cli_main.COMMANDS)
+    options = ["--config", "pw.toml", "--log-level", "error", "--set", "a.b=1"]
+    for name, variants in MINIMAL_ARGV.items():
+        for rest in variants:
+            before, after = parse_args([*options, name, *rest]), parse_args([name, *rest, *options])
+            assert (after.config, after.log_level, after.assignments) == ("pw.toml", "error", ["a.b=1"]), name
+            assert vars(before) == vars(after), (name, rest)
+
+
+def test_models_publish_with_the_config_after_it_publishes_to_that_registry(
+        tmp_path: Path, tiny_bundle: ModelBundle, capsys: pytest.CaptureFixture[str]) -> None:
+    """``plantwatch models publish DIR --config pw.toml``: once "unrecognized arguments"."""
+    bundle_dir = tmp_path / "bundle"
+    save_bundle(tiny_bundle, str(bundle_dir))
+    registry = tmp_path / "registry"
+    config = tmp_path / "pw.toml"
+    config.write_text(f'[registry]\nuri = "{registry}"\n', encoding="utf-8")
+    assert main(["models", "publish", str(bundle_dir), "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith(f"published {tiny_bundle.version}")
+    assert current_version(str(registry)) == tiny_bundle.version
 
 
 def test_without_settings_options_the_defaults_are_there() -> None:
