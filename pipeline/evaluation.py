@@ -223,6 +223,15 @@ def alert_spans(events: Sequence[AlertEvent], asset: str) -> list[tuple[int, flo
     return sorted(spans.values())
 
 
+def alert_top_features(events: Sequence[AlertEvent], asset: str) -> dict[int, tuple[str, ...]]:
+    """Per alert start (ms) of one asset, the features its latest event names, most contributing first."""
+    out: dict[int, tuple[str, ...]] = {}
+    for e in events:
+        if e.asset == asset:
+            out[e.start_ms] = tuple(f for f, _ in e.top_features)
+    return out
+
+
 def rows_in_alerts(ts_ms: np.ndarray, spans: Sequence[tuple[int, float]], period_ms: int) -> np.ndarray:
     """1 for each row whose grid step starts inside an alert span."""
     step_ms = ts_ms - ts_ms % period_ms
@@ -243,6 +252,7 @@ class EngineTrace:
     alert_score: np.ndarray
     threshold: np.ndarray
     spans: list[tuple[int, float]]
+    top_features: dict[int, tuple[str, ...]] = field(default_factory=dict)  # alert start_ms -> named features
 
 
 def series_batch(series: Series, features: Sequence[str]) -> DecodedBatch:
@@ -285,7 +295,8 @@ def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series],
     for s in files:
         sel = np.flatnonzero(asset == s.name)
         traces[s.name] = EngineTrace(step[sel] * bundle.period_ms, cols["forecast_error"][sel], cols["alert_score"][sel],
-                                     cols["threshold"][sel], alert_spans(events, s.name))
+                                     cols["threshold"][sel], alert_spans(events, s.name),
+                                     alert_top_features(events, s.name))
     return traces
 
 
@@ -558,7 +569,8 @@ def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, s
         first = run if first is None else first
         lstm = score_predictions(files, run.predicted, nab_window_s)
         for name, trace in run.traces.items():
-            lstm["files"][name]["alert_spans"] = [[int(a), None if math.isinf(b) else int(b)] for a, b in trace.spans]
+            lstm["files"][name]["alert_spans"] = [
+                [int(a), None if math.isinf(b) else int(b), list(trace.top_features.get(int(a), ()))] for a, b in trace.spans]
         target = lstm["pooled"]["point"]["whole"]["far"]
         entry = {"seed": run.seed, "duration_s": run.duration_s, "fits": run.fits, "lstm": lstm}
         for base in EQUAL_FAR_BASELINES:
@@ -598,7 +610,7 @@ CONVENTIONS: dict[str, Any] = {
     "coverage": "per file: normal_share = share of normal rows under alert; longest alert in rows, seconds "
                 "(first to last row) and share of the file's rows",
     "alerts": "per file, every predicted run as [first row ms, last row ms]; for the LSTM also alert_spans, the "
-              "engine's alerts as [start_ms, end_ms) with end null when the alert never closed",
+              "engine's alerts as [start_ms, end_ms, top features] with end null when the alert never closed",
     "lstm_rows": "a row is predicted when its grid step lies in [alert start_ms, end_ms), to the end if never closed",
     "nab": {"skab": "SKAB tsad chp_score: 30 s windows centred on each changepoint, predicted changepoints at "
                     "the first row of every alert run and the first row after it (include_run_ends=True)",
