@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_SECONDS ?= 120
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench bench-full bench-skab clean
+.PHONY: venv test test-fast demo bench bench-full bench-skab bench-quality clean
 
 # The venv is (re)built when pyproject.toml or the lock file changes.
 $(STAMP): pyproject.toml requirements.lock
@@ -38,6 +38,12 @@ bench-full: $(STAMP)
 
 bench-skab: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.skab
+
+## Default settings on the development corpus (SKAB, SMD, unseen assets), 3 seeds, beside T²/T²+Q → bench/quality.json.
+## QUALITY_ARGS=--quick: one seed on a subset.
+QUALITY_ARGS ?=
+bench-quality: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
