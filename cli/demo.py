@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import json
 import sys
 import threading
 import time
@@ -26,10 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from cli.live_view import LiveView, OpenAlerts, alert_follower, detector_sample, gauge_total
+from consumers import metrics
 from consumers.archiver import Archiver
 from consumers.broker import LocalBroker
 from consumers.detector import Detector
-from consumers.kafka_clients import make_consumer, make_producer
+from consumers.kafka_clients import make_producer
 from consumers.simulator_feed import feed
 from consumers.topics import ensure_topics, standard_topics
 from pipeline.settings import Settings, load_settings
@@ -128,10 +129,13 @@ def epoch_line(event: dict[str, Any], epochs: int, elapsed_s: float) -> str:
     return "  ".join(parts) + f"  ({elapsed_s:.0f} s)"
 
 
-def run_demo(seconds: float, *, n_assets: int = 6, workdir: Path = Path("var/demo"), out: TextIO = sys.stdout,
-             stop: threading.Event | None = None, say: Callable[[str], None] | None = None) -> DemoResult:
+def run_demo(seconds: float, *, n_assets: int = 6, workdir: Path = Path("var/demo"), out: TextIO | None = None,
+             stop: threading.Event | None = None, say: Callable[[str], None] | None = None,
+             live: bool = False) -> DemoResult:
+    """Run the demo; with ``live``, a terminal view of the detector stays below the lines it prints."""
     stop = stop or threading.Event()
-    say = say or (lambda msg: print(msg, file=out, flush=True))
+    # sys.stdout as it is when printing: the live view redirects it to print above itself
+    say = say or (lambda msg: print(msg, file=out or sys.stdout, flush=True))
     workdir.mkdir(parents=True, exist_ok=True)
     with LocalBroker(log_path=workdir / "broker.log") as broker:
         settings = load_settings(env={}, overrides={
@@ -160,26 +164,40 @@ def run_demo(seconds: float, *, n_assets: int = 6, workdir: Path = Path("var/dem
         detector = Detector(settings, bundle, stop=stop, follow_registry=True)
         alerts: list[dict[str, Any]] = []
         printer = AlertPrinter(now, anomalies, say)
+        open_alerts = OpenAlerts()
+
+        def on_alert(alert: dict[str, Any]) -> None:
+            alerts.append(alert)
+            printer.add(alert)
+            if alert["start_ms"] >= now:  # the view shows the live stream's alerts only
+                open_alerts.add(alert)
+
         threads += [threading.Thread(target=detector.run, name="detector", daemon=True),
-                    threading.Thread(target=_follow_alerts, args=(settings, alerts, printer, stop),
-                                     name="alerts", daemon=True)]
+                    alert_follower(settings, on_alert, stop, from_beginning=True,
+                                   every_poll=lambda: printer.release(int(time.time() * 1000)))]
         retrain_at = time.monotonic() + 0.45 * seconds
         threads.append(threading.Thread(target=_retrain, args=(settings, retrain_at, detector, stop, say),
                                         name="trainer", daemon=True))
         for t in threads[1:]:
             t.start()
-        producer = make_producer(settings)
-        stats = feed(producer, settings.topics.readings, PlantSimulator(config, anomalies), now, end,
-                     realtime=True, stop=stop)
-        producer.close()
-        # Let the detector close the last steps it can, then stop everything.
-        deadline = time.monotonic() + 10
-        while detector.stats.records < stats.records + HISTORY_STEPS * n_assets and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.5)
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+        view = LiveView(lambda: detector_sample(detector, open_alerts, lambda: gauge_total(metrics.LAG))).start() \
+            if live else None
+        try:
+            producer = make_producer(settings)
+            stats = feed(producer, settings.topics.readings, PlantSimulator(config, anomalies), now, end,
+                         realtime=True, stop=stop)
+            producer.close()
+            # Let the detector close the last steps it can, then stop everything.
+            deadline = time.monotonic() + 10
+            while detector.stats.records < stats.records + HISTORY_STEPS * n_assets and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+            if view is not None:
+                view.stop()
 
     printer.release()  # what the stop left held
     if printer.history_alerts:
@@ -246,18 +264,3 @@ def _first_model(settings: Settings, config: PlantConfig, now_ms: int, say: Call
     version = publish(settings.registry.uri, bundle, keep=settings.registry.keep)
     say(f"model {version} published ({report.epochs} epochs, {time.monotonic() - t:.0f} s)")
     return bundle
-
-
-def _follow_alerts(settings: Settings, alerts: list[dict[str, Any]], printer: AlertPrinter,
-                   stop: threading.Event) -> None:
-    consumer = make_consumer(settings, group_id=None, topics=[settings.topics.alerts])
-    try:
-        while not stop.is_set():
-            for recs in consumer.poll(timeout_ms=300).values():
-                for r in recs:
-                    alert = json.loads(r.value)
-                    alerts.append(alert)
-                    printer.add(alert)
-            printer.release(int(time.time() * 1000))
-    finally:
-        consumer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from pipeline.settings import Settings
@@ -12,12 +13,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=120.0, help="how long the plant streams (Ctrl-C ends it early)")
     p.add_argument("--assets", type=int, default=6, help="simulated pumps")
     p.add_argument("--workdir", default="var/demo", help="where the registry, archive and broker log go")
+    p.add_argument("--no-live", dest="live", action="store_false",
+                   help="no live view (readings/s, lag, model, swaps, open alerts) below the output; "
+                        "there is none anyway when stdout is not a terminal")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cli.demo import run_demo
+    from cli.main import UsageError
     from consumers.signals import stop_on_signals
 
-    result = run_demo(args.seconds, n_assets=args.assets, workdir=Path(args.workdir), stop=stop_on_signals())
+    if args.seconds <= 0 or args.assets < 1:
+        raise UsageError("--seconds must be above 0 and --assets at least 1")
+    result = run_demo(args.seconds, n_assets=args.assets, workdir=Path(args.workdir), stop=stop_on_signals(),
+                      live=args.live and sys.stdout.isatty())
     print(result.line(), flush=True)
     return 0

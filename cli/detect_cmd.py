@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.bundle import BundleError, load_bundle
 
     require_bootstrap(settings)
+    if args.live and not sys.stdout.isatty():
+        raise UsageError("--live needs a terminal on stdout")
     stop = stop_on_signals()
     health = Health()
     server = serve(settings.detector.http_port, health=health) if settings.detector.http_port else None
@@ -47,6 +50,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from consumers.detector import Detector  # TensorFlow: imported once the probes answer
 
         detector = Detector(settings, bundle, stop=stop, follow_registry=args.model is None, health=health)
+        if args.live:
+            from cli.live_view import run_with_view
+
+            return run_with_view(detector, settings)
         return int(detector.run())
     finally:
         if server is not None:
