@@ -42,6 +42,12 @@ DEMO_OVERRIDES = {
     "archive.flush_seconds": "3", "trainer.min_rows": "1000", "trainer.gate_margin": "0.25",
 }
 HISTORY_STEPS = 8000
+# Faults are injected into the live stream after its first LEAD_S and before its last TAIL_S
+# seconds (so the detector is warm, and has time to close the last alert), one per pump:
+# GAP_STEPS of normal behaviour, then FAULT_STEPS of fault.
+LEAD_S, TAIL_S = 15.0, 10.0
+GAP_STEPS, FAULT_STEPS = 50, (60, 100)
+MIN_SECONDS = LEAD_S + TAIL_S + (GAP_STEPS + FAULT_STEPS[1]) * float(DEMO_OVERRIDES["grid.period_s"])
 
 
 @dataclasses.dataclass
@@ -62,8 +68,8 @@ def _plan(config: PlantConfig, start_ms: int, end_ms: int) -> list[Anomaly]:
     out = []
     for i, asset in enumerate(config.asset_ids):
         kind = ANOMALY_KINDS[i % len(ANOMALY_KINDS)]
-        plan = plan_anomalies(config, start_ms, end_ms, per_asset=1, kinds=[kind], seed=i, min_gap_steps=50,
-                              duration_steps=(60, 100))
+        plan = plan_anomalies(config, start_ms, end_ms, per_asset=1, kinds=[kind], seed=i, min_gap_steps=GAP_STEPS,
+                              duration_steps=FAULT_STEPS)
         out += [a for a in plan if a.asset == asset]
     return out
 
@@ -132,7 +138,10 @@ def epoch_line(event: dict[str, Any], epochs: int, elapsed_s: float) -> str:
 def run_demo(seconds: float, *, n_assets: int = 6, workdir: Path = Path("var/demo"), out: TextIO | None = None,
              stop: threading.Event | None = None, say: Callable[[str], None] | None = None,
              live: bool = False) -> DemoResult:
-    """Run the demo; with ``live``, a terminal view of the detector stays below the lines it prints."""
+    """Run the demo for ``seconds`` (at least :data:`MIN_SECONDS`) of live stream; with ``live``, a
+    terminal view of the detector stays below the lines it prints."""
+    if seconds < MIN_SECONDS:
+        raise ValueError(f"the live stream must last at least {MIN_SECONDS:.0f} s to fit a fault per pump")
     stop = stop or threading.Event()
     # sys.stdout as it is when printing: the live view redirects it to print above itself
     say = say or (lambda msg: print(msg, file=out or sys.stdout, flush=True))
@@ -157,7 +166,7 @@ def run_demo(seconds: float, *, n_assets: int = 6, workdir: Path = Path("var/dem
         bundle = _first_model(settings, config, _aligned_now(period), say)
         now = _aligned_now(period)  # the live stream starts when the model is ready
         end = now + int(seconds * 1000)
-        anomalies = _plan(config, now + 15_000, max(now + 20_000, end - 10_000))
+        anomalies = _plan(config, now + int(LEAD_S * 1000), end - int(TAIL_S * 1000))
         say(f"streaming {n_assets} pumps at {1000 / period:.0f} Hz for {seconds:.0f} s with "
             f"{len(anomalies)} injected anomalies; alerts appear below")
 

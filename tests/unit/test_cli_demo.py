@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from cli.demo import AlertPrinter, alert_line, epoch_line
+import pytest
+
+from cli.demo import MIN_SECONDS, AlertPrinter, alert_line, epoch_line
+from cli.main import main, parse_args
 from pipeline.simulate import Anomaly
 
 LIVE_FROM = 1_800_000_000_000  # the live stream's first event time
@@ -71,3 +74,12 @@ def test_epoch_lines_show_the_epoch_out_of_the_most_and_the_losses() -> None:
     assert epoch_line({"epoch": 3, "loss": 0.04213, "val_loss": 0.0388}, 12, 41.2) == \
         "  epoch 3/12  loss 0.0421  validation 0.0388  (41 s)"
     assert epoch_line({"epoch": 0, "val_loss": None}, 12, 2) == "  epoch 0/12  (2 s)"
+
+
+def test_a_stream_too_short_for_a_fault_per_pump_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--seconds", "20"]) == 2
+    assert capsys.readouterr().err == ("plantwatch demo: --seconds 20: at least 55, for one injected fault per pump "
+                                       "between the stream's first 15 s and its last 10 s\n")
+    with pytest.raises(SystemExit):
+        parse_args(["demo", "--help"])
+    assert f"at least {MIN_SECONDS:.0f}" in " ".join(capsys.readouterr().out.split())
