@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="serve this bundle directory and never swap (default: follow the registry's current "
                         "version, hot-swapping when a new one is published)")
+    p.add_argument("--live", action="store_true",
+                   help="show a live view on the terminal: readings/s, lag, model version, swaps, open alerts")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
