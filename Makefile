@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_SECONDS ?= 120
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench bench-full bench-skab bench-quality clean
+.PHONY: venv test test-fast demo bench bench-full bench-skab bench-quality soak clean
 
 # The venv is (re)built when pyproject.toml or the lock file changes.
 $(STAMP): pyproject.toml requirements.lock
@@ -44,6 +44,11 @@ bench-skab: $(STAMP)
 QUALITY_ARGS ?=
 bench-quality: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.quality $(QUALITY_ARGS)
+
+## Soak: detector, archiver and a retrain with hot swap every 5 minutes, for SOAK_MINUTES at a steady rate → bench/soak.json.
+SOAK_MINUTES ?= 30
+soak: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m bench.soak --minutes $(SOAK_MINUTES) --retrain-every-s 300
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
