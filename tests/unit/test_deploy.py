@@ -125,7 +125,7 @@ def test_yaml_files_are_block_yaml_and_kubernetes_documents_are_objects() -> Non
                 assert "metadata" in keys and re.search(r"^  name: plantwatch", doc, flags=re.M), path.name
     assert sorted(kinds) == sorted(["Kustomization", "Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim",
                                     "Deployment", "PodDisruptionBudget", "Service", "Deployment", "Service",
-                                    "CronJob", "ServiceMonitor"])
+                                    "CronJob", "ServiceMonitor"] + ["NetworkPolicy"] * 4)
 
 
 def test_kustomization_applies_every_manifest_but_the_examples() -> None:
@@ -166,7 +166,8 @@ def test_alert_rules_select_the_scrape_jobs_prometheus_defines() -> None:
 def test_every_plantwatch_environment_variable_names_a_setting() -> None:
     known = {f"{section}.{key}" for section, keys in to_dict(load_settings(env={})).items() for key in keys}
     named = {f"{s.lower()}.{k.lower()}" for path in deploy_files("") for s, k in ENV_NAME.findall(text(path))}
-    assert "kafka.sasl_password" in named and "kafka.bootstrap_servers" in named
+    assert "kafka.sasl_password_file" in named and "kafka.bootstrap_servers" in named
+    assert "kafka.sasl_password" not in named  # secrets are files, never environment variables
     assert named <= known, sorted(named - known)
 
 
