@@ -158,7 +158,7 @@ def test_settings_options_before_or_after_any_command(command: list[str]) -> Non
 # the least each command needs to parse; a command added to COMMANDS without an entry here fails below
 MINIMAL_ARGV: dict[str, list[list[str]]] = {
     "config": [[]], "fit": [["data.csv", "--out", "o"]], "replay": [["data.csv", "--model", "m"]], "broker": [[]],
-    "detect": [[]], "evaluate": [["a.csv"]], "archive": [[]], "demo": [["--seconds", "5"]],
+    "detect": [[], ["--live"]], "evaluate": [["a.csv"]], "archive": [[]], "demo": [["--seconds", "5"]],
     "models": [["list"], ["show", "v1"], ["promote", "v1"], ["rollback"], ["unpin"], ["publish", "DIR"]],
     "train": [[]], "schedule": [[]], "simulate": [[]],
 }
@@ -185,6 +185,13 @@ def test_models_publish_with_the_config_after_it_publishes_to_that_registry(
     assert main(["models", "publish", str(bundle_dir), "--config", str(config)]) == 0
     assert capsys.readouterr().out.startswith(f"published {tiny_bundle.version}")
     assert current_version(str(registry)) == tiny_bundle.version
+
+
+def test_detect_live_needs_a_terminal_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_args(["detect"]).live is False and parse_args(["detect", "--live"]).live is True
+    # stdout is captured here, so not a terminal: refused before any broker or model is waited for
+    assert main(["detect", "--live", "--set", "kafka.bootstrap_servers=127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err == "plantwatch detect: --live needs a terminal on stdout\n"
 
 
 def test_without_settings_options_the_defaults_are_there() -> None:
