@@ -6,6 +6,7 @@
 - checkov over deploy/ (Kubernetes, kustomize, Dockerfile, secrets): no failed check, and only
   the suppressions justified in the files themselves;
 - systemd-analyze verify and security on the units: nothing reported, exposure 4 or lower.
+- the trainer's scratch formula written in deploy/ is what a fit spills, byte for byte.
 
 Each validator is also shown a broken copy, so a validator that silently checks nothing fails
 here. checkov's pinned dependencies (boto3, packaging, networkx, termcolor) conflict with
@@ -173,7 +174,6 @@ def test_checkov_passes_every_check_but_the_justified_suppressions() -> None:
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE"}
     # --skip-download: no call to the vendor's platform (guidelines, custom policies)
     done = run([python, "-m", "checkov.main", "-d", "deploy", "--skip-download", "-o", "json"], timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # a runner that raises is logged and left out of the report, with exit code 0
     assert "Traceback" not in done.stderr and "Failed to run" not in done.stderr, done.stderr[-3000:]
     reports = json.loads(done.stdout)
@@ -181,8 +181,9 @@ def test_checkov_passes_every_check_but_the_justified_suppressions() -> None:
     by_type = {r["check_type"]: r for r in reports}
     assert {"kubernetes", "kustomize", "dockerfile"} <= set(by_type), sorted(by_type)
     for check_type, report in by_type.items():
-        failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
+        failed = [(c["check_id"], c["check_name"], c["resource"]) for c in report["results"]["failed_checks"]]
         assert failed == [], (check_type, failed)
+    assert done.returncode == 0, done.stderr[-3000:]
     for check_type in ("kubernetes", "kustomize", "dockerfile"):
         report = by_type[check_type]
         assert report["summary"]["passed"] >= 50, (check_type, report["summary"])
@@ -230,3 +231,41 @@ def test_systemd_unit_exposure_is_4_or_lower(unit: str) -> None:
     assert float(match.group(1)) <= MAX_EXPOSURE, done.stdout
     # the one sandbox option left out where TensorFlow runs: oneDNN generates code at run time
     assert ("✗ MemoryDenyWriteExecute=" in done.stdout) == (unit != "plantwatch-archiver.service")
+
+
+# ------------------------------------------------------------------------- trainer scratch
+
+
+SPILL_FORMULA = "bytes = assets × steps × (9 + 8·F + validation_fraction × (8 + 24·F))"
+
+
+def test_the_documented_trainer_scratch_formula_is_what_a_fit_spills(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """The CronJob's scratch volume and the systemd unit are sized by SPILL_FORMULA; a real fit's
+    spill, measured just before it is removed, must match it byte for byte (per step: the grid
+    steps file; per held-out step: the calibration terms)."""
+    import pipeline.fit as fit
+    from pipeline.tables import frame_to_batch
+    from tests.unit.conftest import FEATURES, sine_frame, tiny_settings
+
+    assert SPILL_FORMULA in (K8S / "trainer-cronjob.yaml").read_text(encoding="utf-8")
+    unit = (SYSTEMD / "plantwatch-train.service").read_text(encoding="utf-8")
+    assert "× (9 + 8·F + model.validation_fraction × (8 + 24·F)) bytes" in unit
+    measured: list[int] = []
+
+    class MeasuringShutil:
+        @staticmethod
+        def rmtree(path: str | Path, ignore_errors: bool = False) -> None:
+            measured.append(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()))
+            shutil.rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(fit, "shutil", MeasuringShutil)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # as TMPDIR does
+    settings = tiny_settings(**{"model.epochs": "1", "model.validation_fraction": "0.25"})
+    frame = sine_frame(1500, assets=("p1", "p2", "p3"))
+    _, report = fit.fit_bundle(frame_to_batch(frame, FEATURES, ts_col="ts", asset_col="asset"), settings)
+    f, steps = len(FEATURES), report.train_steps + report.holdout_steps
+    assert report.assets == 3 and steps >= 3 * 1400
+    assert abs(report.holdout_steps / steps - 0.25) < 0.01
+    assert measured == [steps * (9 + 8 * f) + report.holdout_steps * (8 + 24 * f)]
+    assert list(tmp_path.glob("plantwatch-fit-*")) == []  # removed (TensorFlow leaves small autograph files)
