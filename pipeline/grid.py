@@ -119,6 +119,16 @@ class _OpenStep:
     count: np.ndarray
     n: int = 0
     min_pos: int = NO_POS
+    full: bool = False  # every feature has a reading: the step closes without carried values
+
+    def merge(self, feature: np.ndarray, value: np.ndarray, min_pos: int) -> None:
+        """Add readings in arrival order (the same float additions, in the same order, however
+        the readings were polled)."""
+        np.add.at(self.sum, feature, value)
+        np.add.at(self.count, feature, 1)
+        self.n += len(feature)
+        self.min_pos = min(self.min_pos, min_pos)
+        self.full = bool(self.count.all())
 
 
 @dataclass
@@ -169,10 +179,7 @@ class AssetGrid:
             o = self.open.get(int(k))
             if o is None:
                 o = self.open[int(k)] = _OpenStep(np.zeros(self.n_features), np.zeros(self.n_features, np.int32))
-            np.add.at(o.sum, f[sel], v[sel])
-            np.add.at(o.count, f[sel], 1)
-            o.n += int(sel.sum())
-            o.min_pos = min(o.min_pos, int(p[sel].min()))
+            o.merge(f[sel], v[sel], int(p[sel].min()))
         self.watermark_ms = max(self.watermark_ms, int(ts_ms[ok].max()))
         return late
 
@@ -267,8 +274,10 @@ class AssetGrid:
         g.last_value = np.array([np.nan if x is None else x for x in snap["last_value"]], dtype=float)
         g.last_step = np.array(snap["last_step"], dtype=np.int64)
         g.pending_reset = bool(snap["pending_reset"])
-        g.open = {int(k): _OpenStep(np.array(v[0], float), np.array(v[1], np.int32), int(v[2]), int(v[3]))
-                  for k, v in snap["open"].items()}
+        g.open = {}
+        for k, v in snap["open"].items():
+            count = np.array(v[1], np.int32)
+            g.open[int(k)] = _OpenStep(np.array(v[0], float), count, int(v[2]), int(v[3]), bool(count.all()))
         g.empty_run = int(snap.get("empty_run", 0))  # absent from snapshots of older versions
         g.gap_start = None if snap.get("gap_start") is None else int(snap["gap_start"])
         return g
@@ -300,28 +309,155 @@ class FleetGrid:
         counters = GridCounters()
         future = np.zeros(len(ts_ms), bool) if now_ms is None else ts_ms > now_ms + cfg.max_future_ms
         late = np.zeros(len(ts_ms), bool)
-        parts: list[GridSteps] = []
+        steps = GridSteps.empty(cfg.n_features)
         keep = np.flatnonzero(~future)
         if len(keep):
-            codes, names = pd.factorize(asset[keep])
-            order = np.argsort(codes, kind="stable")
-            bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
-            steps_all = ts_ms // cfg.period_ms
-            for i, name in enumerate(names):
-                idx = keep[order[bounds[i]:bounds[i + 1]]]
-                grid = self.assets.get(name)
-                if grid is None:
-                    grid = self.assets[name] = AssetGrid(cfg.n_features)
-                late[idx] = grid.add(cfg, steps_all[idx], feature[idx], value[idx], pos[idx], ts_ms[idx])
-                rows, c = grid.close(cfg)
-                counters.add(c)
-                parts.append(_rows_to_steps(name, rows, cfg.n_features))
+            steps = self._place_and_close(asset, ts_ms, feature, value, pos, keep, late, counters)
         late_records = np.unique(record_index[late])
         future_records = np.unique(record_index[future])
         counters.late += len(late_records)
         counters.future += len(future_records)
         counters.accepted += len(np.unique(record_index[~late & ~future]))
-        return GridResult(GridSteps.concat(parts, cfg.n_features), late_records, future_records, counters)
+        return GridResult(steps, late_records, future_records, counters)
+
+    def _place_and_close(self, asset: np.ndarray, ts_ms: np.ndarray, feature: np.ndarray, value: np.ndarray,
+                         pos: np.ndarray, keep: np.ndarray, late: np.ndarray, counters: GridCounters) -> GridSteps:
+        """Vectorised over the poll's readings: lateness (each reading against its asset's watermark
+        as it stood at the reading's arrival), aggregation per (asset, step), watermarks; then each
+        asset in the poll closes what its watermark passed. Assets whose closable steps are all
+        present with every feature take the vectorised path; the rest (holes, gaps, carried
+        values, first steps) go through :meth:`AssetGrid.close`, with identical results.
+        Cost follows the readings of the poll, not the number of assets held. Sets ``late``."""
+        cfg = self.cfg
+        p, lateness, nf = cfg.period_ms, cfg.lateness_ms, cfg.n_features
+        codes, names = pd.factorize(asset[keep])
+        order = np.argsort(codes, kind="stable")
+        idx = keep[order]  # value rows grouped by asset, arrival order within an asset
+        code = codes[order]
+        n_assets = len(names)
+        starts = np.searchsorted(code, np.arange(n_assets))
+        names_l = names.tolist()
+        grids: list[AssetGrid] = []
+        for name in names_l:
+            g = self.assets.get(name)
+            if g is None:
+                g = self.assets[name] = AssetGrid(nf)
+            grids.append(g)
+        wm = np.fromiter((g.watermark_ms for g in grids), np.int64, n_assets)
+        ns = np.fromiter((_NONE if g.next_step is None else g.next_step for g in grids), np.int64, n_assets)
+
+        ts = ts_ms[idx]
+        step = ts // p
+        before = _exclusive_group_max(ts, code, starts, n_assets)
+        np.maximum(before, wm[code], out=before)
+        late_s = ((step + 1) * p + lateness <= before) | (step < ns[code])
+        late[idx] = late_s
+        ok = ~late_s
+        any_ok = np.logical_or.reduceat(ok, starts)
+        if any_ok.any():
+            first_step = np.minimum.reduceat(np.where(ok, step, _MAX), starts)
+            first_ts = np.minimum.reduceat(np.where(ok, ts, _MAX), starts)
+            last_ts = np.maximum.reduceat(np.where(ok, ts, _NONE), starts)
+            # Leave room for an asset's first readings' stragglers (within the lateness bound).
+            init = np.minimum(first_step, (first_ts - lateness) // p)
+            for i in np.flatnonzero(any_ok).tolist():
+                g = grids[i]
+                if g.next_step is None:
+                    g.next_step = int(init[i])
+                g.watermark_ms = max(g.watermark_ms, int(last_ts[i]))
+            self._accumulate(grids, np.flatnonzero(ok), code, step, feature[idx], value[idx], pos[idx])
+        return self._close_all(names_l, grids, counters)
+
+    def _accumulate(self, grids: list[AssetGrid], ok: np.ndarray, code: np.ndarray, step: np.ndarray,
+                    feature: np.ndarray, value: np.ndarray, pos: np.ndarray) -> None:
+        """Sum the accepted readings per (asset, step, feature) in one pass, in arrival order, and
+        put each group on its asset's open step."""
+        nf = self.cfg.n_features
+        r = ok[np.lexsort((step[ok], code[ok]))]  # stable: arrival order inside a group
+        gc, gs = code[r], step[r]
+        new = np.ones(len(r), bool)
+        new[1:] = (gc[1:] != gc[:-1]) | (gs[1:] != gs[:-1])
+        gstart = np.flatnonzero(new)
+        n_groups = len(gstart)
+        gid = np.cumsum(new) - 1
+        f, v = feature[r].astype(np.int64), value[r]
+        # bincount adds each bin's weights in input order from 0.0: the same sums as np.add.at.
+        sums = np.bincount(gid * nf + f, weights=v, minlength=n_groups * nf).reshape(n_groups, nf)
+        counts = np.bincount(gid * nf + f, minlength=n_groups * nf).astype(np.int32).reshape(n_groups, nf)
+        gend = np.append(gstart[1:], len(r))
+        n_values = (gend - gstart).tolist()
+        min_pos = np.minimum.reduceat(pos[r], gstart).tolist()
+        full = (counts > 0).all(axis=1).tolist()
+        for i, (c, k, a, b) in enumerate(zip(gc[gstart].tolist(), gs[gstart].tolist(), gstart.tolist(),
+                                             gend.tolist())):
+            opened = grids[c].open
+            o = opened.get(k)
+            if o is None:
+                opened[k] = _OpenStep(sums[i], counts[i], n_values[i], min_pos[i], full[i])
+            else:  # a step begun in an earlier poll: continue its sums reading by reading
+                o.merge(f[a:b], v[a:b], min_pos[i])
+
+    def _close_all(self, names: list[str], grids: list[AssetGrid], counters: GridCounters) -> GridSteps:
+        cfg = self.cfg
+        nf = cfg.n_features
+        asset_l: list[str] = []
+        step_l: list[int] = []
+        sum_l: list[np.ndarray] = []
+        count_l: list[np.ndarray] = []
+        reset_l: list[bool] = []
+        n_l: list[int] = []
+        pos_l: list[int] = []
+        gap_l: list[int] = []
+        finish: list[tuple[AssetGrid, int]] = []  # fast-closed grids and the row of their last step
+        ones = np.ones(nf, np.int32)
+        for name, g in zip(names, grids):
+            if g.next_step is None:
+                continue
+            k = g.next_step
+            last = (g.watermark_ms - cfg.lateness_ms) // cfg.period_ms - 1
+            closable = [s for s in g.open if s <= last]
+            if not closable and last < k:
+                continue  # the watermark closes nothing new
+            if closable and len(closable) == last - k + 1 and min(closable) >= k and all(
+                    g.open[s].full for s in closable):
+                for s in range(k, last + 1):  # every step present with every feature: no carried values
+                    o = g.open.pop(s)
+                    asset_l.append(name)
+                    step_l.append(s)
+                    sum_l.append(o.sum)
+                    count_l.append(o.count)
+                    reset_l.append(g.pending_reset)
+                    n_l.append(o.n)
+                    pos_l.append(o.min_pos)
+                    gap_l.append(NO_GAP if g.gap_start is None else g.gap_start)
+                    g.pending_reset = False
+                    g.gap_start = None
+                counters.emitted += last - k + 1
+                g.empty_run = 0
+                g.next_step = last + 1
+                g.last_step[:] = last
+                finish.append((g, len(step_l) - 1))
+                continue
+            rows, c = g.close(cfg)
+            counters.add(c)
+            for r in rows:
+                asset_l.append(name)
+                step_l.append(r[0])
+                sum_l.append(r[1])
+                count_l.append(ones)
+                reset_l.append(r[2])
+                n_l.append(r[3])
+                pos_l.append(r[4])
+                gap_l.append(r[5])
+        if not step_l:
+            return GridSteps.empty(nf)
+        values = np.stack(sum_l) / np.stack(count_l)
+        for g, j in finish:
+            g.last_value[:] = values[j]
+        assets = np.empty(len(asset_l), dtype=object)
+        assets[:] = asset_l
+        return GridSteps(assets, np.array(step_l, np.int64), values, np.array(reset_l, bool),
+                         np.array(n_l, np.int32), np.array(pos_l, np.int64), np.array(gap_l, np.int64))
 
     def flush(self) -> GridResult:
         """Close every open step of every asset (end of a replay)."""
@@ -333,6 +469,29 @@ class FleetGrid:
                 parts.append(_rows_to_steps(name, rows, self.cfg.n_features))
         empty = np.empty(0, np.int64)
         return GridResult(GridSteps.concat(parts, self.cfg.n_features), empty, empty, counters)
+
+
+_NONE = np.iinfo(np.int64).min
+_MAX = np.iinfo(np.int64).max
+
+
+def _exclusive_group_max(ts: np.ndarray, code: np.ndarray, starts: np.ndarray, n_groups: int) -> np.ndarray:
+    """For values grouped by ``code`` (ascending): the largest earlier value of the same group,
+    ``_NONE`` for a group's first value. One running maximum over the whole array, each group
+    lifted above the previous ones so a maximum never crosses a group boundary."""
+    out = np.empty(len(ts), np.int64)
+    if len(ts) == 0:
+        return out
+    lo, hi = int(ts.min()), int(ts.max())
+    span = hi - lo + 1
+    if n_groups * span < 2**62:
+        lift = code.astype(np.int64) * span
+        running = np.maximum.accumulate(ts - lo + lift) - lift + lo
+    else:  # timestamps too far apart to lift: grouped running maximum
+        running = pd.Series(ts).groupby(code).cummax().to_numpy()
+    out[1:] = running[:-1]
+    out[starts] = _NONE
+    return out
 
 
 def _rows_to_steps(name: str, rows: list[Any], n_features: int) -> GridSteps:
