@@ -52,7 +52,7 @@ from pipeline.settings import Settings
 from pipeline.tables import TableError, timestamps_ms
 from trainers.archive_scan import scan_archive
 from trainers.gate import GateDecision, compare, decide, incompatibility, unconditional
-from trainers.announce import announce
+from trainers.announce import announce, has_broker
 from trainers.report import report_files
 from trainers.schedule import EXIT_PUBLISHED, EXIT_REFUSED
 HOUR_MS = 3_600_000
@@ -131,10 +131,7 @@ class Exclusions:
             return batch, 0
         dropped_ids = batch.record_index[drop]
         readings = 1 + int(np.count_nonzero(dropped_ids[1:] != dropped_ids[:-1]))
-        keep = ~drop
-        kept = DecodedBatch(batch.record_index[keep], batch.asset[keep], batch.ts_ms[keep], batch.feature[keep],
-                            batch.value[keep], batch.rejects, max(0, batch.n_records - readings))
-        return kept, readings
+        return batch.select(~drop, n_records=max(0, batch.n_records - readings)), readings
 
 
 def _merged(spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,34 +148,16 @@ def _merged(spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
 def read_alert_ranges(settings: Settings, span: Span, timeout_s: float = ALERTS_TIMEOUT_S) -> list[Range]:
     """Per alert on the alerts topic overlapping ``span``: (asset, start, close or span end).
 
-    The topic is read from the beginning to its high watermark. A partial read would let
-    abnormal periods into training, so not reaching the end in time is an error.
+    The topic is read from the beginning to the end it has when the read starts. A partial read
+    would let abnormal periods into training, so not reaching the end in time is an error.
     """
-    from kafka import TopicPartition
+    from consumers.kafka_clients import ReadTimeout, read_to_end
 
-    from consumers.kafka_clients import make_consumer
-
-    topic = settings.topics.alerts
-    consumer = make_consumer(settings, group_id=None)
     alerts: dict[str, list[Any]] = {}  # alert id -> [asset, start_ms, end_ms or None]
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for records in consumer.poll(timeout_ms=200, max_records=10000).values():
-                for r in records:
-                    _note_alert(alerts, r.value)
-            if all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
-                   for tp in tps):
-                break
-            if time.monotonic() > deadline:
-                raise TrainError(f"could not read the alerts topic {topic} to its end within {timeout_s:.0f} s")
-    finally:
-        consumer.close()
+        read_to_end(settings, settings.topics.alerts, lambda r: _note_alert(alerts, r.value), timeout_s=timeout_s)
+    except ReadTimeout as exc:
+        raise TrainError(f"could not read the alerts: {exc}") from None
     ranges = [(a, s, span.end_ms if e is None else e) for a, s, e in alerts.values()]
     return [r for r in ranges if r[1] < span.end_ms and r[2] > span.start_ms]
 
@@ -223,7 +202,7 @@ def load_exclusions(settings: Settings, span: Span) -> tuple[Exclusions, dict[st
     t = settings.trainer
     ranges: list[Range] = []
     counts: dict[str, int] = {}
-    if t.exclude_alerts and _has_broker(settings):
+    if t.exclude_alerts and has_broker(settings):
         found = read_alert_ranges(settings, span)
         counts["alerts"] = len(found)
         ranges += found
@@ -383,7 +362,7 @@ def run_training(settings: Settings, now_ms: int, *, progress: Progress | None =
     if before_publish is not None:
         before_publish()
     version = publish(settings.registry.uri, bundle, keep=settings.registry.keep, extra=files)
-    announced = announce(settings, version) if _has_broker(settings) else False
+    announced = announce(settings, version) if has_broker(settings) else False
     run_log.info("model published", version=version, registry=settings.registry.uri, announced=announced,
                  duration_s=round(time.monotonic() - started, 1))
     return TrainOutcome(True, version, decision, announced, bundle.metadata)
@@ -481,10 +460,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return out
-
-
-def _has_broker(settings: Settings) -> bool:
-    return bool(settings.kafka.bootstrap_servers.strip())
 
 
 def _iso(ms: int) -> str:
