@@ -161,6 +161,7 @@ MINIMAL_ARGV: dict[str, list[list[str]]] = {
     "detect": [[], ["--live"]], "evaluate": [["a.csv"]], "archive": [[]], "demo": [["--seconds", "5"]],
     "models": [["list"], ["show", "v1"], ["promote", "v1"], ["rollback"], ["unpin"], ["publish", "DIR"]],
     "train": [[]], "schedule": [[]], "simulate": [[]],
+    "report": [["--asset", "p1", "--from", "0", "--to", "1", "--out", "o"], ["--alert", "abc123", "--out", "o"]],
 }
 
 
