@@ -67,6 +67,7 @@ class Checkpoints:
         self.assets_of: dict[int, set[str]] = {}
         self.dirty: dict[int, set[str]] = {}
         self._applied: dict[int, dict[str, int]] = {}  # restored assets: records below this are in state
+        self._applied_top: dict[int, int] = {}  # highest of a partition's _applied positions
         self._last_ms: float | None = None
 
     # ------------------------------------------------------------ ownership
@@ -79,6 +80,7 @@ class Checkpoints:
         self.assets_of[partition] = set(restored.snapshots)
         self.dirty[partition] = set()
         self._applied[partition] = {a: p for a, p in restored.snapshots.items() if p > committed}
+        self._applied_top[partition] = max(self._applied[partition].values(), default=-1)
 
     def revoke(self, partitions: Iterable[int]) -> list[str]:
         """Stop owning these partitions; returns their assets, whose state the caller forgets."""
@@ -87,6 +89,7 @@ class Checkpoints:
             self.cursors.pop(p, None)
             self.dirty.pop(p, None)
             self._applied.pop(p, None)
+            self._applied_top.pop(p, None)
             dropped += sorted(self.assets_of.pop(p, set()))
         return dropped
 
@@ -125,8 +128,8 @@ class Checkpoints:
         self.assets_of[partition] |= touched
         self.dirty[partition] |= touched
         applied = self._applied.get(partition)
-        if applied and cur.position >= max(applied.values()):
-            applied.clear()
+        if applied and cur.position >= self._applied_top[partition]:
+            applied.clear()  # past every restored snapshot: nothing more to drop
 
     def published(self, partitions: Iterable[int]) -> dict[int, int]:
         """Outputs of these partitions' processed records are acknowledged: the progress to record."""
