@@ -49,13 +49,15 @@ from pipeline.bundle import AssetHeads, AssetLevels, ModelBundle, Scaler, Thresh
 from pipeline.grid import FleetGrid, GridConfig, GridCounters, GridSteps
 from pipeline.model import StepFunction, build_training_model, reset_training_state
 from pipeline.readings import DecodedBatch
-from pipeline.scoring import ScoredSteps, novelty_design, score_steps, segment_bounds
+from pipeline.scoring import ScoredSteps, novelty_design, scaled_values, score_steps, segment_bounds
 from pipeline.settings import Settings
 from pipeline.state import PRIOR_LEVEL, FleetState
-from pipeline.thresholds import TermLevels, combine, ewma, feature_quantile, level_from_quantile
+from pipeline.thresholds import TermLevels, combine, ewma, excursion_factor, feature_quantile, level_from_quantile
 
 MIN_SCALE = 1e-6
 NOVELTY_RIDGE = 0.01
+NOVELTY_FOLDS = 5  # blocks of the cross-validation that calibrates the novelty term out of sample
+EXCURSION_STRETCH = True  # stretch levels calibrated on too few independent excursions (thresholds.excursion_factor)
 READ_STEPS = 65_536       # steps per read in the numpy-only passes
 SCORE_CHUNK = 1_024       # steps per asset per scoring call
 SCORE_ROWS = 131_072      # steps per scoring call (assets × chunk): bounds the LSTM's activations
@@ -336,17 +338,56 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
     return _TrainPart(scaler, flat_max, np.concatenate(segments))
 
 
-def _novelty_map(history: History, cut: np.ndarray, mean: np.ndarray, scale: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The cross-sectional map fitted on the scaled training part, from its Gram matrix."""
+@dataclass(frozen=True)
+class NoveltyFolds:
+    """Maps of the blocked cross-validation of the cross-sectional map: fold k's map is fitted
+    on the training part without each asset's k-th contiguous block of training steps."""
+
+    coefs: np.ndarray  # (K, 2F, F); a fold without training steps of its own keeps the full map
+
+    @property
+    def k(self) -> int:
+        return len(self.coefs)
+
+    def fold_of(self, offset: np.ndarray, cut: np.ndarray) -> np.ndarray:
+        """The block of each training step (``offset`` < ``cut``, per step)."""
+        return np.minimum(offset * self.k // np.maximum(cut, 1), self.k - 1)
+
+
+def _novelty_map(history: History, cut: np.ndarray, mean: np.ndarray, scale: np.ndarray, folds: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, NoveltyFolds]:
+    """The cross-sectional map fitted on the scaled training part, from its Gram matrix, and the
+    maps of its blocked cross-validation (one Gram matrix per block, so one read of the history;
+    one block: no cross-validation, every fold map is the full one)."""
+    folds = folds or NOVELTY_FOLDS
     f = history.n_features
-    gram, n = np.zeros((2 * f, 2 * f)), 0
+    grams, ns = np.zeros((folds, 2 * f, 2 * f)), np.zeros(folds, np.int64)
     for a, stop in enumerate(cut.tolist()):
-        for _, rec in history.pieces(a, stop):
+        for start, rec in history.pieces(a, stop):
             design = novelty_design((rec["values"] - mean[a]) / scale[a])
-            gram += design.T @ design
-            n += len(design)
-    return ridge_from_gram(gram, n)
+            block = np.minimum((start + np.arange(len(design))) * folds // max(stop, 1), folds - 1)
+            for k in np.unique(block).tolist():
+                d = design[block == k]
+                grams[k] += d.T @ d
+                ns[k] += len(d)
+    gram, n = grams.sum(axis=0), int(ns.sum())
+    coef, rms = ridge_from_gram(gram, n)
+    fold_coefs = np.stack([ridge_from_gram(gram - grams[k], n - int(ns[k]))[0] if ns[k] and n > ns[k] else coef
+                           for k in range(folds)])
+    return coef, rms, NoveltyFolds(fold_coefs)
+
+
+def out_of_fold_novelty(bundle: ModelBundle, folds: NoveltyFolds, asset: np.ndarray, values: np.ndarray,
+                        fold: np.ndarray) -> np.ndarray:
+    """Cross-sectional residuals of training steps, each from the fold map that did not see it,
+    in the units of the final map (its ``novelty_scale``)."""
+    x = scaled_values(bundle, asset, values).astype(np.float64)
+    design = novelty_design(x)
+    pred = np.empty_like(x)
+    for k in np.unique(fold).tolist():
+        sel = fold == k
+        pred[sel] = design[sel] @ folds.coefs[k]
+    return (x - pred) / bundle.novelty_scale
 
 
 def training_runs(segments: np.ndarray, timesteps: int, chunks: int, streams: int) -> tuple[np.ndarray, int]:
@@ -558,10 +599,15 @@ def _flat_rows(r: _Round, prev: np.ndarray, run: np.ndarray) -> np.ndarray:
 
 
 def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFunction, settings: Settings,
-               flat_max: np.ndarray, spool: Path) -> tuple[ThresholdParams, TermLevels, AssetLevels]:
+               flat_max: np.ndarray, spool: Path, folds: NoveltyFolds | None = None
+               ) -> tuple[ThresholdParams, TermLevels, AssetLevels]:
     """Thresholds of the score terms, the way the engine computes them (per-asset EWMAs
     from the prior level, flat runs of raw values), without holding the history: the
-    fleet's levels, and each asset's own where it has ``ASSET_LEVEL_MIN_HELD`` held-out steps."""
+    fleet's levels, and each asset's own where it has ``ASSET_LEVEL_MIN_HELD`` held-out steps.
+
+    With ``folds``, the novelty term of each training step comes from the fold map that did
+    not see it: with many features and a short history the map fits its own training steps
+    far better than new data, and levels calibrated in sample sit below a normal recording's."""
     t = settings.threshold
     f, counts = history.n_features, history.counts
     held_n = counts - cut
@@ -579,10 +625,17 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
     terms = np.dtype([("asset", "<i8"), ("fc", "<f8", (f,)), ("nv", "<f8", (f,)), ("runs", "<i8", (f,))])
     with open(spool, "wb") as out:
         for r in _score_rounds(history, bundle, model, settings):
-            fc = _ewma_rows(r, r.scored.errors**2, fc_level, t.smoothing_alpha)
-            nv = _ewma_rows(r, r.scored.novelty**2, nv_level, t.novelty_alpha)
-            runs = _flat_rows(r, prev, run)
             held = _held(r, cut)
+            novelty = r.scored.novelty
+            if folds is not None and not held.all():
+                novelty = novelty.copy()
+                train = ~held
+                steps_cut = cut[r.lanes][r.lane][train]
+                novelty[train] = out_of_fold_novelty(bundle, folds, r.steps.asset[train], r.steps.values[train],
+                                                     folds.fold_of(r.offset[train], steps_cut))
+            fc = _ewma_rows(r, r.scored.errors**2, fc_level, t.smoothing_alpha)
+            nv = _ewma_rows(r, novelty**2, nv_level, t.novelty_alpha)
+            runs = _flat_rows(r, prev, run)
             # The LSTM can overfit its training steps, so its term is calibrated on held-out
             # steps only; the cross-sectional map has F-1 coefficients per feature, so its slow
             # term is calibrated on the whole history, which holds far more independent
@@ -600,11 +653,20 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
             rec["asset"], rec["fc"], rec["nv"], rec["runs"] = asset[held], fc[held], nv[held], runs[held]
             out.write(rec.tobytes())
     flat_limit = np.maximum(t.flat_factor * flat_max, max(t.flat_min_steps, settings.grid.carry_forward_steps + 2))
-    levels = TermLevels(level_from_quantile(fc_top.value(), t.margin),
-                        level_from_quantile(nv_top.value(), t.novelty_margin), flat_limit.astype(np.float64))
+    # Each term's level is stretched where its calibration steps hold too few independent
+    # excursions to reach the quantile (a short history, a slow EWMA): see excursion_factor.
+    def fc_margin(steps: int) -> float:
+        return t.margin * (excursion_factor(steps, t.smoothing_alpha, q) if EXCURSION_STRETCH else 1.0)
+
+    def nv_margin(steps: int) -> float:
+        return t.novelty_margin * (excursion_factor(steps, t.novelty_alpha, q) if EXCURSION_STRETCH else 1.0)
+
+    levels = TermLevels(level_from_quantile(fc_top.value(), fc_margin(n_held)),
+                        level_from_quantile(nv_top.value(), nv_margin(int(counts.sum()))), flat_limit.astype(np.float64))
     mine = AssetLevels(tuple(history.names[a] for a in own.tolist()),
-                       np.array([level_from_quantile(own_fc[a].value(), t.margin) for a in own.tolist()]).reshape(-1, f),
-                       np.array([level_from_quantile(own_nv[a].value(), t.novelty_margin)
+                       np.array([level_from_quantile(own_fc[a].value(), fc_margin(int(held_n[a])))
+                                 for a in own.tolist()]).reshape(-1, f),
+                       np.array([level_from_quantile(own_nv[a].value(), nv_margin(int(counts[a])))
                                  for a in own.tolist()]).reshape(-1, f))
     # Each asset's rows of levels (its own or the fleet's), to score the held-out steps as the engine will.
     fc_rows, nv_rows = mine.rows_for(np.array(history.names, dtype=object), levels.forecast, levels.novelty)
@@ -719,7 +781,7 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     if best_check.scored == 0:
         raise FitError(f"no step lies {warmup} steps past a reset: nothing could be scored")
 
-    novelty_coef, novelty_scale = _novelty_map(history, cut, mean, scale)
+    novelty_coef, novelty_scale, novelty_folds = _novelty_map(history, cut, mean, scale)
     provisional = _provisional(settings, part.scaler, best_weights, warmup)
     error_scale = best_check.error_scale
     heads = AssetHeads()
@@ -731,7 +793,7 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     calibration = dataclasses.replace(provisional, error_scale=error_scale, novelty_coef=novelty_coef,
                                       novelty_scale=novelty_scale, heads=heads)
     thresholds, levels, asset_levels = _calibrate(history, cut, calibration, scorer, settings, part.flat_max,
-                                                  workdir / "held-terms")
+                                                  workdir / "held-terms", novelty_folds)
     report.duration_s = time.monotonic() - t0
     meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,

@@ -137,6 +137,23 @@ def level_from_quantile(per_feature_quantile: np.ndarray, margin: float) -> np.n
     return np.maximum(per_feature_quantile * margin, 1e-6)
 
 
+def excursion_factor(steps: int, alpha: float, per_feature_quantile: float) -> float:
+    """How far a term's empirical quantile is stretched when its calibration steps hold too few
+    independent excursions to reach it.
+
+    An EWMA of weight ``alpha`` forgets in about ``(2 - alpha) / alpha`` steps, so ``steps``
+    hold ``n = steps · alpha / (2 - alpha)`` independent values, whose largest sits near the
+    ``1 - 1 / (n + 1)`` quantile: a higher quantile is then read off the sample's maximum, an
+    underestimate. With a light (Gaussian-like) tail, quantiles grow like ``sqrt(log(1 / (1 - p)))``,
+    so the level is stretched by ``sqrt(log(1 / (1 - q)) / log(n + 1))`` when ``n + 1 < 1 / (1 - q)``,
+    and not at all when the sample reaches the quantile.
+    """
+    n = max(steps, 1) * alpha / (2.0 - alpha)
+    need = -np.log1p(-per_feature_quantile)
+    have = np.log1p(n)
+    return float(np.sqrt(need / have)) if have < need else 1.0
+
+
 def calibrate_levels(ewma_sq: np.ndarray, quantile: float, margin: float) -> np.ndarray:
     """Per-feature level of one term from normal steps (k, F), all in memory (the streaming
     fit computes the same quantile piece by piece)."""

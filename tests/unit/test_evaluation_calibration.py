@@ -1,0 +1,55 @@
+"""Calibration that holds out of sample: a wide, short history must not leave a fresh normal
+recording of the same process under alert."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pipeline.fit as fit_module
+from pipeline.evaluation import Series, labelled_file, run_lstm
+from tests.unit.conftest import tiny_settings
+
+N_FEATURES = 40
+
+
+def _latent_process(n: int, rng: np.random.Generator, loadings: np.ndarray, start_ms: int) -> Series:
+    """40 sensors driven by 4 slow common factors plus their own noise, one row per second."""
+    t = np.arange(n)
+    factors = np.column_stack([np.sin(2 * np.pi * t / p + k) for k, p in enumerate((50, 70, 90, 130))])
+    values = factors @ loadings.T + 0.3 * rng.normal(size=(n, N_FEATURES))
+    return Series("plant", start_ms + t * 1000, values)
+
+
+def _normal_share_of_fresh_recording() -> float:
+    rng = np.random.default_rng(7)
+    loadings = rng.normal(size=(N_FEATURES, 4))
+    history = _latent_process(400, rng, loadings, 0)
+    fresh = _latent_process(1500, rng, loadings, 10_000_000)
+    rows = np.vstack([history.values, fresh.values])
+    ts = np.concatenate([history.ts_ms, fresh.ts_ms])
+    f = labelled_file(Series("plant", ts, rows), np.zeros(len(ts)), None, 400)
+    features = ",".join(f"s{k}" for k in range(N_FEATURES))
+    settings = tiny_settings(**{"model.features": features, "model.epochs": "3", "model.per_asset_heads": "false"})
+    run = run_lstm([f], settings, "per_file")
+    return float(run.predicted["plant"][400:].mean())
+
+
+def test_novelty_levels_from_blocked_cross_validation_keep_a_fresh_normal_recording_quiet(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calibrated_out_of_fold = _normal_share_of_fresh_recording()
+    monkeypatch.setattr(fit_module, "NOVELTY_FOLDS", 1)  # one block: levels from the map's own training steps
+    calibrated_in_sample = _normal_share_of_fresh_recording()
+    assert calibrated_out_of_fold <= 0.05
+    assert calibrated_in_sample > calibrated_out_of_fold + 0.1
+
+
+def test_levels_stretch_only_where_the_history_holds_too_few_independent_excursions() -> None:
+    from pipeline.thresholds import excursion_factor, feature_quantile
+
+    q = feature_quantile(0.995, 8)  # 1 - 0.005 / 8: reached with about 1600 independent values
+    # 400 steps of a slow EWMA (alpha 0.05) hold about 10 independent values
+    assert excursion_factor(400, 0.05, q) == pytest.approx(np.sqrt(np.log(1600) / np.log1p(400 * 0.05 / 1.95)))
+    assert excursion_factor(400, 0.05, q) > excursion_factor(4000, 0.05, q) > 1.0
+    assert excursion_factor(400, 0.3, q) < excursion_factor(400, 0.05, q)  # a fast EWMA has more of them
+    assert excursion_factor(1_000_000, 0.3, q) == 1.0  # the sample reaches the quantile: no stretch
