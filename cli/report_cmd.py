@@ -17,6 +17,7 @@ file to share); see :mod:`cli.report_render` for what they show.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import re
 import sys
@@ -204,8 +205,11 @@ def replay(settings: Settings, bundle: ModelBundle, asset: str, from_ms: int, to
     from pipeline.engine import DetectionEngine
     from trainers.archive_scan import ScanStats, scan_archive
 
-    engine = DetectionEngine(bundle, settings.grid)
     stats = ScanStats()
+    batches = scan_archive(settings.archive.uri, bundle.features, start_ms=from_ms - warmup_ms, end_ms=to_ms,
+                           assets=[asset], stats=stats)
+    first = next(batches, None)  # a missing archive fails here, before a model is built
+    engine = DetectionEngine(bundle, settings.grid) if first is not None else None
     parts: list[tuple[np.ndarray, ...]] = []
     events: list[AlertEvent] = []
     first_step = from_ms // bundle.period_ms
@@ -218,11 +222,11 @@ def replay(settings: Settings, bundle: ModelBundle, asset: str, from_ms: int, to
                           out.forecast_error[sel]))
         events.extend(e for e in out.events if e.asset == asset)
 
-    for batch in scan_archive(settings.archive.uri, bundle.features, start_ms=from_ms - warmup_ms, end_ms=to_ms,
-                              assets=[asset], stats=stats):
-        in_range += len(np.unique(batch.record_index[batch.ts_ms >= from_ms]))
-        keep(engine.process(batch))
-    keep(engine.flush())
+    if engine is not None and first is not None:
+        for batch in itertools.chain([first], batches):
+            in_range += len(np.unique(batch.record_index[batch.ts_ms >= from_ms]))
+            keep(engine.process(batch))
+        keep(engine.flush())
     f = bundle.n_features
     cat = (lambda i, empty: np.concatenate([p[i] for p in parts]) if parts else empty)
     return Replay(cat(0, np.empty(0, np.int64)), cat(1, np.empty((0, f))), cat(2, np.empty(0)), cat(3, np.empty(0)),

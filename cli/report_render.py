@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 MAX_PANELS = 12         # more sensors than this share one panel instead of one each
+WIDTH_IN = 13.0
+PANEL_IN, SCORE_IN, CHROME_IN = 0.85, 2.6, 1.1  # a sensor panel, the score panel, title + axis + legend
 MAX_POINTS = 3000       # per drawn line; longer series become a min/max envelope
 _LABEL_ROWS = 3         # alert labels are staggered over this many heights so neighbours do not overlap
 SPAN_COLOUR = "tab:orange"
@@ -154,13 +156,19 @@ def figure_png(data: ReportData, *, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
+def figure_size(n_features: int) -> tuple[float, float]:
+    """Width and height in inches: one panel per sensor (up to MAX_PANELS), then the score panel."""
+    panels = n_features if n_features <= MAX_PANELS else 1
+    return WIDTH_IN, CHROME_IN + PANEL_IN * panels + SCORE_IN
+
+
 def _figure(data: ReportData, figure_cls: Any, dpi: int) -> Any:
     import matplotlib.dates as mdates
 
     n_features = len(data.features)
     panels = n_features if n_features <= MAX_PANELS else 1
-    heights = [0.85] * panels + [2.6]
-    fig = figure_cls(figsize=(13, 1.1 + sum(heights)), dpi=dpi, layout="constrained")
+    heights = [PANEL_IN] * panels + [SCORE_IN]
+    fig = figure_cls(figsize=figure_size(n_features), dpi=dpi, layout="constrained")
     axes = fig.subplots(panels + 1, 1, sharex=True, height_ratios=heights)
     t = data.step_ms.astype("datetime64[ms]")
     labels = alert_labels(data.alerts)
