@@ -208,7 +208,7 @@ def _feature_panel(ax: Any, t: np.ndarray, z: np.ndarray, name: str, driver: boo
             bbox={"boxstyle": "square,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
     ax.tick_params(labelsize=7)
     ax.axhline(0.0, color="0.8", lw=0.5, zorder=0)
-    ax.margins(y=0.12)
+    _headroom(ax, y, 0.4)
 
 
 def _combined_panel(ax: Any, t: np.ndarray, z: np.ndarray, names: Sequence[str], drivers: set[str]) -> None:
@@ -232,6 +232,7 @@ def _score_panel(ax: Any, t: np.ndarray, data: ReportData) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     ax.set_yscale("log")
+    _headroom(ax, np.concatenate([data.alert_score, data.threshold, data.forecast_error]), 0.3, floor=floor)
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
@@ -239,12 +240,27 @@ def _score_panel(ax: Any, t: np.ndarray, data: ReportData) -> None:
     ax.tick_params(labelsize=7)
 
 
+def _headroom(ax: Any, y: np.ndarray, share: float, floor: float | None = None) -> None:
+    """Leave the top ``share`` of the panel free of data, for the alert labels drawn there."""
+    finite = y[np.isfinite(y)]
+    if floor is not None:
+        finite = np.log10(np.maximum(finite, floor))
+    if not len(finite):
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    pad = max(hi - lo, 1e-9)
+    lo, hi = lo - 0.08 * pad, hi + pad * share / (1 - share)
+    ax.set_ylim(*((10 ** lo, 10 ** hi) if floor is not None else (lo, hi)))
+
+
 def _legend(fig: Any, score_ax: Any, data: ReportData) -> None:
     """One legend under the figure, so it never covers a trace."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles = score_ax.get_legend_handles_labels()[0] + [Patch(color=SPAN_COLOUR, alpha=0.35, label="alert span")]
+    handles = score_ax.get_legend_handles_labels()[0]
+    if any(a.alert_id != data.focus for a in data.alerts):
+        handles.append(Patch(color=SPAN_COLOUR, alpha=0.35, label="alert span"))
     if data.focus is not None:
         handles.append(Patch(color=FOCUS_COLOUR, alpha=0.35, label="the alert asked for"))
     if data.labels:
@@ -283,7 +299,7 @@ def _annotate(axes: Sequence[Any], score_ax: Any, data: ReportData, labels: Mapp
         height = 0.97 - 0.09 * (k % _LABEL_ROWS)
         score_ax.text(mid, height, labels[a.alert_id], transform=score_ax.get_xaxis_transform(), ha="center",
                       va="top", fontsize=8, fontweight="bold",
-                      color=FOCUS_COLOUR if a.alert_id == data.focus else "black", clip_on=True)
+                      color="black", clip_on=True)
         if not per_feature:
             continue
         for name, share in a.top_features:
