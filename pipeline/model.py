@@ -85,11 +85,29 @@ def build_inference_model(n_features: int, units: Sequence[int]) -> keras.Model:
     return keras.Model([x, mask, *states_in], [y, h, *states_out])
 
 
-class StepFunction:
-    """One compiled call that advances many streams by any number of steps.
+def build_step_model(n_features: int, units: Sequence[int]) -> keras.Model:
+    """One step of the inference model from ``LSTMCell``s (same weights, same order):
+    ``[x, h0, c0, …] -> [y, top, h0', c0', …]`` for x of shape (B, F). Stepping it gives the
+    sequence model's outputs bit for bit, without the masked time loop's per-call overhead."""
+    x = keras.Input((n_features,), name="x")
+    states_in, states_out = [], []
+    h = x
+    for i, u in enumerate(units):
+        hi, ci = keras.Input((u,), name=f"h{i}"), keras.Input((u,), name=f"c{i}")
+        states_in += [hi, ci]
+        h, (ho, co) = keras.layers.LSTMCell(u, name=f"lstm{i}")(h, [hi, ci])
+        states_out += [ho, co]
+    y = keras.layers.Dense(n_features, name="head")(h)
+    return keras.Model([x, *states_in], [y, h, *states_out])
 
-    The input signature has ``None`` batch and time dimensions, so it is traced once and
-    never again, whatever the poll size.
+
+class StepFunction:
+    """Compiled calls that advance many streams by any number of steps.
+
+    The input signatures have ``None`` batch (and time) dimensions, so each is traced once
+    and never again, whatever the poll size. A call where every stream advances exactly one
+    step (the streaming case) goes through the cell step model; any other through the masked
+    sequence model. Both give the same numbers.
     """
 
     def __init__(self, n_features: int, units: Sequence[int], weights: Sequence[np.ndarray]) -> None:
@@ -97,18 +115,28 @@ class StepFunction:
         self.units = tuple(units)
         self.model = build_inference_model(n_features, units)
         self.model.set_weights(list(weights))
+        self.step_model = build_step_model(n_features, units)
+        self.step_model.set_weights(list(weights))
+        states = [tf.TensorSpec((None, u), tf.float32) for u in self.units for _ in range(2)]
         signature = [tf.TensorSpec((None, None, n_features), tf.float32), tf.TensorSpec((None, None), tf.bool)]
-        signature += [tf.TensorSpec((None, u), tf.float32) for u in self.units for _ in range(2)]
-        self._fn = tf.function(self._call, input_signature=signature, reduce_retracing=True)
+        self._fn = tf.function(self._call, input_signature=signature + states, reduce_retracing=True)
+        self._step_fn = tf.function(self._step, input_signature=[tf.TensorSpec((None, n_features), tf.float32),
+                                                                 *states])
 
     def _call(self, x: tf.Tensor, mask: tf.Tensor, *states: tf.Tensor) -> list[tf.Tensor]:
         return self.model([x, mask, *states], training=False)
 
+    def _step(self, x: tf.Tensor, *states: tf.Tensor) -> list[tf.Tensor]:
+        return self.step_model([x, *states], training=False)
+
     def __call__(self, x: np.ndarray, mask: np.ndarray, states: Sequence[np.ndarray]
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """(predicted change per step, last layer's output per step, final states)."""
-        out = self._fn(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(mask, tf.bool),
-                       *[tf.convert_to_tensor(s, tf.float32) for s in states])
+        tensors = [tf.convert_to_tensor(s, tf.float32) for s in states]
+        if x.shape[1] == 1 and mask.all():
+            out = self._step_fn(tf.convert_to_tensor(x[:, 0], tf.float32), *tensors)
+            return out[0].numpy()[:, None], out[1].numpy()[:, None], [s.numpy() for s in out[2:]]
+        out = self._fn(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(mask, tf.bool), *tensors)
         return out[0].numpy(), out[1].numpy(), [s.numpy() for s in out[2:]]
 
     def zero_states(self, batch: int) -> list[np.ndarray]:
@@ -118,7 +146,9 @@ class StepFunction:
         """Trace and run once so the first real poll pays no compilation."""
         for b in batch_sizes:
             self(np.zeros((b, 1, self.n_features), np.float32), np.ones((b, 1), bool), self.zero_states(b))
+            self(np.zeros((b, 2, self.n_features), np.float32), np.ones((b, 2), bool), self.zero_states(b))
 
     @property
     def tracing_count(self) -> int:
-        return int(self._fn.experimental_get_tracing_count())
+        """Traces of the most traced compiled call (1 = none ever retraced)."""
+        return max(int(self._fn.experimental_get_tracing_count()), int(self._step_fn.experimental_get_tracing_count()))
