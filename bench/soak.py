@@ -295,6 +295,8 @@ def run_soak(cfg: SoakConfig, say: Any = print) -> dict[str, Any]:
         watch.start()
 
         samples = {name: Samples() for name in DAEMONS}
+        load_t: list[float] = []
+        load: list[float] = []  # the machine's 1-minute load average: latency on a shared machine follows it
         exits: dict[str, int | None] = {}
         t0 = live_start / 1000
         next_say = time.time() + 60
@@ -307,6 +309,8 @@ def run_soak(cfg: SoakConfig, say: Any = print) -> dict[str, Any]:
                 samples[name].t.append(time.time() - t0)
                 for k, v in figs.items():
                     samples[name].values[k].append(v)
+            load_t.append(time.time() - t0)
+            load.append(os.getloadavg()[0])
             if exits:
                 say(f"soak: a daemon exited: {exits}")
                 stop.set()
@@ -341,6 +345,7 @@ def run_soak(cfg: SoakConfig, say: Any = print) -> dict[str, Any]:
     report.update(live_steps_closable=len(closable), live_steps_missing=len(missing),
                   live_steps_extra=len(watch.live - closable), missing_examples=missing[:5],
                   duplicate_scores=watch.duplicates)
+    report["load_avg_1m"] = trend(load_t, load, cfg.warmup_s)
     report["registry_versions"] = [v.version for v in list_versions(str(work / "registry"))]
     if own_tmp is not None:
         own_tmp.cleanup()
