@@ -17,12 +17,14 @@ file to share); see :mod:`cli.report_render` for what they show.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import logging
 import math
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -178,8 +180,21 @@ def read_alert(settings: Settings, wanted: str, timeout_s: float) -> RecordedAle
         if isinstance(value, dict) and "alert_id" in value:
             values.append(value)
 
-    read_to_end(settings, settings.topics.alerts, note, timeout_s=timeout_s)
+    with _quiet("kafka"):  # an unreachable broker is reported once, by run(), not per connection attempt
+        read_to_end(settings, settings.topics.alerts, note, timeout_s=timeout_s)
     return fold_recorded(values, wanted, where=f"the alerts topic {settings.topics.alerts!r}")
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only CRITICAL records of ``logger`` while inside."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 # --------------------------------------------------------------------------- replay

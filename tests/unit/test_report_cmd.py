@@ -214,6 +214,21 @@ def test_an_alert_id_from_the_alerts_topic_is_reported_with_its_span_and_model(
                    f"({len(published) - 1} alert events read)\n")
 
 
+def test_an_alerts_topic_that_cannot_be_read_is_one_line_and_exit_1(
+        plant: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from consumers.kafka_clients import ReadTimeout
+
+    def stuck(*_: Any, **__: Any) -> int:
+        raise ReadTimeout("topic 'plant.alerts' not read to its end within 5 s (1 of 4 partitions unfinished)")
+
+    monkeypatch.setattr("consumers.kafka_clients.read_to_end", stuck)
+    argv = plant.argv("--alert", "abcdef", "--out", str(tmp_path / "out"), "--set", "kafka.bootstrap_servers=h:9",
+                      "--set", "topics.alerts=plant.alerts")
+    assert main(argv) == 1
+    assert capsys.readouterr().err == ("plantwatch report: could not read the alerts topic 'plant.alerts': topic "
+                                       "'plant.alerts' not read to its end within 5 s (1 of 4 partitions unfinished)\n")
+
+
 def test_fold_recorded_takes_the_close_and_refuses_ambiguous_prefixes() -> None:
     base = {"asset": "p1", "start_ms": 1000, "peak_score": 2.0, "model_version": "v1", "top_features": []}
     events = [{**base, "alert_id": "abcdef01", "state": "open", "step_ms": 2000, "end_ms": None},
