@@ -30,6 +30,8 @@ MAX_PANELS = 12         # more sensors than this share one panel instead of one 
 WIDTH_IN = 13.0
 PANEL_IN, SCORE_IN, CHROME_IN = 0.85, 2.6, 1.1  # a sensor panel, the score panel, title + axis + legend
 MAX_POINTS = 3000       # per drawn line; longer series become a min/max envelope
+MIN_SHARE = 0.05        # a feature with a smaller share of an alert is not marked as driving it
+MIN_SPAN = 1 / 300      # shortest span drawn, as a fraction of the range: a one-minute alert in a day stays visible
 _LABEL_ROWS = 3         # alert labels are staggered over this many heights so neighbours do not overlap
 SPAN_COLOUR = "tab:orange"
 FOCUS_COLOUR = "tab:purple"
@@ -128,11 +130,18 @@ def span_bounds(alert: AlertRow, data: ReportData) -> tuple[int, int]:
     """The part of an alert inside the drawn range; an open alert runs to the end of the range."""
     end = alert.end_ms if alert.end_ms is not None else data.to_ms
     start = max(alert.start_ms, data.from_ms)
-    return start, max(min(end, data.to_ms), start + data.period_ms)
+    shortest = max(data.period_ms, round((data.to_ms - data.from_ms) * MIN_SPAN))
+    return start, max(min(end, data.to_ms), start + shortest)
+
+
+def drivers_of(alert: AlertRow) -> tuple[tuple[str, float], ...]:
+    """The alert's top features with at least :data:`MIN_SHARE` of it."""
+    return tuple((name, share) for name, share in alert.top_features if share >= MIN_SHARE)
 
 
 def features_text(top: Sequence[tuple[str, float]]) -> str:
-    return ", ".join(f"{name} {100 * share:.0f} %" for name, share in top) or "-"
+    """``Pressure 31 %, Current 15 %``; features the engine named with no share of the alert are left out."""
+    return ", ".join(f"{name} {100 * share:.0f} %" for name, share in top if share >= 0.005) or "-"
 
 
 def overlaps_label(alert: AlertRow, data: ReportData) -> bool:
@@ -197,7 +206,7 @@ def _figure(data: ReportData, figure_cls: Any, dpi: int) -> Any:
 
 
 def _drivers(alerts: Sequence[AlertRow]) -> set[str]:
-    return {name for a in alerts for name, _ in a.top_features}
+    return {name for a in alerts for name, _ in drivers_of(a)}
 
 
 def _feature_panel(ax: Any, t: np.ndarray, z: np.ndarray, name: str, driver: bool) -> None:
@@ -223,7 +232,7 @@ def _combined_panel(ax: Any, t: np.ndarray, z: np.ndarray, names: Sequence[str],
 
 def _score_panel(ax: Any, t: np.ndarray, data: ReportData) -> None:
     floor = _log_floor(data)
-    for series, style in ((data.forecast_error, {"lw": 0.4, "color": "0.55", "alpha": 0.6,
+    for series, style in ((data.forecast_error, {"lw": 0.4, "color": "0.55", "alpha": 0.45,
                                                   "label": "forecast error (RMS)"}),
                           (data.alert_score, {"lw": 1.0, "color": "tab:blue", "label": "alert score"}),
                           (data.threshold, {"lw": 1.0, "ls": "--", "color": "tab:red", "label": "threshold"})):
@@ -265,7 +274,7 @@ def _legend(fig: Any, score_ax: Any, data: ReportData) -> None:
         handles.append(Patch(color=FOCUS_COLOUR, alpha=0.35, label="the alert asked for"))
     if data.labels:
         handles.append(Patch(color=LABEL_COLOUR, alpha=0.8, label="labelled abnormal period"))
-    handles.append(Line2D([], [], color="tab:red", lw=1.0, label="sensor named by an alert"))
+    handles.append(Line2D([], [], color="tab:red", lw=1.0, label="sensor with ≥ 5 % of an alert"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
 
 
@@ -302,7 +311,7 @@ def _annotate(axes: Sequence[Any], score_ax: Any, data: ReportData, labels: Mapp
                       color="black", clip_on=True)
         if not per_feature:
             continue
-        for name, share in a.top_features:
+        for name, share in drivers_of(a):
             if name in index:
                 axes[index[name]].text(mid, 0.93 - 0.22 * (k % _LABEL_ROWS), f"{labels[a.alert_id]} {100 * share:.0f}%",
                                        transform=axes[index[name]].get_xaxis_transform(), ha="center", va="top",
@@ -373,7 +382,7 @@ with the alert spans shaded" src="data:image/png;base64,{img}">
 {labelled}
 <h2>How to read it</h2>
 <p>Top panels: each sensor in units of the model's training standard deviation (0 = its training mean);
-red traces are sensors named by an alert, and the label on a span gives that sensor's share of the
+red traces are sensors with at least 5 % of an alert, and the label on a span gives that sensor's share of the
 alert (its part of the dominating score term, summed over the alert's steps above the threshold). Bottom panel: the alert score (the largest of the per-sensor forecast,
 cross-sectional and flatline terms, each in units of its calibrated level), the threshold in force
 (1 = calibrated; it adapts slowly to the asset), and the RMS forecast error, on a log scale.
