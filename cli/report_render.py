@@ -350,7 +350,7 @@ def html_page(data: ReportData, png: bytes) -> str:
         rows.append(
             f"<tr{focus}><td>{e(labels[a.alert_id])}</td>"
             f"<td><code>{e(a.alert_id)}</code>{e(note)}</td><td>{e(iso(a.start_ms))}</td><td>{e(end)}</td>"
-            f'<td class="num">{e(length)}</td><td class="num">{a.peak_score:.3g}</td>'
+            f'<td class="num">{e(length)}</td><td class="num">{a.peak_score:.2f}</td>'
             f"<td>{e(features_text(a.top_features))}</td><td>{e(a.reason or '-')}</td>"
             + (f"<td>{'yes' if overlaps_label(a, data) else 'no'}</td>" if data.labels else "") + "</tr>")
     table = ("<table><thead><tr><th></th><th>alert id</th><th>start</th><th>end</th><th>length</th>"
