@@ -228,7 +228,7 @@ def replay(settings: Settings, bundle: ModelBundle, asset: str, from_ms: int, to
     parts: list[tuple[np.ndarray, ...]] = []
     events: list[AlertEvent] = []
     first_step = from_ms // bundle.period_ms
-    in_range = 0
+    in_range, last_id = 0, -1  # reading ids rise through the scan; one reading's values may span two batches
 
     def keep(out: Any) -> None:
         sel = np.flatnonzero((out.asset == asset) & (out.step >= first_step) & (out.step * bundle.period_ms < to_ms))
@@ -239,13 +239,16 @@ def replay(settings: Settings, bundle: ModelBundle, asset: str, from_ms: int, to
 
     if engine is not None and first is not None:
         for batch in itertools.chain([first], batches):
-            in_range += len(np.unique(batch.record_index[batch.ts_ms >= from_ms]))
+            ids = np.unique(batch.record_index[batch.ts_ms >= from_ms])
+            in_range += int(np.count_nonzero(ids > last_id))
+            last_id = max(last_id, int(ids[-1])) if len(ids) else last_id
             keep(engine.process(batch))
         keep(engine.flush())
-    f = bundle.n_features
-    cat = (lambda i, empty: np.concatenate([p[i] for p in parts]) if parts else empty)
-    return Replay(cat(0, np.empty(0, np.int64)), cat(1, np.empty((0, f))), cat(2, np.empty(0)), cat(3, np.empty(0)),
-                  cat(4, np.empty(0)), events, stats.records, in_range, dict(stats.unknown_features))
+    empty = (np.empty(0, np.int64), np.empty((0, bundle.n_features)), np.empty(0), np.empty(0), np.empty(0))
+    step, values, alert_score, threshold, forecast_error = (
+        np.concatenate([p[i] for p in parts]) if parts else empty[i] for i in range(5))
+    return Replay(step, values, alert_score, threshold, forecast_error, events, stats.records, in_range,
+                  dict(stats.unknown_features))
 
 
 def fold_events(events: Sequence[AlertEvent], from_ms: int, to_ms: int) -> list[AlertRow]:
