@@ -1,4 +1,5 @@
-"""``plantwatch simulate``: a simulated plant producing readings to Kafka, or normal history to a file."""
+"""``plantwatch simulate``: a simulated plant producing readings to Kafka, or writing normal history or a
+recording with injected anomalies to a file."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline.settings import Settings
 
@@ -22,9 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truth", default=None, help="write the injected anomalies here (JSON lines)")
     p.add_argument("--history-out", default=None,
                    help="write anomaly-free history to this .parquet/.csv file instead of producing to Kafka")
+    p.add_argument("--recording-out", default=None,
+                   help="write the plant with its injected anomalies (see --truth) to this .parquet/.csv file "
+                        "instead of producing to Kafka, e.g. for plantwatch replay")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    from cli.main import UsageError
     from pipeline.simulate import PlantConfig, PlantSimulator, plan_anomalies
 
     period = settings.grid.period_ms
@@ -32,11 +38,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     end = start + args.steps * period
     config = PlantConfig(n_assets=args.assets, period_ms=period, seed=args.seed, day_ms=int(args.day_s * 1000),
                          features=settings.model.features)
+    if args.history_out and args.recording_out:
+        raise UsageError("--history-out and --recording-out are alternatives: give one")
     if args.history_out:
         frame = PlantSimulator(config).history(start, args.steps)
-        out = Path(args.history_out)
-        frame.to_parquet(out, index=False) if out.suffix == ".parquet" else frame.to_csv(out, index=False)
-        print(json.dumps({"history": str(out), "rows": len(frame), "start_ms": start, "end_ms": end}))
+        _write_frame(frame, Path(args.history_out))
+        print(json.dumps({"history": args.history_out, "rows": len(frame), "start_ms": start, "end_ms": end}))
+        return 0
+    anomalies = plan_anomalies(config, start, end, per_asset=args.anomalies_per_asset) if args.anomalies_per_asset else []
+    if args.truth:
+        with open(args.truth, "w", encoding="utf-8") as fh:
+            for a in anomalies:
+                fh.write(json.dumps(a.to_dict()) + "\n")
+    if args.recording_out:
+        frame = PlantSimulator(config, anomalies).frame(start, end)
+        _write_frame(frame, Path(args.recording_out))
+        print(json.dumps({"recording": args.recording_out, "rows": len(frame), "anomalies": len(anomalies),
+                          "start_ms": start, "end_ms": end}))
         return 0
 
     from consumers.kafka_clients import make_producer, require_bootstrap
@@ -44,11 +62,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.simulator_feed import feed
 
     require_bootstrap(settings)
-    anomalies = plan_anomalies(config, start, end, per_asset=args.anomalies_per_asset) if args.anomalies_per_asset else []
-    if args.truth:
-        with open(args.truth, "w", encoding="utf-8") as fh:
-            for a in anomalies:
-                fh.write(json.dumps(a.to_dict()) + "\n")
     producer = make_producer(settings)
     try:
         stats = feed(producer, settings.topics.readings, PlantSimulator(config, anomalies), start, end,
@@ -58,3 +71,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps({"rows": stats.rows, "records": stats.records, "anomalies": len(anomalies),
                       "start_ms": start, "end_ms": end}))
     return 0
+
+
+def _write_frame(frame: Any, out: Path) -> None:
+    frame.to_parquet(out, index=False) if out.suffix == ".parquet" else frame.to_csv(out, index=False)
