@@ -57,6 +57,7 @@ from pipeline.thresholds import TermLevels, combine, ewma, excursion_factor, fea
 MIN_SCALE = 1e-6
 NOVELTY_RIDGE = 0.01
 NOVELTY_FOLDS = 5  # blocks of the cross-validation that calibrates the novelty term out of sample
+SHORT_HISTORY_WINDOWS = True  # shorten the training window for a short history (history_timesteps)
 EXCURSION_STRETCH = True  # stretch levels calibrated on too few independent excursions (thresholds.excursion_factor)
 READ_STEPS = 65_536       # steps per read in the numpy-only passes
 SCORE_CHUNK = 1_024       # steps per asset per scoring call
@@ -388,6 +389,16 @@ def out_of_fold_novelty(bundle: ModelBundle, folds: NoveltyFolds, asset: np.ndar
         sel = fold == k
         pred[sel] = design[sel] @ folds.coefs[k]
     return (x - pred) / bundle.novelty_scale
+
+
+def history_timesteps(configured: int, train_steps: np.ndarray) -> int:
+    """The training window for this history: at most a twentieth of an asset's training steps
+    (the median asset's), never fewer than 8 steps nor more than configured. A short history
+    then still yields many distinct windows to learn from, and a short warm-up."""
+    steps = train_steps[train_steps > 0]
+    if not SHORT_HISTORY_WINDOWS or steps.size == 0:
+        return configured
+    return int(min(configured, max(8, int(np.median(steps)) // 20)))
 
 
 def training_runs(segments: np.ndarray, timesteps: int, chunks: int, streams: int) -> tuple[np.ndarray, int]:
@@ -735,6 +746,10 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     if total < 4 * m.timesteps:
         raise FitError(f"only {total} grid steps of history; need at least {4 * m.timesteps}")
     cut = holdout_start(counts, m.validation_fraction)
+    timesteps = history_timesteps(m.timesteps, cut)
+    if timesteps != m.timesteps:
+        settings = dataclasses.replace(settings, model=dataclasses.replace(m, timesteps=timesteps))
+        m = settings.model
     part = _train_part(history, cut, m.per_asset_scaling)
     mean, scale = part.scaler.rows_for(np.array(history.names, dtype=object))
     runs, chunks = training_runs(part.segments, m.timesteps, m.chunks_per_run, m.streams)

@@ -37,6 +37,7 @@ def _normal_share_of_fresh_recording() -> float:
 
 def test_novelty_levels_from_blocked_cross_validation_keep_a_fresh_normal_recording_quiet(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fit_module, "EXCURSION_STRETCH", False)  # the cross-validation's effect alone
     calibrated_out_of_fold = _normal_share_of_fresh_recording()
     monkeypatch.setattr(fit_module, "NOVELTY_FOLDS", 1)  # one block: levels from the map's own training steps
     calibrated_in_sample = _normal_share_of_fresh_recording()
@@ -53,3 +54,11 @@ def test_levels_stretch_only_where_the_history_holds_too_few_independent_excursi
     assert excursion_factor(400, 0.05, q) > excursion_factor(4000, 0.05, q) > 1.0
     assert excursion_factor(400, 0.3, q) < excursion_factor(400, 0.05, q)  # a fast EWMA has more of them
     assert excursion_factor(1_000_000, 0.3, q) == 1.0  # the sample reaches the quantile: no stretch
+
+
+def test_the_training_window_follows_the_length_of_the_history() -> None:
+    from pipeline.fit import history_timesteps
+
+    assert history_timesteps(32, np.array([320, 320, 0])) == 16  # a 400-row recording, 20 % held out
+    assert history_timesteps(32, np.array([19_000])) == 32       # never longer than configured
+    assert history_timesteps(32, np.array([60])) == 8            # never shorter than 8 steps
