@@ -176,25 +176,24 @@ def _note_alert(alerts: dict[str, list[Any]], value: bytes | None) -> None:
 
 
 def read_label_ranges(uri: str) -> list[Range]:
-    """Labelled abnormal periods from a CSV or Parquet file with columns asset, start_ms, end_ms
-    (milliseconds, datetimes or ISO strings)."""
+    """Labelled abnormal periods from a label file (``pipeline.labels``: asset, start_ms, end_ms
+    as milliseconds, datetimes or ISO strings, or Numenta's windows JSON), local or in object storage."""
+    from pipeline.labels import LabelError, parse_label_ranges
+
     fs, path = storage.resolve(uri)
     try:
         with fs.open_input_file(path) as fh:
-            frame = pd.read_parquet(fh) if path.lower().endswith((".parquet", ".pq")) else pd.read_csv(fh)
+            data = fh.read()
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot read the labels {uri}: {exc}") from None
-    missing = [c for c in ("asset", "start_ms", "end_ms") if c not in frame.columns]
-    if missing:
-        raise TrainError(f"labels {uri}: no column {', '.join(missing)}; it has {list(frame.columns)}")
     try:
-        start, end = timestamps_ms(frame["start_ms"]), timestamps_ms(frame["end_ms"])
-    except TableError as exc:
-        raise TrainError(f"labels {uri}: {exc}") from None
-    backwards = np.flatnonzero(end < start)
-    if len(backwards):
-        raise TrainError(f"labels {uri}: row {int(backwards[0])} ends before it starts")
-    return list(zip(frame["asset"].astype(str).tolist(), start.tolist(), end.tolist()))
+        found = parse_label_ranges(bytes(data), uri)
+    except LabelError as exc:
+        raise TrainError(str(exc)) from None
+    if any(r.unit == "row" for r in found):
+        raise TrainError(f"labels {uri}: row-index ranges name rows of a file, not archived readings; "
+                         "give start_ms, end_ms times")
+    return [(r.name, r.start, r.end) for r in found]
 
 
 def load_exclusions(settings: Settings, span: Span) -> tuple[Exclusions, dict[str, int]]:
