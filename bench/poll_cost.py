@@ -7,8 +7,9 @@ throughput benchmark).
                               [--fleet 100000]
 
 * ``poll_us_per_record_<A>``: median cost of a poll of ``--poll`` records spread over A assets;
-* ``poll_ms_fleet_<N>``: median cost of a poll of ``--poll`` records over 1,000 assets while the
-  detector holds N assets (per-poll cost must follow the records, not the fleet).
+* ``poll_ms_fleet_<N>``: median cost of a poll of (at most 1,000) records over min(N, 1,000) assets
+  while the detector holds N assets (per-poll cost must follow the records, not the fleet);
+* ``detector_bytes_per_asset_<N>``: resident memory the N held assets added, per asset (N >= 10,000).
 
 Also the py-spy target: ``py-spy record -o prof.txt -f raw -- python -m bench.poll_cost``.
 Prints one JSON object; compare ratios, not absolute times, on a shared machine.
@@ -17,7 +18,9 @@ Prints one JSON object; compare ratios, not absolute times, on a shared machine.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -148,14 +151,22 @@ def poll_costs(n_assets: int, poll: int, polls: int, fmt: str, scores_topic: boo
     return times
 
 
-def fleet_cost(fleet: int, poll: int, polls: int) -> float:
-    """Median poll cost over 1,000 active assets while ``fleet`` assets are held."""
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fleet_cost(fleet: int, poll: int, polls: int) -> tuple[float, float]:
+    """Median poll cost over min(fleet, 1,000) active assets while ``fleet`` assets are held,
+    and the resident memory the held assets added, per asset."""
     d = make_detector()
-    if fleet > 1000:
-        idle = Feed(fleet - 1000, "wide", seed=1, prefix="z")
-        while idle.second < 1:
-            d.process(idle.poll(min(poll * 4, fleet - 1000)))
-    feed = Feed(1000, "wide")
+    active = min(fleet, 1000)
+    rss0 = rss_bytes()
+    if fleet > active:
+        idle = Feed(fleet - active, "wide", seed=1, prefix="z")
+        while idle.second < 2:  # two steps each: a closed, scored step and an open one
+            d.process(idle.poll(min(20_000, fleet - active)))
+    feed = Feed(active, "wide")
     feed.offset = 10**9
     for _ in range(5):
         d.process(feed.poll(poll))
@@ -165,7 +176,8 @@ def fleet_cost(fleet: int, poll: int, polls: int) -> float:
         t = time.perf_counter()
         d.process(batch)
         times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    gc.collect()
+    return float(np.median(times)), (rss_bytes() - rss0) / fleet
 
 
 def main() -> None:
@@ -181,7 +193,10 @@ def main() -> None:
     out: dict[str, Any] = {f"poll_us_per_record_{args.assets}_{args.format}": round(
         float(np.median(times)) / args.poll * 1e6, 2)}
     for n in (int(x) for x in args.fleets.split(",") if x):
-        out[f"poll_ms_fleet_{n}"] = round(fleet_cost(n, args.poll, max(5, args.polls // 4)) * 1e3, 2)
+        ms, per_asset = fleet_cost(n, min(args.poll, 1000), max(5, args.polls // 4))
+        out[f"poll_ms_fleet_{n}"] = round(ms * 1e3, 2)
+        if n >= 10_000:
+            out[f"detector_bytes_per_asset_{n}"] = round(per_asset)
     print(json.dumps(out))
 
 

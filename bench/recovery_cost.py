@@ -169,12 +169,16 @@ def main() -> None:
     ap.add_argument("--fleets", default="1000,100000")
     ap.add_argument("--poll", type=int, default=1000)
     ap.add_argument("--sigterm-assets", type=int, default=100000)
+    ap.add_argument("--no-broker", action="store_true", help="only the per-poll and snapshot costs")
     args = ap.parse_args()
     from consumers.broker import LocalBroker
 
     out: dict[str, Any] = {}
     for n in (int(x) for x in args.fleets.split(",")):
         out.update(pure_costs(n, args.poll))
+    if args.no_broker:
+        print(json.dumps(out))
+        return
     with LocalBroker() as broker:
         for n in (int(x) for x in args.fleets.split(",")):
             out[f"checkpoint_s_{n}"] = round(checkpoint_cost(broker.bootstrap_servers, n), 3)

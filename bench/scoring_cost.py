@@ -1,5 +1,7 @@
 """Scoring cost per reading: carried LSTM state (one step per asset per call) against
-recomputing each asset's whole window from a zero state, both batched over the fleet.
+recomputing each asset's whole window from a zero state, both batched over the fleet; the whole
+engine (grid, score, thresholds, alerts); and a naive peer that calls Keras ``predict`` on a
+64-step window for every reading (``naive_over_engine``: its cost over the engine's).
 
     python -m bench.scoring_cost [--assets 1000] [--repeats 30]
 
@@ -38,6 +40,18 @@ def random_bundle(n_features: int, seed: int = 0) -> ModelBundle:
     p = ThresholdParams.from_settings(ThresholdSettings(), normal_mean=0.5, normal_std=0.1)
     return ModelBundle("bench", PUMP_FEATURES[:f], 1000, TIMESTEPS, UNITS, TIMESTEPS, Scaler(np.zeros(f), one),
                        one, np.zeros((2 * f, f)), one, one * 100, one * 3, one * 3, p, weights)
+
+
+NAIVE_WINDOW = 64
+
+
+def _naive_peer(n_features: int) -> Any:
+    """The peer a first implementation would write: a 64-step window per asset and the Keras
+    model's ``predict`` on it for every reading (same layers; cost does not depend on weights)."""
+    import keras
+
+    return keras.Sequential([keras.Input((NAIVE_WINDOW, n_features)), keras.layers.LSTM(UNITS[0], return_sequences=True),
+                             keras.layers.LSTM(UNITS[1]), keras.layers.Dense(n_features)])
 
 
 def _best(fn: Any, repeats: int) -> float:
@@ -83,15 +97,24 @@ def measure(n_assets: int, repeats: int) -> dict[str, Any]:
                                     np.tile(np.arange(f, dtype=np.int32), n_assets), rng.normal(size=n), [],
                                     n_assets))
 
+    naive = _naive_peer(f)
+    one = rng.normal(size=(1, NAIVE_WINDOW, f)).astype(np.float32)
+
+    def naive_reading() -> None:
+        naive.predict(one, verbose=0)
+
     carried_s = _best(carried, repeats)
     recompute_s = _best(recompute, repeats)
     full_s = _best(full_path, repeats)
+    naive_s = _best(naive_reading, max(5, repeats // 3))
     return {
         "assets": n_assets, "features": f, "units": list(UNITS), "window": TIMESTEPS,
         "carried_state_us_per_reading": round(carried_s / n_assets * 1e6, 2),
         "window_recompute_us_per_reading": round(recompute_s / n_assets * 1e6, 2),
         "recompute_over_carried": round(recompute_s / carried_s, 2),
         "full_engine_us_per_reading": round(full_s / n_assets * 1e6, 2),
+        "naive_us_per_reading": round(naive_s * 1e6, 1),
+        "naive_over_engine": round(naive_s / (full_s / n_assets), 1),
         "traces": model.tracing_count,
     }
 
