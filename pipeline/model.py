@@ -85,28 +85,12 @@ def build_inference_model(n_features: int, units: Sequence[int]) -> keras.Model:
     return keras.Model([x, mask, *states_in], [y, h, *states_out])
 
 
-def build_step_model(n_features: int, units: Sequence[int]) -> keras.Model:
-    """One step of the inference model from ``LSTMCell``s (same weights, same order):
-    ``[x, h0, c0, …] -> [y, top, h0', c0', …]`` for x of shape (B, F). Stepping it gives the
-    sequence model's outputs bit for bit, without the masked time loop's per-call overhead."""
-    x = keras.Input((n_features,), name="x")
-    states_in, states_out = [], []
-    h = x
-    for i, u in enumerate(units):
-        hi, ci = keras.Input((u,), name=f"h{i}"), keras.Input((u,), name=f"c{i}")
-        states_in += [hi, ci]
-        h, (ho, co) = keras.layers.LSTMCell(u, name=f"lstm{i}")(h, [hi, ci])
-        states_out += [ho, co]
-    y = keras.layers.Dense(n_features, name="head")(h)
-    return keras.Model([x, *states_in], [y, h, *states_out])
-
-
 class StepFunction:
     """Compiled calls that advance many streams by any number of steps.
 
     The input signatures have ``None`` batch (and time) dimensions, so each is traced once
     and never again, whatever the poll size. A call where every stream advances exactly one
-    step (the streaming case) goes through the cell step model; any other through the masked
+    step (the streaming case) runs the LSTM cells once (no time loop); any other goes through the masked
     sequence model. Both give the same numbers.
     """
 
@@ -115,8 +99,10 @@ class StepFunction:
         self.units = tuple(units)
         self.model = build_inference_model(n_features, units)
         self.model.set_weights(list(weights))
-        self.step_model = build_step_model(n_features, units)
-        self.step_model.set_weights(list(weights))
+        # The one-step call runs the model's own cells and head (same variables: weights set on
+        # self.model serve it too).
+        self._cells = [self.model.get_layer(f"lstm{i}").cell for i in range(len(self.units))]
+        self._head = self.model.get_layer("head")
         states = [tf.TensorSpec((None, u), tf.float32) for u in self.units for _ in range(2)]
         signature = [tf.TensorSpec((None, None, n_features), tf.float32), tf.TensorSpec((None, None), tf.bool)]
         self._fn = tf.function(self._call, input_signature=signature + states, reduce_retracing=True)
@@ -127,7 +113,11 @@ class StepFunction:
         return self.model([x, mask, *states], training=False)
 
     def _step(self, x: tf.Tensor, *states: tf.Tensor) -> list[tf.Tensor]:
-        return self.step_model([x, *states], training=False)
+        h, out = x, []
+        for i, cell in enumerate(self._cells):
+            h, (ho, co) = cell(h, [states[2 * i], states[2 * i + 1]], training=False)
+            out += [ho, co]
+        return [self._head(h), h, *out]
 
     def __call__(self, x: np.ndarray, mask: np.ndarray, states: Sequence[np.ndarray]
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:

@@ -36,3 +36,15 @@ def test_a_masked_single_step_leaves_the_state_untouched(tiny_bundle) -> None:  
     for got, was in zip(final, states):
         np.testing.assert_array_equal(got[1], was[1])
         assert not np.array_equal(got[0], was[0])
+
+
+def test_weights_set_on_the_model_serve_the_one_step_call_too(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    b = tiny_bundle
+    model = StepFunction(b.n_features, b.units, b.weights)
+    x = np.ones((3, 1, b.n_features), np.float32)
+    before = model(x, np.ones((3, 1), bool), model.zero_states(3))[0]
+    model.model.set_weights([w * 0.5 for w in b.weights])  # how an idle network takes a new version
+    stepped = model(x, np.ones((3, 1), bool), model.zero_states(3))[0]
+    looped = model(np.concatenate([x, x], axis=1), np.array([[True, False]] * 3), model.zero_states(3))[0]
+    np.testing.assert_array_equal(stepped[:, 0], looped[:, 0])
+    assert not np.array_equal(stepped, before)
