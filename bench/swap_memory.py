@@ -3,8 +3,9 @@
     python -m bench.swap_memory [--swaps 200] [--assets 1000]
 
 Two versions alternate in a local registry; each swap is prepared by the ModelWatcher
-(load, verify, set weights into the idle network, warm) and applied by the engine
-(re-warming every asset). Prints RSS before and after, and the swap pauses.
+(load, verify, set weights into the idle network, warm), warmed from a copy of every asset's
+remembered steps as the detector's background thread does, and applied by the engine between
+two polls (``--sync``: re-warming every asset inside the pause instead). Prints RSS before and after, and the swap pauses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from bench.scoring_cost import random_bundle
 from consumers.model_watch import ModelWatcher
 from pipeline import registry
-from pipeline.engine import DetectionEngine
+from pipeline.engine import DetectionEngine, warm_start
 from pipeline.readings import DecodedBatch
 from pipeline.settings import GridSettings, load_settings
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--swaps", type=int, default=200)
     ap.add_argument("--assets", type=int, default=1000)
+    ap.add_argument("--sync", action="store_true", help="re-warm every asset inside the pause (no warm start)")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="plantwatch-swaps-")
     settings = load_settings(env={}, overrides={"registry.uri": root})
@@ -49,7 +51,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     t0 = 1_700_000_000_000
 
-    def poll(k: int) -> None:
+    clock = [0]
+
+    def poll(_: int) -> None:
+        clock[0] += 1
+        k = clock[0]
         n = args.assets * f
         engine.process(DecodedBatch(np.repeat(np.arange(args.assets), f), np.repeat(names, f),
                                     np.full(n, t0 + k * 1000), np.tile(np.arange(f, dtype=np.int32), args.assets),
@@ -65,8 +71,15 @@ def main() -> None:
         prepared = watcher.ready()
         assert prepared is not None
         old = engine.model
-        t = time.perf_counter()
-        engine.swap(prepared.bundle, prepared.model)
+        if args.sync:
+            t = time.perf_counter()
+            engine.swap(prepared.bundle, prepared.model)
+        else:  # as the detector does: warm from a copy of the rings (its background thread), a poll
+            # goes by, then the swap continues each asset over the step since the copy
+            start = warm_start(prepared.bundle, prepared.model, engine.ring_copy())
+            poll(1000 + i)
+            t = time.perf_counter()
+            engine.swap_warm(prepared.bundle, prepared.model, start)
         pauses.append(time.perf_counter() - t)
         watcher.swapped(prepared, old)
         poll(40 + i)

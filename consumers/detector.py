@@ -41,7 +41,7 @@ from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
 from pipeline.dead_letters import dead_letter
-from pipeline.engine import DetectionEngine, EngineOutput, SwapError
+from pipeline.engine import DetectionEngine, EngineOutput, SwapError, warm_start
 from pipeline.logs import get_logger
 from pipeline.readings import DecodeLimits, Reject, decode_batch
 from pipeline.settings import Settings
@@ -106,6 +106,7 @@ class Detector:
         self.follow_registry = follow_registry
         self.watcher: Any = None
         self.swap_pauses_s: list[float] = []
+        self._warming: tuple[Any, threading.Thread, dict[str, Any]] | None = None  # a swap being prepared
         self.restore_s: list[float] = []
         metrics.MODEL.info({"version": bundle.version})
         self._set_health(model_loaded=True)
@@ -460,19 +461,46 @@ class Detector:
 
     # ------------------------------------------------------------------ swaps
     def _maybe_swap(self) -> None:
-        """Swap to a prepared model between two polls; the pause is measured and logged."""
-        prepared = self.watcher.ready()
-        if prepared is None:
+        """Swap to a prepared model between two polls. The new model's state is first warmed
+        from a copy of every asset's remembered steps on a background thread; the swap itself
+        continues each asset over the steps since the copy, so the pause (measured and logged)
+        does not grow with the fleet."""
+        if self._warming is None:
+            prepared = self.watcher.ready()
+            if prepared is None:
+                return
+            try:
+                self.engine.check_swap(prepared.bundle, prepared.model)
+            except SwapError as exc:
+                self._refuse(prepared, exc)
+                return
+            ring, box = self.engine.ring_copy(), {}
+
+            def work() -> None:
+                try:
+                    box["warm"] = warm_start(prepared.bundle, prepared.model, ring)
+                except Exception as exc:  # the swap then re-warms on the main thread
+                    box["error"] = exc
+
+            thread = threading.Thread(target=work, name="warm-start", daemon=True)
+            thread.start()
+            self._warming = (prepared, thread, box)
             return
+        prepared, thread, box = self._warming
+        if thread.is_alive():
+            return
+        self._warming = None
+        if "error" in box:
+            self.log.warning("warm start failed; re-warming at the swap", error=str(box["error"]))
         old_version, old_model = self.engine.model_version, self.engine.model
         t = time.perf_counter()
         try:
-            warmed = self.engine.swap(prepared.bundle, prepared.model)
+            if "warm" in box:
+                warmed = self.engine.swap_warm(prepared.bundle, prepared.model, box["warm"])
+            else:
+                warmed = self.engine.swap(prepared.bundle, prepared.model)
         except SwapError as exc:
-            self.watcher.refused.add(prepared.bundle.version)
-            metrics.MODEL_SWAPS.labels("refused").inc()
-            self.log.error("model refused; the current one keeps serving", version=prepared.bundle.version,
-                           error=str(exc))
+            self._refuse(prepared, exc)
             return
         pause = time.perf_counter() - t
         self.swap_pauses_s.append(pause)
@@ -481,6 +509,12 @@ class Detector:
         metrics.MODEL.info({"version": prepared.bundle.version})
         self.log.info("model swapped", old=old_version, new=prepared.bundle.version, assets_rewarmed=warmed,
                       pause_ms=round(pause * 1000, 2), prepare_s=round(prepared.prepare_s, 3))
+
+    def _refuse(self, prepared: Any, exc: SwapError) -> None:
+        self.watcher.refused.add(prepared.bundle.version)
+        metrics.MODEL_SWAPS.labels("refused").inc()
+        self.log.error("model refused; the current one keeps serving", version=prepared.bundle.version,
+                       error=str(exc))
 
 
 def make_state_producer(settings: Settings) -> Any:

@@ -39,6 +39,7 @@ class ModelWatcher:
     def __init__(self, settings: Settings, serving: ModelBundle) -> None:
         self.settings = settings
         self.serving_version = serving.version
+        self.taken: str | None = None  # version handed to the detector, not yet serving
         self.features = serving.features
         self.log = get_logger("plantwatch.models")
         self._idle: dict[tuple[int, tuple[int, ...]], StepFunction] = {}
@@ -63,13 +64,16 @@ class ModelWatcher:
     def ready(self) -> PreparedModel | None:
         """A prepared model, if one is waiting (never blocks)."""
         try:
-            return self._offer.get_nowait()
+            prepared = self._offer.get_nowait()
         except queue.Empty:
             return None
+        self.taken = prepared.bundle.version  # being warmed up by the detector: not prepared again
+        return prepared
 
     def swapped(self, prepared: PreparedModel, previous_model: StepFunction) -> None:
         """The detector now serves ``prepared``; the previous network becomes the idle spare."""
         self.serving_version = prepared.bundle.version
+        self.taken = None
         self._idle[(previous_model.n_features, tuple(previous_model.units))] = previous_model
         self._wake.set()
 
@@ -85,7 +89,7 @@ class ModelWatcher:
             except (RegistryError, OSError) as exc:
                 self.log.warning("registry unreadable", error=str(exc))
                 continue
-            if version is None or version == self.serving_version or version in self.refused:
+            if version is None or version in (self.serving_version, self.taken) or version in self.refused:
                 continue
             self._prepare(version)
 

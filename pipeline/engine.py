@@ -43,6 +43,34 @@ class EngineOutput:
         return len(self.step)
 
 
+@dataclass
+class WarmStart:
+    """A new model's LSTM state for every asset, computed from a copy of the remembered steps
+    (off the main thread): at the swap, an asset whose ring only grew since the copy continues
+    from it over the new steps, so the pause does not grow with the fleet."""
+
+    version: str
+    rows: np.ndarray        # int64 (R,)
+    names: list[str | None]
+    epoch: np.ndarray       # int64 (R,) FleetState.epoch at the copy
+    seen: np.ndarray        # int64 (R,) steps the state was warmed over (the ring's count at the copy)
+    since: np.ndarray       # int64 (R,) since_reset at the copy
+    states: list[np.ndarray]
+    last_pred: np.ndarray   # float32 (R, F)
+
+
+@dataclass
+class RingCopy:
+    """What a warm start needs from the fleet state, copied on the main thread between polls."""
+
+    rows: np.ndarray
+    names: list[str | None]
+    epoch: np.ndarray
+    since: np.ndarray
+    values: np.ndarray  # (R, H, F) remembered steps, oldest first, left-aligned
+    mask: np.ndarray    # (R, H)
+
+
 class SwapError(ValueError):
     """A new model cannot take over this engine's state (different features or grid period)."""
 
@@ -82,19 +110,98 @@ class DetectionEngine:
         recent steps, so its first scores are not from a cold state; the score terms restart
         at their normal level and the online threshold re-seeds from the new calibration.
         """
+        self.check_swap(bundle, model)
+        rows = np.array(sorted(self.state.index.values()), dtype=np.int64)
+        self._install(bundle, model)
+        return self.rewarm(rows)
+
+    def ring_copy(self) -> RingCopy:
+        """Copy every asset's remembered steps (main thread, between polls) for :func:`warm_start`."""
+        state = self.state
+        rows = np.array(sorted(state.index.values()), dtype=np.int64)
+        values, mask = state.recent_batch(rows)
+        return RingCopy(rows, [state.names[r] for r in rows.tolist()], state.epoch[rows].copy(),
+                        state.cols["since_reset"][rows].copy(), values, mask)
+
+    def swap_warm(self, bundle: ModelBundle, model: StepFunction, warm: WarmStart) -> int:
+        """:meth:`swap` with the re-warm done beforehand (:func:`warm_start`): an asset whose
+        ring only grew since the copy (same asset, no reset, fewer new steps than the ring
+        holds) continues from the warm state over its new steps; any other is re-warmed here
+        from its ring. Returns the assets warmed."""
+        self.check_swap(bundle, model)
+        state = self.state
+        now = np.array(sorted(state.index.values()), dtype=np.int64)
+        pos = {r: i for i, r in enumerate(warm.rows.tolist())}
+        cont, src, fresh = [], [], []
+        since_now = state.cols["since_reset"]
+        for r in now.tolist():
+            i = pos.get(r)
+            if (i is not None and warm.names[i] == state.names[r] and warm.epoch[i] == state.epoch[r]
+                    and 0 <= since_now[r] - warm.since[i] < state.history):
+                cont.append(r)
+                src.append(i)
+            else:
+                fresh.append(r)
+        cont_a, src_a = np.array(cont, np.int64), np.array(src, np.int64)
+        new_steps = since_now[cont_a] - warm.since[src_a]
+        self._install(bundle, model)
+        if len(cont_a):
+            for a, w in zip(state.lstm, warm.states):
+                a[cont_a] = w[src_a]
+            state.last_pred[cont_a] = warm.last_pred[src_a]
+            seen = warm.seen[src_a] + new_steps
+            state.cols["has_pred"][cont_a] = seen > 0
+            state.cols["since_reset"][cont_a] = seen
+            more = new_steps > 0
+            if more.any():
+                self._continue(cont_a[more], new_steps[more])
+            self._reseed(cont_a)
+        warmed = int((warm.seen[src_a] + new_steps > 0).sum()) if len(cont_a) else 0
+        return warmed + (self.rewarm(np.array(fresh, np.int64)) if fresh else 0)
+
+    def _continue(self, rows: np.ndarray, n_new: np.ndarray) -> None:
+        """Advance these assets' (new-model) state over their last ``n_new`` remembered steps."""
+        state, bundle = self.state, self.bundle
+        h = state.history
+        width = int(n_new.max())
+        head = state.cols["recent_head"][rows]
+        offsets = np.arange(width)
+        slots = (head[:, None] - n_new[:, None] + offsets[None, :]) % h
+        mask = offsets[None, :] < n_new[:, None]
+        values = state.recent_values[rows[:, None], slots]
+        names = np.array([state.names[r] for r in rows.tolist()], dtype=object)
+        x = scaled_values(bundle, np.repeat(names, width), values.reshape(-1, bundle.n_features)).reshape(values.shape)
+        y, top, final = self.model(x, mask, [a[rows] for a in state.lstm])
+        y = predicted_change(bundle, names, y, top)
+        last = n_new - 1
+        for a, fin in zip(state.lstm, final):
+            a[rows] = fin
+        idx = np.arange(len(rows))
+        state.last_pred[rows] = x[idx, last] + y[idx, last]
+
+    def check_swap(self, bundle: ModelBundle, model: StepFunction) -> None:
+        """Raise :class:`SwapError` if ``model`` cannot take over this engine's state."""
         old = self.bundle
         if bundle.features != old.features or bundle.period_ms != old.period_ms:
             raise SwapError(f"model {bundle.version} has features {list(bundle.features)} and period "
                             f"{bundle.period_ms} ms; serving {list(old.features)} at {old.period_ms} ms")
         if bundle.units != tuple(model.units):
             raise SwapError(f"model {bundle.version} has layers {bundle.units}, the prepared network {model.units}")
+
+    def _install(self, bundle: ModelBundle, model: StepFunction) -> None:
+        """Old LSTM state means nothing to new weights: every asset restarts (warm where it can)."""
         state = self.state
-        rows = np.array(sorted(state.index.values()), dtype=np.int64)
-        # Old LSTM state means nothing to new weights: every asset restarts, warm where it can.
         state.units = tuple(bundle.units)
         state.lstm = [np.zeros((len(state.last_pred), u), np.float32) for u in bundle.units for _ in range(2)]
         self.bundle, self.model = bundle, model
-        return self.rewarm(rows)
+
+    def _reseed(self, rows: np.ndarray) -> None:
+        """Score terms restart at their normal level and the online threshold re-seeds."""
+        state = self.state
+        state.vectors["forecast_ewma"][rows] = PRIOR_LEVEL
+        state.vectors["novelty_ewma"][rows] = PRIOR_LEVEL
+        state.cols["adapt_mean"][rows] = np.nan
+        state.cols["adapt_var"][rows] = np.nan
 
     def rewarm(self, rows: np.ndarray) -> int:
         """Rebuild these assets' LSTM state with the serving model from their remembered recent
@@ -116,10 +223,7 @@ class DetectionEngine:
             state.last_pred[warm] = x[np.arange(len(warm)), last] + y[np.arange(len(warm)), last]
             state.cols["has_pred"][warm] = True
             state.cols["since_reset"][warm] = last + 1
-        state.vectors["forecast_ewma"][rows] = PRIOR_LEVEL
-        state.vectors["novelty_ewma"][rows] = PRIOR_LEVEL
-        state.cols["adapt_mean"][rows] = np.nan
-        state.cols["adapt_var"][rows] = np.nan
+        self._reseed(rows)
         return len(warm)
 
     def flush(self) -> EngineOutput:
@@ -154,3 +258,25 @@ class DetectionEngine:
         return EngineOutput(steps.asset, steps.step, steps.values, scored.score, alert_score, threshold,
                             scored.errors, terms, events, result.late_records, result.future_records,
                             result.counters)
+
+
+def warm_start(bundle: ModelBundle, model: StepFunction, ring: RingCopy) -> WarmStart:
+    """The new model run over each asset's copied ring from a zero state (the same computation
+    as :meth:`DetectionEngine.rewarm`), on any thread: it touches only the copy."""
+    n = ring.mask.sum(axis=1).astype(np.int64)
+    states = model.zero_states(len(ring.rows))
+    last_pred = np.zeros((len(ring.rows), bundle.n_features), np.float32)
+    warm = np.flatnonzero(n > 0)
+    if len(warm):
+        names = np.array([ring.names[i] for i in warm.tolist()], dtype=object)
+        values = ring.values[warm]
+        x = scaled_values(bundle, np.repeat(names, values.shape[1]),
+                          values.reshape(-1, bundle.n_features)).reshape(values.shape)
+        y, top, final = model(x, ring.mask[warm], model.zero_states(len(warm)))
+        y = predicted_change(bundle, names, y, top)
+        last = n[warm] - 1
+        for a, fin in zip(states, final):
+            a[warm] = fin
+        idx = np.arange(len(warm))
+        last_pred[warm] = x[idx, last] + y[idx, last]
+    return WarmStart(bundle.version, ring.rows, ring.names, ring.epoch, n, ring.since, states, last_pred)

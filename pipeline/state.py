@@ -72,6 +72,10 @@ class FleetState:
         # Model version an open alert was opened under: its id and events keep it across a swap.
         self.alert_version: dict[int, str] = {}
         self.cols: dict[str, np.ndarray] = {name: np.empty(0, t) for name, t in _SCALARS.items()}
+        # Bumped whenever a row's ring restarts or is replaced (reset, restore): lets a warm
+        # start computed off the main thread tell whether it still continues the row's ring.
+        # Not part of snapshots.
+        self.epoch = np.empty(0, np.int64)
         self._grow(capacity)
 
     def __len__(self) -> int:
@@ -88,6 +92,7 @@ class FleetState:
             self.vectors[name] = np.vstack([arr, np.zeros((extra, self.n_features), arr.dtype)])
         for name, col in self.cols.items():
             self.cols[name] = np.concatenate([col, np.zeros(extra, col.dtype)])
+        self.epoch = np.concatenate([self.epoch, np.zeros(extra, np.int64)])
         self._cap = capacity
         self._init_rows(np.arange(capacity - extra, capacity))
 
@@ -104,6 +109,7 @@ class FleetState:
         for name, col in self.cols.items():
             col[rows] = np.nan if col.dtype == np.float64 else 0
         self.cols["adapt_var"][rows] = np.nan
+        self.epoch[rows] += 1
 
     def rows(self, assets: np.ndarray) -> np.ndarray:
         """Row of each asset, creating rows for assets seen for the first time."""
@@ -148,6 +154,7 @@ class FleetState:
         # A reset starts a new run: steps before it are not continuous with the ones after.
         last_reset = np.full(len(uniq), -1)
         np.maximum.at(last_reset, inv, np.where(reset, rank, -1))
+        self.epoch[uniq[last_reset >= 0]] += 1
         count[uniq] = np.minimum(h, np.where(last_reset >= 0, n_new - last_reset, count[uniq] + n_new))
 
     def recent(self, row: int) -> np.ndarray:
@@ -173,6 +180,7 @@ class FleetState:
             a[rows] = 0.0
         self.cols["has_pred"][rows] = False
         self.cols["since_reset"][rows] = 0
+        self.epoch[rows] += 1
 
     def _blocks(self) -> list[np.ndarray]:
         """The per-row arrays a snapshot carries, in their fixed order."""
@@ -218,6 +226,7 @@ class FleetState:
             start += width
         if start != len(blob):
             raise ValueError(f"snapshot of {head['asset']!r} has {len(blob) - start} unexpected trailing bytes")
+        self.epoch[r] += 1
         if head["grid"] is not None:
             self.grid.assets[head["asset"]] = AssetGrid.restore(self.n_features, head["grid"])
         else:
