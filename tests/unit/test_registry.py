@@ -27,6 +27,8 @@ from pipeline.bundle import MANIFEST, WEIGHTS, BundleError, ModelBundle, Scaler,
 from pipeline.registry import RegistryError
 from pipeline.settings import ThresholdSettings, load_settings
 
+from tests.delegating_fs import Delegating
+
 FEATURES = ("a", "b", "c")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -226,62 +228,7 @@ def test_prune_removes_only_stale_staging_entries_and_incomplete_versions(root: 
 # ---------------------------------------------------------------- object-store semantics
 
 
-class _Delegating(pafs.FileSystemHandler):
-    """A filesystem handler that passes every call on to another filesystem."""
-
-    def __init__(self, fs: pafs.FileSystem) -> None:
-        self.fs = fs
-
-    def get_type_name(self) -> str:
-        return "delegating"
-
-    def equals(self, other: Any) -> bool:
-        return self is other
-
-    def normalize_path(self, path: str) -> str:
-        return path
-
-    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(selector)
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self.fs.delete_dir(path)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self) -> None:
-        raise NotImplementedError
-
-    def delete_file(self, path: str) -> None:
-        self.fs.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self.fs.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self.fs.copy_file(src, dest)
-
-    def open_input_stream(self, path: str) -> Any:
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path: str) -> Any:
-        return self.fs.open_input_file(path)
-
-    def open_output_stream(self, path: str, metadata: Any) -> Any:
-        return self.fs.open_output_stream(path, metadata=metadata)
-
-    def open_append_stream(self, path: str, metadata: Any) -> Any:
-        raise NotImplementedError
-
-
-class _NoDirMoves(_Delegating):
+class _NoDirMoves(Delegating):
     """An in-memory filesystem that, like S3 or GCS, cannot move a directory."""
 
     def get_type_name(self) -> str:
@@ -308,7 +255,7 @@ def test_filesystems_without_directory_moves_copy_then_point(monkeypatch: pytest
 # ---------------------------------------------------------------- crash safety
 
 
-class Halting(_Delegating):
+class Halting(Delegating):
     """Numbers the changes a process makes to a filesystem: creating a directory, creating a
     file, writing the first half of a write, moving, deleting (a directory's files one by one,
     then the directory). At change number ``halt_at``

@@ -39,6 +39,8 @@ from pipeline.settings import PUMP_FEATURES, StorageSettings, load_settings
 from tests.integration.faults import record
 from tests.unit.test_registry import make_bundle
 
+from tests.delegating_fs import Delegating
+
 
 # ---------------------------------------------------------------- a disk that fills up
 
@@ -83,60 +85,19 @@ class DiskState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _FullDisk(pafs.FileSystemHandler):
+class _FullDisk(Delegating):
     """The local disk, through :class:`_Budget` writes."""
 
     def __init__(self, disk: DiskState) -> None:
-        self.fs, self.disk = pafs.LocalFileSystem(), disk
+        super().__init__(pafs.LocalFileSystem())
+        self.disk = disk
 
     def get_type_name(self) -> str:
         return "fulldisk"
 
-    def equals(self, other: Any) -> bool:
-        return self is other
-
-    def normalize_path(self, path: str) -> str:
-        return path
-
-    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return self.fs.get_file_info(selector)
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self.fs.delete_dir(path)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self) -> None:
-        raise NotImplementedError
-
-    def delete_file(self, path: str) -> None:
-        self.fs.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self.fs.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self.fs.copy_file(src, dest)
-
-    def open_input_stream(self, path: str) -> Any:
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path: str) -> Any:
-        return self.fs.open_input_file(path)
-
     def open_output_stream(self, path: str, metadata: Any) -> Any:
         self.disk.opened.append(path)
         return pa.PythonFile(_Budget(open(path, "wb"), self.disk), mode="w")
-
-    def open_append_stream(self, path: str, metadata: Any) -> Any:
-        raise NotImplementedError
 
 
 @pytest.fixture
