@@ -140,7 +140,13 @@ class Feed:
 def poll_costs(n_assets: int, poll: int, polls: int, fmt: str, scores_topic: bool = False) -> list[float]:
     d = make_detector(scores_topic)
     feed = Feed(n_assets, fmt)
-    for _ in range(5):  # warm-up: first steps, warm-up steps of the model
+    return timed_polls(d, feed, poll, polls)
+
+
+def timed_polls(d: Any, feed: Feed, poll: int, polls: int) -> list[float]:
+    """Seconds of ``d.process`` for each of ``polls`` polls of ``poll`` records, after five
+    warm-up polls (first steps, the model's warm-up steps)."""
+    for _ in range(5):
         d.process(feed.poll(poll))
     times = []
     for _ in range(polls):
@@ -168,14 +174,7 @@ def fleet_cost(fleet: int, poll: int, polls: int) -> tuple[float, float]:
             d.process(idle.poll(min(20_000, fleet - active)))
     feed = Feed(active, "wide")
     feed.offset = 10**9
-    for _ in range(5):
-        d.process(feed.poll(poll))
-    times = []
-    for _ in range(polls):
-        batch = feed.poll(poll)
-        t = time.perf_counter()
-        d.process(batch)
-        times.append(time.perf_counter() - t)
+    times = timed_polls(d, feed, poll, polls)
     gc.collect()
     return float(np.median(times)), (rss_bytes() - rss0) / fleet
 
