@@ -1,12 +1,19 @@
-"""``plantwatch fit``: train a model bundle from a table of normal readings."""
+"""``plantwatch fit``: train a model bundle from a table of normal readings.
+
+Unless ``grid.period_s`` is set (``--set``, config file or environment), the grid period is
+the data's own spacing: the median spacing of each asset's readings (:mod:`pipeline.spacing`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
+from cli.evaluate_cmd import period_is_set
 from cli.tables_args import add_table_arguments, default_asset, features_for, load_table, with_features
 from pipeline.settings import Settings
+from pipeline.spacing import PeriodChoice, choose_period, median_period_s, spacing_hint, stamps_by_asset, with_period
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,10 +38,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         batch = frame_to_batch(frame, settings.model.features, ts_col=args.time_col, asset_col=args.asset_col,
                                default_asset=default_asset(args))
-        bundle, report = fit_bundle(batch, settings, metadata={"source": str(args.data)},
-                                    progress=lambda p: log.info("epoch", **p))
-    except (TableError, FitError) as exc:
+    except TableError as exc:
         raise UsageError(str(exc)) from None
+    data_s = median_period_s(stamps_by_asset(batch.asset, batch.ts_ms))
+    choice = choose_period(settings.grid.period_s, data_s, explicit=period_is_set(args))
+    settings = with_period(settings, choice.period_s)
+    log_period(log, choice)
+    try:
+        bundle, report = fit_bundle(batch, settings, progress=lambda p: log.info("epoch", **p),
+                                    metadata={"source": str(args.data), "grid_period": choice.to_dict()})
+    except FitError as exc:
+        hint = spacing_hint(choice.period_s, data_s)
+        raise UsageError(f"{exc}; {hint}" if hint else str(exc)) from None
     from trainers.report import report_files
 
     save_bundle(bundle, args.out, extra=report_files(bundle))  # loss curves beside the bundle
@@ -42,5 +57,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
              threshold=round(bundle.thresholds.threshold, 4))
     print(json.dumps({"version": bundle.version, "path": args.out, "epochs": report.epochs,
                       "validation_error": bundle.metadata["validation_error"],
-                      "threshold": bundle.thresholds.threshold}))
+                      "threshold": bundle.thresholds.threshold,
+                      "period_s": bundle.period_ms / 1000, "period_from": choice.source}))
     return 0
+
+
+
+def log_period(log: Any, choice: PeriodChoice) -> None:
+    """Which grid period the fit uses and why; a warning when it does not fit the data's spacing."""
+    log.info("grid period", period_s=choice.period_s, source=choice.source, data_period_s=choice.data_period_s,
+             reason=choice.reason)
+    if choice.warning:
+        log.warning(choice.warning)

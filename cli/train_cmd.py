@@ -3,6 +3,9 @@
 Prints one JSON line on stdout (status, version, reason or error) and exits with one of
 :data:`EXIT_CODES`: 0 published, 3 refused by the gate (the serving model stays: not an
 error), 75 busy (another run holds the lock: nothing was tried, try later), 1 failed, 2 usage.
+
+Unless ``grid.period_s`` is set (``--set``, config file or environment), the grid period is the
+serving model's, or for a first model the archive's own spacing (:func:`trainers.train.run_training`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import textwrap
 import time
 from typing import Any, TextIO
 
+from cli.evaluate_cmd import period_is_set
 from pipeline.settings import Settings, SettingsError
 from trainers.schedule import EXIT_FAILED, EXIT_PUBLISHED, EXIT_REFUSED, EXIT_USAGE
 
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     t = settings.trainer
     try:
         with RunLock(t.lock_path, t.lock_max_age_s, lease_s=t.lock_lease_s) as lock:
-            outcome = run_training(settings, now_ms, progress=terminal, before_publish=lock.check)
+            outcome = run_training(settings, now_ms, progress=terminal, before_publish=lock.check,
+                                   period_from_data=not period_is_set(args))
     except LockHeld as exc:
         log.error("training run not started", error=str(exc))
         _emit({"status": "busy", "error": str(exc)})

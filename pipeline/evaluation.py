@@ -57,6 +57,7 @@ from pipeline.quality_metrics import (
 )
 from pipeline.readings import DecodedBatch
 from pipeline.settings import GridSettings, Settings
+from pipeline.spacing import median_period_s
 from pipeline.tables import frame_to_batch, timestamps_ms
 
 Plan = Literal["per_file", "fleet", "train_file", "paired"]
@@ -124,11 +125,9 @@ def median_spacing_ms(ts_ms: np.ndarray) -> float | None:
 
 
 def data_period_s(series: Sequence[Series]) -> float | None:
-    """The data's own grid period: the median positive spacing of every series' stamps, in seconds."""
-    diffs = [np.diff(s.ts_ms) for s in series]
-    d = np.concatenate(diffs) if diffs else np.empty(0, np.int64)
-    d = d[d > 0]
-    return float(np.median(d)) / 1000 if d.size else None
+    """The data's own grid period: the median positive spacing of every series' stamps, in seconds
+    (:func:`pipeline.spacing.median_period_s`, as ``fit`` and ``train`` read it)."""
+    return median_period_s(s.ts_ms for s in series)
 
 
 def in_row_order(ts_ms: np.ndarray) -> tuple[np.ndarray, list[str]]:

@@ -3,7 +3,11 @@
 One run (``plantwatch train``, or one tick of ``plantwatch schedule``):
 
 1. The range ends at the run's time ``now``: ``[now - lookback, now - holdout)`` is trained
-   on, the newest ``holdout`` hours are kept out of training for the gate.
+   on, the newest ``holdout`` hours are kept out of training for the gate. The grid period is
+   ``grid.period_s`` when the user set it, else the serving model's (a hot swap needs the same
+   period), else, for a first model, the data's own spacing: the median spacing of the first
+   readings of each asset in the training range (:mod:`pipeline.spacing`). A period more than
+   twice off that spacing is logged as a warning naming ``grid.period_s``.
 2. Periods known to be abnormal are dropped from both: the alerts on the alerts topic
    (per asset, from the alert's start to its close, or to ``now`` while open) and the
    labelled ranges of ``trainer.labels_uri``. A model must learn normal behaviour only,
@@ -44,20 +48,22 @@ import pandas as pd
 
 from pipeline import storage
 from pipeline.bundle import BundleError, ModelBundle
-from pipeline.fit import fit_stream
+from pipeline.fit import FitError, fit_stream
 from pipeline.logs import get_logger
 from pipeline.readings import DecodedBatch
 from pipeline.registry import RegistryError, current_version, load_version, publish, store_candidate
 from pipeline.settings import Settings
-from pipeline.tables import TableError, timestamps_ms
+from pipeline.spacing import PeriodChoice, StampSample, choose_period, median_period_s, spacing_hint, with_period
 from trainers.archive_scan import scan_archive
 from trainers.gate import GateDecision, compare, decide, incompatibility, unconditional
 from trainers.announce import announce, has_broker
 from trainers.report import report_files
 from trainers.schedule import EXIT_PUBLISHED, EXIT_REFUSED
+
 HOUR_MS = 3_600_000
 LOG_EVERY_S = 30.0          # scan progress is logged at most this often (epochs and passes always)
 ALERTS_TIMEOUT_S = 120.0    # longest wait to read the alerts topic to its end
+PERIOD_SAMPLE_STAMPS = 256  # first distinct stamps of each asset read for the data's own spacing
 _LIBRARIES = ("pyarrow", "pandas", "kafka-python", "structlog")
 
 Range = tuple[str, int, int]  # asset, start_ms, end_ms (end exclusive)
@@ -307,11 +313,12 @@ class TrainOutcome:
 
 
 def run_training(settings: Settings, now_ms: int, *, progress: Progress | None = None,
-                 before_publish: Callable[[], None] | None = None) -> TrainOutcome:
+                 before_publish: Callable[[], None] | None = None, period_from_data: bool = False) -> TrainOutcome:
     """One training run ending at ``now_ms``; raises on failure (see :class:`TrainError`).
 
     ``before_publish`` is called just before publishing and may raise to stop it (the run
-    lock's check that this run still holds its lease)."""
+    lock's check that this run still holds its lease). ``period_from_data``: the user has not
+    set ``grid.period_s``, so the run takes the serving model's period, or the data's spacing."""
     storage.configure(settings.storage)
     t = settings.trainer
     train_span, holdout = spans(now_ms, t.lookback_hours, t.holdout_hours)
@@ -324,13 +331,22 @@ def run_training(settings: Settings, now_ms: int, *, progress: Progress | None =
     excluded_at = time.monotonic()
 
     champion = _champion(settings)
+    period = _grid_period(settings, train_span, exclusions, champion, period_from_data, run_log)
+    settings = with_period(settings, period.period_s)
     start = _starting_point(settings, champion)
     source = _Source(settings, train_span, exclusions, "train", reporter, t.min_rows)
-    bundle, report = fit_stream(source.open, settings,
-                                progress=lambda e: reporter.emit("training progress", {"phase": "fit", **e},
-                                                                 milestone=True),
-                                initial_weights=start.weights if start else None,
-                                metadata={"fine_tuned_from": start.version} if start else None)
+    try:
+        bundle, report = fit_stream(source.open, settings,
+                                    progress=lambda e: reporter.emit("training progress", {"phase": "fit", **e},
+                                                                     milestone=True),
+                                    initial_weights=start.weights if start else None,
+                                    metadata={"grid_period": period.to_dict(),
+                                              **({"fine_tuned_from": start.version} if start else {})})
+    except FitError as exc:
+        hint = spacing_hint(period.period_s, period.data_period_s)
+        if hint is None:
+            raise
+        raise FitError(f"{exc}; {hint}") from None
     fitted_at = time.monotonic()
     run_log.info("model fitted", version=bundle.version, epochs=report.epochs, best_epoch=report.best_epoch,
                  validation_error=bundle.metadata.get("validation_error"), duration_s=round(report.duration_s, 1),
@@ -365,6 +381,38 @@ def run_training(settings: Settings, now_ms: int, *, progress: Progress | None =
     run_log.info("model published", version=version, registry=settings.registry.uri, announced=announced,
                  duration_s=round(time.monotonic() - started, 1))
     return TrainOutcome(True, version, decision, announced, bundle.metadata)
+
+
+def sample_data_period_s(settings: Settings, span: Span, exclusions: Exclusions,
+                         per_asset: int = PERIOD_SAMPLE_STAMPS) -> float | None:
+    """The archive's own spacing over ``span``: the median spacing of the first ``per_asset``
+    distinct stamps of each asset, excluded periods left out.
+
+    The scan stops once every asset seen has its stamps and a batch names no new one, so it
+    costs a fraction of a training pass; an asset first seen later in the range is not sampled."""
+    sample = StampSample(per_asset)
+    batches = scan_archive(settings.archive.uri, settings.model.features, start_ms=span.start_ms,
+                           end_ms=span.end_ms)
+    try:
+        for batch in batches:
+            kept, _ = exclusions.apply(batch)
+            if not sample.add(kept.asset, kept.ts_ms) and sample.full:
+                break
+    finally:
+        batches.close()
+    return median_period_s(sample.stamps())
+
+
+def _grid_period(settings: Settings, span: Span, exclusions: Exclusions, champion: _Champion,
+                 from_data: bool, run_log: Any) -> PeriodChoice:
+    data_s = sample_data_period_s(settings, span, exclusions)
+    serving_s = champion.bundle.period_ms / 1000 if champion.bundle is not None else None
+    choice = choose_period(settings.grid.period_s, data_s, explicit=not from_data, serving_s=serving_s)
+    run_log.info("grid period", period_s=choice.period_s, source=choice.source, data_period_s=data_s,
+                 reason=choice.reason)
+    if choice.warning:
+        run_log.warning(choice.warning)
+    return choice
 
 
 @dataclass(frozen=True)
