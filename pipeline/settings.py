@@ -210,7 +210,7 @@ class ThresholdSettings:
     novelty_alpha: float = _f(0.05, "EWMA weight of the newest squared cross-sectional residual per feature (slow: sustained shifts)")
     quantile: float = _f(0.995, "quantile of each smoothed score term on held-out normal data its threshold starts from")
     margin: float = _f(1.25, "the forecast term's calibrated threshold is that quantile times this margin")
-    novelty_margin: float = _f(1.25, "… and the novelty term's; raise it (e.g. 3.75) when the history is short or normal operation drifts beyond it: a slow EWMA makes few independent excursions in a short history")
+    novelty_margin: float = _f(1.25, "… and the novelty term's; a short history needs no larger margin: each term's level is already stretched where its calibration steps hold too few independent EWMA excursions to reach the quantile")
     novelty_cap: float = _f(3.0, "each squared cross-sectional residual enters the novelty EWMA capped at (this × the feature's level)²: a sustained fault's evidence saturates, so the term falls back soon after the fault ends")
     per_asset_levels: bool = _f(True, "calibrate each asset's term thresholds on its own history when it has enough held-out steps (else the fleet's)")
     flat_factor: float = _f(2.0, "a value repeated unchanged for more than this times the longest run seen in training is stuck")
