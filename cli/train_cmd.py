@@ -49,7 +49,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.bundle import BundleError
     from pipeline.fit import FitError
     from pipeline.logs import get_logger
-    from pipeline.readings import parse_timestamp_ms
     from pipeline.registry import RegistryError
     from pipeline.storage import StorageError
     from trainers.archive_scan import ArchiveError
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     log = get_logger("plantwatch.train")
     try:
-        now_ms = parse_timestamp_ms(args.end) if args.end else int(time.time() * 1000)
+        now_ms = end_ms(args.end) if args.end else int(time.time() * 1000)
     except ValueError as exc:
         raise UsageError(f"--end: {exc}") from None
     terminal = _Terminal(sys.stderr) if sys.stderr.isatty() else None
@@ -87,6 +86,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             terminal.close()
     _emit(outcome.summary())
     return outcome.exit_code
+
+
+def end_ms(text: str) -> int:
+    """``--end``: digits are epoch milliseconds (as a string, the ISO parser would misread them), else ISO-8601."""
+    from pipeline.readings import parse_timestamp_ms
+
+    digits = text.strip()
+    return int(digits) if digits.isdigit() else parse_timestamp_ms(text)
 
 
 def exit_codes_help() -> str:
