@@ -66,6 +66,20 @@ def per_asset_rows(index: dict[str, int], assets: np.ndarray,
     return tuple(np.vstack([own, fleet])[idx] for own, fleet in tables)
 
 
+MIN_SCALE = 1e-6
+
+
+def scale_from(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Standard deviation with a floor so a flat feature cannot explode.
+
+    A feature that never moved in training gets 0.1 % of its level as its scale (1 when
+    its level is 0): any later movement is then large but finite.
+    """
+    level = np.abs(mean)
+    flat = sd <= 1e-9 * np.maximum(level, 1.0)
+    return np.where(flat, np.where(level > 0, 1e-3 * level, 1.0), np.maximum(sd, MIN_SCALE))
+
+
 @dataclass
 class Scaler:
     """Feature standardisation, global and optionally per asset (one network serves a fleet)."""
@@ -83,6 +97,12 @@ class Scaler:
         """Mean and scale rows for each asset; unknown assets get the global scaling."""
         mean, scale = per_asset_rows(self._index, assets, (self.asset_mean, self.mean), (self.asset_scale, self.scale))
         return mean, scale
+
+    def knows(self, assets: np.ndarray) -> np.ndarray:
+        """Which assets have a scaling of their own; with no per-asset scaling the fleet's serves every asset."""
+        if not self.asset_names:
+            return np.ones(len(assets), bool)
+        return asset_rows(self._index, assets) >= 0
 
     def transform(self, assets: np.ndarray, values: np.ndarray) -> np.ndarray:
         mean, scale = self.rows_for(assets)
@@ -151,12 +171,18 @@ class ThresholdParams:
     update_every: int
     top_features: int
     novelty_cap: float = math.inf  # bundles written before the cap existed ran without one
+    cold_start_steps: int = 0      # bundles written before cold start had none
+    quantile: float = 0.995        # how the levels were calibrated, for assets that calibrate their own online
+    margin: float = 1.25
+    novelty_margin: float = 1.25
+    flat_factor: float = 2.0
 
     @classmethod
     def from_settings(cls, s: ThresholdSettings, *, normal_mean: float, normal_std: float) -> ThresholdParams:
         return cls(1.0, normal_mean, normal_std, s.smoothing_alpha, s.novelty_alpha,
                    s.adapt_alpha, s.adapt_z, s.open_after, s.close_after, s.close_ratio, s.update_every,
-                   s.top_features, s.novelty_cap)
+                   s.top_features, s.novelty_cap, s.cold_start_steps, s.quantile, s.margin, s.novelty_margin,
+                   s.flat_factor)
 
 
 @dataclass

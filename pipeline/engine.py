@@ -15,10 +15,12 @@ import numpy as np
 
 from pipeline.alerts import AlertEvent, update_alerts
 from pipeline.bundle import ModelBundle
+from pipeline.cold_start import (ColdPlan, after_swap, learn_levels, row_scaling, step_scaling, with_own_levels,
+                                 with_own_scaling)
 from pipeline.grid import NO_GAP, GridConfig, GridCounters, GridResult, GridSteps
 from pipeline.model import StepFunction
 from pipeline.readings import DecodedBatch
-from pipeline.scoring import predicted_change, rank_within_asset, scaled_values, score_steps
+from pipeline.scoring import predicted_change, rank_within_asset, scale_values, score_steps, segment_bounds
 from pipeline.settings import GridSettings
 from pipeline.state import PRIOR_LEVEL, FleetState
 from pipeline.thresholds import TermLevels, restart_terms, update_thresholds
@@ -34,6 +36,7 @@ class EngineOutput:
     threshold: np.ndarray       # float64 (n,) the asset's threshold in force (>= 1)
     errors: np.ndarray      # float64 (n, F) normalised per-feature forecast errors
     terms: np.ndarray = field(default_factory=lambda: np.empty((0, 3)))  # (n, 3) forecast, novelty, flatline
+    learning: np.ndarray = field(default_factory=lambda: np.empty(0, bool))  # (n,) cold start: cannot alert yet
     events: list[AlertEvent] = field(default_factory=list)
     late_records: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     future_records: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
@@ -69,6 +72,8 @@ class RingCopy:
     since: np.ndarray
     values: np.ndarray  # (R, H, F) remembered steps, oldest first, left-aligned
     mask: np.ndarray    # (R, H)
+    own_mean: np.ndarray   # (R, F) learned scaling of cold-started assets (NaN: the bundle's)
+    own_scale: np.ndarray  # (R, F)
 
 
 class SwapError(ValueError):
@@ -121,7 +126,8 @@ class DetectionEngine:
         rows = np.array(sorted(state.index.values()), dtype=np.int64)
         values, mask = state.recent_batch(rows)
         return RingCopy(rows, [state.names[r] for r in rows.tolist()], state.epoch[rows].copy(),
-                        state.cols["since_reset"][rows].copy(), values, mask)
+                        state.cols["since_reset"][rows].copy(), values, mask,
+                        state.vectors["own_mean"][rows].copy(), state.vectors["own_scale"][rows].copy())
 
     def swap_warm(self, bundle: ModelBundle, model: StepFunction, warm: WarmStart) -> int:
         """:meth:`swap` with the re-warm done beforehand (:func:`warm_start`): an asset whose
@@ -170,7 +176,7 @@ class DetectionEngine:
         mask = offsets[None, :] < n_new[:, None]
         values = state.recent_values[rows[:, None], slots]
         names = np.array([state.names[r] for r in rows.tolist()], dtype=object)
-        x = scaled_values(bundle, np.repeat(names, width), values.reshape(-1, bundle.n_features)).reshape(values.shape)
+        x = _scaled_ring(values, *row_scaling(state, bundle, rows, names))
         y, top, final = self.model(x, mask, [a[rows] for a in state.lstm])
         y = predicted_change(bundle, names, y, top)
         last = n_new - 1
@@ -194,6 +200,7 @@ class DetectionEngine:
         state.units = tuple(bundle.units)
         state.lstm = [np.zeros((len(state.last_pred), u), np.float32) for u in bundle.units for _ in range(2)]
         self.bundle, self.model = bundle, model
+        after_swap(state, bundle)
 
     def _reseed(self, rows: np.ndarray) -> None:
         """Score terms restart at their normal level and the online threshold re-seeds."""
@@ -213,8 +220,7 @@ class DetectionEngine:
         if len(warm):
             values, mask = state.recent_batch(warm)
             names = np.array([state.names[r] for r in warm], dtype=object)
-            flat = scaled_values(bundle, np.repeat(names, values.shape[1]), values.reshape(-1, bundle.n_features))
-            x = flat.reshape(values.shape)
+            x = _scaled_ring(values, *row_scaling(state, bundle, warm, names))
             y, top, final = model(x, mask, model.zero_states(len(warm)))
             y = predicted_change(bundle, names, y, top)
             last = mask.sum(axis=1) - 1
@@ -232,11 +238,17 @@ class DetectionEngine:
 
     def _score(self, result: GridResult) -> EngineOutput:
         steps: GridSteps = result.steps
-        b = self.bundle
-        scored = score_steps(self.state, self.model, b, steps)
+        b, state = self.bundle, self.state
         n = len(steps)
+        rows = state.rows(steps.asset)
+        starts = segment_bounds(steps.asset, np.zeros(n, bool))
+        scaling = step_scaling(state, b, rows, steps.asset, steps.values, starts)
+        scored = score_steps(state, self.model, b, steps, rows, (scaling.mean, scaling.scale))
         alert_score, threshold = np.full(n, np.nan), np.full(n, np.nan)
         terms = np.full((n, 3), np.nan)
+        learning = np.zeros(n, bool)
+        cold = bool((scaling.index >= 0).any())
+        plan = ColdPlan.of(b)
         events: list[AlertEvent] = []
         rank = rank_within_asset(steps.asset)
         levels = TermLevels.for_assets(b, steps.asset)
@@ -247,17 +259,28 @@ class DetectionEngine:
             gap_start = steps.gap_start[sel]
             gapped = gap_start != NO_GAP
             if gapped.any():  # nothing is known across a data gap: score terms and alerts restart
-                restart_terms(self.state, rows[gapped])
-            combined, threshold[sel] = update_thresholds(self.state, rows, steps.values[sel], scored.errors[sel],
-                                                         scored.novelty[sel], levels.take(sel), b.thresholds)
-            alert_score[sel] = combined.score
+                restart_terms(state, rows[gapped])
+            if cold:  # the score terms start afresh under a newly learned scaling
+                restart_terms(state, rows[scaling.index[sel] == plan.scaling])
+            step_levels = with_own_levels(levels.take(sel), state, rows) if cold else levels.take(sel)
+            combined, threshold[sel] = update_thresholds(state, rows, steps.values[sel], scored.errors[sel],
+                                                         scored.novelty[sel], step_levels, b.thresholds)
+            alert_score[sel] = score = combined.score
+            if cold:
+                learning[sel] = learn_levels(state, rows, scaling.index[sel], step_levels, b.thresholds, plan)
+                score = np.where(learning[sel], np.nan, score)
             terms[sel] = np.stack([combined.forecast, combined.novelty, combined.flat], axis=1)
-            events += update_alerts(self.state, rows, steps.asset[sel], steps.step[sel], alert_score[sel],
+            events += update_alerts(state, rows, steps.asset[sel], steps.step[sel], score,
                                     threshold[sel], combined.contributions, b.thresholds, b.features,
                                     b.period_ms, b.version, gap_start)
         return EngineOutput(steps.asset, steps.step, steps.values, scored.score, alert_score, threshold,
-                            scored.errors, terms, events, result.late_records, result.future_records,
+                            scored.errors, terms, learning, events, result.late_records, result.future_records,
                             result.counters)
+
+
+def _scaled_ring(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Remembered steps (R, H, F) in model units, with one scaling row per asset (R, F)."""
+    return scale_values(values, mean[:, None, :], scale[:, None, :])
 
 
 def warm_start(bundle: ModelBundle, model: StepFunction, ring: RingCopy) -> WarmStart:
@@ -269,9 +292,7 @@ def warm_start(bundle: ModelBundle, model: StepFunction, ring: RingCopy) -> Warm
     warm = np.flatnonzero(n > 0)
     if len(warm):
         names = np.array([ring.names[i] for i in warm.tolist()], dtype=object)
-        values = ring.values[warm]
-        x = scaled_values(bundle, np.repeat(names, values.shape[1]),
-                          values.reshape(-1, bundle.n_features)).reshape(values.shape)
+        x = _scaled_ring(ring.values[warm], *with_own_scaling(bundle, names, ring.own_mean[warm], ring.own_scale[warm]))
         y, top, final = model(x, ring.mask[warm], model.zero_states(len(warm)))
         y = predicted_change(bundle, names, y, top)
         last = n[warm] - 1

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bundle import AssetHeads, AssetLevels, ModelBundle, Scaler, ThresholdParams
+from pipeline.bundle import MIN_SCALE, AssetHeads, AssetLevels, ModelBundle, Scaler, ThresholdParams, scale_from
 from pipeline.grid import FleetGrid, GridConfig, GridCounters, GridSteps
 from pipeline.model import StepFunction, build_training_model, reset_training_state
 from pipeline.readings import DecodedBatch
@@ -54,7 +54,6 @@ from pipeline.settings import Settings
 from pipeline.state import PRIOR_LEVEL, FleetState
 from pipeline.thresholds import TermLevels, combine, ewma, excursion_factor, feature_quantile, level_from_quantile
 
-MIN_SCALE = 1e-6
 NOVELTY_RIDGE = 0.01
 NOVELTY_FOLDS = 5  # blocks of the cross-validation that calibrates the novelty term out of sample
 SHORT_HISTORY_WINDOWS = True  # shorten the training window for a short history (history_timesteps)
@@ -268,17 +267,6 @@ def flat_runs_from(values: np.ndarray, prev_value: np.ndarray, prev_run: np.ndar
     idx = np.arange(n)[:, None]
     last_change = np.maximum.accumulate(np.where(before == values, -1, idx), axis=0)
     return np.where(last_change >= 0, idx - last_change, prev_run + 1 + idx)
-
-
-def scale_from(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
-    """Standard deviation with a floor so a flat feature cannot explode.
-
-    A feature that never moved in training gets 0.1 % of its level as its scale (1 when
-    its level is 0): any later movement is then large but finite.
-    """
-    level = np.abs(mean)
-    flat = sd <= 1e-9 * np.maximum(level, 1.0)
-    return np.where(flat, np.where(level > 0, 1e-3 * level, 1.0), np.maximum(sd, MIN_SCALE))
 
 
 def ridge_from_gram(gram: np.ndarray, n: int, ridge: float = NOVELTY_RIDGE) -> tuple[np.ndarray, np.ndarray]:

@@ -60,14 +60,20 @@ def segment_bounds(asset: np.ndarray, reset: np.ndarray) -> np.ndarray:
     return np.flatnonzero(starts)
 
 
-def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, steps: GridSteps) -> ScoredSteps:
-    """Advance every asset through its new steps in one model call and score each step."""
+def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, steps: GridSteps,
+                rows: np.ndarray | None = None, scaling: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> ScoredSteps:
+    """Advance every asset through its new steps in one model call and score each step.
+
+    ``rows`` are the steps' state rows when the caller has them; ``scaling`` the (mean, scale)
+    of each step when it is not the bundle's (:mod:`pipeline.cold_start`)."""
     n, f = len(steps), bundle.n_features
-    rows = state.rows(steps.asset)
+    rows = state.rows(steps.asset) if rows is None else rows
     if n == 0:
         return ScoredSteps(steps.asset, steps.step, rows, np.empty(0), np.empty((0, f)), np.empty((0, f)),
                            np.empty((0, bundle.units[-1]), np.float32))
-    scaled = scaled_values(bundle, steps.asset, steps.values)
+    scaled = (scaled_values(bundle, steps.asset, steps.values) if scaling is None
+              else scale_values(steps.values, *scaling))
 
     starts = segment_bounds(steps.asset, steps.reset)
     lengths = np.diff(np.append(starts, n))
@@ -135,10 +141,15 @@ SCALED_LIMIT = 1e3  # standard deviations: far past any reading a model can expl
 
 
 def scaled_values(bundle: ModelBundle, assets: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Readings in the model's units (float32), clipped to ±:data:`SCALED_LIMIT`: an absurd but
-    finite reading (1e39 overflows float32) must score as a huge error, not turn the asset's
-    carried LSTM state into NaN for good."""
-    return np.clip(bundle.scaler.transform(assets, values), -SCALED_LIMIT, SCALED_LIMIT).astype(np.float32)
+    """Readings in the model's units (float32), with the bundle's scaling of each asset."""
+    return scale_values(values, *bundle.scaler.rows_for(assets))
+
+
+def scale_values(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Readings standardised (float32), clipped to ±:data:`SCALED_LIMIT`: an absurd but finite
+    reading (1e39 overflows float32) must score as a huge error, not turn the asset's carried
+    LSTM state into NaN for good."""
+    return np.clip((values - mean) / scale, -SCALED_LIMIT, SCALED_LIMIT).astype(np.float32)
 
 
 def novelty_design(scaled: np.ndarray) -> np.ndarray:

@@ -47,6 +47,25 @@ _SCALARS: dict[str, type] = {
 }
 _VECTORS: dict[str, type] = {"forecast_ewma": np.float64, "novelty_ewma": np.float64, "prev_value": np.float64,
                              "flat_run": np.int64}
+# Cold start of an asset the model was not fitted on (pipeline.cold_start). Snapshots carry
+# these after the blocks above, so a snapshot written before they existed still restores.
+_COLD_SCALARS: dict[str, type] = {
+    "cold_start": np.int64,  # 0 = not yet decided, 1 = the model knows the asset, 2 = learning its own scaling
+    "cold_steps": np.int64,  # steps since the asset's cold start began
+}
+_COLD_VECTORS: dict[str, type] = {
+    "own_count": np.int64,   # finite readings per feature while the scaling is learned
+    "own_sum": np.float64,
+    "own_sq": np.float64,
+    "own_mean": np.float64,  # the learned scaling, NaN until it is frozen
+    "own_scale": np.float64,
+    "cold_fc_max": np.float64,  # largest smoothed forecast / novelty term per feature while the levels are learned
+    "cold_nv_max": np.float64,
+    "cold_flat_max": np.int64,   # longest unchanged run per feature while the levels are learned
+    "own_fc_level": np.float64,  # the learned term levels, NaN until learned
+    "own_nv_level": np.float64,
+    "own_flat_limit": np.float64,
+}
 
 
 class FleetState:
@@ -68,10 +87,11 @@ class FleetState:
         self.alert_contrib = np.empty((0, n_features))  # summed feature contributions of the open alert
         # Per-feature score state: EWMA of squared forecast errors and of squared novelty
         # residuals, the previous raw values and how long each has stayed unchanged.
-        self.vectors: dict[str, np.ndarray] = {name: np.empty((0, n_features), dt) for name, dt in _VECTORS.items()}
+        self.vectors: dict[str, np.ndarray] = {name: np.empty((0, n_features), dt)
+                                               for name, dt in {**_VECTORS, **_COLD_VECTORS}.items()}
         # Model version an open alert was opened under: its id and events keep it across a swap.
         self.alert_version: dict[int, str] = {}
-        self.cols: dict[str, np.ndarray] = {name: np.empty(0, t) for name, t in _SCALARS.items()}
+        self.cols: dict[str, np.ndarray] = {name: np.empty(0, t) for name, t in {**_SCALARS, **_COLD_SCALARS}.items()}
         # Bumped whenever a row's ring restarts or is replaced (reset, restore): lets a warm
         # start computed off the main thread tell whether it still continues the row's ring.
         # Not part of snapshots.
@@ -109,6 +129,8 @@ class FleetState:
         for name, col in self.cols.items():
             col[rows] = np.nan if col.dtype == np.float64 else 0
         self.cols["adapt_var"][rows] = np.nan
+        for name in ("own_sum", "own_sq", "cold_fc_max", "cold_nv_max"):
+            self.vectors[name][rows] = 0.0
         self.epoch[rows] += 1
 
     def rows(self, assets: np.ndarray) -> np.ndarray:
@@ -183,9 +205,12 @@ class FleetState:
         self.epoch[rows] += 1
 
     def _blocks(self) -> list[np.ndarray]:
-        """The per-row arrays a snapshot carries, in their fixed order."""
-        return [*self.lstm, self.last_pred, self.alert_contrib, *self.vectors.values(), self.recent_values,
-                *self.cols.values()]
+        """The per-row arrays a snapshot carries, in their fixed order (the cold-start ones last)."""
+        return [*self.lstm, self.last_pred, self.alert_contrib, *(self.vectors[n] for n in _VECTORS),
+                self.recent_values, *(self.cols[n] for n in _SCALARS), *self._cold_blocks()]
+
+    def _cold_blocks(self) -> list[np.ndarray]:
+        return [*(self.cols[n] for n in _COLD_SCALARS), *(self.vectors[n] for n in _COLD_VECTORS)]
 
     def snapshot(self, assets: Sequence[str], meta: dict[str, Any] | None = None) -> list[bytes]:
         """The whole state of each asset as bytes: ``PWS1``, a JSON header (asset, grid, open
@@ -220,7 +245,15 @@ class FleetState:
             raise ValueError(f"snapshot layout {head.get('layout')} differs from this state's {layout}")
         start = 8 + struct.unpack(">I", blob[4:8])[0]
         (r,) = self.rows(np.array([head["asset"]], dtype=object))
-        for b in self._blocks():
+        blocks = self._blocks()
+        cold = len(blocks) - len(self._cold_blocks())
+        for i, b in enumerate(blocks):
+            if i == cold and start == len(blob):  # written before cold start existed: decided afresh
+                for c in blocks[cold:]:
+                    c[r] = 0
+                for name in ("own_mean", "own_scale", "own_fc_level", "own_nv_level", "own_flat_limit"):
+                    self.vectors[name][r] = np.nan
+                break
             width = b[r].nbytes
             b[r] = np.frombuffer(blob, dtype=b.dtype, count=b[r].size, offset=start).reshape(b[r].shape)
             start += width

@@ -85,7 +85,7 @@ class TermLevels:
 
     forecast: np.ndarray  # (F,) or (k, F)
     novelty: np.ndarray   # (F,) or (k, F)
-    flat: np.ndarray      # (F,) steps unchanged
+    flat: np.ndarray      # (F,) or (k, F) steps a value may stay unchanged
 
     @classmethod
     def for_assets(cls, bundle: ModelBundle, assets: np.ndarray) -> TermLevels:

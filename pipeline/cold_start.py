@@ -1,0 +1,208 @@
+"""Cold start: an asset the model was not fitted on learns its own scaling, then its own alert
+level, before it may alert.
+
+A model fitted with per-asset scaling knows each training asset's operating point. A new
+asset scaled with the fleet's numbers sits wherever its own operating point falls in the
+fleet's units, and its first readings would alert although nothing is wrong. So, over its first
+``threshold.cold_start_steps`` steps:
+
+1. **scaling** (the first third): each step is scaled with the asset's running mean and
+   standard deviation up to that step; at the end of the third they are frozen as the asset's
+   own scaling (kept across model swaps until a model fitted on the asset takes over);
+2. **level** (the rest): the score terms restart under the frozen scaling and the
+   asset calibrates its own per-feature term levels as the fit does (the largest smoothed term
+   seen, times the margin, stretched for a short sample), never below the fleet's: the network
+   and the cross-sectional map were fitted on other assets, so their errors on this one may
+   run higher.
+
+No alert opens during either part; the engine marks those steps ``learning``. Assets the
+model knows (or every asset, for a model with one fleet-wide scaling) skip the cold start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.bundle import ModelBundle, ThresholdParams, scale_from
+from pipeline.state import FleetState
+from pipeline.thresholds import TermLevels, excursion_factor, feature_quantile
+
+UNDECIDED, KNOWN, COLD = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ColdPlan:
+    """How long each part of a cold start lasts, from the bundle's ``cold_start_steps``."""
+
+    scaling: int
+    level: int
+
+    @classmethod
+    def of(cls, bundle: ModelBundle) -> ColdPlan:
+        total = int(bundle.thresholds.cold_start_steps)
+        return cls((total + 2) // 3, total - (total + 2) // 3)
+
+    @property
+    def total(self) -> int:
+        return self.scaling + self.level
+
+
+@dataclass
+class StepScaling:
+    """Per step: the scaling in force and the step's position in its asset's cold start."""
+
+    mean: np.ndarray   # (n, F)
+    scale: np.ndarray  # (n, F)
+    index: np.ndarray  # int64 (n,): steps since the asset's cold start began, -1 for assets the model knows
+
+
+def decide(state: FleetState, bundle: ModelBundle, rows: np.ndarray) -> None:
+    """Mark assets seen for the first time: known to the model, or in cold start."""
+    col = state.cols["cold_start"]
+    new = np.unique(rows[col[rows] == UNDECIDED])
+    if len(new) == 0:
+        return
+    names = np.array([state.names[r] for r in new.tolist()], dtype=object)
+    known = bundle.scaler.knows(names) | (ColdPlan.of(bundle).total == 0)
+    col[new] = np.where(known, KNOWN, COLD)
+    state.cols["cold_steps"][new] = 0
+
+
+def after_swap(state: FleetState, bundle: ModelBundle) -> None:
+    """A new model: assets it was fitted on drop their learned scaling; assets still unknown to it
+    keep their scaling but learn their level afresh (the swap re-seeds every threshold)."""
+    rows = np.array(sorted(state.index.values()), dtype=np.int64)
+    cold = rows[state.cols["cold_start"][rows] == COLD]
+    if len(cold) == 0:
+        return
+    names = np.array([state.names[r] for r in cold.tolist()], dtype=object)
+    known = bundle.scaler.knows(names) | (ColdPlan.of(bundle).total == 0)
+    state.cols["cold_start"][cold[known]] = KNOWN
+    state.vectors["own_mean"][cold[known]] = np.nan
+    state.vectors["own_scale"][cold[known]] = np.nan
+    plan = ColdPlan.of(bundle)
+    relearn = cold[~known]
+    steps = state.cols["cold_steps"]
+    steps[relearn] = np.where(steps[relearn] >= plan.scaling, plan.scaling, steps[relearn])
+    for name in ("cold_fc_max", "cold_nv_max", "cold_flat_max"):
+        state.vectors[name][relearn] = 0
+    for name in ("own_fc_level", "own_nv_level", "own_flat_limit"):  # levels belong to the model they were learned under
+        state.vectors[name][cold] = np.nan
+
+
+def row_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, names: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and scale of each row's asset: its learned scaling where it has one, else the bundle's."""
+    return with_own_scaling(bundle, names, state.vectors["own_mean"][rows], state.vectors["own_scale"][rows])
+
+
+def with_own_scaling(bundle: ModelBundle, names: np.ndarray, own_mean: np.ndarray, own_scale: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's scaling of ``names``, replaced by the learned one (rows of ``own_*``) where finite."""
+    mean, scale = bundle.scaler.rows_for(names)
+    has = np.isfinite(own_scale).all(axis=1)
+    if not has.any():
+        return mean, scale
+    return np.where(has[:, None], own_mean, mean), np.where(has[:, None], own_scale, scale)
+
+
+def _grouped_cumsum(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Cumulative sum along axis 0 restarting at each group start (groups are contiguous)."""
+    cs = np.cumsum(x, axis=0)
+    before = np.concatenate([np.zeros((1, *x.shape[1:]), x.dtype), cs])[starts]
+    return cs - np.repeat(before, lengths, axis=0)
+
+
+def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, assets: np.ndarray,
+                 values: np.ndarray, starts: np.ndarray) -> StepScaling:
+    """The scaling of each closed step (steps grouped by asset, in order; ``starts`` = first step
+    of each asset's group), advancing each cold asset's running statistics."""
+    n = len(rows)
+    decide(state, bundle, rows)
+    lengths = np.diff(np.append(starts, n))
+    first = np.repeat(starts, lengths)
+    rank = np.arange(n) - first
+    cold = state.cols["cold_start"][rows] == COLD
+    if not cold.any():
+        mean, scale = bundle.scaler.rows_for(assets)
+        return StepScaling(mean, scale, np.full(n, -1, np.int64))
+    mean, scale = row_scaling(state, bundle, rows, assets)
+    mean, scale = mean.copy(), scale.copy()
+    plan = ColdPlan.of(bundle)
+    index = np.where(cold, state.cols["cold_steps"][rows] + rank, -1)
+    learning = cold & (index < plan.scaling)
+    if learning.any():
+        v = state.vectors
+        shift = bundle.scaler.mean  # summing deviations from the fleet's mean keeps the variance exact enough
+        ok = np.isfinite(values) & learning[:, None]
+        dev = np.where(ok, values - shift, 0.0)
+        cnt = v["own_count"][rows] + _grouped_cumsum(ok.astype(np.int64), starts, lengths)
+        s1 = v["own_sum"][rows] + _grouped_cumsum(dev, starts, lengths)
+        s2 = v["own_sq"][rows] + _grouped_cumsum(dev**2, starts, lengths)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = s1 / cnt
+            sd = np.sqrt(np.maximum(s2 / cnt - m**2, 0.0))
+        run_mean = np.where(cnt >= 1, shift + m, mean)
+        run_scale = np.where(cnt >= 2, scale_from(shift + m, sd), scale)
+        mean[learning], scale[learning] = run_mean[learning], run_scale[learning]
+        # Freeze at the last step of the scaling part; later steps of the same poll use it.
+        done = learning & (index == plan.scaling - 1)
+        if done.any():
+            d = np.flatnonzero(done)
+            v["own_mean"][rows[d]], v["own_scale"][rows[d]] = run_mean[d], run_scale[d]
+            after = cold & (index >= plan.scaling) & (state.cols["cold_steps"][rows] < plan.scaling)
+            src = np.flatnonzero(after) - (index[after] - (plan.scaling - 1))
+            mean[after], scale[after] = run_mean[src], run_scale[src]
+        last = learning & np.append(rows[1:] != rows[:-1], True) | learning & np.append(~learning[1:], True)
+        li = np.flatnonzero(last)
+        v["own_count"][rows[li]], v["own_sum"][rows[li]], v["own_sq"][rows[li]] = cnt[li], s1[li], s2[li]
+    group_rows = rows[starts]
+    in_cold = state.cols["cold_start"][group_rows] == COLD
+    state.cols["cold_steps"][group_rows[in_cold]] += lengths[in_cold]
+    return StepScaling(mean, scale, index)
+
+
+def learn_levels(state: FleetState, rows: np.ndarray, index: np.ndarray, levels: TermLevels, p: ThresholdParams,
+                 plan: ColdPlan) -> np.ndarray:
+    """One step of each of ``rows`` (distinct assets), after its score terms advanced: track the
+    largest smoothed term per feature over the level part and, at its end, set the asset's own
+    levels the way the fit calibrates them (the sample's top times the margin, stretched for the
+    few independent excursions a short sample holds; see :func:`excursion_factor`), never below
+    the fleet's (``levels``, the rows of these steps). Returns which steps are still learning."""
+    v = state.vectors
+    lv = (index >= plan.scaling) & (index < plan.total)
+    r = rows[lv]
+    if len(r):
+        v["cold_fc_max"][r] = np.fmax(v["cold_fc_max"][r], np.sqrt(np.maximum(v["forecast_ewma"][r], 0.0)))
+        v["cold_nv_max"][r] = np.fmax(v["cold_nv_max"][r], np.sqrt(np.maximum(v["novelty_ewma"][r], 0.0)))
+        v["cold_flat_max"][r] = np.maximum(v["cold_flat_max"][r], v["flat_run"][r])
+    end = index == plan.total - 1
+    if end.any():
+        e = rows[end]
+        q = feature_quantile(p.quantile, v["cold_fc_max"].shape[1])
+        shape = (len(rows), len(levels.flat))
+        fc_fleet = np.broadcast_to(levels.forecast, shape)[end]
+        nv_fleet = np.broadcast_to(levels.novelty, shape)[end]
+        fc_stretch = p.margin * excursion_factor(plan.level, p.smoothing_alpha, q)
+        nv_stretch = p.novelty_margin * excursion_factor(plan.level, p.novelty_alpha, q)
+        v["own_fc_level"][e] = np.maximum(fc_fleet, v["cold_fc_max"][e] * fc_stretch)
+        v["own_nv_level"][e] = np.maximum(nv_fleet, v["cold_nv_max"][e] * nv_stretch)
+        v["own_flat_limit"][e] = np.maximum(levels.flat, p.flat_factor * v["cold_flat_max"][e])
+        # The online threshold statistics start afresh under the asset's own levels.
+        state.cols["adapt_mean"][e] = state.cols["adapt_var"][e] = np.nan
+    return (index >= 0) & (index < plan.total)
+
+
+def with_own_levels(levels: TermLevels, state: FleetState, rows: np.ndarray) -> TermLevels:
+    """The term levels of each step (rows = the steps' assets), with cold-started assets' own levels."""
+    v = state.vectors
+    own_fc, own_nv, own_fl = v["own_fc_level"][rows], v["own_nv_level"][rows], v["own_flat_limit"][rows]
+    has = np.isfinite(own_fc).all(axis=1) & np.isfinite(own_nv).all(axis=1) & np.isfinite(own_fl).all(axis=1)
+    if not has.any():
+        return levels
+    shape = (len(rows), len(levels.flat))
+    return TermLevels(np.where(has[:, None], own_fc, np.broadcast_to(levels.forecast, shape)),
+                      np.where(has[:, None], own_nv, np.broadcast_to(levels.novelty, shape)),
+                      np.where(has[:, None], own_fl, np.broadcast_to(levels.flat, shape)))

@@ -1,0 +1,123 @@
+"""Cold start: an asset the model was not fitted on learns its own scaling and levels before it can alert."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from pipeline.bundle import ModelBundle, Scaler
+from pipeline.cold_start import COLD, KNOWN, UNDECIDED, ColdPlan
+from pipeline.engine import DetectionEngine, EngineOutput
+from pipeline.model import StepFunction
+from pipeline.settings import GridSettings
+from pipeline.tables import frame_to_batch
+
+from .conftest import FEATURES, sine_frame
+
+GRID = GridSettings(allowed_lateness_s=0)
+
+
+def _newcomer(n: int, seed: int = 3, name: str = "p9") -> pd.DataFrame:
+    """A pump like the training ones, at another operating point: other levels and spreads."""
+    frame = sine_frame(n, assets=("p1",), seed=seed)
+    frame["asset"] = name
+    frame["a"] += 40.0
+    frame["c"] = 300.0 + 3.0 * (frame["c"] - 100.0)
+    return frame
+
+
+def _run(bundle: ModelBundle, frame: pd.DataFrame, chunk: int = 97) -> tuple[DetectionEngine, list[EngineOutput]]:
+    engine = DetectionEngine(bundle, GRID)
+    outs = [engine.process(frame_to_batch(frame.iloc[i:i + chunk], FEATURES, ts_col="ts", asset_col="asset"))
+            for i in range(0, len(frame), chunk)]
+    return engine, outs
+
+
+def _with_cold_start(bundle: ModelBundle, steps: int) -> ModelBundle:
+    return dataclasses.replace(bundle, thresholds=dataclasses.replace(bundle.thresholds, cold_start_steps=steps))
+
+
+def test_without_cold_start_a_new_operating_point_alerts_at_once(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    _, outs = _run(_with_cold_start(tiny_bundle, 0), _newcomer(500))
+    assert any(e.state == "open" for o in outs for e in o.events)
+    assert not any(o.learning.any() for o in outs)
+
+
+def test_a_new_asset_learns_its_scaling_then_stays_quiet_and_still_alerts_on_a_fault(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    bundle = _with_cold_start(tiny_bundle, 240)
+    plan = ColdPlan.of(bundle)
+    frame = _newcomer(900)
+    frame.loc[700:760, "b"] += 8.0
+    engine, outs = _run(bundle, frame)
+    learning = np.concatenate([o.learning for o in outs])
+    assert learning[:plan.total].all() and not learning[plan.total:].any()
+    opens = [e for o in outs for e in o.events if e.state == "open"]
+    start = int(frame["ts"].iloc[0])
+    assert opens and all(e.start_ms - start >= 690_000 for e in opens)  # only the fault, after the cold start
+    row = engine.state.index["p9"]
+    own_mean = engine.state.vectors["own_mean"][row]
+    head = frame.iloc[:plan.scaling][list(FEATURES)]
+    np.testing.assert_allclose(own_mean, head.mean().to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(engine.state.vectors["own_scale"][row], head.std(ddof=0).to_numpy(), rtol=1e-6)
+    assert engine.state.cols["cold_start"][row] == COLD
+
+
+def test_assets_the_model_knows_never_cold_start(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    engine, outs = _run(tiny_bundle, sine_frame(200, assets=("p1", "p2"), seed=11))
+    assert not any(o.learning.any() for o in outs)
+    assert set(engine.state.cols["cold_start"][[engine.state.index["p1"], engine.state.index["p2"]]]) == {KNOWN}
+
+
+def test_polls_of_any_size_learn_the_same(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    bundle = _with_cold_start(tiny_bundle, 120)
+    frame = _newcomer(300)
+    one, a = _run(bundle, frame, chunk=len(frame))
+    many, b = _run(bundle, frame, chunk=13)
+    score = lambda outs: np.concatenate([o.alert_score for o in outs])  # noqa: E731
+    np.testing.assert_allclose(score(a), score(b), atol=1e-5)
+    r1, r2 = one.state.index["p9"], many.state.index["p9"]
+    for name in ("own_mean", "own_scale", "own_fc_level", "own_nv_level", "own_flat_limit"):
+        np.testing.assert_allclose(one.state.vectors[name][r1], many.state.vectors[name][r2], rtol=1e-6)
+
+
+def test_a_snapshot_carries_the_cold_start_and_an_older_snapshot_still_restores(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    bundle = _with_cold_start(tiny_bundle, 120)
+    frame = _newcomer(300)
+    first, rest = frame.iloc[:60], frame.iloc[60:]
+    engine, _ = _run(bundle, first)
+    (blob,) = engine.state.snapshot(["p9"])
+    restored = DetectionEngine(bundle, GRID)
+    restored.state.restore(blob)
+    batch = frame_to_batch(rest, FEATURES, ts_col="ts", asset_col="asset")
+    np.testing.assert_allclose(restored.process(batch).alert_score, engine.process(batch).alert_score, atol=1e-6)
+
+    cold_bytes = sum(b[0].nbytes for b in engine.state._cold_blocks())
+    older = DetectionEngine(bundle, GRID)
+    older.state.restore(blob[:-cold_bytes])  # written before cold start existed
+    row = older.state.index["p9"]
+    assert older.state.cols["cold_start"][row] == UNDECIDED
+    assert np.isnan(older.state.vectors["own_scale"][row]).all()
+
+
+def test_a_model_fitted_on_the_asset_takes_over_its_scaling(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    bundle = _with_cold_start(tiny_bundle, 120)
+    engine, _ = _run(bundle, _newcomer(200))
+    row = engine.state.index["p9"]
+    assert np.isfinite(engine.state.vectors["own_scale"][row]).all()
+    s = bundle.scaler
+    names = s.asset_names + ("p9",)
+    knows = dataclasses.replace(bundle, version="v2", scaler=Scaler(
+        s.mean, s.scale, names, np.vstack([s.asset_mean, s.mean + 1]), np.vstack([s.asset_scale, s.scale])))
+    engine.swap(knows, StepFunction(knows.n_features, knows.units, knows.weights))
+    assert engine.state.cols["cold_start"][row] == KNOWN
+    assert np.isnan(engine.state.vectors["own_scale"][row]).all()
+
+    still_unknown = dataclasses.replace(bundle, version="v3")
+    engine2, _ = _run(bundle, _newcomer(200))
+    row2 = engine2.state.index["p9"]
+    engine2.swap(still_unknown, StepFunction(bundle.n_features, bundle.units, bundle.weights))
+    assert np.isfinite(engine2.state.vectors["own_scale"][row2]).all()  # its scaling stays
+    assert np.isnan(engine2.state.vectors["own_fc_level"][row2]).all()  # its levels are learned again
+    assert engine2.state.cols["cold_steps"][row2] == ColdPlan.of(bundle).scaling
