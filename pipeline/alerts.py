@@ -37,7 +37,7 @@ from pipeline.grid import NO_GAP
 from pipeline.state import FleetState
 
 AlertState = Literal["open", "update", "close"]
-CloseReason = Literal["recovered", "data_gap"]
+CloseReason = Literal["recovered", "data_gap", "rebaselined"]
 PEAK_GROWTH_FOR_UPDATE = 1.2
 
 
@@ -182,3 +182,27 @@ def _close_at_gaps(state: FleetState, rows: np.ndarray, assets: np.ndarray, step
         ))
     restart_lifecycle(state, rows[gapped])
     return events
+
+
+def close_long_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray,
+                      alert_score: np.ndarray, threshold: np.ndarray, after_steps: int, p: ThresholdParams,
+                      features: tuple[str, ...], period_ms: int, model_version: str) -> tuple[list[AlertEvent], np.ndarray]:
+    """Close, with reason ``rebaselined``, the alerts of ``rows`` (distinct assets) open for at least
+    ``after_steps`` steps, ending at this step; returns the events and the rows closed."""
+    cols = state.cols
+    long = np.flatnonzero(cols["alert_open"][rows] & (cols["alert_steps"][rows] >= after_steps))
+    events = []
+    for i in long.tolist():
+        r = rows[i]
+        start = int(cols["alert_start"][r])
+        version = state.alert_version.get(r, model_version)
+        events.append(AlertEvent(
+            alert_id=alert_id(str(assets[i]), start, version), asset=str(assets[i]), state="close",
+            start_ms=start * period_ms, end_ms=int(steps[i]) * period_ms,
+            step_ms=int(steps[i]) * period_ms, score=float(alert_score[i]), peak_score=float(cols["alert_peak"][r]),
+            threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
+            model_version=version, reason="rebaselined",
+        ))
+    closed = rows[long]
+    restart_lifecycle(state, closed)
+    return events, closed

@@ -92,6 +92,18 @@ def after_swap(state: FleetState, bundle: ModelBundle) -> None:
         state.vectors[name][cold] = np.nan
 
 
+def rebaseline(state: FleetState, rows: np.ndarray) -> None:
+    """Start these assets' cold start over: their current behaviour becomes their normal (after an
+    alert outlasted ``threshold.rebaseline_after_s``). The next model fitted on them takes over."""
+    v = state.vectors
+    state.cols["cold_start"][rows] = COLD
+    state.cols["cold_steps"][rows] = 0
+    for name in ("own_count", "own_sum", "own_sq", "cold_fc_max", "cold_nv_max", "cold_flat_max"):
+        v[name][rows] = 0
+    for name in ("own_mean", "own_scale", "own_fc_level", "own_nv_level", "own_flat_limit"):
+        v[name][rows] = np.nan
+
+
 def row_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, names: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and scale of each row's asset: its learned scaling where it has one, else the bundle's."""

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.alerts import AlertEvent, update_alerts
+from pipeline.alerts import AlertEvent, close_long_alerts, update_alerts
 from pipeline.bundle import ModelBundle
-from pipeline.cold_start import (ColdPlan, after_swap, learn_levels, row_scaling, step_scaling, with_own_levels,
-                                 with_own_scaling)
+from pipeline.cold_start import (ColdPlan, after_swap, learn_levels, rebaseline, row_scaling, step_scaling,
+                                 with_own_levels, with_own_scaling)
 from pipeline.grid import NO_GAP, GridConfig, GridCounters, GridResult, GridSteps
 from pipeline.model import StepFunction
 from pipeline.readings import DecodedBatch
@@ -249,6 +249,8 @@ class DetectionEngine:
         learning = np.zeros(n, bool)
         cold = bool((scaling.index >= 0).any())
         plan = ColdPlan.of(b)
+        rebase_steps = int(np.ceil(b.thresholds.rebaseline_after_s * 1000 / b.period_ms))
+        rebased = np.zeros(n, bool)  # steps after their asset re-baselined in this poll
         events: list[AlertEvent] = []
         rank = rank_within_asset(steps.asset)
         levels = TermLevels.for_assets(b, steps.asset)
@@ -268,14 +270,38 @@ class DetectionEngine:
             alert_score[sel] = score = combined.score
             if cold:
                 learning[sel] = learn_levels(state, rows, scaling.index[sel], step_levels, b.thresholds, plan)
+                learning[sel] |= rebased[sel]
                 score = np.where(learning[sel], np.nan, score)
             terms[sel] = np.stack([combined.forecast, combined.novelty, combined.flat], axis=1)
             events += update_alerts(state, rows, steps.asset[sel], steps.step[sel], score,
                                     threshold[sel], combined.contributions, b.thresholds, b.features,
                                     b.period_ms, b.version, gap_start)
+            if rebase_steps:
+                closed_events, closed = close_long_alerts(
+                    state, rows, steps.asset[sel], steps.step[sel], alert_score[sel], threshold[sel], rebase_steps,
+                    b.thresholds, b.features, b.period_ms, b.version)
+                if len(closed):
+                    events += closed_events
+                    rebaseline(state, closed)
+                    later = np.isin(scored.rows, closed) & (rank > r)
+                    rebased |= later
+                    scaling.index[later] = -1  # their place in the new cold start is not known until it starts
+                    cold = True
+        if rebased.any():  # steps after a re-baselining in this poll start the asset's new cold start
+            self._learn_from(steps, scored.rows, np.flatnonzero(rebased), plan)
         return EngineOutput(steps.asset, steps.step, steps.values, scored.score, alert_score, threshold,
                             scored.errors, terms, learning, events, result.late_records, result.future_records,
                             result.counters)
+
+    def _learn_from(self, steps: GridSteps, rows: np.ndarray, idx: np.ndarray, plan: ColdPlan) -> None:
+        """The steps ``idx`` came after their asset re-baselined within this poll, so they were scored
+        under the old scaling: their readings still count towards the new scaling, and score terms
+        that cross into the level part start afresh."""
+        sub = rows[idx]
+        step_scaling(self.state, self.bundle, sub, steps.asset[idx], steps.values[idx],
+                     segment_bounds(steps.asset[idx], np.zeros(len(idx), bool)))
+        crossed = np.unique(sub[self.state.cols["cold_steps"][sub] >= plan.scaling])
+        restart_terms(self.state, crossed)
 
 
 def _scaled_ring(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:

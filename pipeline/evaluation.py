@@ -252,6 +252,7 @@ class EngineTrace:
     threshold: np.ndarray
     spans: list[tuple[int, float]]
     top_features: dict[int, tuple[str, ...]] = field(default_factory=dict)  # alert start_ms -> named features
+    rebaselined: list[int] = field(default_factory=list)  # end_ms of the alerts closed by re-baselining
 
 
 def series_batch(series: Series, features: Sequence[str]) -> DecodedBatch:
@@ -275,8 +276,11 @@ def concat_batches(batches: Sequence[DecodedBatch]) -> DecodedBatch:
 
 
 def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series],
-           chunk_rows: int = 5000) -> dict[str, EngineTrace]:
-    """Feed each file through one engine in poll-sized chunks, flush, and split the output by asset."""
+           chunk_rows: int = 256) -> dict[str, EngineTrace]:
+    """Feed each file through one engine in poll-sized chunks, flush, and split the output by asset.
+
+    Chunks are small, as a live detector's polls are: a re-baselining takes effect from the
+    next poll (steps after it in the same poll are scored under the old scaling, and cannot alert)."""
     from pipeline.engine import DetectionEngine, EngineOutput
 
     engine = DetectionEngine(bundle, grid)
@@ -295,7 +299,9 @@ def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series],
         sel = np.flatnonzero(asset == s.name)
         traces[s.name] = EngineTrace(step[sel] * bundle.period_ms, cols["forecast_error"][sel], cols["alert_score"][sel],
                                      cols["threshold"][sel], alert_spans(events, s.name),
-                                     alert_top_features(events, s.name))
+                                     alert_top_features(events, s.name),
+                                     [int(e.end_ms or 0) for e in events
+                                      if e.asset == s.name and e.state == "close" and e.reason == "rebaselined"])
     return traces
 
 
@@ -570,6 +576,7 @@ def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, s
         for name, trace in run.traces.items():
             lstm["files"][name]["alert_spans"] = [
                 [int(a), None if math.isinf(b) else int(b), list(trace.top_features.get(int(a), ()))] for a, b in trace.spans]
+            lstm["files"][name]["rebaselined_at_ms"] = trace.rebaselined
         target = lstm["pooled"]["point"]["whole"]["far"]
         entry = {"seed": run.seed, "duration_s": run.duration_s, "fits": run.fits, "lstm": lstm}
         for base in EQUAL_FAR_BASELINES:
@@ -609,7 +616,9 @@ CONVENTIONS: dict[str, Any] = {
     "coverage": "per file: normal_share = share of normal rows under alert; longest alert in rows, seconds "
                 "(first to last row) and share of the file's rows",
     "alerts": "per file, every predicted run as [first row ms, last row ms]; for the LSTM also alert_spans, the "
-              "engine's alerts as [start_ms, end_ms, top features] with end null when the alert never closed",
+              "engine's alerts as [start_ms, end_ms, top features] with end null when the alert never closed, "
+              "and rebaselined_at_ms, where an alert outlasted threshold.rebaseline_after_s: it ends there, and "
+              "the asset learns its behaviour since (threshold.cold_start_steps) without alerting",
     "lstm_rows": "a row is predicted when its grid step lies in [alert start_ms, end_ms), to the end if never closed",
     "nab": {"skab": "SKAB tsad chp_score: 30 s windows centred on each changepoint, predicted changepoints at "
                     "the first row of every alert run and the first row after it (include_run_ends=True)",

@@ -222,6 +222,7 @@ class ThresholdSettings:
     close_ratio: float = _f(0.8, "hysteresis: an alert closes below this fraction of the threshold")
     update_every: int = _f(30, "an open alert emits an update at most every this many steps (and when its peak grows)")
     top_features: int = _f(3, "features named in an alert, by contribution")
+    rebaseline_after_s: float = _f(0.0, "an alert open this long (seconds of event time) closes with reason rebaselined and its asset learns its current behaviour as normal, like a new asset (threshold.cold_start_steps): a lasting move to a new operating point stops alerting and enters the next retraining; 0 = never")
     cold_start_steps: int = _f(360, "an asset the model was not fitted on spends this many steps learning its own scaling (the first third) and its own term levels (the rest) before it can alert; 0 = off")
 
     def __post_init__(self) -> None:
@@ -241,6 +242,7 @@ class ThresholdSettings:
         _check(p + "close_ratio", 0 < self.close_ratio <= 1, "must be in (0, 1]")
         _check(p + "update_every", self.update_every >= 1, "must be >= 1")
         _check(p + "top_features", self.top_features >= 1, "must be >= 1")
+        _check(p + "rebaseline_after_s", self.rebaseline_after_s >= 0, "must be >= 0 (0 = never)")
         _check(p + "cold_start_steps", self.cold_start_steps == 0 or self.cold_start_steps >= 4,
                "must be 0 (off) or >= 4")
 

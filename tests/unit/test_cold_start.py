@@ -121,3 +121,43 @@ def test_a_model_fitted_on_the_asset_takes_over_its_scaling(tiny_bundle) -> None
     assert np.isfinite(engine2.state.vectors["own_scale"][row2]).all()  # its scaling stays
     assert np.isnan(engine2.state.vectors["own_fc_level"][row2]).all()  # its levels are learned again
     assert engine2.state.cols["cold_steps"][row2] == ColdPlan.of(bundle).scaling
+
+
+def _shifted(n: int, at: int) -> pd.DataFrame:
+    """p1 moves to a new operating point for good at row ``at``."""
+    frame = sine_frame(n, assets=("p1",), seed=21)
+    frame.loc[at:, "a"] += 6.0
+    frame.loc[at:, "c"] += 30.0
+    return frame
+
+
+def _rebaselining(bundle: ModelBundle, after_s: float, cold_steps: int = 120) -> ModelBundle:
+    t = dataclasses.replace(bundle.thresholds, rebaseline_after_s=after_s, cold_start_steps=cold_steps)
+    return dataclasses.replace(bundle, thresholds=t)
+
+
+def test_a_lasting_move_alerts_for_ever_without_rebaselining(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    _, outs = _run(_rebaselining(tiny_bundle, 0.0), _shifted(900, 300))
+    events = [e for o in outs for e in o.events]
+    assert [e.state for e in events if e.state != "update"] == ["open"]  # never closes
+
+
+def test_an_alert_open_longer_than_the_stated_time_closes_and_the_asset_learns_its_new_normal(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    bundle = _rebaselining(tiny_bundle, 100.0)
+    frame = _shifted(900, 300)
+    engine, outs = _run(bundle, frame)
+    events = [e for o in outs for e in o.events if e.state != "update"]
+    assert [(e.state, e.reason) for e in events] == [("open", None), ("close", "rebaselined")]
+    opened, closed = events
+    assert closed.end_ms - opened.start_ms == 100_000 - 1000  # open for 100 steps, ending at the step that closed it
+    learning = np.concatenate([o.learning for o in outs])
+    step_of_close = int(np.flatnonzero(np.concatenate([o.step for o in outs]) * 1000 == closed.step_ms)[0])
+    assert learning[step_of_close + 1:step_of_close + 121].all() and not learning[step_of_close + 121:].any()
+    row = engine.state.index["p1"]
+    assert engine.state.cols["cold_start"][row] == COLD
+    new_rows = frame.iloc[step_of_close + 1:step_of_close + 1 + ColdPlan.of(bundle).scaling]
+    np.testing.assert_allclose(engine.state.vectors["own_mean"][row][0], new_rows["a"].mean(), atol=0.5)
+
+    _, polled = _run(bundle, frame, chunk=len(frame))  # one poll: the same events at the same steps
+    same = [(e.state, e.reason, e.start_ms, e.end_ms) for o in polled for e in o.events if e.state != "update"]
+    assert same == [(e.state, e.reason, e.start_ms, e.end_ms) for e in events]
