@@ -111,6 +111,8 @@ class AlertPrinter:
         self._seq = 0
 
     def add(self, alert: dict[str, Any]) -> None:
+        if alert.get("state") not in ("open", "update", "close"):  # e.g. an operator's "accepted"
+            return
         if alert["start_ms"] < self.live_from_ms:
             self.history_alerts += alert["state"] == "open"
             return

@@ -47,9 +47,10 @@ class OpenAlerts:
 
     def add(self, alert: dict[str, Any]) -> None:
         with self._lock:
-            if alert.get("state") == "close":
+            state = alert.get("state")
+            if state == "close":
                 self._open.pop(alert.get("alert_id", ""), None)
-            else:
+            elif state in ("open", "update"):  # an operator's "accepted" event changes nothing here
                 self._open[alert.get("alert_id", "")] = alert
 
     def current(self) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                "(exit 0 published, 3 refused, 75 busy, 1 failed)"),
     "schedule": ("cli.schedule_cmd", "run the training job every trainer.interval_s or on trainer.cron, one run at a time"),
     "simulate": ("cli.simulate_cmd", "simulate a plant: produce readings to Kafka or write normal history"),
+    "alerts": ("cli.alerts_cmd", "list the alerts on the alerts topic, or accept one's span as the new normal for the next retraining"),
     "report": ("cli.report_cmd", "draw what the detector saw for an asset and time range, or one alert: PNG and HTML"),
 }
 

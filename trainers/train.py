@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -152,33 +151,22 @@ def _merged(spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_alert_ranges(settings: Settings, span: Span, timeout_s: float = ALERTS_TIMEOUT_S) -> list[Range]:
-    """Per alert on the alerts topic overlapping ``span``: (asset, start, close or span end).
+    """Per alert on the alerts topic overlapping ``span`` and not accepted as normal
+    (:mod:`pipeline.alert_log`): (asset, start, close or span end).
 
     The topic is read from the beginning to the end it has when the read starts. A partial read
     would let abnormal periods into training, so not reaching the end in time is an error.
     """
     from consumers.kafka_clients import ReadTimeout, read_to_end
+    from pipeline.alert_log import AlertLog, excluded_spans
 
-    alerts: dict[str, list[Any]] = {}  # alert id -> [asset, start_ms, end_ms or None]
+    alerts = AlertLog(keep_last=False)
     try:
-        read_to_end(settings, settings.topics.alerts, lambda r: _note_alert(alerts, r.value), timeout_s=timeout_s)
+        read_to_end(settings, settings.topics.alerts, lambda r: alerts.add(r.value), timeout_s=timeout_s)
     except ReadTimeout as exc:
         raise TrainError(f"could not read the alerts: {exc}") from None
-    ranges = [(a, s, span.end_ms if e is None else e) for a, s, e in alerts.values()]
+    ranges = excluded_spans(alerts.records.values(), span.end_ms)
     return [r for r in ranges if r[1] < span.end_ms and r[2] > span.start_ms]
-
-
-def _note_alert(alerts: dict[str, list[Any]], value: bytes | None) -> None:
-    """Fold one alert event in; records that are not alert events are skipped."""
-    try:
-        e = json.loads(value or b"")
-        key, asset, start = str(e["alert_id"]), str(e["asset"]), int(e["start_ms"])
-        end = int(e["end_ms"]) if e.get("state") == "close" and e.get("end_ms") is not None else None
-    except (ValueError, KeyError, TypeError):
-        return
-    entry = alerts.setdefault(key, [asset, start, None])
-    if end is not None:
-        entry[2] = end
 
 
 def read_label_ranges(uri: str) -> list[Range]:

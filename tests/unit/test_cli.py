@@ -162,6 +162,7 @@ MINIMAL_ARGV: dict[str, list[list[str]]] = {
     "models": [["list"], ["show", "v1"], ["promote", "v1"], ["rollback"], ["unpin"], ["publish", "DIR"]],
     "train": [[]], "schedule": [[]], "simulate": [[]],
     "report": [["--asset", "p1", "--from", "0", "--to", "1", "--out", "o"], ["--alert", "abc123", "--out", "o"]],
+    "alerts": [["list"], ["list", "--open", "--asset", "p1"], ["accept", "abc123", "--note", "new valve"]],
 }
 
 
