@@ -225,7 +225,9 @@ def run_new_assets(root: Path, seed: int) -> dict[str, Any]:
         newcomers.append(Series(f"new/{f.name}", normal.ts_ms, normal.values))
     traces = replay(bundle, settings.grid, newcomers)
     alerts = {s.name: len(traces[s.name].spans) for s in newcomers}
+    live = sum(len(traces[s.name].step_ms) - traces[s.name].learning_steps for s in newcomers)
     return {"fitted_on": fitted.name, "assets": len(newcomers), "rows": [len(s) for s in newcomers],
+            "cold_start_steps": settings.threshold.cold_start_steps, "steps_after_cold_start": live,
             "false_alerts": sum(alerts.values()), "assets_alerted": sum(1 for v in alerts.values() if v),
             "per_asset": alerts, "seed": seed}
 

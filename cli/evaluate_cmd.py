@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated model seeds; the LSTM is fitted once per seed and mean/std reported "
                         "(default: model.seed)")
     p.add_argument("--nab-window-s", type=float, default=30.0, help="NAB scoring window (seconds) centred on each changepoint (default: 30, as SKAB)")
-    p.add_argument("--chunk-rows", type=int, default=5000, help="rows fed to the engine per call, like a poll (default: 5000)")
+    p.add_argument("--chunk-rows", type=int, default=256, help="rows fed to the engine per call, like a poll (default: 256)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the full results (per file, pooled, per seed) as JSON")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write one PNG per file: standardised features, forecast error, alert score, threshold, alerts, labels")

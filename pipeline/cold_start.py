@@ -7,8 +7,9 @@ fleet's units, and its first readings would alert although nothing is wrong. So,
 ``threshold.cold_start_steps`` steps:
 
 1. **scaling** (the first third): each step is scaled with the asset's running mean and
-   standard deviation up to that step; at the end of the third they are frozen as the asset's
-   own scaling (kept across model swaps until a model fitted on the asset takes over);
+   standard deviation up to that step (the spread shrunk towards the model's, with the weight
+   of :data:`PRIOR_STEPS` steps); at the end of the third they are frozen as the asset's own
+   scaling (kept across model swaps until a model fitted on the asset takes over);
 2. **level** (the rest): the score terms restart under the frozen scaling and the
    asset calibrates its own per-feature term levels as the fit does (the largest smoothed term
    seen, times the margin, stretched for a short sample), never below the fleet's: the network
@@ -30,6 +31,7 @@ from pipeline.state import FleetState
 from pipeline.thresholds import TermLevels, excursion_factor, feature_quantile
 
 UNDECIDED, KNOWN, COLD = 0, 1, 2
+PRIOR_STEPS = 30  # weight, in steps, of the model's own scaling in an asset's learned spread
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,10 @@ def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, asset
             m = s1 / cnt
             sd = np.sqrt(np.maximum(s2 / cnt - m**2, 0.0))
         run_mean = np.where(cnt >= 1, shift + m, mean)
-        run_scale = np.where(cnt >= 2, scale_from(shift + m, sd), scale)
+        # Shrunk towards the model's scaling: a feature that barely moved during the cold start
+        # must not get a spread near zero, against which any later movement is huge.
+        shrunk = np.sqrt((cnt * sd**2 + PRIOR_STEPS * scale**2) / (cnt + PRIOR_STEPS))
+        run_scale = np.where(cnt >= 2, scale_from(shift + m, shrunk), scale)
         mean[learning], scale[learning] = run_mean[learning], run_scale[learning]
         # Freeze at the last step of the scaling part; later steps of the same poll use it.
         done = learning & (index == plan.scaling - 1)

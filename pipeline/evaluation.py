@@ -253,6 +253,7 @@ class EngineTrace:
     spans: list[tuple[int, float]]
     top_features: dict[int, tuple[str, ...]] = field(default_factory=dict)  # alert start_ms -> named features
     rebaselined: list[int] = field(default_factory=list)  # end_ms of the alerts closed by re-baselining
+    learning_steps: int = 0  # steps scored in a cold start (not able to alert)
 
 
 def series_batch(series: Series, features: Sequence[str]) -> DecodedBatch:
@@ -275,15 +276,34 @@ def concat_batches(batches: Sequence[DecodedBatch]) -> DecodedBatch:
     )
 
 
-def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series],
-           chunk_rows: int = 256) -> dict[str, EngineTrace]:
+REPLAY_CHUNK_ROWS = 256  # rows per engine call, as a live detector's polls are
+
+
+def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series], chunk_rows: int = REPLAY_CHUNK_ROWS,
+           as_asset: str | None = None) -> dict[str, EngineTrace]:
     """Feed each file through one engine in poll-sized chunks, flush, and split the output by asset.
 
     Chunks are small, as a live detector's polls are: a re-baselining takes effect from the
-    next poll (steps after it in the same poll are scored under the old scaling, and cannot alert)."""
-    from pipeline.engine import DetectionEngine, EngineOutput
+    next poll (steps after it in the same poll are scored under the old scaling, and cannot alert).
+    ``as_asset``: every file is a recording of this asset (the one the model was fitted on, so no
+    cold start), each replayed in an engine of its own (sharing one network)."""
+    from pipeline.engine import DetectionEngine
 
-    engine = DetectionEngine(bundle, grid)
+    if as_asset is None:
+        return _replay_in(DetectionEngine(bundle, grid), files, chunk_rows)
+    first = DetectionEngine(bundle, grid)
+    traces: dict[str, EngineTrace] = {}
+    for i, s in enumerate(files):
+        engine = first if i == 0 else DetectionEngine(bundle, grid, first.model)
+        trace = _replay_in(engine, [Series(as_asset, s.ts_ms, s.values)], chunk_rows)
+        traces[s.name] = trace[as_asset]
+    return traces
+
+
+def _replay_in(engine: Any, files: Sequence[Series], chunk_rows: int) -> dict[str, EngineTrace]:
+    from pipeline.engine import EngineOutput
+
+    bundle = engine.bundle
     outputs: list[EngineOutput] = []
     for s in files:
         for a in range(0, len(s), chunk_rows):
@@ -293,6 +313,7 @@ def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series],
     asset = np.concatenate([o.asset for o in outputs])
     step = np.concatenate([o.step for o in outputs])
     cols = {k: np.concatenate([getattr(o, k) for o in outputs]) for k in ("forecast_error", "alert_score", "threshold")}
+    learning = np.concatenate([o.learning for o in outputs])
     events = [e for o in outputs for e in o.events]
     traces = {}
     for s in files:
@@ -301,7 +322,8 @@ def replay(bundle: ModelBundle, grid: GridSettings, files: Sequence[Series],
                                      cols["threshold"][sel], alert_spans(events, s.name),
                                      alert_top_features(events, s.name),
                                      [int(e.end_ms or 0) for e in events
-                                      if e.asset == s.name and e.state == "close" and e.reason == "rebaselined"])
+                                      if e.asset == s.name and e.state == "close" and e.reason == "rebaselined"],
+                                     int(learning[sel].sum()))
     return traces
 
 
@@ -502,7 +524,7 @@ class LstmRun:
 
 
 def run_lstm(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, train: Series | None = None,
-             seed: int | None = None, chunk_rows: int = 5000, progress: Progress | None = None) -> LstmRun:
+             seed: int | None = None, chunk_rows: int = REPLAY_CHUNK_ROWS, progress: Progress | None = None) -> LstmRun:
     """Fit per the plan (thresholds calibrated on the fit's held-out tail), replay, map alerts to rows."""
     from pipeline.fit import fit_bundle
 
@@ -514,7 +536,9 @@ def run_lstm(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, t
         batch = concat_batches([series_batch(t, features) for t in train_series])
         bundle, _ = fit_bundle(batch, s, metadata={"evaluation": plan})
         run.fits.append(_fit_summary(bundle, scored))
-        traces = replay(bundle, s.grid, [f.series for f in scored], chunk_rows)
+        # A training file and the files it is paired with are recordings of one asset.
+        same_asset = train_series[0].name if plan in ("paired", "train_file") else None
+        traces = replay(bundle, s.grid, [f.series for f in scored], chunk_rows, as_asset=same_asset)
         for f in scored:
             run.traces[f.name] = traces[f.name]
             run.predicted[f.name] = rows_in_alerts(f.series.ts_ms, traces[f.name].spans, bundle.period_ms)
@@ -553,7 +577,7 @@ class Evaluation:
 
 
 def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, seeds: Sequence[int] = (0,),
-             train: Series | None = None, chunk_rows: int = 5000, nab_window_s: float = NAB_WINDOW_S,
+             train: Series | None = None, chunk_rows: int = REPLAY_CHUNK_ROWS, nab_window_s: float = NAB_WINDOW_S,
              progress: Progress | None = None) -> Evaluation:
     """LSTM (one run per seed) and baselines on the same files, split and metric code."""
     if not files or not seeds:

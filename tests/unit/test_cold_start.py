@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.bundle import ModelBundle, Scaler
-from pipeline.cold_start import COLD, KNOWN, UNDECIDED, ColdPlan
+from pipeline.cold_start import COLD, KNOWN, PRIOR_STEPS, UNDECIDED, ColdPlan
 from pipeline.engine import DetectionEngine, EngineOutput
 from pipeline.model import StepFunction
 from pipeline.settings import GridSettings
@@ -60,7 +60,10 @@ def test_a_new_asset_learns_its_scaling_then_stays_quiet_and_still_alerts_on_a_f
     own_mean = engine.state.vectors["own_mean"][row]
     head = frame.iloc[:plan.scaling][list(FEATURES)]
     np.testing.assert_allclose(own_mean, head.mean().to_numpy(), rtol=1e-6)
-    np.testing.assert_allclose(engine.state.vectors["own_scale"][row], head.std(ddof=0).to_numpy(), rtol=1e-6)
+    prior = bundle.scaler.rows_for(np.array(["p9"], dtype=object))[1][0]  # the fleet's: p9 is unknown
+    n = plan.scaling
+    shrunk = np.sqrt((n * head.std(ddof=0).to_numpy() ** 2 + PRIOR_STEPS * prior**2) / (n + PRIOR_STEPS))
+    np.testing.assert_allclose(engine.state.vectors["own_scale"][row], shrunk, rtol=1e-6)
     assert engine.state.cols["cold_start"][row] == COLD
 
 
