@@ -164,3 +164,15 @@ def test_an_alert_open_longer_than_the_stated_time_closes_and_the_asset_learns_i
     _, polled = _run(bundle, frame, chunk=len(frame))  # one poll: the same events at the same steps
     same = [(e.state, e.reason, e.start_ms, e.end_ms) for o in polled for e in o.events if e.state != "update"]
     assert same == [(e.state, e.reason, e.start_ms, e.end_ms) for e in events]
+
+
+def test_evaluation_replays_a_paired_recording_as_the_asset_the_model_was_fitted_on(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.evaluation import Series, replay
+
+    bundle = _with_cold_start(tiny_bundle, 120)
+    frame = sine_frame(300, assets=("p1",), seed=31)
+    recording = Series("p1 test split", frame["ts"].to_numpy(), frame[list(FEATURES)].to_numpy())
+    unseen = replay(bundle, GRID, [recording])["p1 test split"]
+    assert unseen.learning_steps == ColdPlan.of(bundle).total  # a name the model does not know: cold start
+    paired = replay(bundle, GRID, [recording], as_asset="p1")["p1 test split"]
+    assert paired.learning_steps == 0 and len(paired.step_ms) == len(unseen.step_ms)
