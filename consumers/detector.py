@@ -19,6 +19,7 @@ decides the partition, and an asset must live in exactly one partition.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import uuid
@@ -36,7 +37,7 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
-from consumers.kafka_clients import ReadTimeout, make_consumer, make_producer, read_to_end
+from consumers.kafka_clients import KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -51,6 +52,9 @@ from pipeline.state import read_snapshot_header
 KIND, GROUP, PARTITION, POSITION = "pw.kind", "pw.group", "pw.partition", "pw.position"
 # A produced record (key + value + headers) must stay below the producer's request limit.
 MAX_PRODUCE_BYTES = 1_000_000
+# Output batches: one flush per poll sends them, so a large batch only means fewer, fuller
+# requests (and fewer wake-ups of the sender thread) when a poll publishes many scores.
+OUTPUT_BATCH_BYTES = 1 << 18
 
 
 @dataclass
@@ -99,6 +103,7 @@ class Detector:
         self.rewind: set[TopicPartition] = set()  # paused until re-read from the committed offset
         self.consumer: KafkaConsumer | None = None
         self.producer: Any = None
+        self._key_partitions: KeyPartitions | None = None
         self.state_producer: Any = None
         self.last_loop = time.monotonic()
         self.assigned = False
@@ -119,10 +124,12 @@ class Detector:
     def run(self) -> int:
         """Consume until ``stop`` is set; returns the process exit code."""
         s = self.settings
-        self.producer = make_producer(s, max_request_size=MAX_PRODUCE_BYTES + 48_576)
+        self.producer = make_producer(s, max_request_size=MAX_PRODUCE_BYTES + 48_576, batch_size=OUTPUT_BATCH_BYTES)
+        self._key_partitions = KeyPartitions(self.producer)
         self.state_producer = make_state_producer(s)
         self.consumer = make_consumer(s, group_id=s.detector.group_id)
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
+        _freeze_heap()
         self.log.info("detector started", topic=s.topics.readings, model_version=self.engine.model_version)
         if self.follow_registry:
             from consumers.model_watch import ModelWatcher
@@ -351,13 +358,20 @@ class Detector:
         if not len(idx):
             return []
         topic, version, send = self.settings.topics.scores, self.engine.model_version, self.producer.send
+        partition = self._partitions(topic)
         assets = out.asset[idx].tolist()
         step_ms = (out.step[idx] * self.engine.bundle.period_ms).tolist()
         score = [round(x, 5) for x in out.alert_score[idx].tolist()]
         threshold = [round(x, 5) for x in out.threshold[idx].tolist()]
-        return [send(topic, key=a.encode(), value=orjson.dumps(
+        return [send(topic, key=(k := a.encode()), partition=partition(k), value=orjson.dumps(
                     {"asset": a, "step_ms": t, "score": sc, "threshold": th, "model_version": version}))
                 for a, t, sc, th in zip(assets, step_ms, score, threshold)]
+
+    def _partitions(self, topic: str) -> Callable[[bytes], int]:
+        """Key → partition of ``topic`` as the output producer's partitioner places it, cached."""
+        if self._key_partitions is None:
+            self._key_partitions = KeyPartitions(self.producer)
+        return self._key_partitions.of(topic)
 
     def _await(self, futures: list[Any], producer: Any = None) -> None:
         """Block until the broker acknowledged every send, or fail the poll."""
@@ -455,6 +469,7 @@ class Detector:
         if rewarm:
             self.engine.rewarm(np.array(rewarm, np.int64))
         self._set_health(assigned=True)
+        _freeze_heap()  # the restored state is long-lived too
         self.restore_s.append(time.perf_counter() - t)
         self.log.info("state restored", partitions=sorted(tp.partition for tp in wanted), assets=restored_assets,
                       rewarmed=len(rewarm), seconds=round(self.restore_s[-1], 3))
@@ -515,6 +530,14 @@ class Detector:
         metrics.MODEL_SWAPS.labels("refused").inc()
         self.log.error("model refused; the current one keeps serving", version=prepared.bundle.version,
                        error=str(exc))
+
+
+def _freeze_heap() -> None:
+    """Keep what is alive now (TensorFlow, the model, the fleet's state) out of the cyclic
+    garbage collector's full collections: walking it took 130-290 ms with TensorFlow loaded,
+    a stall of the poll loop every 10-20 s that set the p99 latency; 6-8 ms once frozen.
+    Frozen objects are still freed by reference counting when dropped."""
+    gc.freeze()
 
 
 def make_state_producer(settings: Settings) -> Any:

@@ -92,6 +92,7 @@ class KafkaSettings:
     max_poll_records: int = _f(5000, "records per poll: one decode pass and one scoring call per poll")
     fetch_max_bytes: int = _f(52428800, "largest fetch response")
     max_partition_fetch_bytes: int = _f(4194304, "largest fetch per partition")
+    fetch_max_wait_ms: int = _f(50, "longest time the broker holds a fetch waiting for data; records arriving meanwhile can wait for it on some brokers (the embedded one), so it bounds how long a reading sits before it is polled")
     request_timeout_ms: int = _f(30000, "client request timeout")
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class KafkaSettings:
         _check(p + "heartbeat_interval_ms", 0 < self.heartbeat_interval_ms * 3 <= self.session_timeout_ms,
                "must be > 0 and at most a third of session_timeout_ms")
         _check(p + "max_poll_records", self.max_poll_records >= 1, "must be >= 1")
+        _check(p + "fetch_max_wait_ms", self.fetch_max_wait_ms >= 0, "must be >= 0")
         _check(p + "max_poll_interval_ms", self.max_poll_interval_ms >= self.session_timeout_ms,
                "must be >= session_timeout_ms")
         if self.security_protocol.startswith("SASL"):
