@@ -19,7 +19,11 @@ client that sent it: the topic's LogAppendTime is not available on the embedded 
 Latency of a step = acknowledgement of its score − CreateTime of the asset's first reading
 stamped at or after the step's end + the allowed lateness (the reading that made it closable).
 The lateness is the user's choice and is reported beside the figure, not subtracted. Steps
-closed in the first ``--warmup-s`` seconds (model start-up) are left out. Prints one JSON object.
+closed in the first ``--warmup-s`` seconds (model start-up) are left out. Prints one JSON object,
+with where the time goes (p50 and p99 of each part): from a reading's CreateTime until a poll
+returned it (the broker, the fetch, and the detector busy with the previous poll or a
+checkpoint), the processing of a poll, from a score's send to its acknowledgement, and the
+checkpoints (every ``detector.checkpoint_interval_ms``, a stall between two polls).
 """
 
 from __future__ import annotations
@@ -49,15 +53,16 @@ TOPIC = "bench.live"
 class _AckedProducer:
     """A producer that notes when each record sent to ``topic`` was acknowledged."""
 
-    def __init__(self, producer: Any, topic: str, acks: list[tuple[bytes, float]]) -> None:
+    def __init__(self, producer: Any, topic: str, acks: list[tuple[bytes, float, float]]) -> None:
         self._producer, self._topic, self._acks = producer, topic, acks
 
     def send(self, topic: str, *args: Any, **kwargs: Any) -> Any:
+        sent = time.time()
         future = self._producer.send(topic, *args, **kwargs)
         if topic == self._topic:
             value = kwargs.get("value")
             acks = self._acks
-            future.add_callback(lambda _md: acks.append((value, time.time())))
+            future.add_callback(lambda _md: acks.append((value, sent, time.time())))
         return future
 
     def __getattr__(self, name: str) -> Any:
@@ -79,7 +84,7 @@ def run_live_detector(settings: Any, bundle_uri: str, out: str) -> dict[str, Any
     s = dataclasses.replace(s, detector=dataclasses.replace(s.detector, group_id=f"bench-latency-{run}"))
     configure_logging(s.log.level, s.log.format)
     ensure_topics(s, standard_topics(s))
-    acks: list[tuple[bytes, float]] = []
+    acks: list[tuple[bytes, float, float]] = []
     make_producer = detector_module.make_producer
 
     def acked_producer(settings: Any, **overrides: Any) -> Any:
@@ -88,14 +93,27 @@ def run_live_detector(settings: Any, bundle_uri: str, out: str) -> dict[str, Any
     detector_module.make_producer = acked_producer  # type: ignore[assignment]
     d = Detector(s, load_bundle(bundle_uri, s.model.features))
     progress: list[tuple[float, int, float]] = []  # (wall time, records processed, seconds) per poll
+    waited: list[tuple[float, float]] = []  # per record: (poll time, ms from its CreateTime to the poll)
     process = d.process
 
     def noted(polled: Any) -> None:
+        now_ms = time.time() * 1000
+        waited.extend((now_ms, now_ms - r.timestamp) for records in polled.values() for r in records)
         t = time.perf_counter()
         process(polled)
         progress.append((time.time(), d.stats.records, time.perf_counter() - t))
 
     d.process = noted  # type: ignore[method-assign]
+    checkpoints: list[tuple[float, float]] = []  # (wall time, seconds) of each checkpoint
+    checkpoint = d.checkpoint
+
+    def timed_checkpoint() -> dict[int, int]:
+        t = time.perf_counter()
+        done = checkpoint()
+        checkpoints.append((time.time(), time.perf_counter() - t))
+        return done
+
+    d.checkpoint = timed_checkpoint  # type: ignore[method-assign]
 
     def control() -> None:
         while not d.ready and not d.stop.is_set():
@@ -106,11 +124,14 @@ def run_live_detector(settings: Any, bundle_uri: str, out: str) -> dict[str, Any
 
     threading.Thread(target=control, daemon=True).start()
     code = d.run()
+    if code != 0:
+        raise SystemExit(f"the detector stopped with exit code {code} (see its log above)")
     rows = []
-    for value, at in acks:
+    for value, sent, at in acks:
         body = json.loads(value)
-        rows.append([body["asset"], int(body["step_ms"]), at])
-    Path(out).write_text(json.dumps({"acks": rows, "progress": progress}))
+        rows.append([body["asset"], int(body["step_ms"]), at, sent])
+    Path(out).write_text(json.dumps({"acks": rows, "progress": progress, "waited": waited,
+                                     "checkpoints": checkpoints}))
     return {"exit_code": code, "scores": len(rows), "records": d.stats.records, "late": d.stats.rejects.get("late", 0)}
 
 
@@ -170,7 +191,7 @@ class LiveFeed:
 
 def latencies_ms(feed: LiveFeed, rows: list[list[Any]], lateness_ms: int, after_ms: float) -> np.ndarray:
     out = []
-    for asset, step_ms, acked in rows:
+    for asset, step_ms, acked, _ in rows:
         created = feed.closing_created(asset, step_ms, lateness_ms)
         if created is not None and created >= after_ms:
             out.append(acked * 1000 - created)
@@ -182,6 +203,8 @@ class LiveRun:
     feed: LiveFeed
     acks: list[list[Any]]
     progress: list[list[float]]
+    waited: list[list[float]]
+    checkpoints: list[list[float]]
     sent: int
     feed_s: float
     started_ms: float
@@ -219,16 +242,19 @@ def live_run(broker: Any, tmp: Path, name: str, rate: float, args: argparse.Name
         sent = feed.run(args.seconds)
         feed_s = time.monotonic() - t
         time.sleep(3)  # the last steps close and their scores are acknowledged
-        proc.stdin.write("stop\n")
-        proc.stdin.flush()
+        try:
+            proc.stdin.write("stop\n")
+            proc.stdin.flush()
+        except BrokenPipeError:  # it stopped by itself: its exit code and log say why
+            pass
         stdout, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    if proc.returncode != 0:
+    if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"{name}: the detector exited {proc.returncode}: {log.read_text()[-3000:]}")
     got = json.loads(out.read_text())
-    return s, LiveRun(feed, got["acks"], got["progress"], sent, feed_s, started_ms,
+    return s, LiveRun(feed, got["acks"], got["progress"], got["waited"], got["checkpoints"], sent, feed_s, started_ms,
                       json.loads(stdout.strip().splitlines()[-1]))
 
 
@@ -272,6 +298,11 @@ def measure(args: argparse.Namespace, say: Any) -> dict[str, Any]:
     lat = latencies_ms(run.feed, run.acks, s.grid.lateness_ms, run.started_ms + args.warmup_s * 1000)
     if not len(lat):
         raise RuntimeError(f"no score acknowledged after the warm-up: {run.summary}")
+    after = run.started_ms / 1000 + args.warmup_s
+    ack_ms = np.array([(at - sent) * 1000 for _, _, at, sent in run.acks if sent >= after])
+    polls = np.array([d for t, _, d in run.progress if t >= after]) * 1000
+    checkpoints = np.array([d for t, d in run.checkpoints if t >= after] or [0.0]) * 1000
+    waited = np.array([w for at, w in run.waited if at >= after * 1000])
     return {
         "latency_p50_ms": round(float(np.percentile(lat, 50)), 1),
         "latency_p99_ms": round(float(np.percentile(lat, 99)), 1),
@@ -283,6 +314,12 @@ def measure(args: argparse.Namespace, say: Any) -> dict[str, Any]:
         **out, "period_ms": run.feed.period_ms, "assets": args.assets,
         "poll_timeout_ms": s.detector.poll_timeout_ms, "max_poll_records": s.kafka.max_poll_records,
         "fetch_max_wait_ms": s.kafka.fetch_max_wait_ms,
+        "parts_p50_p99_ms": {
+            "createtime_to_polled": [round(float(np.percentile(waited, q)), 1) for q in (50, 99)],
+            "poll_processing": [round(float(np.percentile(polls, q)), 1) for q in (50, 99)],
+            "score_send_to_ack": [round(float(np.percentile(ack_ms, q)), 1) for q in (50, 99)],
+            "checkpoint": [round(float(np.percentile(checkpoints, q)), 1) for q in (50, 99)]},
+        "checkpoint_interval_ms": s.detector.checkpoint_interval_ms,
         "late_rejects": run.summary["late"], "timestamp": "score ack (producer callback) - reading CreateTime",
     }
 

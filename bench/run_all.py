@@ -58,6 +58,9 @@ BENCHES: dict[str, tuple[list[str], dict[str, str]]] = {
         "max_rate_records_per_s": "latency_max_rate_records_per_s",
         "allowed_lateness_s": "latency_allowed_lateness_s",
     }),
+    "train_sources": (["-m", "bench.train_memory", "--sources", "--readings", "1000000", "--repeats", "1"], {
+        "train_archive_over_memory_ratio": "train_archive_over_memory_ratio",
+    }),
     "recovery_cost": (["-m", "bench.recovery_cost", "--fleets", "1000,100000", "--sigterm-assets", "0",
                        "--no-broker"], {
         "commit_plan_ms_100000": "commit_plan_ms_100000",
