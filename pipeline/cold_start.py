@@ -199,14 +199,15 @@ def learn_levels(state: FleetState, rows: np.ndarray, index: np.ndarray, levels:
     if end.any():
         e = rows[end]
         q = feature_quantile(p.quantile, v["cold_fc_max"].shape[1])
-        shape = (len(rows), len(levels.flat))
+        shape = (len(rows), v["cold_fc_max"].shape[1])  # levels hold one row for all steps or one per step
         fc_fleet = np.broadcast_to(levels.forecast, shape)[end]
         nv_fleet = np.broadcast_to(levels.novelty, shape)[end]
+        flat_fleet = np.broadcast_to(levels.flat, shape)[end]
         fc_stretch = p.margin * excursion_factor(plan.level, p.smoothing_alpha, q)
         nv_stretch = p.novelty_margin * excursion_factor(plan.level, p.novelty_alpha, q)
         v["own_fc_level"][e] = np.maximum(fc_fleet, v["cold_fc_max"][e] * fc_stretch)
         v["own_nv_level"][e] = np.maximum(nv_fleet, v["cold_nv_max"][e] * nv_stretch)
-        v["own_flat_limit"][e] = np.maximum(levels.flat, p.flat_factor * v["cold_flat_max"][e])
+        v["own_flat_limit"][e] = np.maximum(flat_fleet, p.flat_factor * v["cold_flat_max"][e])
         # The online threshold statistics start afresh under the asset's own levels.
         state.cols["adapt_mean"][e] = state.cols["adapt_var"][e] = np.nan
     return (index >= 0) & (index < plan.total)
@@ -219,7 +220,7 @@ def with_own_levels(levels: TermLevels, state: FleetState, rows: np.ndarray) -> 
     has = np.isfinite(own_fc).all(axis=1) & np.isfinite(own_nv).all(axis=1) & np.isfinite(own_fl).all(axis=1)
     if not has.any():
         return levels
-    shape = (len(rows), len(levels.flat))
+    shape = own_fc.shape
     return TermLevels(np.where(has[:, None], own_fc, np.broadcast_to(levels.forecast, shape)),
                       np.where(has[:, None], own_nv, np.broadcast_to(levels.novelty, shape)),
                       np.where(has[:, None], own_fl, np.broadcast_to(levels.flat, shape)))

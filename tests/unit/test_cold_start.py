@@ -176,3 +176,18 @@ def test_evaluation_replays_a_paired_recording_as_the_asset_the_model_was_fitted
     assert unseen.learning_steps == ColdPlan.of(bundle).total  # a name the model does not know: cold start
     paired = replay(bundle, GRID, [recording], as_asset="p1")["p1 test split"]
     assert paired.learning_steps == 0 and len(paired.step_ms) == len(unseen.step_ms)
+
+
+def test_many_new_assets_at_different_points_of_their_cold_start(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Assets that finish their cold start while others in the same poll already have their own levels."""
+    bundle = _with_cold_start(tiny_bundle, 60)
+    parts = [_newcomer(400, seed=40 + k, name=f"new-{k}").iloc[20 * k:] for k in range(5)]
+    frame = pd.concat(parts).sort_values(["ts", "asset"]).reset_index(drop=True)
+    engine, outs = _run(bundle, frame, chunk=53)
+    learning = np.concatenate([o.learning for o in outs])
+    assets = np.concatenate([o.asset for o in outs])
+    for k in range(5):
+        mine = learning[assets == f"new-{k}"]
+        assert mine[:60].all() and not mine[60:].any()
+        row = engine.state.index[f"new-{k}"]
+        assert np.isfinite(engine.state.vectors["own_flat_limit"][row]).all()
