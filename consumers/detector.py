@@ -363,9 +363,10 @@ class Detector:
         step_ms = (out.step[idx] * self.engine.bundle.period_ms).tolist()
         score = [round(x, 5) for x in out.alert_score[idx].tolist()]
         threshold = [round(x, 5) for x in out.threshold[idx].tolist()]
+        learning = out.learning[idx].tolist() if len(out.learning) else [False] * len(idx)
         return [send(topic, key=(k := a.encode()), partition=partition(k), value=orjson.dumps(
-                    {"asset": a, "step_ms": t, "score": sc, "threshold": th, "model_version": version}))
-                for a, t, sc, th in zip(assets, step_ms, score, threshold)]
+                    {"asset": a, "step_ms": t, "score": sc, "threshold": th, "model_version": version, "learning": ln}))
+                for a, t, sc, th, ln in zip(assets, step_ms, score, threshold, learning)]
 
     def _partitions(self, topic: str) -> Callable[[bytes], int]:
         """Key → partition of ``topic`` as the output producer's partitioner places it, cached."""

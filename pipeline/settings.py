@@ -129,7 +129,7 @@ class TopicSettings:
     alerts: str = _f("plant.alerts", "alert events (open/update/close), key = asset id")
     dlq: str = _f("", "dead-letter topic for rejected readings; empty means '<readings>.dlq'")
     models: str = _f("plant.models", "control topic announcing published model versions")
-    scores: str = _f("", "optional topic of every scored step (asset, step, score, threshold), key = asset; empty = off")
+    scores: str = _f("", "optional topic of every scored step (asset, step, score, threshold, model version, learning = in a cold start), key = asset; empty = off")
     state: str = _f("", "detector state hand-over topic (per-asset snapshots, key = asset; compact it); empty means '<readings>.state'")
     partitions: int = _f(4, "partitions used when plantwatch creates the topics")
 
