@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     closed = threading.Event()
     previous_hook = threading.excepthook
     threading.excepthook = lambda hook_args: _thread_exception(hook_args, closed, previous_hook)
+    ignored_sigint = _wake_on_closed_output(closed)
     try:
         try:
             code = _main(argv)
@@ -143,7 +144,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         threading.excepthook = previous_hook
+        if ignored_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     return EXIT_CLOSED_PIPE if closed.is_set() else code
+
+
+def _wake_on_closed_output(closed: threading.Event) -> bool:
+    """Where SIGINT is ignored (a command started in the background, or under ``nohup``), the
+    SIGINT :func:`_interrupt_main` sends would not wake the main thread: let it through when a
+    thread found stdout closed, and keep ignoring any other SIGINT. True if a handler was installed."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        return False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if closed.is_set():
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return True
 
 
 def quiet_tensorflow(environ: MutableMapping[str, str]) -> None:

@@ -7,6 +7,7 @@ import fcntl
 import importlib.metadata
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,12 +58,14 @@ def test_a_reader_that_closes_after_one_line_ends_plantwatch_config_quietly() ->
     assert proc.returncode == (EXIT_CLOSED_PIPE if hasattr(fcntl, "F_SETPIPE_SZ") else proc.returncode)
 
 
-def _into_closed_pipe(argv: list[str], *, unbuffered: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+def _into_closed_pipe(argv: list[str], *, unbuffered: bool = False, timeout: float = 60,
+                      sigint_ignored: bool = False) -> subprocess.CompletedProcess:
     read_fd, write_fd = os.pipe()
     os.close(read_fd)  # the reader is gone before the first write
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     try:
         return subprocess.run(argv, stdout=write_fd, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env=_env(unbuffered), timeout=timeout, check=False)
+                              env=_env(unbuffered), timeout=timeout, check=False, preexec_fn=ignore)
     finally:
         os.close(write_fd)
 
@@ -109,9 +112,11 @@ sys.exit(main(["config"]))
 """
 
 
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["", "started with SIGINT ignored"])
 @pytest.mark.parametrize("wait", ["stop handler", "sleep"])
-def test_a_thread_writing_to_a_closed_stdout_stops_the_command_quietly(wait: str) -> None:
-    done = _into_closed_pipe([sys.executable, "-c", _THREADED.replace("{wait}", wait)], timeout=30)
+def test_a_thread_writing_to_a_closed_stdout_stops_the_command_quietly(wait: str, sigint_ignored: bool) -> None:
+    done = _into_closed_pipe([sys.executable, "-c", _THREADED.replace("{wait}", wait)], timeout=30,
+                             sigint_ignored=sigint_ignored)
     assert not any(marker in done.stderr for marker in TRACEBACK), done.stderr
     assert done.returncode == EXIT_CLOSED_PIPE
     if wait == "stop handler":
