@@ -258,8 +258,8 @@ class AssetGrid:
         return {
             "next_step": self.next_step,
             "watermark_ms": self.watermark_ms,
-            "last_value": [None if np.isnan(x) else float(x) for x in self.last_value],
-            "last_step": [int(x) for x in self.last_step],
+            "last_value": [None if x != x else x for x in self.last_value.tolist()],  # NaN: never seen
+            "last_step": self.last_step.tolist(),
             "pending_reset": self.pending_reset,
             "open": {str(k): [o.sum.tolist(), o.count.tolist(), o.n, o.min_pos] for k, o in self.open.items()},
             "empty_run": self.empty_run,
