@@ -23,7 +23,8 @@ closed in the first ``--warmup-s`` seconds (model start-up) are left out. Prints
 with where the time goes (p50 and p99 of each part): from a reading's CreateTime until a poll
 returned it (the broker, the fetch, and the detector busy with the previous poll or a
 checkpoint), the processing of a poll, from a score's send to its acknowledgement, and the
-checkpoints (every ``detector.checkpoint_interval_ms``, a stall between two polls).
+checkpoints' stalls between two polls (every ``detector.checkpoint_interval_ms``: each slice of
+the snapshots, then the commit once they are acknowledged).
 """
 
 from __future__ import annotations
@@ -104,16 +105,26 @@ def run_live_detector(settings: Any, bundle_uri: str, out: str) -> dict[str, Any
         progress.append((time.time(), d.stats.records, time.perf_counter() - t))
 
     d.process = noted  # type: ignore[method-assign]
-    checkpoints: list[tuple[float, float]] = []  # (wall time, seconds) of each checkpoint
-    checkpoint = d.checkpoint
+    # (wall time, seconds) of each stall of the loop for a checkpoint: a slice of its snapshots,
+    # or its commit once they are acknowledged (the waits between them are not stalls)
+    checkpoints: list[tuple[float, float]] = []
+    begin, finish = d._begin_checkpoint, d._finish_checkpoint
 
-    def timed_checkpoint() -> dict[int, int]:
+    def timed_begin() -> None:
         t = time.perf_counter()
-        done = checkpoint()
+        begin()
         checkpoints.append((time.time(), time.perf_counter() - t))
+
+    def timed_finish(wait: bool) -> dict[int, int]:
+        busy = d._in_flight is not None and (d._in_flight.todo or all(x.is_done for x in d._in_flight.futures))
+        t = time.perf_counter()
+        done = finish(wait)
+        if busy:
+            checkpoints.append((time.time(), time.perf_counter() - t))
         return done
 
-    d.checkpoint = timed_checkpoint  # type: ignore[method-assign]
+    d._begin_checkpoint = timed_begin  # type: ignore[method-assign]
+    d._finish_checkpoint = timed_finish  # type: ignore[method-assign]
 
     def control() -> None:
         while not d.ready and not d.stop.is_set():

@@ -74,6 +74,7 @@ def pure_costs(n: int, poll: int, repeats: int = 20) -> dict[str, float]:
         t = time.perf_counter()
         blobs = engine.state.snapshot(dirty, {"model_version": "bench"})
         snap_t.append((time.perf_counter() - t) / len(dirty))
+        cp.begin()
         cp.checkpointed({0: int(offsets[-1]) + 1}, 0)
     return {f"commit_plan_ms_{n}": round(float(np.median(plan_t)) * 1e3, 3),
             f"snapshot_us_per_asset_{n}": round(float(np.median(snap_t)) * 1e6, 2),

@@ -4,7 +4,8 @@ Per poll: decode every record in one pass → place on the event-time grid → s
 steps of all assets in one model call → thresholds and alert lifecycle → publish alert
 events and dead letters → wait for the broker's acknowledgements → record the progress.
 Every ``detector.checkpoint_interval_ms`` the state of each asset that changed is written to
-the state topic and, once acknowledged, the partition positions are committed.
+the state topic and, once acknowledged, the partition positions are committed. The loop does not
+wait for that acknowledgement: it goes on polling and commits at the first poll after it.
 
 Recovery is exact (see :mod:`pipeline.checkpoint`): a successor restores each asset's latest
 snapshot, replays at most one checkpoint interval, drops readings already in a snapshot and
@@ -112,6 +113,7 @@ class Detector:
         self.watcher: Any = None
         self.swap_pauses_s: list[float] = []
         self._warming: tuple[Any, threading.Thread, dict[str, Any]] | None = None  # a swap being prepared
+        self._in_flight: _InFlight | None = None  # a checkpoint whose snapshots are not yet acknowledged
         self.restore_s: list[float] = []
         metrics.MODEL.info({"version": bundle.version})
         self._set_health(model_loaded=True)
@@ -150,8 +152,9 @@ class Detector:
                         self._restore_assigned()
                     if polled:
                         self.process(polled)
-                    if self.checkpoints.due(self.clock() * 1000):
-                        self.checkpoint()
+                    self._finish_checkpoint(wait=False)
+                    if self._in_flight is None and self.checkpoints.due(self.clock() * 1000):
+                        self._begin_checkpoint()
                     if self.watcher is not None:
                         self._maybe_swap()
                     backoff = 0.5
@@ -204,6 +207,7 @@ class Detector:
         checkpoint); with ``rewind``, restore it and re-read from the committed offsets."""
         owned = [TopicPartition(self.settings.topics.readings, p) for p in self.checkpoints.owned]
         dropped = self.checkpoints.revoke_all()
+        self._in_flight = None  # its positions are not committed; the rewind goes to the last committed
         self.engine.state.drop(dropped)
         self.log.warning("state of owned partitions dropped", reason=why, partitions=[tp.partition for tp in owned],
                          assets=len(dropped))
@@ -390,11 +394,12 @@ class Detector:
                 raise DeliveryError(f"{type(exc).__name__}: {exc}", retriable=bool(getattr(exc, "retriable", False)))
 
     # ------------------------------------------------------------ state topic
-    def _state_send(self, partition: int, key: str, value: bytes | None, kind: str, position: int) -> Any:
+    def _state_send(self, partition: int, key: str, value: bytes | None, kind: str, position: int,
+                    producer: Any = None) -> Any:
         s = self.settings
         headers = [(KIND, kind.encode()), (GROUP, s.detector.group_id.encode()),
                    (PARTITION, str(partition).encode()), (POSITION, str(position).encode())]
-        return self.state_producer.send(s.topics.state_topic, key=f"{s.detector.group_id}\x00{key}".encode(),
+        return (producer or self.state_producer).send(s.topics.state_topic, key=f"{s.detector.group_id}\x00{key}".encode(),
                                   value=value, headers=headers, partition=self._state_partition(partition))
 
     def _state_partition(self, partition: int) -> int:
@@ -402,40 +407,91 @@ class Detector:
         return partition % max(1, len(parts))
 
     def _record_progress(self, emitted: dict[int, int]) -> None:
-        """Outputs of records below these positions are acknowledged (read back after a restore)."""
-        self._await([self._state_send(p, f"\x00progress\x00{p}", b"", "progress", e) for p, e in emitted.items()],
-                    self.state_producer)
+        """Outputs of records below these positions are acknowledged (read back after a restore).
+
+        Sent with the output producer: waiting on the state producer would wait for the snapshots
+        of a checkpoint in flight too. A restore takes the highest progress, in any order."""
+        self._await([self._state_send(p, f"\x00progress\x00{p}", b"", "progress", e, self.producer)
+                     for p, e in emitted.items()])
 
     def checkpoint(self) -> dict[int, int]:
-        """Write the changed assets' snapshots, then commit their partitions' positions."""
+        """Write the changed assets' snapshots and commit their partitions' positions, waiting for
+        both (on a graceful stop); the loop itself does not wait (:meth:`_begin_checkpoint`)."""
+        self._finish_checkpoint(wait=True)
+        self._begin_checkpoint()
+        return self._finish_checkpoint(wait=True)
+
+    def _begin_checkpoint(self) -> None:
+        """Start a checkpoint of the assets changed since the last one: its first slice of
+        snapshots goes now, the rest over the next polls (:meth:`_finish_checkpoint`)."""
+        t = time.perf_counter()
         pending = self.checkpoints.pending()
         if not pending:
             self.checkpoints.checkpointed({}, self.clock() * 1000)
-            return {}
-        t = time.perf_counter()
+            return
         self._check_membership()
-        version = self.engine.model_version
-        futures, n = [], 0
-        for p, (position, assets) in pending.items():
-            blobs = self.engine.state.snapshot(assets, {"model_version": version}) if assets else []
-            futures += [self._state_send(p, a, b, "snapshot", position) for a, b in zip(assets, blobs)]
-            n += len(assets)
-        self._await(futures, self.state_producer)
+        pending = self.checkpoints.begin()
+        cursors = {p: (position, self.checkpoints.cursors[p]) for p, (position, _) in pending.items()}
+        todo = [(p, a) for p, (_, assets) in pending.items() for a in assets]
+        self._in_flight = _InFlight([], cursors, todo[::-1], t, time.monotonic(), len(todo))
+        self._send_snapshots(self._in_flight, CHECKPOINT_SLICE_S)
+
+    def _send_snapshots(self, f: _InFlight, budget_s: float) -> None:
+        """Send the next snapshots of a checkpoint for about ``budget_s`` (all with ``inf``).
+
+        A snapshot taken after the checkpoint began carries the position its partition has
+        reached then, and a successor drops that asset's records below it: committing the
+        position the checkpoint began at stays exact however many polls it is spread over."""
+        if not f.todo:
+            return
+        self._check_membership()
+        t = time.perf_counter()
+        version = {"model_version": self.engine.model_version}
+        while f.todo and time.perf_counter() - t < budget_s:
+            chunk = [f.todo.pop() for _ in range(min(SNAPSHOT_CHUNK, len(f.todo)))]
+            for p in sorted({p for p, _ in chunk}):
+                cur = f.cursors[p][1]
+                if self.checkpoints.cursors.get(p) is not cur:
+                    continue  # revoked since: its state is no longer ours to write
+                assets = [a for q, a in chunk if q == p]
+                blobs = self.engine.state.snapshot(assets, version)
+                f.futures += [self._state_send(p, a, b, "snapshot", cur.position) for a, b in zip(assets, blobs)]
+
+    def _finish_checkpoint(self, wait: bool) -> dict[int, int]:
+        """Go on with the checkpoint in flight: send its next slice of snapshots and, once all are
+        acknowledged, commit its positions (of the partitions still owned since it began).
+
+        Without ``wait``, return while snapshots are left or unacknowledged, unless the
+        checkpoint is older than its interval (it then completes now, so a successor replays
+        at most about two intervals) or unacknowledged past ``kafka.request_timeout_ms``."""
+        f = self._in_flight
+        if f is None:
+            return {}
+        age_s = time.monotonic() - f.began
+        if age_s * 1000 >= self.checkpoints.interval_ms:
+            wait = True
+        self._send_snapshots(f, float("inf") if wait else CHECKPOINT_SLICE_S)
+        if not wait and (f.todo or not all(x.is_done for x in f.futures)):
+            if age_s < self.settings.kafka.request_timeout_ms / 1000:
+                return {}
+        self._in_flight = None
+        self._await(f.futures, self.state_producer)
         assert self.consumer is not None
+        done = {p: pos for p, (pos, cur) in f.cursors.items()
+                if self.checkpoints.cursors.get(p) is cur and pos >= 0}
         topic = self.settings.topics.readings
-        commits = {TopicPartition(topic, p): OffsetAndMetadata(pos, "", -1) for p, (pos, _) in pending.items()
-                   if pos >= 0}
+        commits = {TopicPartition(topic, p): OffsetAndMetadata(pos, "", -1) for p, pos in done.items()}
         try:
-            self.consumer.commit(commits, timeout_ms=self.settings.kafka.request_timeout_ms)
+            if commits:
+                self.consumer.commit(commits, timeout_ms=self.settings.kafka.request_timeout_ms)
         except (CommitFailedError, RebalanceInProgressError) as exc:
             raise Fenced(f"commit refused: {type(exc).__name__}") from None
         except KafkaTimeoutError:
             raise DeliveryError("offset commit not acknowledged within kafka.request_timeout_ms") from None
-        done = {p: pos for p, (pos, _) in pending.items()}
         self.checkpoints.checkpointed(done, self.clock() * 1000)
-        self.log.debug("checkpoint", positions=done, assets=n)
-        metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - t)
-        metrics.CHECKPOINT_ASSETS.inc(n)
+        self.log.debug("checkpoint", positions=done, assets=f.assets)
+        metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - f.t0)
+        metrics.CHECKPOINT_ASSETS.inc(f.assets)
         return done
 
     def _restore_assigned(self) -> None:
@@ -539,6 +595,27 @@ def _freeze_heap() -> None:
     a stall of the poll loop every 10-20 s that set the p99 latency; 6-8 ms once frozen.
     Frozen objects are still freed by reference counting when dropped."""
     gc.freeze()
+
+
+@dataclass
+class _InFlight:
+    """A checkpoint under way: per partition, the position to commit and the cursor it was taken
+    from (a partition revoked and assigned again has a new cursor); the (partition, asset)
+    snapshots still to send, last first; the sends so far."""
+
+    futures: list[Any]
+    cursors: dict[int, tuple[int, Any]]
+    todo: list[tuple[int, str]]
+    t0: float      # perf_counter at its start
+    began: float   # monotonic
+    assets: int
+
+
+# A checkpoint's snapshots are sent in slices of about this long between polls (about 50 µs an
+# asset: 200 assets), in chunks encoded together, so a large fleet's checkpoint does not hold
+# back the readings that arrive meanwhile.
+CHECKPOINT_SLICE_S = 0.010
+SNAPSHOT_CHUNK = 64
 
 
 def make_state_producer(settings: Settings) -> Any:

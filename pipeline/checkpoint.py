@@ -152,11 +152,19 @@ class Checkpoints:
         return {p: (c.position, sorted(self.dirty[p])) for p, c in self.cursors.items()
                 if c.position > c.checkpoint or self.dirty[p]}
 
+    def begin(self) -> dict[int, tuple[int, list[str]]]:
+        """Take the pending checkpoint: its assets stop being dirty now, so a change while its
+        snapshots are on their way makes an asset dirty again for the next checkpoint. Should the
+        checkpoint fail, the caller rewinds to the last committed one (and so forgets this)."""
+        out = self.pending()
+        for p in out:
+            self.dirty[p].clear()
+        return out
+
     def checkpointed(self, done: Mapping[int, int], now_ms: float) -> None:
         """The snapshots of ``done`` (partition → position) are acknowledged and the positions committed."""
         for p, position in done.items():
             cur = self.cursors.get(p)
             if cur is not None:
-                cur.checkpoint = position
-                self.dirty[p].clear()
+                cur.checkpoint = max(cur.checkpoint, position)
         self._last_ms = now_ms

@@ -7,6 +7,8 @@ snapshots, committed offsets and progress records must publish the same alert ev
 
 from __future__ import annotations
 
+import json
+import struct
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,12 @@ def test_checkpoint_covers_changed_assets_and_revoke_returns_the_partitions_asse
     assert cp.pending() == {0: (5, ["a", "b"])}
     assert cp.published([0, 1]) == {0: 5}
     assert cp.published([0]) == {}  # nothing new
+    assert cp.begin() == {0: (5, ["a", "b"])}
+    cp.processed(0, 6, ["b"])  # changed while the checkpoint's snapshots are on their way
     cp.checkpointed({0: 5}, now_ms=0)
+    assert cp.pending() == {0: (6, ["b"])}  # b goes into the next one
+    cp.begin()
+    cp.checkpointed({0: 6}, now_ms=0)
     assert cp.pending() == {}
     assert sorted(cp.revoke([0, 1])) == ["a", "b", "z"]
     assert cp.owned == []
@@ -87,6 +94,24 @@ def test_restore_refuses_bytes_that_are_not_a_snapshot_of_this_layout(tiny_bundl
         e.state.restore(blob + b"x")
 
 
+def test_a_header_orjson_refuses_is_written_and_read_by_the_standard_encoder(tiny_bundle: Any) -> None:
+    """Snapshot headers are orjson; an asset id with a lone surrogate falls back, and a header of
+    a feature never seen (NaN last value) reads back as NaN either way."""
+    e = DetectionEngine(tiny_bundle, GridSettings())
+    e.process(_batches(tiny_bundle, 0, 50))
+    (blob,) = e.state.snapshot(["p0"])
+    head = read_snapshot_header(blob)
+    odd = {**head, "asset": "pump\udc80", "grid": {**head["grid"], "last_value": [float("nan")] * 2}}
+    raw = json.dumps(odd, separators=(",", ":")).encode()
+    back = read_snapshot_header(blob[:4] + struct.pack(">I", len(raw)) + raw)
+    assert back["asset"] == "pump\udc80" and np.isnan(back["grid"]["last_value"]).all()
+    from pipeline.state import _dumps
+
+    assert json.loads(_dumps(odd))["asset"] == "pump\udc80"
+    with pytest.raises(ValueError, match="not JSON"):
+        read_snapshot_header(blob[:8] + b"}" + blob[9:])
+
+
 def _batches(bundle: Any, start: int, end: int, assets: int = 3) -> Any:
     rng = np.random.default_rng(start)
     values = []
@@ -99,11 +124,17 @@ def _batches(bundle: Any, start: int, end: int, assets: int = 3) -> Any:
     return decode_batch(values, bundle.features)
 
 
-@pytest.mark.parametrize("crash_after", [1, 3, 5, 7, 10])
-def test_crash_at_any_poll_then_recovery_publishes_the_same_events(tiny_bundle: Any, crash_after: int) -> None:
+@pytest.mark.parametrize("spread", [False, True], ids=["at_once", "spread_over_polls"])
+@pytest.mark.parametrize("crash_after", [1, 3, 4, 5, 7, 10])
+def test_crash_at_any_poll_then_recovery_publishes_the_same_events(tiny_bundle: Any, crash_after: int,
+                                                                    spread: bool) -> None:
     """Polls of 60 records; a checkpoint every 3 polls; the process dies after ``crash_after``
     polls having published their outputs; the successor restores and must publish exactly the
-    events the uninterrupted run publishes after the crash point — no more, no fewer."""
+    events the uninterrupted run publishes after the crash point — no more, no fewer.
+
+    ``spread``: as the detector spreads a checkpoint over polls, one asset's snapshot is taken at
+    the checkpoint, the other's a poll later at the position reached then, and the checkpoint's
+    own position is committed after both."""
     records = _records(tiny_bundle, 0, 800)
     polls = [list(range(i, min(i + 60, len(records)))) for i in range(0, len(records), 60)]
 
@@ -112,7 +143,7 @@ def test_crash_at_any_poll_then_recovery_publishes_the_same_events(tiny_bundle: 
 
     # The first process: runs crash_after polls, checkpointing every 3.
     log: dict[str, Any] = {"snapshots": {}, "committed": -1, "emitted": -1}
-    published = _run(tiny_bundle, records, polls[:crash_after], log=log)
+    published = _run(tiny_bundle, records, polls[:crash_after], log=log, spread=spread)
     # The successor: restores, reads from the committed offset to the end.
     engine = DetectionEngine(tiny_bundle, GridSettings())
     positions = {}
@@ -140,13 +171,15 @@ def _records(bundle: Any, start: int, end: int) -> list[tuple[str, bytes]]:
 
 
 def _run(bundle: Any, records: list[tuple[str, bytes]], polls: list[list[int]], *, log: dict[str, Any] | None = None,
-         engine: DetectionEngine | None = None, cp: Checkpoints | None = None) -> list[dict[str, Any]]:
+         engine: DetectionEngine | None = None, cp: Checkpoints | None = None,
+         spread: bool = False) -> list[dict[str, Any]]:
     """Drive the detector's per-poll sequence over one partition; returns published events."""
     engine = engine or DetectionEngine(bundle, GridSettings())
     if cp is None:
         cp = Checkpoints(interval_ms=0)
         cp.assign(0, committed=-1, restored=Restored())
     published: list[dict[str, Any]] = []
+    later: list[tuple[int, list[str]]] = []  # a spread checkpoint's snapshots still to take
     for n, poll in enumerate(polls, 1):
         offsets = np.array(poll, np.int64)
         keys = np.array([records[i][0] for i in poll], dtype=object)
@@ -163,12 +196,22 @@ def _run(bundle: Any, records: list[tuple[str, bytes]], polls: list[list[int]], 
         emitted = cp.published([0])
         if log is not None:
             log["emitted"] = max(log["emitted"], emitted.get(0, -1))
+            if later:  # the rest of a spread checkpoint, at the position reached now
+                begun_at, assets = later.pop()
+                for a, blob in zip(assets, engine.state.snapshot(assets)):
+                    log["snapshots"][a] = (cp.cursors[0].position, blob)
+                log["committed"] = begun_at
+                cp.checkpointed({0: begun_at}, now_ms=0)
             if n % 3 == 0:
-                for p, (position, assets) in cp.pending().items():
-                    for a, blob in zip(assets, engine.state.snapshot(assets)):
+                for p, (position, assets) in cp.begin().items():
+                    now, rest = (assets[:1], assets[1:]) if spread else (assets, [])
+                    for a, blob in zip(now, engine.state.snapshot(now)):
                         log["snapshots"][a] = (position, blob)
-                    log["committed"] = position
-                cp.checkpointed({0: cp.cursors[0].position}, now_ms=0)
+                    if rest:
+                        later.append((position, rest))
+                    else:
+                        log["committed"] = position
+                        cp.checkpointed({0: position}, now_ms=0)
     return published
 
 
