@@ -71,12 +71,10 @@ def _list(args: argparse.Namespace, log: Any) -> int:
 def _accept(args: argparse.Namespace, log: Any, settings: Settings) -> int:
     from cli.main import UsageError
     from consumers.kafka_clients import make_producer
-    from pipeline.alert_log import acceptance_event
+    from pipeline.alert_log import acceptance_event, matching_ids
 
     wanted = args.alert_id
-    found = [r for key, r in log.records.items() if key == wanted or (len(wanted) >= 6 and key.startswith(wanted))]
-    exact = [r for r in found if r.alert_id == wanted]
-    found = exact or found
+    found = [log.records[key] for key in matching_ids(log.records, wanted)]
     if not found:
         raise UsageError(f"alert {wanted!r} is not on the alerts topic {settings.topics.alerts!r} "
                          f"({len(log.records)} alerts read)")

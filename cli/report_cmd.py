@@ -134,15 +134,16 @@ class RecordedAlert:
 def fold_recorded(values: Iterable[dict[str, Any]], wanted: str, *, where: str = "the alerts topic") -> RecordedAlert:
     """The alert ``wanted`` names (its id, or a unique prefix of 6+ characters) from published
     alert events; a usage error naming what was read otherwise."""
+    from pipeline.alert_log import matching_ids, may_name
+
     events: dict[str, list[dict[str, Any]]] = {}
     seen = 0
     for e in values:
         seen += 1
         key = str(e.get("alert_id", ""))
-        if key == wanted or (len(wanted) >= 6 and key.startswith(wanted)):
+        if may_name(wanted, key):
             events.setdefault(key, []).append(e)
-    if wanted in events:
-        events = {wanted: events[wanted]}
+    events = {key: events[key] for key in matching_ids(events, wanted)}
     if not events:
         raise _usage(f"alert {wanted!r} is not on {where} ({seen} alert events read)")
     if len(events) > 1:

@@ -82,6 +82,21 @@ def fold_alert_events(values: Iterable[bytes | None], keep_last: bool = True) ->
     return log.records
 
 
+MIN_ID_PREFIX = 6
+
+
+def may_name(wanted: str, alert_id: str) -> bool:
+    """Whether a user's ``wanted`` may name this alert: its id, or a prefix of it of 6
+    characters or more (so a typo does not pick an alert)."""
+    return alert_id == wanted or (len(wanted) >= MIN_ID_PREFIX and alert_id.startswith(wanted))
+
+
+def matching_ids(ids: Iterable[str], wanted: str) -> list[str]:
+    """The alert ids ``wanted`` names: that id when present, else every id it is a prefix of, sorted."""
+    found = sorted({i for i in ids if may_name(wanted, i)})
+    return [wanted] if wanted in found else found
+
+
 def excluded_spans(records: Iterable[AlertRecord], open_until_ms: int) -> list[tuple[str, int, int]]:
     """(asset, start, end) of every alert not accepted as normal; an open one runs to ``open_until_ms``."""
     return [(r.asset, r.start_ms, open_until_ms if r.end_ms is None else r.end_ms)

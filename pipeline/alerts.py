@@ -158,6 +158,20 @@ def update_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps
     return events
 
 
+def _close_event(state: FleetState, r: int, asset: str, step: int, end_step: int, score: float, threshold: float,
+                 reason: str, p: ThresholdParams, features: tuple[str, ...], period_ms: int,
+                 model_version: str) -> AlertEvent:
+    """The close event of the alert open on row ``r``, ending at ``end_step``, seen at ``step``."""
+    cols = state.cols
+    start = int(cols["alert_start"][r])
+    version = state.alert_version.get(r, model_version)
+    return AlertEvent(
+        alert_id=alert_id(asset, start, version), asset=asset, state="close", start_ms=start * period_ms,
+        end_ms=end_step * period_ms, step_ms=step * period_ms, score=score, peak_score=float(cols["alert_peak"][r]),
+        threshold=threshold, top_features=_top(state.alert_contrib[r], features, p.top_features),
+        model_version=version, reason=reason)
+
+
 def _close_at_gaps(state: FleetState, rows: np.ndarray, assets: np.ndarray, steps: np.ndarray, alert_score: np.ndarray,
                    threshold: np.ndarray, gap_start: np.ndarray, p: ThresholdParams, features: tuple[str, ...],
                    period_ms: int, model_version: str) -> list[AlertEvent]:
@@ -171,15 +185,9 @@ def _close_at_gaps(state: FleetState, rows: np.ndarray, assets: np.ndarray, step
         # The alert ends where the gap began; one that opened on carried-forward values after the
         # last readings (a gap closed over several polls) still spans at least its first step.
         r = rows[i]
-        start = int(cols["alert_start"][r])
-        version = state.alert_version.get(r, model_version)
-        events.append(AlertEvent(
-            alert_id=alert_id(str(assets[i]), start, version), asset=str(assets[i]), state="close",
-            start_ms=start * period_ms, end_ms=max(int(gap_start[i]), start + 1) * period_ms,
-            step_ms=int(steps[i]) * period_ms, score=float(alert_score[i]), peak_score=float(cols["alert_peak"][r]),
-            threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
-            model_version=version, reason="data_gap",
-        ))
+        end = max(int(gap_start[i]), int(cols["alert_start"][r]) + 1)
+        events.append(_close_event(state, r, str(assets[i]), int(steps[i]), end, float(alert_score[i]),
+                                   float(threshold[i]), "data_gap", p, features, period_ms, model_version))
     restart_lifecycle(state, rows[gapped])
     return events
 
@@ -193,16 +201,8 @@ def close_long_alerts(state: FleetState, rows: np.ndarray, assets: np.ndarray, s
     long = np.flatnonzero(cols["alert_open"][rows] & (cols["alert_steps"][rows] >= after_steps))
     events = []
     for i in long.tolist():
-        r = rows[i]
-        start = int(cols["alert_start"][r])
-        version = state.alert_version.get(r, model_version)
-        events.append(AlertEvent(
-            alert_id=alert_id(str(assets[i]), start, version), asset=str(assets[i]), state="close",
-            start_ms=start * period_ms, end_ms=int(steps[i]) * period_ms,
-            step_ms=int(steps[i]) * period_ms, score=float(alert_score[i]), peak_score=float(cols["alert_peak"][r]),
-            threshold=float(threshold[i]), top_features=_top(state.alert_contrib[r], features, p.top_features),
-            model_version=version, reason="rebaselined",
-        ))
+        events.append(_close_event(state, rows[i], str(assets[i]), int(steps[i]), int(steps[i]), float(alert_score[i]),
+                                   float(threshold[i]), "rebaselined", p, features, period_ms, model_version))
     closed = rows[long]
     restart_lifecycle(state, closed)
     return events, closed

@@ -37,3 +37,13 @@ def test_an_acceptance_carries_the_alerts_last_fields() -> None:
     assert event["score"] == 2.0 and event["top_features"] and event["note"] == "ok"
     folded = fold_alert_events([json.dumps(event).encode()])
     assert folded["a"].accepted_ms == 5000
+
+
+def test_an_id_names_itself_a_prefix_of_six_names_one_alert_and_a_shorter_one_none() -> None:
+    from pipeline.alert_log import matching_ids
+
+    ids = ["pump-1-000100", "pump-1-000100b", "pump-2-000300"]
+    assert matching_ids(ids, "pump-1-000100") == ["pump-1-000100"]  # exact wins over longer ids
+    assert matching_ids(ids, "pump-2") == ["pump-2-000300"]
+    assert matching_ids(ids, "pump-1") == ["pump-1-000100", "pump-1-000100b"]  # ambiguous: the caller says so
+    assert matching_ids(ids, "pump") == []  # under six characters: only an exact id
