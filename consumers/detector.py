@@ -433,7 +433,7 @@ class Detector:
         pending = self.checkpoints.begin()
         cursors = {p: (position, self.checkpoints.cursors[p]) for p, (position, _) in pending.items()}
         todo = [(p, a) for p, (_, assets) in pending.items() for a in assets]
-        self._in_flight = _InFlight([], cursors, todo[::-1], t, time.monotonic(), len(todo))
+        self._in_flight = _InFlight([], cursors, todo[::-1], t, time.monotonic(), self.clock() * 1000, len(todo))
         self._send_snapshots(self._in_flight, CHECKPOINT_SLICE_S)
 
     def _send_snapshots(self, f: _InFlight, budget_s: float) -> None:
@@ -488,7 +488,7 @@ class Detector:
             raise Fenced(f"commit refused: {type(exc).__name__}") from None
         except KafkaTimeoutError:
             raise DeliveryError("offset commit not acknowledged within kafka.request_timeout_ms") from None
-        self.checkpoints.checkpointed(done, self.clock() * 1000)
+        self.checkpoints.checkpointed(done, f.began_ms)  # the next is due an interval after this one began
         self.log.debug("checkpoint", positions=done, assets=f.assets)
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - f.t0)
         metrics.CHECKPOINT_ASSETS.inc(f.assets)
@@ -608,6 +608,7 @@ class _InFlight:
     todo: list[tuple[int, str]]
     t0: float      # perf_counter at its start
     began: float   # monotonic
+    began_ms: float  # the detector's clock, ms
     assets: int
 
 

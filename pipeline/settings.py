@@ -258,7 +258,7 @@ class DetectorSettings:
     poll_timeout_ms: int = _f(500, "longest wait for records in one poll")
     registry_poll_s: float = _f(30.0, "how often the registry is checked for a new current model (the control topic is faster)")
     http_port: int = _f(0, "port of the /metrics, /healthz and /readyz endpoints (0 = off)")
-    checkpoint_interval_ms: int = _f(2000, "how often the state of changed assets is written to the state topic and offsets committed: a successor replays at most this much (silently)")
+    checkpoint_interval_ms: int = _f(2000, "how often the state of changed assets is written to the state topic (in 10 ms slices between polls) and, once acknowledged, offsets committed: a successor replays at most about two intervals (silently)")
 
     def __post_init__(self) -> None:
         _check("detector.group_id", bool(self.group_id), "must not be empty")
