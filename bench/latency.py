@@ -74,6 +74,11 @@ def run_live_detector(settings: Any, bundle_uri: str, out: str) -> dict[str, Any
     """Run the detector until a line arrives on stdin; write every score's acknowledgement time."""
     import dataclasses
 
+    from pipeline.tf_threads import limit_tf_threads
+
+    if not limit_tf_threads(settings.detector.tf_threads):  # as `plantwatch detect` does
+        raise RuntimeError("TensorFlow started before detector.tf_threads could apply")
+
     from consumers import detector as detector_module
     from consumers.detector import Detector
     from consumers.topics import ensure_topics, standard_topics

@@ -17,14 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bundle import ModelBundle, Scaler, ThresholdParams
-from pipeline.engine import DetectionEngine
-from pipeline.grid import GridConfig, GridSteps
-from pipeline.model import StepFunction, build_inference_model
-from pipeline.readings import DecodedBatch
-from pipeline.scoring import score_steps
-from pipeline.settings import GridSettings, PUMP_FEATURES, ThresholdSettings
-from pipeline.state import FleetState
+from pipeline.settings import DetectorSettings
+from pipeline.tf_threads import limit_tf_threads
+
+# The benchmarks that import this module measure the detector's engine in their own process:
+# TensorFlow gets the detector's threads, as `plantwatch detect` sets them, before it starts.
+limit_tf_threads(DetectorSettings().tf_threads)
+
+from pipeline.bundle import ModelBundle, Scaler, ThresholdParams  # noqa: E402
+from pipeline.engine import DetectionEngine  # noqa: E402
+from pipeline.grid import GridConfig, GridSteps  # noqa: E402
+from pipeline.model import StepFunction, build_inference_model  # noqa: E402
+from pipeline.readings import DecodedBatch  # noqa: E402
+from pipeline.scoring import score_steps  # noqa: E402
+from pipeline.settings import GridSettings, PUMP_FEATURES, ThresholdSettings  # noqa: E402
+from pipeline.state import FleetState  # noqa: E402
 
 UNITS = (64, 32)
 TIMESTEPS = 32

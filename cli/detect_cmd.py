@@ -49,6 +49,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         health.model_loaded = True
         if not ensure_topics_retrying(settings, standard_topics(settings), stop=stop, health=health):
             return 0  # stopped while waiting for the broker
+        from pipeline.logs import get_logger
+        from pipeline.tf_threads import limit_tf_threads
+
+        if not limit_tf_threads(settings.detector.tf_threads):
+            get_logger("plantwatch.detect").warning("TensorFlow had started: detector.tf_threads not applied")
         from consumers.detector import Detector  # TensorFlow: imported once the probes answer
 
         detector = Detector(settings, bundle, stop=stop, follow_registry=args.model is None, health=health)

@@ -258,6 +258,7 @@ class DetectorSettings:
     poll_timeout_ms: int = _f(500, "longest wait for records in one poll")
     registry_poll_s: float = _f(30.0, "how often the registry is checked for a new current model (the control topic is faster)")
     http_port: int = _f(0, "port of the /metrics, /healthz and /readyz endpoints (0 = off)")
+    tf_threads: int = _f(1, "threads inside each TensorFlow call that scores a poll (0 = one per core): one spent 30-45 % less CPU per step of 1,000 assets and was as fast up to about 2,000 steps per poll")
     checkpoint_interval_ms: int = _f(2000, "how often the state of changed assets is written to the state topic (in 10 ms slices between polls) and, once acknowledged, offsets committed: a successor replays at most about two intervals (silently)")
 
     def __post_init__(self) -> None:
@@ -267,6 +268,7 @@ class DetectorSettings:
         _check("detector.registry_poll_s", self.registry_poll_s > 0, "must be > 0")
         _check("detector.http_port", 0 <= self.http_port <= 65535, "must be a port number or 0")
         _check("detector.checkpoint_interval_ms", self.checkpoint_interval_ms >= 0, "must be >= 0 (0 = every poll)")
+        _check("detector.tf_threads", self.tf_threads >= 0, "must be >= 0 (0 = one per core)")
 
 
 @dataclass(frozen=True)
