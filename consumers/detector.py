@@ -462,18 +462,18 @@ class Detector:
         acknowledged, commit its positions (of the partitions still owned since it began).
 
         Without ``wait``, return while snapshots are left or unacknowledged, unless the
-        checkpoint is older than its interval (it then completes now, so a successor replays
-        at most about two intervals) or unacknowledged past ``kafka.request_timeout_ms``."""
+        checkpoint is older than its interval or ``kafka.request_timeout_ms``: it then sends
+        the rest and waits (so a successor replays at most about two intervals, and a send
+        that is not acknowledged fails the loop)."""
         f = self._in_flight
         if f is None:
             return {}
-        age_s = time.monotonic() - f.began
-        if age_s * 1000 >= self.checkpoints.interval_ms:
-            wait = True
+        age_ms = (time.monotonic() - f.began) * 1000
+        if age_ms >= min(self.checkpoints.interval_ms, self.settings.kafka.request_timeout_ms):
+            wait = True  # every snapshot is sent before the commit, whichever limit came first
         self._send_snapshots(f, float("inf") if wait else CHECKPOINT_SLICE_S)
         if not wait and (f.todo or not all(x.is_done for x in f.futures)):
-            if age_s < self.settings.kafka.request_timeout_ms / 1000:
-                return {}
+            return {}
         self._in_flight = None
         self._await(f.futures, self.state_producer)
         assert self.consumer is not None
@@ -681,6 +681,14 @@ class _Listener(AsyncConsumerRebalanceListener):
     def _drop(self, partitions: set[TopicPartition], why: str) -> None:
         d = self.detector
         d.assigned = False
+        f = d._in_flight
+        if f is not None and not all(x.is_done for x in f.futures):
+            # Snapshots of these partitions must reach the state topic before their next owner
+            # writes its own: compaction keeps the later record of an asset, whatever its position.
+            try:
+                d.state_producer.flush(timeout=d.settings.kafka.request_timeout_ms / 1000)
+            except KafkaTimeoutError:
+                d.log.warning("snapshots of released partitions not acknowledged in time")
         d._set_health(assigned=False)
         for tp in partitions:
             d.to_restore.pop(tp, None)

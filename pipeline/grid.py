@@ -24,6 +24,8 @@ offsets whose readings are already on emitted steps.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,7 +263,7 @@ class AssetGrid:
             "last_value": [None if x != x else x for x in self.last_value.tolist()],  # NaN: never seen
             "last_step": self.last_step.tolist(),
             "pending_reset": self.pending_reset,
-            "open": {str(k): [o.sum.tolist(), o.count.tolist(), o.n, o.min_pos] for k, o in self.open.items()},
+            "open": {str(k): [_floats(o.sum), o.count.tolist(), o.n, o.min_pos] for k, o in self.open.items()},
             "empty_run": self.empty_run,
             "gap_start": self.gap_start,
         }
@@ -281,6 +283,15 @@ class AssetGrid:
         g.empty_run = int(snap.get("empty_run", 0))  # absent from snapshots of older versions
         g.gap_start = None if snap.get("gap_start") is None else int(snap["gap_start"])
         return g
+
+
+def _floats(x: np.ndarray) -> list[float | str]:
+    """Floats for a JSON snapshot; a non-finite one (a sum of huge readings can overflow) as its
+    name, which JSON encoders do not turn into ``null`` and ``np.array(..., float)`` reads back."""
+    out = x.tolist()
+    if np.isfinite(x).all():
+        return out
+    return [v if math.isfinite(v) else repr(v) for v in out]
 
 
 @dataclass

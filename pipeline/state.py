@@ -274,7 +274,8 @@ class FleetState:
 def _dumps(head: dict[str, Any]) -> bytes:
     """Compact JSON: orjson (a tenth of the standard encoder's time, which was most of a
     checkpoint's), the standard encoder for what orjson refuses (an asset id with a lone
-    surrogate). Both read back the same with :func:`read_snapshot_header`."""
+    surrogate). What a header holds (strings, 64-bit integers, finite floats: the grid names
+    non-finite ones) reads back the same either way with :func:`read_snapshot_header`."""
     try:
         return orjson.dumps(head)
     except orjson.JSONEncodeError:

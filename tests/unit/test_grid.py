@@ -197,3 +197,19 @@ def test_lateness_is_judged_at_each_readings_arrival_even_within_one_batch() -> 
     r = feed(g, rows)
     assert r.late_records.tolist() == [2, 3]  # an hour behind the newest reading seen before it
     assert g.assets["a"].next_step == (100_000 - CFG.lateness_ms) // 1000  # not dragged back an hour
+
+
+def test_an_overflowed_open_sum_survives_a_json_snapshot_as_infinity() -> None:
+    """orjson writes inf as null: the snapshot names it, so a restored step averages to inf, as
+    the uninterrupted one does, not to a missing value."""
+    import orjson
+
+    rows = [("a", 0, 0, 1e308), ("a", 100, 0, 1e308), ("a", 200, 1, 1.0)]  # one step, feature 0 overflows
+    g1 = FleetGrid(CFG)
+    feed(g1, rows)
+    snap = orjson.loads(orjson.dumps(g1.assets["a"].snapshot()))
+    g2 = FleetGrid(CFG)
+    g2.assets["a"] = AssetGrid.restore(2, snap)
+    (open1,), (open2,) = g1.assets["a"].open.values(), g2.assets["a"].open.values()
+    assert np.isposinf(open1.sum[0]) and np.isposinf(open2.sum[0])
+    np.testing.assert_array_equal(open1.sum, open2.sum)
