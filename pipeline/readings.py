@@ -42,7 +42,8 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Literal
 
 import numpy as np
-import orjson
+
+from pipeline import fast_json
 
 REASONS: tuple[str, ...] = (
     "empty",
@@ -270,15 +271,10 @@ def _load(raw: bytes | str | None, limits: DecodeLimits) -> dict[str, object]:
     # brackets than the bound pays for measuring it.
     if text.count("{") + text.count("[") > limits.max_depth and _nesting_depth(text) > limits.max_depth:
         raise _Rejected("malformed_json", f"nested deeper than {limits.max_depth} levels")
-    try:
-        obj = orjson.loads(text)  # several times faster; strict RFC 8259
-    except orjson.JSONDecodeError:
-        # What orjson refuses (NaN, 1e400, lone surrogates) the standard parser may take, so the
-        # record gets the same verdict and reason as it always did (non_finite, bad_asset, ...).
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError) as err:  # ValueError covers JSONDecodeError and int-digit limits
-            raise _Rejected("malformed_json", _clip(str(err) or type(err).__name__)) from None
+    try:  # NaN, 1e400 and lone surrogates parse as before, and get their own reasons below
+        obj = fast_json.loads(text)
+    except (ValueError, RecursionError) as err:  # ValueError covers JSONDecodeError and int-digit limits
+        raise _Rejected("malformed_json", _clip(str(err) or type(err).__name__)) from None
     if type(obj) is not dict:
         raise _Rejected("not_object", f"JSON {type(obj).__name__}, expected an object")
     return obj

@@ -13,14 +13,13 @@ rebalance) continues that asset exactly where it was.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import orjson
 
+from pipeline import fast_json
 from pipeline.grid import AssetGrid, FleetGrid, GridConfig
 
 SNAPSHOT_MAGIC = b"PWS1"
@@ -228,8 +227,8 @@ class FleetState:
         out = []
         for i, (a, r) in enumerate(zip(assets, rows.tolist())):
             grid = self.grid.assets.get(a)
-            head = _dumps({"asset": a, "grid": grid.snapshot() if grid is not None else None,
-                           "alert_version": self.alert_version.get(r), "layout": layout, **(meta or {})})
+            head = fast_json.dumps({"asset": a, "grid": grid.snapshot() if grid is not None else None,
+                                    "alert_version": self.alert_version.get(r), "layout": layout, **(meta or {})})
             out.append(SNAPSHOT_MAGIC + struct.pack(">I", len(head)) + head + raw[i].tobytes())
         return out
 
@@ -271,30 +270,15 @@ class FleetState:
         return head
 
 
-def _dumps(head: dict[str, Any]) -> bytes:
-    """Compact JSON: orjson (a tenth of the standard encoder's time, which was most of a
-    checkpoint's), the standard encoder for what orjson refuses (an asset id with a lone
-    surrogate). What a header holds (strings, 64-bit integers, finite floats: the grid names
-    non-finite ones) reads back the same either way with :func:`read_snapshot_header`."""
-    try:
-        return orjson.dumps(head)
-    except orjson.JSONEncodeError:
-        return json.dumps(head, separators=(",", ":")).encode("utf-8", "surrogatepass")
-
-
 def read_snapshot_header(blob: bytes) -> dict[str, Any]:
     """The JSON header of a snapshot (``ValueError`` if the bytes are not one)."""
     if len(blob) < 8 or blob[:4] != SNAPSHOT_MAGIC:
         raise ValueError("not a plantwatch state snapshot")
     n = struct.unpack(">I", blob[4:8])[0]
-    raw = blob[8:8 + n]
     try:
-        head = orjson.loads(raw)
-    except orjson.JSONDecodeError:  # written by the standard encoder (NaN, a lone surrogate) or not JSON
-        try:
-            head = json.loads(raw.decode("utf-8", "surrogatepass"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"snapshot header is not JSON: {exc}") from None
+        head = fast_json.loads(blob[8:8 + n])
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"snapshot header is not JSON: {exc}") from None
     if not isinstance(head, dict) or not isinstance(head.get("asset"), str):
         raise ValueError("snapshot header without an asset")
     return head

@@ -105,9 +105,9 @@ def test_a_header_orjson_refuses_is_written_and_read_by_the_standard_encoder(tin
     raw = json.dumps(odd, separators=(",", ":")).encode()
     back = read_snapshot_header(blob[:4] + struct.pack(">I", len(raw)) + raw)
     assert back["asset"] == "pump\udc80" and np.isnan(back["grid"]["last_value"]).all()
-    from pipeline.state import _dumps
+    from pipeline import fast_json
 
-    assert json.loads(_dumps(odd))["asset"] == "pump\udc80"
+    assert json.loads(fast_json.dumps(odd))["asset"] == "pump\udc80"
     with pytest.raises(ValueError, match="not JSON"):
         read_snapshot_header(blob[:8] + b"}" + blob[9:])
 
