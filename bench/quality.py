@@ -235,10 +235,30 @@ def run_new_assets(root: Path, seed: int) -> dict[str, Any]:
                          if s.ts_ms[-1] - start < ONSET_STEPS * bundle.period_ms]
                 for s, f in zip(newcomers, others) if f.labels.any()}
     return {"fitted_on": fitted.name, "assets": len(newcomers), "rows": [len(s) for s in newcomers],
+            "whole_recordings": new_asset_detection(bundle, settings, others),
             "cold_start_steps": settings.threshold.cold_start_steps, "steps_after_cold_start": live,
             "false_alerts": sum(alerts.values()), "assets_alerted": sum(1 for v in alerts.values() if v),
             "per_asset": alerts, "seed": seed,
             f"opened_in_last_{ONSET_STEPS}_steps_before_a_labelled_anomaly": {k: v for k, v in at_onset.items() if v}}
+
+
+def new_asset_detection(bundle: Any, settings: Any, files: Sequence[Any]) -> dict[str, Any]:
+    """The other side of quiet new assets: the same recordings replayed whole, faults included, as
+    unseen assets; row and event metrics over the rows after each asset's cold start."""
+    from pipeline.evaluation import Series, replay, rows_in_alerts
+    from pipeline.quality_metrics import pooled_event_metrics, pooled_point_metrics
+
+    labelled = [f for f in files if f.labels.any()]
+    traces = replay(bundle, settings.grid, [Series(f"new/{f.name}", f.series.ts_ms, f.series.values) for f in labelled])
+    pairs = []
+    for f in labelled:
+        tr = traces[f"new/{f.name}"]
+        predicted = rows_in_alerts(f.series.ts_ms, tr.spans, bundle.period_ms)
+        judged = f.series.ts_ms >= tr.step_ms[min(tr.learning_steps, len(tr.step_ms) - 1)]  # after the cold start
+        pairs.append((f.labels[judged].astype(np.int8), predicted[judged]))
+    point, event = pooled_point_metrics(pairs), pooled_event_metrics(pairs)
+    return {"recordings": len(labelled), "f1": point.f1, "far": 100 * point.far, "mar": 100 * point.mar,
+            "event_f1": event.f1, "events_found": event.tp, "events": event.tp + event.fn}
 
 
 # --------------------------------------------------------------------------- report
@@ -260,6 +280,7 @@ def headline(out: dict[str, Any]) -> dict[str, Any]:
         "smd.top_feature_hit_rate": (smd.get("top_features_seed0") or {}).get("hit_rate"),
         "normal_share_excess": max(excess) if excess else None,
         "new_assets_false_alerts": (out.get("new_assets") or {}).get("false_alerts"),
+        "new_assets_whole_f1": ((out.get("new_assets") or {}).get("whole_recordings") or {}).get("f1"),
     }
 
 
