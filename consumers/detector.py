@@ -432,7 +432,7 @@ class Detector:
         pending = self.checkpoints.begin()
         cursors = {p: (position, self.checkpoints.cursors[p]) for p, (position, _) in pending.items()}
         todo = [(p, a) for p, (_, assets) in pending.items() for a in assets]
-        self._in_flight = _InFlight([], cursors, todo[::-1], time.monotonic(), self.clock() * 1000, len(todo))
+        self._in_flight = _InFlight([], cursors, todo[::-1], time.monotonic(), self.clock() * 1000, len(todo), 0)
         self._send_snapshots(self._in_flight, CHECKPOINT_SLICE_S)
 
     def _send_snapshots(self, f: _InFlight, budget_s: float) -> None:
@@ -444,6 +444,7 @@ class Detector:
         if not f.todo:
             return
         self._check_membership()
+        f.slices += 1
         t = time.perf_counter()
         version = {"model_version": self.engine.model_version}
         while f.todo and time.perf_counter() - t < budget_s:
@@ -488,7 +489,7 @@ class Detector:
         except KafkaTimeoutError:
             raise DeliveryError("offset commit not acknowledged within kafka.request_timeout_ms") from None
         self.checkpoints.checkpointed(done, f.began_ms)  # the next is due an interval after this one began
-        self.log.debug("checkpoint", positions=done, assets=f.assets)
+        self.log.debug("checkpoint", positions=done, assets=f.assets, slices=f.slices)
         metrics.CHECKPOINT_SECONDS.observe(time.monotonic() - f.began)
         metrics.CHECKPOINT_ASSETS.inc(f.assets)
         return done
@@ -608,6 +609,7 @@ class _InFlight:
     began: float   # monotonic
     began_ms: float  # the detector's clock, ms
     assets: int
+    slices: int      # how many times snapshots were sent (1: all in the first slice)
 
 
 # A checkpoint's snapshots are sent in slices of about this long between polls (about 50 µs an
