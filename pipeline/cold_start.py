@@ -8,13 +8,17 @@ fleet's units, and its first readings would alert although nothing is wrong. So,
 
 1. **scaling** (the first third): each step is scaled with the asset's running mean and
    standard deviation up to that step (the spread shrunk towards the model's, with the weight
-   of :data:`PRIOR_STEPS` steps); at the end of the third they are frozen as the asset's own
-   scaling (kept across model swaps until a model fitted on the asset takes over);
-2. **level** (the rest): the score terms restart under the frozen scaling and the
+   of :data:`PRIOR_STEPS` steps);
+2. **level** (the rest): the score terms restart under the asset's scaling so far and the
    asset calibrates its own per-feature term levels as the fit does (the largest smoothed term
    seen, times the margin, stretched for a short sample), never below the fleet's: the network
    and the cross-sectional map were fitted on other assets, so their errors on this one may
-   run higher.
+   run higher. The running scaling goes on learning through this part too: frozen after the
+   first third, a slowly drifting sensor (a warming pump's temperature) soon left its range.
+
+At the end both are frozen as the asset's own (its scaling kept across model swaps until a
+model fitted on the asset takes over). It does not learn on past the cold start: a running
+scaling absorbs faults (on unseen SKAB recordings it found 11 faults of 20 instead of 15).
 
 No alert opens during either part; the engine marks those steps ``learning``. Assets the
 model knows (or every asset, for a model with one fleet-wide scaling) skip the cold start.
@@ -132,49 +136,42 @@ def _grouped_cumsum(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> n
 def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, assets: np.ndarray,
                  values: np.ndarray, starts: np.ndarray) -> StepScaling:
     """The scaling of each closed step (steps grouped by asset, in order; ``starts`` = first step
-    of each asset's group), advancing each cold asset's running statistics."""
+    of each asset's group), advancing each cold asset's running statistics over its whole cold
+    start (the scaling in force while levels are learned keeps converging, and is frozen with them)."""
     n = len(rows)
     decide(state, bundle, rows)
-    lengths = np.diff(np.append(starts, n))
-    first = np.repeat(starts, lengths)
-    rank = np.arange(n) - first
+    fleet_mean, fleet_scale = bundle.scaler.rows_for(assets)
     cold = state.cols["cold_start"][rows] == COLD
     if not cold.any():
-        mean, scale = bundle.scaler.rows_for(assets)
-        return StepScaling(mean, scale, np.full(n, -1, np.int64))
-    mean, scale = row_scaling(state, bundle, rows, assets)
-    mean, scale = mean.copy(), scale.copy()
+        return StepScaling(fleet_mean, fleet_scale, np.full(n, -1, np.int64))
+    lengths = np.diff(np.append(starts, n))
+    rank = np.arange(n) - np.repeat(starts, lengths)
     plan = ColdPlan.of(bundle)
     index = np.where(cold, state.cols["cold_steps"][rows] + rank, -1)
-    learning = cold & (index < plan.scaling)
-    if learning.any():
-        v = state.vectors
-        shift = bundle.scaler.mean  # summing deviations from the fleet's mean keeps the variance exact enough
-        ok = np.isfinite(values) & learning[:, None]
-        dev = np.where(ok, values - shift, 0.0)
-        cnt = v["own_count"][rows] + _grouped_cumsum(ok.astype(np.int64), starts, lengths)
-        s1 = v["own_sum"][rows] + _grouped_cumsum(dev, starts, lengths)
-        s2 = v["own_sq"][rows] + _grouped_cumsum(dev**2, starts, lengths)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            m = s1 / cnt
-            sd = np.sqrt(np.maximum(s2 / cnt - m**2, 0.0))
-        run_mean = np.where(cnt >= 1, shift + m, mean)
-        # Shrunk towards the model's scaling: a feature that barely moved during the cold start
-        # must not get a spread near zero, against which any later movement is huge.
-        shrunk = np.sqrt((cnt * sd**2 + PRIOR_STEPS * scale**2) / (cnt + PRIOR_STEPS))
-        run_scale = np.where(cnt >= 2, scale_from(shift + m, shrunk), scale)
-        mean[learning], scale[learning] = run_mean[learning], run_scale[learning]
-        # Freeze at the last step of the scaling part; later steps of the same poll use it.
-        done = learning & (index == plan.scaling - 1)
-        if done.any():
-            d = np.flatnonzero(done)
-            v["own_mean"][rows[d]], v["own_scale"][rows[d]] = run_mean[d], run_scale[d]
-            after = cold & (index >= plan.scaling) & (state.cols["cold_steps"][rows] < plan.scaling)
-            src = np.flatnonzero(after) - (index[after] - (plan.scaling - 1))
-            mean[after], scale[after] = run_mean[src], run_scale[src]
-        last = learning & np.append(rows[1:] != rows[:-1], True) | learning & np.append(~learning[1:], True)
-        li = np.flatnonzero(last)
-        v["own_count"][rows[li]], v["own_sum"][rows[li]], v["own_sq"][rows[li]] = cnt[li], s1[li], s2[li]
+    learns = cold & (index < plan.total)
+    v = state.vectors
+    shift = bundle.scaler.mean  # summing deviations from the fleet's mean keeps the variance exact enough
+    ok = np.isfinite(values) & learns[:, None]
+    dev = np.where(ok, values - shift, 0.0)
+    cnt = v["own_count"][rows] + _grouped_cumsum(ok.astype(np.int64), starts, lengths)
+    s1 = v["own_sum"][rows] + _grouped_cumsum(dev, starts, lengths)
+    s2 = v["own_sq"][rows] + _grouped_cumsum(dev**2, starts, lengths)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = s1 / cnt
+        sd = np.sqrt(np.maximum(s2 / cnt - m**2, 0.0))
+    # Shrunk towards the model's scaling: a feature that barely moved so far must not get a
+    # spread near zero, against which any later movement is huge.
+    shrunk = np.sqrt((cnt * sd**2 + PRIOR_STEPS * fleet_scale**2) / (cnt + PRIOR_STEPS))
+    run_mean = np.where(cnt >= 1, shift + m, fleet_mean)
+    run_scale = np.where(cnt >= 2, scale_from(shift + m, shrunk), fleet_scale)
+    mean = np.where(cold[:, None], run_mean, fleet_mean)
+    scale = np.where(cold[:, None], run_scale, fleet_scale)
+    last = np.append(starts[1:], n) - 1
+    last = last[cold[last]]
+    r = rows[last]
+    v["own_count"][r], v["own_sum"][r], v["own_sq"][r] = cnt[last], s1[last], s2[last]
+    owns = last[index[last] >= plan.scaling - 1]  # past the first third: the asset's own scaling
+    v["own_mean"][rows[owns]], v["own_scale"][rows[owns]] = run_mean[owns], run_scale[owns]
     group_rows = rows[starts]
     in_cold = state.cols["cold_start"][group_rows] == COLD
     state.cols["cold_steps"][group_rows[in_cold]] += lengths[in_cold]

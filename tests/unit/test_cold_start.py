@@ -58,10 +58,10 @@ def test_a_new_asset_learns_its_scaling_then_stays_quiet_and_still_alerts_on_a_f
     assert opens and all(e.start_ms - start >= 690_000 for e in opens)  # only the fault, after the cold start
     row = engine.state.index["p9"]
     own_mean = engine.state.vectors["own_mean"][row]
-    head = frame.iloc[:plan.scaling][list(FEATURES)]
+    head = frame.iloc[:plan.total][list(FEATURES)]  # learned over the whole cold start, then frozen
     np.testing.assert_allclose(own_mean, head.mean().to_numpy(), rtol=1e-6)
     prior = bundle.scaler.rows_for(np.array(["p9"], dtype=object))[1][0]  # the fleet's: p9 is unknown
-    n = plan.scaling
+    n = plan.total
     shrunk = np.sqrt((n * head.std(ddof=0).to_numpy() ** 2 + PRIOR_STEPS * prior**2) / (n + PRIOR_STEPS))
     np.testing.assert_allclose(engine.state.vectors["own_scale"][row], shrunk, rtol=1e-6)
     assert engine.state.cols["cold_start"][row] == COLD
