@@ -48,12 +48,15 @@ def data_dir() -> Path:
     return Path(os.environ.get("PLANTWATCH_DATA_DIR") or REPO.parent / "shared" / "data")
 
 
+OVERRIDES: dict[str, str] = {}  # --set: an experiment, recorded in the output; the headline uses none
+
+
 def default_settings(features: Sequence[str], series: Sequence[Any]) -> Any:
     """The product's defaults with the data's features and the data's own grid period."""
     from pipeline.evaluation import data_period_s
     from pipeline.settings import load_settings
 
-    s = load_settings(env={}, overrides={"model.features": ",".join(features), "log.level": "warning"})
+    s = load_settings(env={}, overrides={"model.features": ",".join(features), "log.level": "warning", **OVERRIDES})
     period = data_period_s(series)
     if period is None:
         raise SystemExit("cannot tell the data's grid period")
@@ -327,7 +330,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"one seed, SKAB valve1/ only and SMD {', '.join(QUICK_SMD)}: a quick look, not the headline")
     p.add_argument("--datasets", default="skab,smd,new_assets", help="which parts to run (default: all)")
     p.add_argument("--out", default=str(REPO / "bench" / "quality.json"), help="result file (default: bench/quality.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an experiment: change a setting from its default (recorded as 'overrides' in the output)")
     args = p.parse_args(argv)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"--set takes KEY=VALUE, got {item!r}")
+        OVERRIDES[key.strip()] = value.strip()
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -343,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         if sub in wanted and not (root / sub).is_dir():
             p.error(f"{root / sub} not found (set PLANTWATCH_DATA_DIR)")
     t0 = time.monotonic()
-    out: dict[str, Any] = {"seeds": seeds, "quick": args.quick, "data": str(root)}
+    out: dict[str, Any] = {"seeds": seeds, "quick": args.quick, "data": str(root), "overrides": dict(OVERRIDES)}
     if "skab" in wanted:
         out["skab"] = run_skab(root / "skab", seeds, args.quick)
     if "smd" in wanted:
