@@ -74,10 +74,9 @@ def run_live_detector(settings: Any, bundle_uri: str, out: str) -> dict[str, Any
     """Run the detector until a line arrives on stdin; write every score's acknowledgement time."""
     import dataclasses
 
-    from pipeline.tf_threads import limit_tf_threads
+    from pipeline.tf_threads import require_tf_threads
 
-    if not limit_tf_threads(settings.detector.tf_threads):  # as `plantwatch detect` does
-        raise RuntimeError("TensorFlow started before detector.tf_threads could apply")
+    require_tf_threads(settings.detector.tf_threads)  # as `plantwatch detect` sets them
 
     from consumers import detector as detector_module
     from consumers.detector import Detector

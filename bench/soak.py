@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from consumers.http_server import probe_ready
+
 REPO = Path(__file__).resolve().parents[1]
 DAEMONS = ("detector", "archiver", "scheduler")
 FIGURES = ("rss_mb", "fds", "threads")
@@ -194,18 +196,10 @@ def _wait_caught_up(ports: dict[str, int], procs: dict[str, subprocess.Popen[byt
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs.values()):
             return  # the sampling loop reports the exit
-        if all(_ready(ports[n]) and _metric(ports[n], lags[n]) == 0 for n in lags):
+        if all(probe_ready(ports[n]) and _metric(ports[n], lags[n]) == 0 for n in lags):
             return
         time.sleep(1)
     say("soak: the daemons did not catch up with the history in time; streaming anyway")
-
-
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def _env(overrides: dict[str, str]) -> dict[str, str]:

@@ -424,8 +424,7 @@ class Detector:
     def _begin_checkpoint(self) -> None:
         """Start a checkpoint of the assets changed since the last one: its first slice of
         snapshots goes now, the rest over the next polls (:meth:`_finish_checkpoint`)."""
-        pending = self.checkpoints.pending()
-        if not pending:
+        if not self.checkpoints.has_pending():
             self.checkpoints.checkpointed({}, self.clock() * 1000)
             return
         self._check_membership()

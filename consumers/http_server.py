@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
@@ -67,3 +68,13 @@ def serve(port: int, *, health: Health | None = None, alive: Callable[[], bool] 
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
+
+
+def probe_ready(port: int, host: str = "127.0.0.1", timeout_s: float = 3.0) -> bool:
+    """The probe's client: whether the daemon on ``port`` answers /readyz with 200 (for tools
+    and tests that wait on a daemon before they go on)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=timeout_s) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False

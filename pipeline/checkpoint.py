@@ -152,6 +152,10 @@ class Checkpoints:
         return {p: (c.position, sorted(self.dirty[p])) for p, c in self.cursors.items()
                 if c.position > c.checkpoint or self.dirty[p]}
 
+    def has_pending(self) -> bool:
+        """Whether a checkpoint would write anything (without listing it: a large fleet's list costs)."""
+        return any(c.position > c.checkpoint or self.dirty[p] for p, c in self.cursors.items())
+
     def begin(self) -> dict[int, tuple[int, list[str]]]:
         """Take the pending checkpoint: its assets stop being dirty now, so a change while its
         snapshots are on their way makes an asset dirty again for the next checkpoint. Should the

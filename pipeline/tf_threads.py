@@ -26,3 +26,10 @@ def limit_tf_threads(n: int) -> bool:
     except RuntimeError:
         return tf.config.threading.get_intra_op_parallelism_threads() == n
     return True
+
+
+def require_tf_threads(n: int) -> None:
+    """:func:`limit_tf_threads`, for a process that times the detector's engine: measuring it
+    with other threads than the detector runs with would be a wrong figure, so refuse."""
+    if not limit_tf_threads(n):
+        raise RuntimeError("TensorFlow started before detector.tf_threads could apply")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from consumers.http_server import probe_ready
 from consumers.kafka_clients import make_producer
 from pipeline.engine import DetectionEngine
 from pipeline.readings import encode_wide
@@ -141,13 +142,7 @@ def start_detector(settings: Settings, bundle_dir: str, log: Path, extra: dict[s
 
 def ready(port: int) -> bool:
     """The detector on ``port`` answers /readyz with 200 (partitions assigned and restored)."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
+    return probe_ready(port, timeout_s=2.0)
 
 
 def wait_ready(*procs: Any, timeout_s: float = 120) -> None:

@@ -46,7 +46,9 @@ def test_checkpoint_covers_changed_assets_and_revoke_returns_the_partitions_asse
     cp = Checkpoints(interval_ms=1000)
     cp.assign(0, committed=-1, restored=Restored())
     cp.assign(1, committed=7, restored=Restored({"z": 7}))
+    assert not cp.has_pending()
     cp.processed(0, 5, ["a", "b"])
+    assert cp.has_pending()
     assert cp.pending() == {0: (5, ["a", "b"])}
     assert cp.published([0, 1]) == {0: 5}
     assert cp.published([0]) == {}  # nothing new
@@ -56,7 +58,7 @@ def test_checkpoint_covers_changed_assets_and_revoke_returns_the_partitions_asse
     assert cp.pending() == {0: (6, ["b"])}  # b goes into the next one
     cp.begin()
     cp.checkpointed({0: 6}, now_ms=0)
-    assert cp.pending() == {}
+    assert cp.pending() == {} and not cp.has_pending()
     assert sorted(cp.revoke([0, 1])) == ["a", "b", "z"]
     assert cp.owned == []
 

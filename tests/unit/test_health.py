@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from consumers.health import Health
-from consumers.http_server import serve
+from consumers.http_server import probe_ready, serve
 
 
 class Clock:
@@ -149,8 +150,10 @@ def test_probes_when_serving(health: Health, port: int) -> None:
     health.update(model_loaded=True, broker_ok=True, assigned=True)
     assert get(port, "/healthz") == (200, "ok\n")
     assert get(port, "/readyz") == (200, "ready\n")
+    assert probe_ready(port)
     health.assigned = False
     assert get(port, "/readyz") == (503, "not ready: no partition assigned\n")
+    assert not probe_ready(port)
     assert get(port, "/metrics")[0] == 200
     assert get(port, "/nope")[0] == 404
 
@@ -168,6 +171,13 @@ def test_probes_from_callables() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_probe_ready_is_false_where_nothing_listens() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free = sock.getsockname()[1]
+    assert not probe_ready(free, timeout_s=1.0)
 
 
 def test_serve_takes_health_or_callables_not_both(health: Health) -> None:
