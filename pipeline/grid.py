@@ -260,7 +260,7 @@ class AssetGrid:
         return {
             "next_step": self.next_step,
             "watermark_ms": self.watermark_ms,
-            "last_value": [None if x != x else x for x in self.last_value.tolist()],  # NaN: never seen
+            "last_value": _floats(self.last_value),  # NaN: never seen; an average that overflowed: inf
             "last_step": self.last_step.tolist(),
             "pending_reset": self.pending_reset,
             "open": {str(k): [_floats(o.sum), o.count.tolist(), o.n, o.min_pos] for k, o in self.open.items()},
@@ -273,7 +273,7 @@ class AssetGrid:
         g = cls(n_features)
         g.next_step = snap["next_step"]
         g.watermark_ms = int(snap["watermark_ms"])
-        g.last_value = np.array([np.nan if x is None else x for x in snap["last_value"]], dtype=float)
+        g.last_value = np.array([np.nan if x is None else x for x in snap["last_value"]], dtype=float)  # None: older
         g.last_step = np.array(snap["last_step"], dtype=np.int64)
         g.pending_reset = bool(snap["pending_reset"])
         g.open = {}

@@ -213,3 +213,16 @@ def test_an_overflowed_open_sum_survives_a_json_snapshot_as_infinity() -> None:
     (open1,), (open2,) = g1.assets["a"].open.values(), g2.assets["a"].open.values()
     assert np.isposinf(open1.sum[0]) and np.isposinf(open2.sum[0])
     np.testing.assert_array_equal(open1.sum, open2.sum)
+
+
+def test_a_carried_value_that_overflowed_survives_a_json_snapshot_as_infinity() -> None:
+    """The last value carried forward is named too: inf stays inf, never-seen stays NaN."""
+    import orjson
+
+    rows = [("a", 0, 0, 1e308), ("a", 100, 0, 1e308), ("a", 4_500, 0, 1.0)]  # step 0 closes at inf
+    g1 = FleetGrid(CFG)
+    feed(g1, rows)
+    assert np.isposinf(g1.assets["a"].last_value[0]) and np.isnan(g1.assets["a"].last_value[1])
+    snap = orjson.loads(orjson.dumps(g1.assets["a"].snapshot()))
+    restored = AssetGrid.restore(2, snap)
+    np.testing.assert_array_equal(restored.last_value, g1.assets["a"].last_value)
