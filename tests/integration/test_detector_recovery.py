@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,27 @@ def _scores(settings: Any, n: int, timeout_s: float) -> list[dict[str, Any]]:
     return [json.loads(r.value) for r in recs]
 
 
+def _kill_9_and_restart(settings: Any, bundle_dir: str, tmp_path: Path, expected: set[tuple[str, int]], *flags: str,
+                        first_s: float, before_reading: Callable[[], None] = lambda: None) -> set[tuple[str, int]]:
+    """A detector killed with SIGKILL once a third of the steps are scored, and its successor run
+    until every expected step is scored (or the time is up); returns the (asset, step) scored."""
+    first = _start(settings, bundle_dir, tmp_path / "a.log", *flags)
+    _scores(settings, len(expected) // 3, first_s)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    second = _start(settings, bundle_dir, tmp_path / "b.log", *flags)
+    try:
+        before_reading()
+        got = _scores(settings, len(expected), 240)
+        deadline = time.monotonic() + 60
+        while not expected <= {(g["asset"], g["step_ms"]) for g in got} and time.monotonic() < deadline:
+            got = _scores(settings, len(got) + 1, 5)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    return {(g["asset"], g["step_ms"]) for g in got}
+
+
 def _reference(fitted: Any, frame: Any) -> tuple[set[tuple[str, int]], list[Any]]:
     """The same readings through the same engine, uninterrupted."""
     engine = DetectionEngine(fitted.bundle, GridSettings())
@@ -73,20 +95,7 @@ def test_kill_9_mid_stream_then_restart_scores_every_reading_and_loses_no_alert(
     expected, ref_alerts = _reference(fitted_plant, frame)
     assert len(ref_alerts) >= 3  # enough alerts to compare across the crash
 
-    first = _start(settings, fitted_plant.bundle_dir, tmp_path / "a.log")
-    _scores(settings, len(expected) // 3, 120)
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
-    second = _start(settings, fitted_plant.bundle_dir, tmp_path / "b.log")
-    try:
-        got = _scores(settings, len(expected), 180)
-        deadline = time.monotonic() + 60
-        while not expected <= {(g["asset"], g["step_ms"]) for g in got} and time.monotonic() < deadline:
-            got = _scores(settings, len(got) + 1, 5)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(30) == 0
-    scored = {(g["asset"], g["step_ms"]) for g in got}
+    scored = _kill_9_and_restart(settings, fitted_plant.bundle_dir, tmp_path, expected, first_s=120)
     assert expected <= scored, f"{len(expected - scored)} steps never scored"
     alerts = [json.loads(r.value) for r in read_topic(settings, settings.topics.alerts, until=lambda r: False,
                                                       timeout_s=3)]
@@ -168,22 +177,9 @@ def test_a_fleet_whose_checkpoints_span_polls_loses_nothing_to_kill_9_while_read
     expected, _ = _reference(fitted_plant, sim.frame(start, end))
     flags = ("--set", "detector.checkpoint_interval_ms=1000", "--set", "log.level=debug")
 
-    first = _start(settings, fitted_plant.bundle_dir, tmp_path / "a.log", *flags)
     producer = _feed_paced(settings, sim, start, end, step_s=0.5)
-    _scores(settings, len(expected) // 3, 180)
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
-    second = _start(settings, fitted_plant.bundle_dir, tmp_path / "b.log", *flags)
-    try:
-        producer.join(120)
-        got = _scores(settings, len(expected), 240)
-        deadline = time.monotonic() + 60
-        while not expected <= {(g["asset"], g["step_ms"]) for g in got} and time.monotonic() < deadline:
-            got = _scores(settings, len(got) + 1, 5)
-    finally:
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(30) == 0
-    scored = {(g["asset"], g["step_ms"]) for g in got}
+    scored = _kill_9_and_restart(settings, fitted_plant.bundle_dir, tmp_path, expected, *flags, first_s=180,
+                                 before_reading=lambda: producer.join(120))
     assert expected <= scored, f"{len(expected - scored)} steps never scored"
     spread = [c for c in _checkpoints(tmp_path / "a.log") if c["slices"] > 1]
     assert spread, "no checkpoint of the killed member was spread over polls: the test did not test that"
