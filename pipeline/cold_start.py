@@ -149,6 +149,12 @@ def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, asset
     plan = ColdPlan.of(bundle)
     index = np.where(cold, state.cols["cold_steps"][rows] + rank, -1)
     learns = cold & (index < plan.total)
+    group_rows = rows[starts]
+    in_cold = state.cols["cold_start"][group_rows] == COLD
+    state.cols["cold_steps"][group_rows[in_cold]] += lengths[in_cold]
+    if not learns.any():  # every cold asset here is past its cold start: its scaling is frozen
+        mean, scale = row_scaling(state, bundle, rows, assets)
+        return StepScaling(mean, scale, index)
     v = state.vectors
     shift = bundle.scaler.mean  # summing deviations from the fleet's mean keeps the variance exact enough
     ok = np.isfinite(values) & learns[:, None]
@@ -172,9 +178,6 @@ def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, asset
     v["own_count"][r], v["own_sum"][r], v["own_sq"][r] = cnt[last], s1[last], s2[last]
     owns = last[index[last] >= plan.scaling - 1]  # past the first third: the asset's own scaling
     v["own_mean"][rows[owns]], v["own_scale"][rows[owns]] = run_mean[owns], run_scale[owns]
-    group_rows = rows[starts]
-    in_cold = state.cols["cold_start"][group_rows] == COLD
-    state.cols["cold_steps"][group_rows[in_cold]] += lengths[in_cold]
     return StepScaling(mean, scale, index)
 
 

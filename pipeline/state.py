@@ -57,7 +57,7 @@ _COLD_VECTORS: dict[str, type] = {
     "own_count": np.int64,   # finite readings per feature while the scaling is learned
     "own_sum": np.float64,
     "own_sq": np.float64,
-    "own_mean": np.float64,  # the learned scaling, NaN until it is frozen
+    "own_mean": np.float64,  # the learned scaling, NaN until the first third of the cold start
     "own_scale": np.float64,
     "cold_fc_max": np.float64,  # largest smoothed forecast / novelty term per feature while the levels are learned
     "cold_nv_max": np.float64,
