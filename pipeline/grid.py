@@ -273,7 +273,8 @@ class AssetGrid:
         g = cls(n_features)
         g.next_step = snap["next_step"]
         g.watermark_ms = int(snap["watermark_ms"])
-        g.last_value = np.array([np.nan if x is None else x for x in snap["last_value"]], dtype=float)  # None: NaN, as older versions wrote it
+        # None: NaN, as older versions wrote it; "inf" and "nan" by name, as _floats writes them
+        g.last_value = np.array([np.nan if x is None else x for x in snap["last_value"]], dtype=float)
         g.last_step = np.array(snap["last_step"], dtype=np.int64)
         g.pending_reset = bool(snap["pending_reset"])
         g.open = {}
