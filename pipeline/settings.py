@@ -225,7 +225,7 @@ class ThresholdSettings:
     update_every: int = _f(30, "an open alert emits an update at most every this many steps (and when its peak grows)")
     top_features: int = _f(3, "features named in an alert, by contribution")
     rebaseline_after_s: float = _f(86400.0, "an alert open this long (seconds of event time) closes with reason rebaselined and its asset learns its current behaviour as normal, like a new asset (threshold.cold_start_steps): a lasting move to a new operating point stops alerting and enters the next retraining; 0 = never")
-    cold_start_steps: int = _f(360, "an asset the model was not fitted on spends this many steps learning its own scaling (the first third) and its own term levels (the rest) before it can alert; 0 = off")
+    cold_start_steps: int = _f(360, "an asset the model was not fitted on spends this many steps learning its own scaling (all of them) and, after the first third, its own term levels before it can alert; 0 = off")
 
     def __post_init__(self) -> None:
         p = "threshold."
