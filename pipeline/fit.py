@@ -271,9 +271,8 @@ def flat_runs_from(values: np.ndarray, prev_value: np.ndarray, prev_run: np.ndar
 
 def ridge_from_gram(gram: np.ndarray, n: int, ridge: float = NOVELTY_RIDGE) -> tuple[np.ndarray, np.ndarray]:
     """Each feature as a ridge regression on the others and their squares (pump curves are
-    not linear), from the Gram matrix of the design ``[x, x²]`` over ``n`` rows (``x`` as
-    :func:`novelty_design` clips it, so the targets are fitted clipped too; normal rows seldom
-    reach the limit); the rows of a feature's own terms are zero. Returns (2F, F) coefficients and the residual RMS per
+    not linear), from the Gram matrix of the design ``[x, x²]`` over ``n`` rows; the rows of a
+    feature's own terms are zero. Returns (2F, F) coefficients and the residual RMS per
     feature, also from the Gram matrix: ``|D(e_j - c_j)|² = G_jj - 2 c_j·G_j + c_jᵀ G c_j``."""
     f = len(gram) // 2
     coef = np.zeros((2 * f, f))

@@ -152,18 +152,9 @@ def scale_values(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.
     return np.clip((values - mean) / scale, -SCALED_LIMIT, SCALED_LIMIT).astype(np.float32)
 
 
-# Standard deviations: the cross-sectional map's inputs are held to where it was fitted.
-NOVELTY_INPUT_LIMIT = 3.0
-
-
 def novelty_design(scaled: np.ndarray) -> np.ndarray:
-    """Regressors of the cross-sectional map: every scaled feature and its square, each feature
-    clipped to ±:data:`NOVELTY_INPUT_LIMIT` first. The map is fitted on normal data. Far outside it,
-    the quadratic map extrapolates. A slowly drifting temperature 17 sd from its training mean
-    would then make every other feature's prediction wrong, and so their residuals, alerts
-    and top features too. Clipped, such a sensor shows only in its own residual (the targets are
-    not clipped). On SKAB (seed 0), FAR fell from 13.9 % to 12.4 % and F1 rose from 0.753 to 0.765."""
-    x = np.clip(scaled.astype(np.float64), -NOVELTY_INPUT_LIMIT, NOVELTY_INPUT_LIMIT)
+    """Regressors of the cross-sectional map: every scaled feature and its square."""
+    x = scaled.astype(np.float64)
     return np.hstack([x, x**2])
 
 
