@@ -206,6 +206,7 @@ class ModelBundle:
     metadata: dict[str, Any] = field(default_factory=dict)
     asset_levels: AssetLevels = field(default_factory=AssetLevels)
     heads: AssetHeads = field(default_factory=AssetHeads)
+    novelty_range: np.ndarray | None = None  # (2, F) scaled bounds of the novelty map's inputs; None: not held
 
     @property
     def n_features(self) -> int:
@@ -242,6 +243,7 @@ def encode_bundle(bundle: ModelBundle) -> dict[str, bytes]:
             "forecast_level": bundle.forecast_level, "novelty_level": bundle.novelty_level,
             "level_assets": np.array(bundle.asset_levels.names, dtype=np.str_),
             "asset_forecast_level": bundle.asset_levels.forecast, "asset_novelty_level": bundle.asset_levels.novelty,
+            **({} if bundle.novelty_range is None else {"novelty_range": bundle.novelty_range}),
         }),
     }
     manifest: dict[str, Any] = {
@@ -311,6 +313,7 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
             thresholds=ThresholdParams(**manifest["thresholds"]), weights=weights,
             metadata=dict(manifest.get("metadata", {})),
             asset_levels=_asset_levels(scaling), heads=heads,
+            novelty_range=scaling.get("novelty_range"),  # absent from bundles written before it existed
         )
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise BundleError(f"bundle content is inconsistent: {exc}") from None
@@ -357,6 +360,9 @@ def _check_shapes(b: ModelBundle) -> None:
             raise BundleError(f"{name} must be {f} finite numbers")
     if b.novelty_coef.shape != (2 * f, f) or not np.all(np.isfinite(b.novelty_coef)):
         raise BundleError(f"novelty_coef must be a finite {2 * f}x{f} matrix")
+    nr = b.novelty_range
+    if nr is not None and (nr.shape != (2, f) or not np.all(np.isfinite(nr)) or np.any(nr[0] > nr[1])):
+        raise BundleError(f"novelty_range must be {f} finite (min, max) pairs")
     if min(b.scaler.scale.min(), b.error_scale.min(), b.novelty_scale.min(), b.forecast_level.min(),
            b.novelty_level.min(), b.flat_limit.min()) <= 0:
         raise BundleError("scales must be positive")

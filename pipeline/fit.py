@@ -56,6 +56,10 @@ from pipeline.thresholds import TermLevels, combine, ewma, excursion_factor, fea
 
 NOVELTY_RIDGE = 0.01
 NOVELTY_FOLDS = 5  # blocks of the cross-validation that calibrates the novelty term out of sample
+# How far past each feature's training range, as a share of that range, the cross-sectional
+# map's inputs still move: a plant that drifts a little past its history keeps its physics
+# (the map's quadratic pump curves), a sensor far outside it no longer drags the others.
+NOVELTY_RANGE_MARGIN = 0.5
 SHORT_HISTORY_WINDOWS = True  # shorten the training window for a short history (history_timesteps)
 EXCURSION_STRETCH = True  # stretch levels calibrated on too few independent excursions (thresholds.excursion_factor)
 READ_STEPS = 65_536       # steps per read in the numpy-only passes
@@ -292,6 +296,7 @@ class _TrainPart:
     scaler: Scaler
     flat_max: np.ndarray   # (F,) longest unchanged run of each raw value over training steps
     segments: np.ndarray   # (k, 3) asset, first step, length of every reset-free training stretch
+    novelty_range: np.ndarray  # (2, F) where the cross-sectional map's inputs are held: training range plus margin
 
 
 def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPart:
@@ -300,21 +305,25 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
     total = Moments((f,))
     flat_max = np.zeros(f, np.int64)
     fitted: list[tuple[int, Moments]] = []
-    segments = []
+    segments, lows, highs = [], [], []
     for a, stop in enumerate(cut.tolist()):
         if stop == 0:
             continue
         mom, prev, run = Moments((f,)), np.full(f, np.nan), np.zeros(f, np.int64)
+        low, high = np.full(f, np.inf), np.full(f, -np.inf)
         resets = [np.zeros(1, np.int64)]
         for start, rec in history.pieces(a, stop):
             values = rec["values"]
             mom.add(values)
+            low, high = np.fmin(low, np.fmin.reduce(values, axis=0)), np.fmax(high, np.fmax.reduce(values, axis=0))
             runs = flat_runs_from(values, prev, run)
             flat_max = np.maximum(flat_max, runs.max(axis=0))
             prev, run = values[-1], runs[-1]
             resets.append(start + np.flatnonzero(rec["reset"]))
         total.merge(mom)
         fitted.append((a, mom))
+        lows.append(low)
+        highs.append(high)
         bounds = np.unique(np.concatenate(resets))
         segments.append(np.column_stack([np.full(len(bounds), a), bounds, np.diff(np.append(bounds, stop))]))
     if not fitted:
@@ -324,7 +333,14 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
         scaler = Scaler(scaler.mean, scaler.scale, tuple(history.names[a] for a, _ in fitted),
                         np.stack([m.mean for _, m in fitted]),
                         np.stack([scale_from(m.mean, m.std) for _, m in fitted]))
-    return _TrainPart(scaler, flat_max, np.concatenate(segments))
+    mean, scale = scaler.rows_for(np.array([history.names[a] for a, _ in fitted], dtype=object))
+    low_s, high_s = (np.stack(lows) - mean) / scale, (np.stack(highs) - mean) / scale
+    seen = np.isfinite(low_s)  # a feature an asset never reported leaves the others' range alone
+    novelty_range = np.stack([np.where(seen, low_s, np.inf).min(axis=0), np.where(seen, high_s, -np.inf).max(axis=0)])
+    novelty_range[:, ~np.isfinite(novelty_range).all(axis=0)] = 0.0
+    width = novelty_range[1] - novelty_range[0]
+    novelty_range += NOVELTY_RANGE_MARGIN * np.stack([-width, width])
+    return _TrainPart(scaler, flat_max, np.concatenate(segments), novelty_range)
 
 
 @dataclass(frozen=True)
@@ -371,7 +387,7 @@ def out_of_fold_novelty(bundle: ModelBundle, folds: NoveltyFolds, asset: np.ndar
     """Cross-sectional residuals of training steps, each from the fold map that did not see it,
     in the units of the final map (its ``novelty_scale``)."""
     x = scaled_values(bundle, asset, values).astype(np.float64)
-    design = novelty_design(x)
+    design = novelty_design(x, bundle.novelty_range)
     pred = np.empty_like(x)
     for k in np.unique(fold).tolist():
         sel = fold == k
@@ -794,14 +810,15 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
             error_scale = _check(history, cut, dataclasses.replace(provisional, heads=heads), scorer,
                                  settings).error_scale
     calibration = dataclasses.replace(provisional, error_scale=error_scale, novelty_coef=novelty_coef,
-                                      novelty_scale=novelty_scale, heads=heads)
+                                      novelty_scale=novelty_scale, heads=heads, novelty_range=part.novelty_range)
     thresholds, levels, asset_levels = _calibrate(history, cut, calibration, scorer, settings, part.flat_max,
                                                   workdir / "held-terms", novelty_folds)
     report.duration_s = time.monotonic() - t0
     meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
                          part.scaler, error_scale, novelty_coef, novelty_scale, levels.flat,
-                         levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels, heads)
+                         levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels, heads,
+                         part.novelty_range)
     return bundle, report
 
 

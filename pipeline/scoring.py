@@ -152,13 +152,22 @@ def scale_values(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.
     return np.clip((values - mean) / scale, -SCALED_LIMIT, SCALED_LIMIT).astype(np.float32)
 
 
-def novelty_design(scaled: np.ndarray) -> np.ndarray:
-    """Regressors of the cross-sectional map: every scaled feature and its square."""
+def novelty_design(scaled: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
+    """Regressors of the cross-sectional map: every scaled feature and its square, each feature
+    first held inside ``bounds`` (2, F) when given: the range it spanned in training, widened
+    by half that range on each side (``fit.NOVELTY_RANGE_MARGIN``). The
+    quadratic map is only known where it was fitted: a temperature drifting 17 sd below its
+    training range would otherwise drag every other feature's prediction with it, so their
+    residuals, alerts and top features too. Held, such a sensor shows only in its own residual
+    (the targets are never clipped). Training rows lie inside the bounds, so the fit is
+    unchanged."""
     x = scaled.astype(np.float64)
+    if bounds is not None:
+        x = np.clip(x, bounds[0], bounds[1])
     return np.hstack([x, x**2])
 
 
 def cross_sectional_residuals(bundle: ModelBundle, scaled: np.ndarray) -> np.ndarray:
     """How far each scaled feature is from its prediction by the others, in training units."""
     x = scaled.astype(np.float64)
-    return (x - novelty_design(x) @ bundle.novelty_coef) / bundle.novelty_scale
+    return (x - novelty_design(x, bundle.novelty_range) @ bundle.novelty_coef) / bundle.novelty_scale

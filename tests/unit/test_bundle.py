@@ -203,3 +203,13 @@ def test_per_asset_heads_of_the_wrong_shape_are_refused(tiny_bundle) -> None:  #
                                                             tiny_bundle.heads.bias))
     with pytest.raises(BundleError, match="heads"):
         decode_bundle(encode_bundle(bad))
+
+
+def test_the_novelty_range_round_trips_and_old_bundles_leave_the_maps_inputs_unheld(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    assert tiny_bundle.novelty_range is not None and tiny_bundle.novelty_range.shape == (2, len(FEATURES))
+    np.testing.assert_array_equal(decode_bundle(encode_bundle(tiny_bundle)).novelty_range, tiny_bundle.novelty_range)
+    legacy = _rewrite_scaling(encode_bundle(tiny_bundle), lambda a: {k: v for k, v in a.items() if k != "novelty_range"})
+    assert decode_bundle(legacy).novelty_range is None
+    upside_down = dataclasses.replace(tiny_bundle, novelty_range=tiny_bundle.novelty_range[::-1] + [[-1.0], [1.0]])
+    with pytest.raises(BundleError, match="novelty_range"):
+        decode_bundle(encode_bundle(upside_down))

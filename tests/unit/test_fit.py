@@ -142,6 +142,10 @@ def test_the_bundle_equals_an_in_memory_fit_with_the_same_weights(whole) -> None
     scaled = np.concatenate([bundle.scaler.transform(np.full(len(v), a, object), v) for a, v in train.items()])
     design = novelty_design(scaled)
     gram, n = design.T @ design, len(scaled)
+    # The map's inputs are held to the range each feature spanned in training (all assets), widened.
+    low, high = scaled.min(axis=0), scaled.max(axis=0)
+    margin = fit.NOVELTY_RANGE_MARGIN * (high - low)
+    np.testing.assert_allclose(bundle.novelty_range, [low - margin, high + margin], rtol=1e-6, atol=1e-6)
 
     def ridge(g: np.ndarray, rows: int) -> np.ndarray:
         coef = np.zeros((2 * len(FEATURES), len(FEATURES)))

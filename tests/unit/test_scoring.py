@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.grid import GridConfig, GridSteps
 from pipeline.model import StepFunction
-from pipeline.scoring import score_steps
+from pipeline.scoring import cross_sectional_residuals, score_steps
 from pipeline.state import FleetState
 
 from .conftest import FEATURES
@@ -132,3 +132,18 @@ def test_an_asset_with_its_own_output_layer_is_predicted_by_it(tiny_bundle) -> N
     out = predicted_change(b, np.array(["p1", "other"], dtype=object), y, top)
     np.testing.assert_allclose(out[0], top[0] @ heads.kernel[0] + heads.bias[0], rtol=1e-5)
     np.testing.assert_array_equal(out[1], y[1])
+
+
+def test_a_feature_far_outside_its_training_range_moves_only_its_own_cross_sectional_residual(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """The quadratic map is held to where it was fitted: past a feature's training maximum, the
+    other features' residuals stay what they are at that maximum; only the feature's own grows."""
+    low, high = tiny_bundle.novelty_range
+    edge = np.zeros((1, len(FEATURES)), np.float32)
+    edge[0, 0] = high[0]
+    far = edge.copy()
+    far[0, 0] = high[0] + 20.0
+    held_edge, held_far = cross_sectional_residuals(tiny_bundle, edge), cross_sectional_residuals(tiny_bundle, far)
+    np.testing.assert_allclose(held_far[0, 1:], held_edge[0, 1:], rtol=1e-6)
+    assert abs(held_far[0, 0] - held_edge[0, 0]) == pytest.approx(20.0 / tiny_bundle.novelty_scale[0], rel=1e-6)
+    unheld = dataclasses.replace(tiny_bundle, novelty_range=None)
+    assert not np.allclose(cross_sectional_residuals(unheld, far)[0, 1:], held_edge[0, 1:], rtol=1e-3)
