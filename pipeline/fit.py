@@ -335,8 +335,9 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
                         np.stack([scale_from(m.mean, m.std) for _, m in fitted]))
     mean, scale = scaler.rows_for(np.array([history.names[a] for a, _ in fitted], dtype=object))
     low_s, high_s = (np.stack(lows) - mean) / scale, (np.stack(highs) - mean) / scale
-    seen = np.isfinite(low_s)  # a feature an asset never reported leaves the others' range alone
-    novelty_range = np.stack([np.where(seen, low_s, np.inf).min(axis=0), np.where(seen, high_s, -np.inf).max(axis=0)])
+    # A feature an asset never reported gives it ±inf or NaN there, which fmin/fmax pass over; one
+    # that no asset reported is held at 0.
+    novelty_range = np.stack([np.fmin.reduce(low_s, axis=0), np.fmax.reduce(high_s, axis=0)])
     novelty_range[:, ~np.isfinite(novelty_range).all(axis=0)] = 0.0
     width = novelty_range[1] - novelty_range[0]
     novelty_range += NOVELTY_RANGE_MARGIN * np.stack([-width, width])
