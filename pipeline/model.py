@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
@@ -108,6 +109,11 @@ class StepFunction:
         self._fn = tf.function(self._call, input_signature=signature + states, reduce_retracing=True)
         self._step_fn = tf.function(self._step, input_signature=[tf.TensorSpec((None, n_features), tf.float32),
                                                                  *states])
+        # Called through their concrete functions: the tf.function's own dispatch (binding the
+        # arguments, matching the signature) cost about 0.4 ms a call here, a fifth of a
+        # 1,000-asset step and most of a one-asset one.
+        self._seq_call: Any = None
+        self._step_call: Any = None
 
     def _call(self, x: tf.Tensor, mask: tf.Tensor, *states: tf.Tensor) -> list[tf.Tensor]:
         return self.model([x, mask, *states], training=False)
@@ -124,9 +130,13 @@ class StepFunction:
         """(predicted change per step, last layer's output per step, final states)."""
         tensors = [tf.convert_to_tensor(s, tf.float32) for s in states]
         if x.shape[1] == 1 and mask.all():
-            out = self._step_fn(tf.convert_to_tensor(x[:, 0], tf.float32), *tensors)
+            if self._step_call is None:
+                self._step_call = self._step_fn.get_concrete_function()
+            out = self._step_call(tf.convert_to_tensor(x[:, 0], tf.float32), *tensors)
             return out[0].numpy()[:, None], out[1].numpy()[:, None], [s.numpy() for s in out[2:]]
-        out = self._fn(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(mask, tf.bool), *tensors)
+        if self._seq_call is None:
+            self._seq_call = self._fn.get_concrete_function()
+        out = self._seq_call(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(mask, tf.bool), *tensors)
         return out[0].numpy(), out[1].numpy(), [s.numpy() for s in out[2:]]
 
     def zero_states(self, batch: int) -> list[np.ndarray]:

@@ -87,7 +87,10 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     mask = np.zeros((n_seg, width), bool)
     x[seg_of, pos] = scaled
     mask[seg_of, pos] = True
-    init = [np.where(seg_reset[:, None], 0.0, a[seg_rows]).astype(np.float32) for a in state.lstm]
+    init = [a[seg_rows] for a in state.lstm]  # float32 copies: a reset segment starts from zero
+    if seg_reset.any():
+        for a in init:
+            a[seg_reset] = 0.0
     y, top, final = model(x, mask, init)
     # The network predicts the change to the next step: prediction = current value + change.
     y = predicted_change(bundle, steps.asset[starts], y, top) + x
