@@ -463,7 +463,8 @@ class FleetGrid:
                 gap_l.append(r[5])
         if not step_l:
             return GridSteps.empty(nf)
-        values = np.stack(sum_l) / np.stack(count_l)
+        # One concatenation of the flat rows (np.stack of thousands of small rows took 3-4 times as long).
+        values = np.concatenate(sum_l).reshape(-1, nf) / np.concatenate(count_l).reshape(-1, nf)
         for g, j in finish:
             g.last_value[:] = values[j]
         assets = np.empty(len(asset_l), dtype=object)
