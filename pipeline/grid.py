@@ -337,8 +337,9 @@ class FleetGrid:
         """Vectorised over the poll's readings: lateness (each reading against its asset's watermark
         as it stood at the reading's arrival), aggregation per (asset, step), watermarks; then each
         asset in the poll closes what its watermark passed. Assets whose closable steps are all
-        present with every feature take the vectorised path; the rest (holes, gaps, carried
-        values, first steps) go through :meth:`AssetGrid.close`, with identical results.
+        present with every feature take the vectorised path (those whose steps this poll completes
+        close straight from its arrays); the rest (holes, gaps, carried values, first steps) go
+        through :meth:`AssetGrid.close`, with identical results.
         Cost follows the readings of the poll, not the number of assets held. Sets ``late``."""
         cfg = self.cfg
         p, lateness, nf = cfg.period_ms, cfg.lateness_ms, cfg.n_features
@@ -377,13 +378,23 @@ class FleetGrid:
                 if g.next_step is None:
                     g.next_step = int(init[i])
                 g.watermark_ms = max(g.watermark_ms, int(last_ts[i]))
-            self._accumulate(grids, np.flatnonzero(ok), code, step, feature[idx], value[idx], pos[idx])
-        return self._close_all(names_l, grids, counters)
+            direct = self._accumulate(grids, np.flatnonzero(ok), code, step, feature[idx], value[idx], pos[idx])
+            if direct is not None:
+                counters.emitted += len(direct[2])
+                rest, rest_codes = self._close_all(names_l, grids, counters, skip=direct[0])
+                return _merge_by_asset(names, direct[1], direct[2], rest, rest_codes)
+        return self._close_all(names_l, grids, counters)[0]
 
     def _accumulate(self, grids: list[AssetGrid], ok: np.ndarray, code: np.ndarray, step: np.ndarray,
-                    feature: np.ndarray, value: np.ndarray, pos: np.ndarray) -> None:
+                    feature: np.ndarray, value: np.ndarray, pos: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, GridSteps] | None:
         """Sum the accepted readings per (asset, step, feature) in one pass, in arrival order, and
-        put each group on its asset's open step."""
+        put each group on its asset's open step, except where the asset closes it in this call.
+
+        An asset whose closable steps (its watermark now passes them) are exactly its next steps,
+        each with every feature, none of them continuing a step begun in an earlier poll, closes
+        them here from the poll's arrays, without an open step each (the common case of a live
+        feed). Returns (bool per asset: closed here, asset code per step, the steps) or None."""
         nf = self.cfg.n_features
         r = ok[np.lexsort((step[ok], code[ok]))]  # stable: arrival order inside a group
         gc, gs = code[r], step[r]
@@ -397,19 +408,126 @@ class FleetGrid:
         sums = np.bincount(gid * nf + f, weights=v, minlength=n_groups * nf).reshape(n_groups, nf)
         counts = np.bincount(gid * nf + f, minlength=n_groups * nf).astype(np.int32).reshape(n_groups, nf)
         gend = np.append(gstart[1:], len(r))
-        n_values = (gend - gstart).tolist()
-        min_pos = np.minimum.reduceat(pos[r], gstart).tolist()
-        full = (counts > 0).all(axis=1).tolist()
-        for i, (c, k, a, b) in enumerate(zip(gc[gstart].tolist(), gs[gstart].tolist(), gstart.tolist(),
-                                             gend.tolist())):
+        n_arr = gend - gstart
+        pos_arr = np.minimum.reduceat(pos[r], gstart)
+        full_arr = (counts > 0).all(axis=1)
+        g_code, g_step = gc[gstart], gs[gstart]
+        closed, emit = self._closes_here(grids, g_code, g_step, full_arr)
+        keep = np.flatnonzero(~emit)
+        n_values, min_pos, full = n_arr[keep].tolist(), pos_arr[keep].tolist(), full_arr[keep].tolist()
+        for j, (i, c, k, a, b) in enumerate(zip(keep.tolist(), g_code[keep].tolist(), g_step[keep].tolist(),
+                                                gstart[keep].tolist(), gend[keep].tolist())):
             opened = grids[c].open
             o = opened.get(k)
             if o is None:
-                opened[k] = _OpenStep(sums[i], counts[i], n_values[i], min_pos[i], full[i])
+                opened[k] = _OpenStep(sums[i], counts[i], n_values[j], min_pos[j], full[j])
             else:  # a step begun in an earlier poll: continue its sums reading by reading
-                o.merge(f[a:b], v[a:b], min_pos[i])
+                o.merge(f[a:b], v[a:b], min_pos[j])
+        if not closed.any():
+            return None
+        return closed, *self._emit_closed(grids, closed, np.flatnonzero(emit), g_code, g_step, sums, counts,
+                                          n_arr, pos_arr)
 
-    def _close_all(self, names: list[str], grids: list[AssetGrid], counters: GridCounters) -> GridSteps:
+    def _closes_here(self, grids: list[AssetGrid], g_code: np.ndarray, g_step: np.ndarray, full: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Which assets close their closable steps straight from this poll's groups (see
+        :meth:`_accumulate`), and which groups they emit."""
+        cfg = self.cfg
+        n_assets = len(grids)
+        wm = np.fromiter((g.watermark_ms for g in grids), np.int64, n_assets)
+        nxt = np.fromiter((_NONE if g.next_step is None else g.next_step for g in grids), np.int64, n_assets)
+        last = (wm - cfg.lateness_ms) // cfg.period_ms - 1
+        closable = g_step <= last[g_code]
+        new_closable = np.bincount(g_code, weights=closable, minlength=n_assets)
+        new_partial = np.bincount(g_code, weights=closable & ~full, minlength=n_assets)
+        has_groups = np.bincount(g_code, minlength=n_assets) > 0
+        # Only where this poll completes a closable step: an asset that closes nothing but steps of
+        # earlier polls (one reading a poll) is as cheap on the per-asset path.
+        candidate = has_groups & (nxt != _NONE) & (last >= nxt) & (new_partial == 0) & (new_closable > 0)
+        wanted = last - nxt + 1
+        bounds = np.searchsorted(g_code, np.arange(n_assets + 1))
+        steps_l = g_step.tolist()
+        for c in np.flatnonzero(candidate).tolist():
+            opened = grids[c].open
+            prior = 0
+            if opened:
+                lc = int(last[c])
+                new_steps = steps_l[bounds[c]:bounds[c + 1]]
+                if any(k in opened for k in new_steps):
+                    candidate[c] = False  # a step continued from an earlier poll: the per-step path
+                    continue
+                for k, o in opened.items():
+                    if k <= lc:
+                        if not o.full:
+                            candidate[c] = False
+                            break
+                        prior += 1
+                if not candidate[c]:
+                    continue
+            candidate[c] = new_closable[c] + prior == wanted[c]
+        return candidate, candidate[g_code] & closable
+
+    def _emit_closed(self, grids: list[AssetGrid], closed: np.ndarray, emit: np.ndarray, g_code: np.ndarray,
+                     g_step: np.ndarray, sums: np.ndarray, counts: np.ndarray, n_arr: np.ndarray,
+                     pos_arr: np.ndarray) -> tuple[np.ndarray, GridSteps]:
+        """Close the steps of the assets in ``closed``: the groups ``emit`` of this poll and the
+        open steps of earlier polls the watermark passed; update those assets' grid state as
+        :meth:`AssetGrid.close` would."""
+        cfg = self.cfg
+        nf = cfg.n_features
+        # Open steps of earlier polls that the watermark passed: one row each.
+        p_code: list[int] = []
+        p_step: list[int] = []
+        p_sum: list[np.ndarray] = []
+        p_count: list[np.ndarray] = []
+        p_n: list[int] = []
+        p_pos: list[int] = []
+        for c in np.flatnonzero(closed).tolist():
+            g = grids[c]
+            if not g.open:
+                continue
+            lc = (g.watermark_ms - cfg.lateness_ms) // cfg.period_ms - 1
+            for k in [k for k in g.open if k <= lc]:
+                o = g.open.pop(k)
+                p_code.append(c)
+                p_step.append(k)
+                p_sum.append(o.sum)
+                p_count.append(o.count)
+                p_n.append(o.n)
+                p_pos.append(o.min_pos)
+        code = np.concatenate([g_code[emit], np.array(p_code, np.int64)])
+        step = np.concatenate([g_step[emit], np.array(p_step, np.int64)])
+        values = sums[emit] / counts[emit]
+        if p_code:
+            earlier = np.concatenate(p_sum).reshape(-1, nf) / np.concatenate(p_count).reshape(-1, nf)
+            values = np.vstack([values, earlier])
+        ns = np.concatenate([n_arr[emit], np.array(p_n, np.int64)])
+        ps = np.concatenate([pos_arr[emit], np.array(p_pos, np.int64)])
+        order = np.lexsort((step, code))
+        code, step, values = code[order], step[order], values[order]
+        n = len(step)
+        first = np.flatnonzero(np.append(True, code[1:] != code[:-1]))
+        last_row = np.append(first[1:], n) - 1
+        reset = np.zeros(n, bool)
+        gap = np.full(n, NO_GAP, np.int64)
+        for c, i, j in zip(code[first].tolist(), first.tolist(), last_row.tolist()):
+            g = grids[c]
+            reset[i] = g.pending_reset
+            if g.gap_start is not None:
+                gap[i] = g.gap_start
+            g.pending_reset = False
+            g.gap_start = None
+            g.empty_run = 0
+            g.next_step = int(step[j]) + 1
+            g.last_step[:] = step[j]
+            g.last_value[:] = values[j]
+        names = np.empty(n, dtype=object)
+        return code, GridSteps(names, step, values, reset, ns[order].astype(np.int32), ps[order].astype(np.int64), gap)
+
+    def _close_all(self, names: list[str], grids: list[AssetGrid], counters: GridCounters,
+                   skip: np.ndarray | None = None) -> tuple[GridSteps, np.ndarray]:
+        """Close what each asset's watermark passed (assets in ``skip`` closed theirs already);
+        returns the steps and the position in ``names`` of each step's asset."""
         cfg = self.cfg
         nf = cfg.n_features
         asset_l: list[str] = []
@@ -421,9 +539,10 @@ class FleetGrid:
         pos_l: list[int] = []
         gap_l: list[int] = []
         finish: list[tuple[AssetGrid, int]] = []  # fast-closed grids and the row of their last step
+        code_l: list[int] = []
         ones = np.ones(nf, np.int32)
-        for name, g in zip(names, grids):
-            if g.next_step is None:
+        for ci, (name, g) in enumerate(zip(names, grids)):
+            if g.next_step is None or (skip is not None and skip[ci]):
                 continue
             k = g.next_step
             last = (g.watermark_ms - cfg.lateness_ms) // cfg.period_ms - 1
@@ -435,6 +554,7 @@ class FleetGrid:
                 for s in range(k, last + 1):  # every step present with every feature: no carried values
                     o = g.open.pop(s)
                     asset_l.append(name)
+                    code_l.append(ci)
                     step_l.append(s)
                     sum_l.append(o.sum)
                     count_l.append(o.count)
@@ -454,6 +574,7 @@ class FleetGrid:
             counters.add(c)
             for r in rows:
                 asset_l.append(name)
+                code_l.append(ci)
                 step_l.append(r[0])
                 sum_l.append(r[1])
                 count_l.append(ones)
@@ -462,7 +583,7 @@ class FleetGrid:
                 pos_l.append(r[4])
                 gap_l.append(r[5])
         if not step_l:
-            return GridSteps.empty(nf)
+            return GridSteps.empty(nf), np.empty(0, np.int64)
         # One concatenation of the flat rows (np.stack of thousands of small rows took 3-4 times as long).
         values = np.concatenate(sum_l).reshape(-1, nf) / np.concatenate(count_l).reshape(-1, nf)
         for g, j in finish:
@@ -470,7 +591,8 @@ class FleetGrid:
         assets = np.empty(len(asset_l), dtype=object)
         assets[:] = asset_l
         return GridSteps(assets, np.array(step_l, np.int64), values, np.array(reset_l, bool),
-                         np.array(n_l, np.int32), np.array(pos_l, np.int64), np.array(gap_l, np.int64))
+                         np.array(n_l, np.int32), np.array(pos_l, np.int64), np.array(gap_l, np.int64)), \
+            np.array(code_l, np.int64)
 
     def flush(self) -> GridResult:
         """Close every open step of every asset (end of a replay)."""
@@ -505,6 +627,17 @@ def _exclusive_group_max(ts: np.ndarray, code: np.ndarray, starts: np.ndarray, n
     out[1:] = running[:-1]
     out[starts] = _NONE
     return out
+
+
+def _merge_by_asset(names: Any, code: np.ndarray, steps: GridSteps, rest: GridSteps, rest_code: np.ndarray
+                    ) -> GridSteps:
+    """The steps closed from the poll's arrays and those closed per asset, in the order of the
+    poll's assets (each asset's steps come from one of the two, already in step order)."""
+    steps.asset[:] = np.asarray(names, dtype=object)[code]
+    if not len(rest):
+        return steps
+    both = GridSteps.concat([steps, rest], steps.values.shape[1])
+    return both.take(np.argsort(np.concatenate([code, rest_code]), kind="stable"))
 
 
 def _rows_to_steps(name: str, rows: list[Any], n_features: int) -> GridSteps:
