@@ -378,7 +378,11 @@ class FleetGrid:
                 if g.next_step is None:
                     g.next_step = int(init[i])
                 g.watermark_ms = max(g.watermark_ms, int(last_ts[i]))
-            direct = self._accumulate(grids, np.flatnonzero(ok), code, step, feature[idx], value[idx], pos[idx])
+            # The loop's results as arrays: each asset's last closable step and next step to close.
+            last = (np.where(any_ok, np.maximum(wm, last_ts), wm) - lateness) // p - 1
+            nxt = np.where((ns == _NONE) & any_ok, init, ns)
+            direct = self._accumulate(grids, np.flatnonzero(ok), code, step, feature[idx], value[idx], pos[idx],
+                                      last, nxt)
             if direct is not None:
                 counters.emitted += len(direct[2])
                 rest, rest_codes = self._close_all(names_l, grids, counters, skip=direct[0])
@@ -386,7 +390,7 @@ class FleetGrid:
         return self._close_all(names_l, grids, counters)[0]
 
     def _accumulate(self, grids: list[AssetGrid], ok: np.ndarray, code: np.ndarray, step: np.ndarray,
-                    feature: np.ndarray, value: np.ndarray, pos: np.ndarray
+                    feature: np.ndarray, value: np.ndarray, pos: np.ndarray, last: np.ndarray, nxt: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, GridSteps] | None:
         """Sum the accepted readings per (asset, step, feature) in one pass, in arrival order, and
         put each group on its asset's open step, except where the asset closes it in this call.
@@ -394,7 +398,8 @@ class FleetGrid:
         An asset whose closable steps (its watermark now passes them) are exactly its next steps,
         each with every feature, none of them continuing a step begun in an earlier poll, closes
         them here from the poll's arrays, without an open step each (the common case of a live
-        feed). Returns (bool per asset: closed here, asset code per step, the steps) or None."""
+        feed). ``last`` and ``nxt``: per asset, the last step its watermark closes and its next step
+        to close. Returns (bool per asset: closed here, asset code per step, the steps) or None."""
         nf = self.cfg.n_features
         r = ok[np.lexsort((step[ok], code[ok]))]  # stable: arrival order inside a group
         gc, gs = code[r], step[r]
@@ -412,7 +417,7 @@ class FleetGrid:
         pos_arr = np.minimum.reduceat(pos[r], gstart)
         full_arr = (counts > 0).all(axis=1)
         g_code, g_step = gc[gstart], gs[gstart]
-        closed, emit = self._closes_here(grids, g_code, g_step, full_arr)
+        closed, emit = self._closes_here(grids, g_code, g_step, full_arr, last, nxt)
         keep = np.flatnonzero(~emit)
         n_values, min_pos, full = n_arr[keep].tolist(), pos_arr[keep].tolist(), full_arr[keep].tolist()
         for j, (i, c, k, a, b) in enumerate(zip(keep.tolist(), g_code[keep].tolist(), g_step[keep].tolist(),
@@ -425,18 +430,15 @@ class FleetGrid:
                 o.merge(f[a:b], v[a:b], min_pos[j])
         if not closed.any():
             return None
-        return closed, *self._emit_closed(grids, closed, np.flatnonzero(emit), g_code, g_step, sums, counts,
+        return closed, *self._emit_closed(grids, closed, last, np.flatnonzero(emit), g_code, g_step, sums, counts,
                                           n_arr, pos_arr)
 
-    def _closes_here(self, grids: list[AssetGrid], g_code: np.ndarray, g_step: np.ndarray, full: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _closes_here(grids: list[AssetGrid], g_code: np.ndarray, g_step: np.ndarray, full: np.ndarray,
+                     last: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which assets close their closable steps straight from this poll's groups (see
         :meth:`_accumulate`), and which groups they emit."""
-        cfg = self.cfg
         n_assets = len(grids)
-        wm = np.fromiter((g.watermark_ms for g in grids), np.int64, n_assets)
-        nxt = np.fromiter((_NONE if g.next_step is None else g.next_step for g in grids), np.int64, n_assets)
-        last = (wm - cfg.lateness_ms) // cfg.period_ms - 1
         closable = g_step <= last[g_code]
         new_closable = np.bincount(g_code, weights=closable, minlength=n_assets)
         new_partial = np.bincount(g_code, weights=closable & ~full, minlength=n_assets)
@@ -467,14 +469,13 @@ class FleetGrid:
             candidate[c] = new_closable[c] + prior == wanted[c]
         return candidate, candidate[g_code] & closable
 
-    def _emit_closed(self, grids: list[AssetGrid], closed: np.ndarray, emit: np.ndarray, g_code: np.ndarray,
-                     g_step: np.ndarray, sums: np.ndarray, counts: np.ndarray, n_arr: np.ndarray,
-                     pos_arr: np.ndarray) -> tuple[np.ndarray, GridSteps]:
+    def _emit_closed(self, grids: list[AssetGrid], closed: np.ndarray, last: np.ndarray, emit: np.ndarray,
+                     g_code: np.ndarray, g_step: np.ndarray, sums: np.ndarray, counts: np.ndarray,
+                     n_arr: np.ndarray, pos_arr: np.ndarray) -> tuple[np.ndarray, GridSteps]:
         """Close the steps of the assets in ``closed``: the groups ``emit`` of this poll and the
-        open steps of earlier polls the watermark passed; update those assets' grid state as
+        open steps of earlier polls up to the asset's ``last`` closable step; update those assets' grid state as
         :meth:`AssetGrid.close` would."""
-        cfg = self.cfg
-        nf = cfg.n_features
+        nf = self.cfg.n_features
         # Open steps of earlier polls that the watermark passed: one row each.
         p_code: list[int] = []
         p_step: list[int] = []
@@ -486,7 +487,7 @@ class FleetGrid:
             g = grids[c]
             if not g.open:
                 continue
-            lc = (g.watermark_ms - cfg.lateness_ms) // cfg.period_ms - 1
+            lc = int(last[c])
             for k in [k for k in g.open if k <= lc]:
                 o = g.open.pop(k)
                 p_code.append(c)
