@@ -33,7 +33,8 @@ import orjson
 import pandas as pd
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError, KafkaTimeoutError, RebalanceInProgressError
+from kafka.errors import (CommitFailedError, InvalidProducerEpochError, KafkaError, KafkaTimeoutError,
+                          OutOfOrderSequenceNumberError, RebalanceInProgressError, UnknownProducerIdError)
 from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
@@ -56,6 +57,9 @@ MAX_PRODUCE_BYTES = 1_000_000
 # Output batches: one flush per poll sends them, so a large batch only means fewer, fuller
 # requests (and fewer wake-ups of the sender thread) when a poll publishes many scores.
 OUTPUT_BATCH_BYTES = 1 << 18
+# Errors that mean the broker no longer knows this producer's id or sequence (a broker restarted
+# with less of its log than it acknowledged): a new producer, with a new id, can send again.
+PRODUCER_STATE_ERRORS = (OutOfOrderSequenceNumberError, UnknownProducerIdError, InvalidProducerEpochError)
 
 
 @dataclass
@@ -126,7 +130,7 @@ class Detector:
     def run(self) -> int:
         """Consume until ``stop`` is set; returns the process exit code."""
         s = self.settings
-        self.producer = make_producer(s, max_request_size=MAX_PRODUCE_BYTES + 48_576, batch_size=OUTPUT_BATCH_BYTES)
+        self.producer = make_output_producer(s)
         self._key_partitions = KeyPartitions(self.producer)
         self.state_producer = make_state_producer(s)
         self.consumer = make_consumer(s, group_id=s.detector.group_id)
@@ -164,7 +168,8 @@ class Detector:
                     # Partitions still assigned after the rejoin are re-read from their committed offsets.
                     self._forget_all(f"fenced: {exc}", rewind=True)
                 except (DeliveryError, KafkaError) as exc:
-                    if isinstance(exc, DeliveryError) and not exc.retriable:
+                    renewed = self._renew_lost_producers(exc)
+                    if isinstance(exc, DeliveryError) and not exc.retriable and not renewed:
                         self.log.error("an output cannot be delivered; stopping without commit", error=str(exc))
                         code = 1
                         break
@@ -190,6 +195,39 @@ class Detector:
             close_s = time.perf_counter() - t
         self.log.info("detector stopped", exit_code=code, close_s=round(close_s, 2))
         return code
+
+    def _renew_lost_producers(self, exc: BaseException) -> list[str]:
+        """Replace each producer that lost its producer id for good; returns their names.
+
+        After a broker lost acknowledged records (e.g. restarted from storage behind its log), an
+        idempotent producer's sequence is out of order; kafka-python then asks for a new id, and
+        when that fails too the producer stays in a fatal state and fails every later send. A new
+        producer gets a new id; the poll is then rewound to the last checkpoint like any failed
+        delivery, so nothing is lost (outputs already published stay quiet on the replay).
+        """
+        cause = exc.__cause__ if isinstance(exc, DeliveryError) else exc
+        state_error = isinstance(cause, PRODUCER_STATE_ERRORS)
+        renewed = []
+        for name in ("producer", "state_producer"):
+            producer = getattr(self, name)
+            if producer is not None and (state_error or _producer_failed(producer)):
+                renewed.append(name)
+        if not renewed:
+            return renewed
+        self.log.warning("producer lost its id at the broker; replacing it", producers=renewed, error=str(exc))
+        s = self.settings
+        for name in renewed:
+            try:
+                getattr(self, name).close(timeout=0)
+            except Exception as close_exc:  # a fatal producer may refuse even to close cleanly
+                self.log.warning("closing the failed producer failed", producer=name, error=str(close_exc))
+        if "producer" in renewed:
+            self.producer = make_output_producer(s)
+            self._key_partitions = KeyPartitions(self.producer)
+        if "state_producer" in renewed:
+            self.state_producer = make_state_producer(s)
+        metrics.PRODUCERS_RENEWED.inc(len(renewed))
+        return renewed
 
     @property
     def ready(self) -> bool:
@@ -391,7 +429,8 @@ class Detector:
                 raise DeliveryError("send not acknowledged in time")
             if f.failed():
                 exc = f.exception
-                raise DeliveryError(f"{type(exc).__name__}: {exc}", retriable=bool(getattr(exc, "retriable", False)))
+                raise DeliveryError(f"{type(exc).__name__}: {exc}",
+                                    retriable=bool(getattr(exc, "retriable", False))) from exc
 
     # ------------------------------------------------------------ state topic
     def _state_send(self, partition: int, key: str, value: bytes | None, kind: str, position: int,
@@ -616,6 +655,18 @@ class _InFlight:
 # back the readings that arrive meanwhile.
 CHECKPOINT_SLICE_S = 0.010
 SNAPSHOT_CHUNK = 64
+
+
+def _producer_failed(producer: Any) -> bool:
+    """Whether an idempotent producer is in kafka-python's fatal state, where every send fails
+    (pinned kafka-python internals, like the consumer's coordinator)."""
+    manager = getattr(producer, "_transaction_manager", None)
+    return manager is not None and manager.has_fatal_error()
+
+
+def make_output_producer(settings: Settings) -> Any:
+    """The producer of alerts, scores and dead letters: room for a full-size dead letter."""
+    return make_producer(settings, max_request_size=MAX_PRODUCE_BYTES + 48_576, batch_size=OUTPUT_BATCH_BYTES)
 
 
 def make_state_producer(settings: Settings) -> Any:

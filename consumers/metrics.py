@@ -16,6 +16,8 @@ LAG = Gauge("plantwatch_consumer_lag", "Records behind the partition's high wate
 ASSETS = Gauge("plantwatch_assets", "Assets with state in this detector")
 MODEL = Info("plantwatch_model", "Model version being served")
 MODEL_SWAPS = Counter("plantwatch_model_swaps_total", "Model hot swaps", ["outcome"])
+PRODUCERS_RENEWED = Counter("plantwatch_producers_renewed_total",
+                            "Producers replaced after the broker lost their producer id")
 ARCHIVED = Counter("plantwatch_archived_rows_total", "Rows written to the Parquet archive")
 CHECKPOINT_SECONDS = Histogram("plantwatch_checkpoint_seconds", "Time to write changed asset state and commit",
                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kafka.errors import KafkaError
 
 from consumers.broker import LocalBroker, free_port
 from consumers.detector import Detector
@@ -122,6 +123,32 @@ def test_a_poll_past_max_poll_interval_rejoins_without_exiting_or_re_emitting(
     faults.record("poll_past_max_poll_interval", row)
     faults.assert_exact(row)
     assert row["duplicate_alert_events"] == 0 and row["duplicate_scores"] == 0, row
+
+
+def test_producers_the_broker_no_longer_knows_are_replaced_without_losing_an_output(
+        broker: Any, settings_for: Any, fitted_plant: Any) -> None:
+    """What a broker restarted behind its own log leaves an idempotent producer with: its id was
+    refused (out-of-order sequence), a new one could not be had, and kafka-python holds the producer
+    in its fatal state, failing every send. The detector replaces both producers and goes on."""
+    settings = detector_settings(settings_for, broker, scores=True)
+    ref = _ref(fitted_plant, settings)
+    stop = threading.Event()
+    det = Detector(settings, fitted_plant.bundle, stop=stop)
+    with running(det, stop):
+        stream = faults.Stream(settings, ref, RATE).start()
+        wait_until(lambda: stream.sent > len(ref.records) // 3 and det.stats.scored > 0, 90, "a third of the stream")
+        lost = (det.producer, det.state_producer)
+        fault_at = time.time()
+        for producer in lost:
+            producer._transaction_manager.transition_to_fatal_error(
+                KafkaError("Unexpected error in InitProducerIdResponse: [Error -1] UnknownError"))
+        wait_until(lambda: det.producer is not lost[0] and det.state_producer is not lost[1], 60,
+                   "both producers to be replaced")
+        stream.join(120)
+        scores = faults.wait_for_scores(settings, ref, 150)
+    row = faults.compare(settings, ref, stream.sent, scores, fault_at)
+    faults.record("producers_lost_their_id", row)
+    faults.assert_exact(row)
 
 
 def test_broker_down_for_30_s_at_start_up(settings_for: Any, fitted_plant: Any) -> None:
