@@ -55,8 +55,8 @@ def test_wide_record_gives_one_row_per_value_in_feature_order() -> None:
     assert batch.record_index.tolist() == [0, 0]
     assert batch.asset.tolist() == ["pump-7", "pump-7"]
     assert batch.ts_ms.tolist() == [TS, TS]
-    assert batch.feature.tolist() == [2, 0]
-    assert batch.value.tolist() == [61.5, 1.25]
+    assert batch.feature.tolist() == [0, 2]  # feature order, whatever the record's key order
+    assert batch.value.tolist() == [1.25, 61.5]
 
 
 def test_narrow_record_gives_one_row() -> None:
@@ -95,8 +95,8 @@ def test_mixed_formats_and_str_input_in_one_batch() -> None:
     assert batch.record_index.tolist() == [0, 1, 1, 3]
     assert batch.asset.tolist() == ["b", "a", "a", "c"]
     assert batch.ts_ms.tolist() == [TS + 1, TS, TS, TS + 2]
-    assert batch.feature.tolist() == [0, 1, 0, 2]
-    assert batch.value.tolist() == [2.0, 1.0, 0.5, 7.0]
+    assert batch.feature.tolist() == [0, 0, 1, 2]  # a wide record's rows in feature order
+    assert batch.value.tolist() == [2.0, 0.5, 1.0, 7.0]
     assert [(r.index, r.reason) for r in batch.rejects] == [(2, "empty")]
 
 
@@ -150,8 +150,8 @@ def test_a_non_finite_value_rejects_the_whole_record_and_keeps_neighbours() -> N
     assert batch.record_index.tolist() == [0, 0, 3, 3]
     assert batch.asset.tolist() == ["a", "a", "d", "d"]
     assert batch.ts_ms.tolist() == [TS, TS, TS + 5, TS + 5]
-    assert batch.feature.tolist() == [0, 1, 2, 1]
-    assert batch.value.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert batch.feature.tolist() == [0, 1, 1, 2]
+    assert batch.value.tolist() == [1.0, 2.0, 4.0, 3.0]
     assert [(r.index, r.reason, r.detail) for r in batch.rejects] == [
         (1, "non_finite", "'Current': nan"),
         (2, "bad_timestamp", batch.rejects[1].detail),
