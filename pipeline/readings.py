@@ -14,6 +14,11 @@ extended formats, reduced precision), ordinal dates (``2020-069``), the end of a
 minus sign U+2212 in an offset are read as ISO 8601 defines them. Values are JSON numbers;
 ``true``/``false``, strings, ``null``, ``NaN`` and ``Infinity`` are refused.
 
+A batch of plain readings (ASCII, no escapes, every field present and of its type) is parsed in
+one call to pyarrow's JSON reader; a batch where any record could get another verdict from the
+rules below is decoded record by record, so both give the same result. A wide record's rows come
+in feature order.
+
 A record with a ``"values"`` key is wide; one with ``"sensor"`` or ``"value"`` is narrow (so a
 narrow record lacking one of the two is reported as ``missing_field``, which says more
 than ``unknown_format``). Anything else is ``unknown_format``.
