@@ -428,10 +428,11 @@ def decode_batch(
     if unknown_features not in ("reject", "ignore"):
         raise ValueError(f"unknown_features must be 'reject' or 'ignore', not {unknown_features!r}")
     ignore_unknown = unknown_features == "ignore"
-    if not ignore_unknown:
-        columnar = _decode_columnar(records, features, index, fmt, limits)
-        if columnar is not None:
-            return columnar
+    # A feature outside ``features`` fails the columnar parse, so it decodes record by record in
+    # either mode: the columnar result is the same whether unknown features are refused or ignored.
+    columnar = _decode_columnar(records, features, index, fmt, limits)
+    if columnar is not None:
+        return columnar
     cols = _Columns([], [], [], [], [], [])
     rejects: list[Reject] = []
     n_records = 0

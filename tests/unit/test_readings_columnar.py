@@ -130,14 +130,26 @@ def test_one_trap_among_plain_readings_decodes_as_the_per_record_rules_do(seed: 
     assert_same(decode_batch(records, FEATURES), _per_record(records))
 
 
+@pytest.mark.parametrize("unknown", ["reject", "ignore"])
 @pytest.mark.parametrize("narrow", [False, True])
-def test_a_live_feeds_plain_readings_take_the_columnar_path(narrow: bool) -> None:
+def test_a_live_feeds_plain_readings_take_the_columnar_path(narrow: bool, unknown: str) -> None:
     rng = random.Random(1)
     records: list[bytes | str | None] = [_plain(rng, i, narrow) for i in range(500)]
     assert _columnar_taken(records)
-    batch = decode_batch(records, FEATURES)
-    assert_same(batch, _per_record(records))
+    batch = decode_batch(records, FEATURES, unknown_features=unknown)  # type: ignore[arg-type]
+    assert_same(batch, _per_record(records, unknown_features=unknown))
     assert batch.rejects == [] and set(batch.record_index.tolist()) == set(range(500))
+
+
+def test_an_unknown_feature_is_ignored_or_refused_as_the_per_record_rules_say() -> None:
+    rng = random.Random(2)
+    records: list[bytes | str | None] = [_plain(rng, i, narrow=False) for i in range(N)]
+    records[5] = b'{"asset":"a","ts":1583748873000,"values":{"Pressure":1,"Other":2}}'
+    ignored = decode_batch(records, FEATURES, unknown_features="ignore")
+    assert_same(ignored, _per_record(records, unknown_features="ignore"))
+    assert ignored.rejects == [] and ignored.value[ignored.record_index == 5].tolist() == [1.0]
+    refused = decode_batch(records, FEATURES)
+    assert [(r.index, r.reason) for r in refused.rejects] == [(5, "unknown_feature")]
 
 
 def test_values_parse_to_the_same_doubles_as_pythons_json() -> None:
