@@ -242,7 +242,28 @@ def run_new_assets(root: Path, seed: int) -> dict[str, Any]:
             "cold_start_steps": settings.threshold.cold_start_steps, "steps_after_cold_start": live,
             "false_alerts": sum(alerts.values()), "assets_alerted": sum(1 for v in alerts.values() if v),
             "per_asset": alerts, "seed": seed,
+            "baselines_on_own_cold_start_rows": baseline_new_asset_alerts(newcomers, settings.threshold.cold_start_steps),
             f"opened_in_last_{ONSET_STEPS}_steps_before_a_labelled_anomaly": {k: v for k, v in at_onset.items() if v}}
+
+
+def baseline_new_asset_alerts(newcomers: Sequence[Any], cold_rows: int) -> dict[str, Any]:
+    """Alerts T² and T²+Q raise on the same normal rows, each fitted on the asset's own first
+    ``cold_rows`` rows (a head start over the cold start: the asset's own correlations): the alerts
+    a classical detector would raise on these rows, counted as runs after those rows."""
+    from pipeline.evaluation import baseline_detectors, filled_gaps
+
+    out: dict[str, Any] = {}
+    for name in ("t2", "t2_q"):
+        per: dict[str, int] = {}
+        for s in newcomers:
+            x = filled_gaps(s.values)
+            if len(x) <= cold_rows:
+                continue
+            p = baseline_detectors()[name]().fit(x[:cold_rows]).predict(x)[cold_rows:].astype(bool)
+            per[s.name] = int(p[0]) + int((p[1:] & ~p[:-1]).sum())
+        out[name] = {"false_alerts": sum(per.values()), "assets_alerted": sum(1 for v in per.values() if v),
+                     "per_asset": {k: v for k, v in per.items() if v}}
+    return out
 
 
 def new_asset_detection(bundle: Any, settings: Any, files: Sequence[Any]) -> dict[str, Any]:
@@ -283,6 +304,8 @@ def headline(out: dict[str, Any]) -> dict[str, Any]:
         "smd.top_feature_hit_rate": (smd.get("top_features_seed0") or {}).get("hit_rate"),
         "normal_share_excess": max(excess) if excess else None,
         "new_assets_false_alerts": (out.get("new_assets") or {}).get("false_alerts"),
+        "new_assets_t2q_false_alerts": (((out.get("new_assets") or {}).get("baselines_on_own_cold_start_rows") or {})
+                                        .get("t2_q") or {}).get("false_alerts"),
         "new_assets_whole_f1": ((out.get("new_assets") or {}).get("whole_recordings") or {}).get("f1"),
     }
 

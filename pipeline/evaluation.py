@@ -469,7 +469,7 @@ def baseline_detectors() -> dict[str, Callable[[], Detector]]:
     }
 
 
-def _filled(values: np.ndarray) -> np.ndarray:
+def filled_gaps(values: np.ndarray) -> np.ndarray:
     """Missing cells carry the previous (else the next) reading of their column: PCA needs full rows."""
     return pd.DataFrame(values).ffill().bfill().to_numpy(np.float64)
 
@@ -483,12 +483,12 @@ def baseline_scores(files: Sequence[LabelledFile], plan: Plan, train: Series | N
     """Scores and predictions of one baseline, fitted per file on its training rows (or training file),
     and why it could not be fitted on some files (it then scores 0 and predicts nothing there)."""
     make = baseline_detectors()[name]
-    shared = make().fit(_filled(train.values)) if plan == "train_file" and train is not None else None
+    shared = make().fit(filled_gaps(train.values)) if plan == "train_file" and train is not None else None
     scores, preds, failed = {}, {}, {}
     for f in files:
-        x = _filled(f.series.values)
+        x = filled_gaps(f.series.values)
         try:
-            det = shared if shared is not None else make().fit(_filled(_training_values(f)))
+            det = shared if shared is not None else make().fit(filled_gaps(_training_values(f)))
         except ValueError as exc:  # e.g. fewer training rows than components
             failed[f.name] = str(exc)
             scores[f.name], preds[f.name] = np.zeros(len(x)), np.zeros(len(x), np.int8)
