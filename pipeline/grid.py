@@ -420,14 +420,20 @@ class FleetGrid:
         closed, emit = self._closes_here(grids, g_code, g_step, full_arr, last, nxt)
         keep = np.flatnonzero(~emit)
         n_values, min_pos, full = n_arr[keep].tolist(), pos_arr[keep].tolist(), full_arr[keep].tolist()
+        once = (counts[keep] <= 1).all(axis=1).tolist()
+        continued: list[tuple[int, _OpenStep, int, int]] = []
         for j, (i, c, k, a, b) in enumerate(zip(keep.tolist(), g_code[keep].tolist(), g_step[keep].tolist(),
                                                 gstart[keep].tolist(), gend[keep].tolist())):
             opened = grids[c].open
             o = opened.get(k)
             if o is None:
                 opened[k] = _OpenStep(sums[i], counts[i], n_values[j], min_pos[j], full[j])
-            else:  # a step begun in an earlier poll: continue its sums reading by reading
+            elif once[j]:  # a step begun in an earlier poll, each feature read at most once here
+                continued.append((i, o, n_values[j], min_pos[j]))
+            else:  # several readings of a feature: continue its sums reading by reading
                 o.merge(f[a:b], v[a:b], min_pos[j])
+        if continued:
+            _continue_steps(continued, sums, counts)
         if not closed.any():
             return None
         return closed, *self._emit_closed(grids, closed, last, np.flatnonzero(emit), g_code, g_step, sums, counts,
@@ -605,6 +611,23 @@ class FleetGrid:
                 parts.append(_rows_to_steps(name, rows, self.cfg.n_features))
         empty = np.empty(0, np.int64)
         return GridResult(GridSteps.concat(parts, self.cfg.n_features), empty, empty, counters)
+
+
+def _continue_steps(continued: list[tuple[int, _OpenStep, int, int]], sums: np.ndarray, counts: np.ndarray) -> None:
+    """Add this poll's groups (row ``i`` of ``sums``/``counts``, each feature read at most once) to
+    the open steps of earlier polls they continue: the same float additions as reading by reading.
+    A group's sum of a feature is ``0.0 + v``, which is ``v`` itself except for ``v = -0.0``; an open
+    step's sum starts at +0.0 and so is never -0.0, and adding +0.0 or -0.0 to it gives the same.
+    """
+    rows = np.fromiter((c[0] for c in continued), np.int64, len(continued))
+    now = np.stack([c[1].count for c in continued]) + counts[rows]
+    full = (now > 0).all(axis=1).tolist()
+    for (i, o, n, min_pos), count, is_full in zip(continued, now, full):
+        o.sum += sums[i]
+        o.count = count
+        o.n += n
+        o.min_pos = min(o.min_pos, min_pos)
+        o.full = is_full
 
 
 _NONE = np.iinfo(np.int64).min

@@ -133,3 +133,18 @@ def test_timestamps_too_far_apart_to_lift_still_judge_lateness_per_asset() -> No
     want = reference_ingest(ref, cfg, *args, None)
     assert got.late_records.tolist() == want[1].tolist() == [4]
     assert got.steps.step.tolist() == want[0].step.tolist()
+
+
+# Readings of a step spread over several polls, some features read more than once, values whose
+# sums depend on the order of the additions ((0.1 + 0.2) + 0.3 != 0.1 + (0.2 + 0.3)) and signed zeros.
+repeated = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 1),
+                              st.sampled_from([0.1, 0.2, 0.3, -0.0, 0.0, 1e16])), min_size=1, max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(readings=repeated, cuts=st.lists(st.integers(0, 60), max_size=8))
+def test_a_step_continued_over_polls_sums_as_reading_by_reading(readings, cuts) -> None:  # type: ignore[no-untyped-def]
+    # (asset, step, feature, value) in arrival order, none late; the last readings close steps 0 and 1.
+    recs = [(i, "ab"[a], 1000 * s + 10 * i, f, v) for i, (a, s, f, v) in enumerate(readings)]
+    recs += [(len(recs) + a, "ab"[a], 9000, 0, 0.0) for a in range(2)]
+    compare(recs, [c for c in cuts if c < len(recs)], None, GridConfig(1000, 5000, 20_000, 9, 9, 3))
