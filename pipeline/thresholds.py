@@ -73,8 +73,7 @@ def _ratios(ewma_sq: np.ndarray, level: np.ndarray) -> np.ndarray:
 
 
 def _term(ratios: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore"):
-        peak = np.max(np.where(np.isnan(ratios), -np.inf, ratios), axis=-1)
+    peak = np.fmax.reduce(ratios, axis=-1)  # NaN only where every feature is NaN
     return np.where(np.isfinite(peak), peak, np.nan)
 
 
@@ -117,12 +116,13 @@ def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.nd
     t_fc, t_nv = _term(fc), _term(nv)
     flat_ratio = flat_run / levels.flat
     t_fl = flat_ratio.max(axis=-1)
-    terms = np.stack([np.nan_to_num(t_fc, nan=-1.0), np.nan_to_num(t_nv, nan=-1.0), t_fl], axis=-1)
+    # The terms are finite or NaN (see _term): a NaN term never dominates.
+    terms = np.stack([np.where(np.isnan(t_fc), -1.0, t_fc), np.where(np.isnan(t_nv), -1.0, t_nv), t_fl], axis=-1)
     which = terms.argmax(axis=-1)
     score = terms.max(axis=-1)
     score = np.where(np.isnan(t_fc) & np.isnan(t_nv), np.nan, score)
-    contrib = np.where((which == 0)[:, None], np.nan_to_num(fc), np.where((which == 1)[:, None], np.nan_to_num(nv),
-                                                                          flat_ratio))
+    model_terms = np.nan_to_num(np.where((which == 0)[:, None], fc, nv))
+    contrib = np.where((which == 2)[:, None], flat_ratio, model_terms)
     return CombinedScore(score, contrib, t_fc, t_nv, t_fl)
 
 
