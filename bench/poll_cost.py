@@ -4,7 +4,7 @@ producer that acknowledges at once (the client's own cost is measured beside it 
 throughput benchmark).
 
     python -m bench.poll_cost [--assets 1000] [--poll 5000] [--polls 40] [--format wide]
-                              [--fleet 100000]
+                              [--order asset|feature] [--fleet 100000]
 
 * ``poll_us_per_record_<A>``: median cost of a poll of ``--poll`` records spread over A assets;
 * ``poll_ms_fleet_<N>``: median cost of a poll of (at most 1,000) records over min(N, 1,000) assets
@@ -106,9 +106,10 @@ def make_detector(scores_topic: bool = False) -> Any:
 class Feed:
     """Readings of A assets at 1 Hz, in event-time order, as Kafka records of one partition."""
 
-    def __init__(self, n_assets: int, fmt: str, seed: int = 0, prefix: str = "a") -> None:
+    def __init__(self, n_assets: int, fmt: str, seed: int = 0, prefix: str = "a", order: str = "asset") -> None:
         self.names = [f"{prefix}{i:06d}" for i in range(n_assets)]
         self.fmt = fmt
+        self.order = order  # narrow: each asset's sensors in turn, or every asset's first sensor, then the second...
         self.rng = np.random.default_rng(seed)
         self.offset = 0
         self.second = 0
@@ -120,6 +121,10 @@ class Feed:
         noise = self.rng.normal(size=(len(self.names), len(PUMP_FEATURES)))
         # A few assets drift far off so alerts open, update and close during the run.
         noise[: max(1, len(self.names) // 50)] += 6 * ((self.second // 20) % 2)
+        if self.fmt == "narrow" and self.order == "feature":
+            for j, f in enumerate(PUMP_FEATURES):
+                self.pending += [(a, encode_narrow(a, ts, f, v)) for a, v in zip(self.names, noise[:, j].tolist())]
+            return
         for a, row in zip(self.names, noise.tolist()):
             if self.fmt == "wide":
                 self.pending.append((a, encode_wide(a, ts, dict(zip(PUMP_FEATURES, row)))))
@@ -137,9 +142,10 @@ class Feed:
         return {TopicPartition(TOPIC, 0): recs}
 
 
-def poll_costs(n_assets: int, poll: int, polls: int, fmt: str, scores_topic: bool = False) -> list[float]:
+def poll_costs(n_assets: int, poll: int, polls: int, fmt: str, scores_topic: bool = False,
+               order: str = "asset") -> list[float]:
     d = make_detector(scores_topic)
-    feed = Feed(n_assets, fmt)
+    feed = Feed(n_assets, fmt, order=order)
     return timed_polls(d, feed, poll, polls)
 
 
@@ -186,10 +192,13 @@ def main() -> None:
     ap.add_argument("--polls", type=int, default=40)
     ap.add_argument("--format", choices=("wide", "narrow"), default="wide")
     ap.add_argument("--scores", action="store_true", help="also publish every score")
+    ap.add_argument("--order", choices=("asset", "feature"), default="asset",
+                    help="narrow records: each asset's sensors in turn, or sensor by sensor across the fleet")
     ap.add_argument("--fleets", default="", help="comma-separated fleet sizes for poll_ms_fleet_<N>")
     args = ap.parse_args()
-    times = poll_costs(args.assets, args.poll, args.polls, args.format, args.scores)
-    out: dict[str, Any] = {f"poll_us_per_record_{args.assets}_{args.format}": round(
+    times = poll_costs(args.assets, args.poll, args.polls, args.format, args.scores, args.order)
+    suffix = "_feature_order" if args.format == "narrow" and args.order == "feature" else ""
+    out: dict[str, Any] = {f"poll_us_per_record_{args.assets}_{args.format}{suffix}": round(
         float(np.median(times)) / args.poll * 1e6, 2)}
     for n in (int(x) for x in args.fleets.split(",") if x):
         ms, per_asset = fleet_cost(n, min(args.poll, 1000), max(5, args.polls // 4))

@@ -39,6 +39,10 @@ BENCHES: dict[str, tuple[list[str], dict[str, str]]] = {
     "poll_cost_narrow": (["-m", "bench.poll_cost", "--polls", "20", "--format", "narrow"], {
         "poll_us_per_record_1000_narrow": "poll_us_per_record_1000_narrow",
     }),
+    "poll_cost_narrow_feature_order": (["-m", "bench.poll_cost", "--polls", "20", "--format", "narrow",
+                                        "--order", "feature"], {
+        "poll_us_per_record_1000_narrow_feature_order": "poll_us_per_record_1000_narrow_feature_order",
+    }),
     "startup": (["-m", "bench.startup", "--repeats", "1"], {"startup_s": "startup_s"}),
     "swap": (["-m", "bench.swap_memory", "--swaps", "12", "--assets", "10000"], {
         "pause_ms_median": "swap_pause_ms_10000",
