@@ -34,7 +34,8 @@ import pandas as pd
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import (CommitFailedError, InvalidProducerEpochError, KafkaError, KafkaTimeoutError,
-                          OutOfOrderSequenceNumberError, RebalanceInProgressError, UnknownProducerIdError)
+                          OutOfOrderSequenceNumberError, RebalanceInProgressError, UnknownProducerIdError,
+                          UnsupportedCodecError)
 from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
@@ -167,6 +168,11 @@ class Detector:
                 except Fenced as exc:
                     # Partitions still assigned after the rejoin are re-read from their committed offsets.
                     self._forget_all(f"fenced: {exc}", rewind=True)
+                except UnsupportedCodecError as exc:  # no retry reads those batches: say so and stop
+                    self.log.error("records on the readings topic are compressed with a codec this process "
+                                   "cannot decode; stopping without commit", error=str(exc))
+                    code = 1
+                    break
                 except (DeliveryError, KafkaError) as exc:
                     renewed = self._renew_lost_producers(exc)
                     if isinstance(exc, DeliveryError) and not exc.retriable and not renewed:
