@@ -78,3 +78,22 @@ def test_a_codec_this_process_cannot_decode_stops_the_detector_with_a_clear_erro
     assert result["code"] == 1
     assert 0 < det.stats.records < total  # everything before the zstd batches was read
     assert "compressed with a codec this process cannot decode" in capsys.readouterr().out
+
+
+def test_a_codec_this_process_cannot_decode_stops_the_archiver_with_exit_1(
+        broker: Any, settings_for: Any, topic_prefix: str, monkeypatch: Any) -> None:
+    import kafka.codec
+
+    from consumers.archiver import Archiver
+
+    s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive"})
+    total = produce_compressed(s, PlantSimulator(ARCHIVE_PLANT), 1_767_225_600_000, 50)
+    monkeypatch.setattr(kafka.codec, "zstd", None)
+    archiver = Archiver(s, stop=threading.Event())
+    result: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", archiver.run()), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the archiver kept retrying batches it cannot decode"
+    assert result["code"] == 1
+    assert committed_total(s) < total  # nothing after the undecodable batches counts as archived
