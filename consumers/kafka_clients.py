@@ -77,7 +77,8 @@ def _with_role(kafka: KafkaSettings, role: str) -> dict[str, object]:
 def make_consumer(
     settings: Settings, *, group_id: str | None, topics: Sequence[str] = (), **overrides: object
 ) -> KafkaConsumer:
-    """A manually committing consumer that starts at the earliest offset of a new group.
+    """A manually committing consumer that starts at the earliest offset of a new group and reads
+    only committed records (an aborted transaction of an exactly-once producer upstream is skipped).
 
     Offsets are committed by the caller only after the results of a poll are acknowledged
     (at-least-once), hence no auto-commit.
@@ -95,6 +96,7 @@ def make_consumer(
         "fetch_max_bytes": k.fetch_max_bytes,
         "max_partition_fetch_bytes": k.max_partition_fetch_bytes,
         "fetch_max_wait_ms": k.fetch_max_wait_ms,
+        "isolation_level": "read_committed",
         **overrides,
     }
     return KafkaConsumer(*topics, **config)
