@@ -35,6 +35,16 @@ def produce_compressed(s: Settings, sim: PlantSimulator, start_ms: int, steps_ea
     return total
 
 
+def exit_code_when_it_stops(daemon: Any, timeout_s: float) -> int:
+    """Run a daemon (``run() -> exit code``) that should stop by itself; its exit code."""
+    result: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", daemon.run()), daemon=True)
+    thread.start()
+    thread.join(timeout=timeout_s)
+    assert not thread.is_alive(), f"{type(daemon).__name__} kept retrying batches it cannot decode"
+    return result["code"]
+
+
 def test_the_detector_scores_readings_compressed_with_every_codec(
         broker: Any, settings_for: Any, fitted_plant: Any) -> None:
     s = detector_settings(settings_for, broker)
@@ -70,12 +80,7 @@ def test_a_codec_this_process_cannot_decode_stops_the_detector_with_a_clear_erro
     total = produce_compressed(s, PlantSimulator(PLANT), fitted_plant.stream_start_ms, 50)
     monkeypatch.setattr(kafka.codec, "zstd", None)  # as where the zstandard package is missing
     det = Detector(s, fitted_plant.bundle, stop=threading.Event())
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", det.run()), daemon=True)
-    thread.start()
-    thread.join(timeout=120)
-    assert not thread.is_alive(), "the detector kept retrying batches it cannot decode"
-    assert result["code"] == 1
+    assert exit_code_when_it_stops(det, 120) == 1
     assert 0 < det.stats.records < total  # everything before the zstd batches was read
     logged = capsys.readouterr()  # console or JSON lines, on stdout or stderr, as logging is configured
     assert "compressed with a codec this process cannot decode" in logged.out + logged.err
@@ -90,11 +95,5 @@ def test_a_codec_this_process_cannot_decode_stops_the_archiver_with_exit_1(
     s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive"})
     total = produce_compressed(s, PlantSimulator(ARCHIVE_PLANT), 1_767_225_600_000, 50)
     monkeypatch.setattr(kafka.codec, "zstd", None)
-    archiver = Archiver(s, stop=threading.Event())
-    result: dict[str, int] = {}
-    thread = threading.Thread(target=lambda: result.setdefault("code", archiver.run()), daemon=True)
-    thread.start()
-    thread.join(timeout=120)
-    assert not thread.is_alive(), "the archiver kept retrying batches it cannot decode"
-    assert result["code"] == 1
+    assert exit_code_when_it_stops(Archiver(s, stop=threading.Event()), 120) == 1
     assert committed_total(s) < total  # nothing after the undecodable batches counts as archived
