@@ -1,10 +1,12 @@
 """Records/s of the detector against a bare kafka-python consumer on the same topic.
 
-    python -m bench.throughput [--records 100000] [--assets 1000] [--repeats 3] [--formats wide,narrow]
+    python -m bench.throughput [--records 100000] [--narrow-records N] [--assets 1000] [--repeats 3]
+                               [--formats wide,narrow]
 
-An embedded broker (memory storage); ``--records`` readings of ``--assets`` assets × 8 features
-produced once per format (wide: one record per asset and step with every feature; narrow: one
-record per feature reading); a small model fitted on simulated history. Then, per round and
+An embedded broker (memory storage); readings of ``--assets`` assets × 8 features produced once
+per format: ``--records`` wide ones (one record per asset and step with every feature) and as many
+steps of narrow ones (one record per feature reading: 800,000 by default, so both formats are
+scored past the model's warm-up); a small model fitted on simulated history. Then, per round and
 format, in fresh processes one after the other (the order alternates between rounds):
 
 * ``bare``: a consumer built by :func:`consumers.kafka_clients.make_consumer` (the detector's
@@ -176,7 +178,10 @@ def worker(kind: str, bootstrap: str, topic: str, n_records: int, bundle: str,
 
 
 def measure(n_records: int, n_assets: int, repeats: int, formats: list[str], overrides: dict[str, str],
-            say: Any = print) -> dict[str, Any]:
+            say: Any = print, narrow_records: int | None = None) -> dict[str, Any]:
+    """``n_records`` wide records; narrow ones cover the same steps (one record per feature) unless
+    ``narrow_records`` says otherwise: 100,000 narrow records of 1,000 assets × 8 features are 12
+    steps an asset, all inside the model's warm-up, so nothing would be scored."""
     from consumers.broker import LocalBroker
     from consumers.topics import ensure_topics, standard_topics
 
@@ -186,11 +191,13 @@ def measure(n_records: int, n_assets: int, repeats: int, formats: list[str], ove
         bundle = fit_tiny_bundle(str(Path(tmp) / "bundle"))
         say(f"model fitted in {time.monotonic() - t:.0f} s")
         topics = {fmt: f"bench.{fmt}" for fmt in formats}
+        n_features = len(bench_settings(broker.bootstrap_servers, "bench", overrides).model.features)
+        counts = {"wide": n_records, "narrow": narrow_records or n_records * n_features}
         for fmt, topic in topics.items():
             s = bench_settings(broker.bootstrap_servers, topic, overrides)
             ensure_topics(s, standard_topics(s))
             t = time.monotonic()
-            n = produce_readings(s, fmt, n_records, n_assets)
+            n = produce_readings(s, fmt, counts[fmt], n_assets)
             say(f"{n} {fmt} records produced in {time.monotonic() - t:.1f} s")
         rates: dict[tuple[str, str], list[float]] = {}
         ratios: dict[str, list[float]] = {fmt: [] for fmt in formats}
@@ -199,7 +206,7 @@ def measure(n_records: int, n_assets: int, repeats: int, formats: list[str], ove
             for fmt, topic in topics.items():
                 got = {}
                 for kind in (("bare", "detector") if r % 2 == 0 else ("detector", "bare")):
-                    got[kind] = worker(kind, broker.bootstrap_servers, topic, n_records, bundle, overrides)
+                    got[kind] = worker(kind, broker.bootstrap_servers, topic, counts[fmt], bundle, overrides)
                     rates.setdefault((kind, fmt), []).append(got[kind]["records_per_s"])
                     say(f"round {r + 1} {fmt} {kind}: {json.dumps(got[kind])}")
                 ratios[fmt].append(got["detector"]["records_per_s"] / got["bare"]["records_per_s"])
@@ -209,12 +216,15 @@ def measure(n_records: int, n_assets: int, repeats: int, formats: list[str], ove
     for fmt, v in ratios.items():
         out[f"detector_over_bare_{fmt}"] = round(statistics.median(v), 3)
         out[f"detector_over_bare_{fmt}_range"] = [round(min(v), 3), round(max(v), 3)]
-    return {**out, **extra, "records": n_records, "assets": n_assets, "rounds": repeats}
+    return {**out, **extra, **{f"records_{fmt}": counts[fmt] for fmt in formats}, "assets": n_assets,
+            "rounds": repeats}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--records", type=int, default=100_000)
+    ap.add_argument("--records", type=int, default=100_000, help="wide records (and the worker's count)")
+    ap.add_argument("--narrow-records", type=int, default=None,
+                    help="narrow records (default: as many steps as the wide ones, one record per feature)")
     ap.add_argument("--assets", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--formats", default="wide,narrow")
@@ -238,7 +248,7 @@ def main() -> None:
     if not formats or set(formats) - {"wide", "narrow"}:
         raise SystemExit("--formats: a comma-separated subset of wide,narrow")
     print(json.dumps(measure(args.records, args.assets, args.repeats, formats, overrides,
-                             say=lambda m: print(m, file=sys.stderr, flush=True))))
+                             say=lambda m: print(m, file=sys.stderr, flush=True), narrow_records=args.narrow_records)))
 
 
 if __name__ == "__main__":
