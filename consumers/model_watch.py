@@ -108,7 +108,7 @@ class ModelWatcher:
         if model is None:
             model = StepFunction(bundle.n_features, bundle.units, bundle.weights)
         else:
-            model.model.set_weights(bundle.weights)
+            model.set_weights(bundle.weights)
         model.warm_up()
         prepared = PreparedModel(bundle, model, time.perf_counter() - t)
         self.log.info("model prepared", version=version, prepare_s=round(prepared.prepare_s, 3))

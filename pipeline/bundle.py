@@ -27,6 +27,7 @@ import json
 import math
 import zipfile
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ def asset_rows(index: dict[str, int], assets: np.ndarray) -> np.ndarray:
     """Each asset's row in a per-asset table, -1 where the table has none."""
     if not index:
         return np.full(len(assets), -1, np.int64)
-    return np.fromiter((index.get(a, -1) for a in assets), np.int64, len(assets))
+    return np.fromiter(map(index.get, assets, repeat(-1)), np.int64, len(assets))
 
 
 def per_asset_rows(index: dict[str, int], assets: np.ndarray,

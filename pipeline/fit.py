@@ -488,7 +488,7 @@ def _score_rounds(history: History, bundle: ModelBundle, model: StepFunction, se
     """Every asset's whole history through the production scoring path, ``SCORE_CHUNK``
     steps of each asset of a block per call, each asset's state carried from call to call
     in a FleetState."""
-    model.model.set_weights(bundle.weights)
+    model.set_weights(bundle.weights)
     cfg = GridConfig.from_settings(settings.grid, history.n_features)
     counts = history.counts
     names = np.array(history.names, dtype=object)

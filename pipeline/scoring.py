@@ -83,11 +83,15 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     seg_of = np.repeat(np.arange(n_seg), lengths)
     pos = np.arange(n) - starts[seg_of]
 
-    x = np.zeros((n_seg, width, f), np.float32)
-    mask = np.zeros((n_seg, width), bool)
-    x[seg_of, pos] = scaled
-    mask[seg_of, pos] = True
-    init = [a[seg_rows] for a in state.lstm]  # float32 copies: a reset segment starts from zero
+    if width == 1:  # one step per segment (the streaming case): nothing to pad
+        x, mask = scaled[:, None, :], np.ones((n, 1), bool)
+    else:
+        x = np.zeros((n_seg, width, f), np.float32)
+        mask = np.zeros((n_seg, width), bool)
+        x[seg_of, pos] = scaled
+        mask[seg_of, pos] = True
+    # float32 copies (a reset segment starts from zero); ``take`` gathers rows faster than indexing
+    init = [np.take(a, seg_rows, axis=0) for a in state.lstm]
     if seg_reset.any():
         for a in init:
             a[seg_reset] = 0.0
@@ -101,7 +105,7 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     pred = np.empty((n, f), np.float32)
     first = pos == 0
     pred[~first] = y[seg_of[~first], pos[~first] - 1]
-    pred[first] = state.last_pred[seg_rows]
+    pred[first] = np.take(state.last_pred, seg_rows, axis=0)
     has_pred = ~first | carried_ok[seg_of]
     base = np.where(seg_reset, 0, state.cols["since_reset"][seg_rows])
     since = base[seg_of] + pos
@@ -109,18 +113,21 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
 
     errors = (scaled - pred) / bundle.error_scale
     errors[~valid] = np.nan
-    score = np.sqrt(np.mean(errors**2, axis=1))
+    score = np.sqrt(np.einsum("ij,ij->i", errors, errors) / f)
 
     # Carry each asset's state from its last segment of this poll.
     last_seg = np.flatnonzero(np.append(seg_rows[1:] != seg_rows[:-1], True))
     r = seg_rows[last_seg]
+    every = len(last_seg) == n_seg  # each segment its asset's last (no asset reset within the poll)
     for a, fin in zip(state.lstm, final):
-        a[r] = fin[last_seg]
+        a[r] = fin if every else fin[last_seg]
     state.last_pred[r] = y[last_seg, lengths[last_seg] - 1]
     state.cols["has_pred"][r] = True
     state.cols["since_reset"][r] = base[last_seg] + lengths[last_seg]
     state.cols["last_step"][r] = steps.step[starts[last_seg] + lengths[last_seg] - 1]
-    state.remember(rows, steps.values.astype(np.float32), steps.reset, rank_within_asset(steps.asset))
+    # Without resets the segments are the assets' runs, so a step's position in its segment is its rank.
+    rank = rank_within_asset(steps.asset) if steps.reset.any() else pos
+    state.remember(rows, steps.values.astype(np.float32), steps.reset, rank)
     novelty = cross_sectional_residuals(bundle, scaled)
     return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64), novelty,
                        top[seg_of, pos])

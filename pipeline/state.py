@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,9 @@ class FleetState:
 
     def rows(self, assets: np.ndarray) -> np.ndarray:
         """Row of each asset, creating rows for assets seen for the first time."""
+        known = np.fromiter(map(self.index.get, assets, repeat(-1)), np.int64, len(assets))
+        if (known >= 0).all():  # the steady state: every asset has a row (one C-level pass)
+            return known
         out = np.empty(len(assets), np.int64)
         for i, name in enumerate(assets):
             r = self.index.get(name)
@@ -168,6 +172,13 @@ class FleetState:
             return
         h = self.history
         head, count = self.cols["recent_head"], self.cols["recent_n"]
+        if not rank.any():  # one step per asset (the streaming case): the rows are distinct
+            slot = head[rows]
+            self.recent_values[rows, slot] = values
+            head[rows] = (slot + 1) % h
+            self.epoch[rows[reset]] += 1
+            count[rows] = np.where(reset, 1, np.minimum(h, count[rows] + 1))
+            return
         uniq, inv, n_new = np.unique(rows, return_inverse=True, return_counts=True)
         keep = rank >= n_new[inv] - h  # only the last `history` steps can survive in the ring
         slot = (head[rows] + rank) % h

@@ -6,10 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.grid import GridConfig, GridSteps
 from pipeline.model import StepFunction
-from pipeline.scoring import cross_sectional_residuals, score_steps
+from pipeline.scoring import cross_sectional_residuals, rank_within_asset, score_steps
 from pipeline.state import FleetState
 
 from .conftest import FEATURES
@@ -147,3 +149,31 @@ def test_a_feature_far_outside_its_training_range_moves_only_its_own_cross_secti
     assert abs(held_far[0, 0] - held_edge[0, 0]) == pytest.approx(20.0 / tiny_bundle.novelty_scale[0], rel=1e-6)
     unheld = dataclasses.replace(tiny_bundle, novelty_range=None)
     assert not np.allclose(cross_sectional_residuals(unheld, far)[0, 1:], held_edge[0, 1:], rtol=1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=1, max_size=9), min_size=1, max_size=4), st.integers(1, 5))
+def test_remembering_one_step_per_asset_a_call_equals_remembering_them_at_once(resets, history) -> None:  # type: ignore[no-untyped-def]
+    """The ring's one-step-per-asset path (the streaming case) keeps what the general path keeps
+    for the same steps given in one call."""
+    cfg = GridConfig(1000, 0, 10**6, 2, 10, 2)
+    names = [f"a{i}" for i in range(len(resets))]
+    values = {a: np.arange(len(r) * 2, dtype=np.float32).reshape(-1, 2) + 100 * i
+              for i, (a, r) in enumerate(zip(names, resets))}
+    stepwise, at_once = (FleetState(cfg, (4,), 2, history=history) for _ in range(2))
+    for k in range(max(len(r) for r in resets)):  # poll k: the k-th step of every asset that has one
+        live = [i for i, r in enumerate(resets) if k < len(r)]
+        assets = np.array([names[i] for i in live], object)
+        stepwise.remember(stepwise.rows(assets), np.stack([values[names[i]][k] for i in live]),
+                          np.array([resets[i][k] for i in live]), np.zeros(len(live), np.int64))
+    assets = np.concatenate([np.full(len(r), a, object) for a, r in zip(names, resets)])
+    at_once.remember(at_once.rows(assets), np.concatenate([values[a] for a in names]),
+                     np.concatenate([np.array(r) for r in resets]), rank_within_asset(assets))
+    rows = stepwise.rows(np.array(names, object))
+    assert rows.tolist() == at_once.rows(np.array(names, object)).tolist()
+    for kept in ("recent_n", "recent_head"):
+        assert stepwise.cols[kept][rows].tolist() == at_once.cols[kept][rows].tolist()
+    got, want = stepwise.recent_batch(rows), at_once.recent_batch(rows)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0][got[1]], want[0][want[1]])
+    assert ((stepwise.epoch[rows] > 0) == (at_once.epoch[rows] > 0)).all()
