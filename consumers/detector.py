@@ -137,7 +137,8 @@ class Detector:
         self.consumer = make_consumer(s, group_id=s.detector.group_id)
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
         _freeze_heap()
-        self.log.info("detector started", topic=s.topics.readings, model_version=self.engine.model_version)
+        self.log.info("detector started", topic=s.topics.readings, model_version=self.engine.model_version,
+                      step_runtime=self.engine.model.step_runtime)
         if self.follow_registry:
             from consumers.model_watch import ModelWatcher
 
@@ -624,7 +625,8 @@ class Detector:
         metrics.MODEL_SWAPS.labels("swapped").inc()
         metrics.MODEL.info({"version": prepared.bundle.version})
         self.log.info("model swapped", old=old_version, new=prepared.bundle.version, assets_rewarmed=warmed,
-                      pause_ms=round(pause * 1000, 2), prepare_s=round(prepared.prepare_s, 3))
+                      pause_ms=round(pause * 1000, 2), prepare_s=round(prepared.prepare_s, 3),
+                      step_runtime=prepared.model.step_runtime)
 
     def _refuse(self, prepared: Any, exc: SwapError) -> None:
         self.watcher.refused.add(prepared.bundle.version)

@@ -64,3 +64,18 @@ def test_new_weights_serve_the_one_step_call_too(tiny_bundle) -> None:  # type: 
     looped = model(np.concatenate([x, x], axis=1), np.array([[True, False]] * 3), model.zero_states(3))[0]
     np.testing.assert_allclose(stepped[:, 0], looped[:, 0], rtol=0, atol=1e-5)
     assert not np.array_equal(stepped, before)
+
+
+def test_the_one_step_call_stays_on_tensorflow_when_conversion_fails(tiny_bundle, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    b = tiny_bundle
+    model = StepFunction(b.n_features, b.units, b.weights)
+
+    def refuse(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("an op the converter lacks")
+
+    monkeypatch.setattr(StepFunction, "_convert_step", refuse)
+    x = np.random.default_rng(2).normal(size=(5, 1, b.n_features)).astype(np.float32)
+    stepped = model(x, np.ones((5, 1), bool), model.zero_states(5))
+    looped = model(np.concatenate([x, x], axis=1), np.array([[True, False]] * 5), model.zero_states(5))
+    assert model.step_runtime == "tensorflow"
+    np.testing.assert_array_equal(stepped[0][:, 0], looped[0][:, 0])  # TensorFlow both ways: bit for bit
