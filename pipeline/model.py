@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -41,11 +41,26 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
+def _load_lite_runtime() -> None:
+    """LiteRT prints a notice on native stderr when a process creates its first interpreter:
+    create one here, while the start-up lines are silenced, rather than later in a daemon whose
+    other threads write their logs to stderr."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        probe = tf.function(lambda x: x + 1.0, input_signature=[tf.TensorSpec((1,), tf.float32)])
+        content = tf.lite.TFLiteConverter.from_concrete_functions([probe.get_concrete_function()]).convert()
+        Interpreter(model_content=content).allocate_tensors()
+    except Exception:  # no LiteRT here: StepFunction's one-step call stays on TensorFlow (step_runtime)
+        return
+
+
 with _native_stderr_silenced():
     import keras
     import tensorflow as tf
 
     tf.constant(0.0) + 1.0  # the first op prints the CPU-feature notice; let it happen here
+    _load_lite_runtime()
 
 
 def build_training_model(n_features: int, units: Sequence[int], streams: int, timesteps: int,
@@ -113,21 +128,17 @@ class LiteStep:
 
     def _interpreter(self, size: int) -> tuple[Any, list[int], list[int]]:
         if size not in self._by_size:
-            global _lite_notice_shown
             from ai_edge_litert.interpreter import Interpreter
 
-            # The first interpreter of a process prints the XNNPACK notice on native stderr.
-            with _native_stderr_silenced() if not _lite_notice_shown else nullcontext():
-                it = Interpreter(model_content=self._content, num_threads=self._threads)
-                runner = it.get_signature_runner()
-                ins, outs = runner.get_input_details(), runner.get_output_details()
-                del runner  # it holds the interpreter's buffers, which resizing needs free
-                names = ["x"] + sorted((k for k in ins if k != "x"), key=lambda k: int(k.rsplit("_", 1)[1]))
-                for k in names:
-                    shape = list(ins[k]["shape_signature"])
-                    it.resize_tensor_input(ins[k]["index"], [size, *shape[1:]])
-                it.allocate_tensors()
-                _lite_notice_shown = True
+            it = Interpreter(model_content=self._content, num_threads=self._threads)
+            runner = it.get_signature_runner()
+            ins, outs = runner.get_input_details(), runner.get_output_details()
+            del runner  # it holds the interpreter's buffers, which resizing needs free
+            names = ["x"] + sorted((k for k in ins if k != "x"), key=lambda k: int(k.rsplit("_", 1)[1]))
+            for k in names:
+                shape = list(ins[k]["shape_signature"])
+                it.resize_tensor_input(ins[k]["index"], [size, *shape[1:]])
+            it.allocate_tensors()
             order = sorted(outs, key=lambda k: int(k.rsplit("_", 1)[1]))
             self._by_size[size] = (it, [ins[k]["index"] for k in names], [outs[k]["index"] for k in order])
         return self._by_size[size]
@@ -152,9 +163,6 @@ class LiteStep:
             for o, index in zip(out, outs):
                 o[start:start + part] = it.tensor(index)()[:part]
         return out
-
-
-_lite_notice_shown = False
 
 
 def _interpreter_threads() -> int:
@@ -219,9 +227,8 @@ class StepFunction:
         # wraps each tf.Variable, so hand it the wrapped ones.
         holder = tf.Module()
         holder.weights = [v.value for v in self.model.weights]
-        with _native_stderr_silenced():
-            return bytes(tf.lite.TFLiteConverter.from_concrete_functions(
-                [self._step_fn.get_concrete_function()], holder).convert())
+        return bytes(tf.lite.TFLiteConverter.from_concrete_functions(
+            [self._step_fn.get_concrete_function()], holder).convert())
 
     def _call(self, x: tf.Tensor, mask: tf.Tensor, *states: tf.Tensor) -> list[tf.Tensor]:
         return self.model([x, mask, *states], training=False)

@@ -39,3 +39,20 @@ def test_a_fit_through_the_command_prints_no_tensorflow_line(tmp_path: Path) -> 
     assert json.loads(done.stdout)["epochs"] == 1
     native = [line for line in done.stderr.splitlines() if line.startswith(TF_NATIVE_PREFIXES) or "oneDNN" in line]
     assert native == []
+
+
+def test_the_litert_step_prints_nothing_on_stderr() -> None:
+    """LiteRT announces its XNNPACK delegate on native stderr at a process's first interpreter; a
+    daemon's log stream on stderr is JSON lines only, so the notice must not reach it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+    script = ("import numpy as np\n"
+              "from pipeline.model import StepFunction, build_inference_model\n"
+              "w = [np.full(a.shape, 0.1, np.float32) for a in build_inference_model(3, (4,)).get_weights()]\n"
+              "m = StepFunction(3, (4,), w)\n"
+              "m(np.ones((2, 1, 3), np.float32), np.ones((2, 1), bool), m.zero_states(2))\n"
+              "print(m.step_runtime)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["litert"]
+    assert done.stderr == ""
