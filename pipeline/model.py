@@ -215,7 +215,7 @@ class StepFunction:
                 self._lite = LiteStep(self._convert_step(), _interpreter_threads())
             except Exception:  # an op LiteRT lacks, or no interpreter: TensorFlow gives the same numbers
                 self.step_runtime = "tensorflow"
-        if self._lite is not None:
+        if self._lite is not None and len(x):  # (an empty call goes to TensorFlow: it knows its shapes)
             return self._lite(x, states)
         if self._step_call is None:
             self._step_call = self._step_fn.get_concrete_function()

@@ -27,6 +27,8 @@ def test_stepping_one_step_at_a_time_equals_the_sequence_call(tiny_bundle) -> No
     assert model.tracing_count == 1
     assert model.step_runtime == "litert"
     assert model._step_call is None  # TensorFlow's one-step call never ran: LiteRT served the steps
+    y, top, final = model(np.zeros((0, 1, b.n_features), np.float32), np.ones((0, 1), bool), model.zero_states(0))
+    assert y.shape == (0, 1, b.n_features) and [s.shape[0] for s in final] == [0] * len(final)
 
 
 def test_each_stream_of_a_chunked_step_keeps_its_own_state(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
