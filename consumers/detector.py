@@ -120,7 +120,7 @@ class Detector:
         self._warming: tuple[Any, threading.Thread, dict[str, Any]] | None = None  # a swap being prepared
         self._in_flight: _InFlight | None = None  # a checkpoint whose snapshots are not yet acknowledged
         self.restore_s: list[float] = []
-        metrics.MODEL.info({"version": bundle.version})
+        metrics.MODEL.info({"version": bundle.version, "step_runtime": self.engine.model.step_runtime})
         self._set_health(model_loaded=True)
 
     def _set_health(self, **values: Any) -> None:
@@ -623,7 +623,7 @@ class Detector:
         self.swap_pauses_s.append(pause)
         self.watcher.swapped(prepared, old_model)
         metrics.MODEL_SWAPS.labels("swapped").inc()
-        metrics.MODEL.info({"version": prepared.bundle.version})
+        metrics.MODEL.info({"version": prepared.bundle.version, "step_runtime": prepared.model.step_runtime})
         self.log.info("model swapped", old=old_version, new=prepared.bundle.version, assets_rewarmed=warmed,
                       pause_ms=round(pause * 1000, 2), prepare_s=round(prepared.prepare_s, 3),
                       step_runtime=prepared.model.step_runtime)

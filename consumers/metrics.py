@@ -14,7 +14,7 @@ SCORE_SECONDS = Histogram("plantwatch_score_seconds", "Time of the grid+model+th
                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 LAG = Gauge("plantwatch_consumer_lag", "Records behind the partition's high watermark", ["partition"])
 ASSETS = Gauge("plantwatch_assets", "Assets with state in this detector")
-MODEL = Info("plantwatch_model", "Model version being served")
+MODEL = Info("plantwatch_model", "Model version being served and the runtime of its one-step call (litert, tensorflow)")
 MODEL_SWAPS = Counter("plantwatch_model_swaps_total", "Model hot swaps", ["outcome"])
 PRODUCERS_RENEWED = Counter("plantwatch_producers_renewed_total",
                             "Producers replaced after the broker lost their producer id")

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import numpy as np
+from prometheus_client import REGISTRY
 
 from pipeline.evaluation import Series, replay
 from pipeline.simulate import PlantSimulator
@@ -38,6 +39,9 @@ def test_every_injected_anomaly_alerts_on_its_asset_and_clean_stretches_stay_qui
 
     with running_detector(settings, fitted_plant.bundle) as det:
         wait_until(lambda: det.stats.records >= sent, 180, "the detector to read every reading")
+        served = REGISTRY.get_sample_value("plantwatch_model_info", {"version": fitted_plant.bundle.version,
+                                                                     "step_runtime": "litert"})
+    assert served == 1.0
     assert det.stats.accepted == sent and det.stats.rejects == {}
 
     alerts = alerts_of(read_topic(settings, settings.topics.alerts, until=lambda r: False, timeout_s=5))
