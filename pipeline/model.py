@@ -118,7 +118,7 @@ class LiteStep:
     1,000 streams against 1.5-1.7 ms, and 9 µs against 420 µs for one stream (most of a
     TensorFlow call is its dispatch). An interpreter has fixed shapes; streams go in chunks of
     :data:`LITE_CHUNK`, the last padded by :func:`lite_size`, one interpreter per size used (at
-    most 15, each about 1 MB or less), so a call never re-plans its buffers.
+    most 14, each about 1 MB or less), so a call never re-plans its buffers.
     """
 
     def __init__(self, content: bytes, threads: int) -> None:
