@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from itertools import repeat
 from typing import Any
 
 import numpy as np
 
 from pipeline import fast_json
+from pipeline.bundle import asset_rows
 from pipeline.grid import AssetGrid, FleetGrid, GridConfig
 
 SNAPSHOT_MAGIC = b"PWS1"
@@ -136,7 +136,7 @@ class FleetState:
 
     def rows(self, assets: np.ndarray) -> np.ndarray:
         """Row of each asset, creating rows for assets seen for the first time."""
-        known = np.fromiter(map(self.index.get, assets, repeat(-1)), np.int64, len(assets))
+        known = asset_rows(self.index, assets)
         if (known >= 0).all():  # the steady state: every asset has a row (one C-level pass)
             return known
         out = np.empty(len(assets), np.int64)
