@@ -241,7 +241,7 @@ class DetectionEngine:
         b, state = self.bundle, self.state
         n = len(steps)
         rows = state.rows(steps.asset)
-        starts = segment_bounds(steps.asset, np.zeros(n, bool))
+        starts = segment_bounds(rows, np.zeros(n, bool))
         scaling = step_scaling(state, b, rows, steps.asset, steps.values, starts)
         scored = score_steps(state, self.model, b, steps, rows, (scaling.mean, scaling.scale))
         alert_score, threshold = np.full(n, np.nan), np.full(n, np.nan)
@@ -252,7 +252,7 @@ class DetectionEngine:
         rebase_steps = int(np.ceil(b.thresholds.rebaseline_after_s * 1000 / b.period_ms))
         rebased = np.zeros(n, bool)  # steps after their asset re-baselined in this poll
         events: list[AlertEvent] = []
-        rank = rank_within_asset(steps.asset)
+        rank = rank_within_asset(rows)
         levels = TermLevels.for_assets(b, steps.asset)
         # Steps of one asset are sequential (EWMA, hysteresis); different assets are vectorised.
         for r in range(int(rank.max()) + 1 if n else 0):

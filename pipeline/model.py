@@ -164,6 +164,39 @@ class LiteStep:
                 o[start:start + part] = it.tensor(index)()[:part]
         return out
 
+    def advance(self, x: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,
+                zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One step of the streams whose states are the distinct ``rows`` of ``states`` (zero
+        where ``zero``), written back in place: (predicted change, last layer's output). The
+        states go straight between the fleet's arrays and the interpreter's buffers, two copies
+        of every state fewer than gathering, calling and scattering."""
+        n = len(x)
+        y = top = np.empty(0, np.float32)
+        any_zero = bool(zero.any())
+        for start in range(0, n, LITE_CHUNK):
+            part = min(LITE_CHUNK, n - start)
+            r = rows[start:start + part]
+            it, ins, outs = self._interpreter(lite_size(part))
+            buf = it.tensor(ins[0])()
+            buf[:part] = x[start:start + part]
+            buf[part:] = 0.0
+            for index, a in zip(ins[1:], states):
+                buf = it.tensor(index)()
+                np.take(a, r, axis=0, out=buf[:part])
+                if any_zero:
+                    buf[:part][zero[start:start + part]] = 0.0
+                buf[part:] = 0.0
+            del buf
+            it.invoke()
+            if start == 0:
+                y = np.empty((n, it.tensor(outs[0])().shape[1]), np.float32)
+                top = np.empty((n, it.tensor(outs[1])().shape[1]), np.float32)
+            y[start:start + part] = it.tensor(outs[0])()[:part]
+            top[start:start + part] = it.tensor(outs[1])()[:part]
+            for index, a in zip(outs[2:], states):
+                a[r] = it.tensor(index)()[:part]
+        return y, top
+
 
 def _interpreter_threads() -> int:
     """The threads TensorFlow's operations were given (``detector.tf_threads``; 0 = one per core)."""
@@ -209,12 +242,16 @@ class StepFunction:
         self.model.set_weights(list(weights))
         self._lite = None
 
-    def _one_step(self, x: np.ndarray, states: list[np.ndarray]) -> list[np.ndarray]:
+    def _one_step_runtime(self) -> None:
+        """Convert the one-step call to LiteRT on first use (or settle on TensorFlow)."""
         if self._lite is None and self.step_runtime == "litert":
             try:
                 self._lite = LiteStep(self._convert_step(), _interpreter_threads())
             except Exception:  # an op LiteRT lacks, or no interpreter: TensorFlow gives the same numbers
                 self.step_runtime = "tensorflow"
+
+    def _one_step(self, x: np.ndarray, states: list[np.ndarray]) -> list[np.ndarray]:
+        self._one_step_runtime()
         if self._lite is not None and len(x):  # (an empty call goes to TensorFlow: it knows its shapes)
             return self._lite(x, states)
         if self._step_call is None:
@@ -239,6 +276,23 @@ class StepFunction:
             h, (ho, co) = cell(h, [states[2 * i], states[2 * i + 1]], training=False)
             out += [ho, co]
         return [self._head(h), h, *out]
+
+    def advance(self, x: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray, zero: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """One step of every stream (``x`` is (n, F)), whose states are the distinct ``rows`` of
+        the arrays ``states`` (a zero state where ``zero``), advanced in place: (predicted
+        change, last layer's output), each (n, ·). The streaming call: on LiteRT the states
+        never leave for a copy of their own."""
+        self._one_step_runtime()
+        if self._lite is not None and len(x):
+            return self._lite.advance(np.asarray(x, np.float32), states, rows, zero)
+        init = [np.take(a, rows, axis=0) for a in states]
+        for a in init:
+            a[zero] = 0.0
+        out = self._one_step(np.asarray(x, np.float32), init)
+        for a, fin in zip(states, out[2:]):
+            a[rows] = fin
+        return out[0], out[1]
 
     def __call__(self, x: np.ndarray, mask: np.ndarray, states: Sequence[np.ndarray]
                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:

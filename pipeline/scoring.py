@@ -75,7 +75,7 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     scaled = (scaled_values(bundle, steps.asset, steps.values) if scaling is None
               else scale_values(steps.values, *scaling))
 
-    starts = segment_bounds(steps.asset, steps.reset)
+    starts = segment_bounds(rows, steps.reset)  # (an asset's row stands for it: ints compare faster)
     lengths = np.diff(np.append(starts, n))
     seg_rows = rows[starts]
     seg_reset = steps.reset[starts]
@@ -83,21 +83,28 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     seg_of = np.repeat(np.arange(n_seg), lengths)
     pos = np.arange(n) - starts[seg_of]
 
-    if width == 1:  # one step per segment (the streaming case): nothing to pad
-        x, mask = scaled[:, None, :], np.ones((n, 1), bool)
+    # Each asset's state is carried from its last segment of this poll.
+    last_seg = np.flatnonzero(np.append(seg_rows[1:] != seg_rows[:-1], True))
+    r = seg_rows[last_seg]
+    every = len(last_seg) == n_seg  # each segment its asset's last (no asset reset within the poll)
+    if width == 1 and every:  # one step of each asset (the streaming case): states advance in place
+        y, top = model.advance(scaled, state.lstm, seg_rows, seg_reset)
+        y, top, x = y[:, None], top[:, None], scaled[:, None]
     else:
         x = np.zeros((n_seg, width, f), np.float32)
         mask = np.zeros((n_seg, width), bool)
         x[seg_of, pos] = scaled
         mask[seg_of, pos] = True
-    # float32 copies (a reset segment starts from zero); ``take`` gathers rows faster than indexing
-    init = [np.take(a, seg_rows, axis=0) for a in state.lstm]
-    if seg_reset.any():
-        for a in init:
-            a[seg_reset] = 0.0
-    y, top, final = model(x, mask, init)
+        # float32 copies (a reset segment starts from zero); ``take`` gathers rows faster than indexing
+        init = [np.take(a, seg_rows, axis=0) for a in state.lstm]
+        if seg_reset.any():
+            for a in init:
+                a[seg_reset] = 0.0
+        y, top, final = model(x, mask, init)
+        for a, fin in zip(state.lstm, final):
+            a[r] = fin if every else fin[last_seg]
     # The network predicts the change to the next step: prediction = current value + change.
-    y = predicted_change(bundle, steps.asset[starts], y, top) + x
+    y = predicted_change(bundle, steps.asset if n_seg == n else steps.asset[starts], y, top) + x
 
     # The prediction for a step was made one step earlier: inside the segment, or carried
     # from the previous poll for a segment's first step.
@@ -115,18 +122,12 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     errors[~valid] = np.nan
     score = np.sqrt(np.einsum("ij,ij->i", errors, errors) / f)
 
-    # Carry each asset's state from its last segment of this poll.
-    last_seg = np.flatnonzero(np.append(seg_rows[1:] != seg_rows[:-1], True))
-    r = seg_rows[last_seg]
-    every = len(last_seg) == n_seg  # each segment its asset's last (no asset reset within the poll)
-    for a, fin in zip(state.lstm, final):
-        a[r] = fin if every else fin[last_seg]
-    state.last_pred[r] = y[last_seg, lengths[last_seg] - 1]
+    state.last_pred[r] = y[:, 0] if len(r) == n else y[last_seg, lengths[last_seg] - 1]
     state.cols["has_pred"][r] = True
     state.cols["since_reset"][r] = base[last_seg] + lengths[last_seg]
     state.cols["last_step"][r] = steps.step[starts[last_seg] + lengths[last_seg] - 1]
     # Without resets the segments are the assets' runs, so a step's position in its segment is its rank.
-    rank = rank_within_asset(steps.asset) if steps.reset.any() else pos
+    rank = rank_within_asset(rows) if steps.reset.any() else pos
     state.remember(rows, steps.values.astype(np.float32), steps.reset, rank)
     novelty = cross_sectional_residuals(bundle, scaled)
     return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64), novelty,
@@ -159,7 +160,9 @@ def scale_values(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.
     """Readings standardised (float32), clipped to ±:data:`SCALED_LIMIT`: an absurd but finite
     reading (1e39 overflows float32) must score as a huge error, not turn the asset's carried
     LSTM state into NaN for good."""
-    return np.clip((values - mean) / scale, -SCALED_LIMIT, SCALED_LIMIT).astype(np.float32)
+    x = np.subtract(values, mean)
+    np.divide(x, scale, out=x)
+    return np.clip(x, -SCALED_LIMIT, SCALED_LIMIT, out=x).astype(np.float32)
 
 
 def novelty_design(scaled: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
@@ -171,13 +174,15 @@ def novelty_design(scaled: np.ndarray, bounds: np.ndarray | None = None) -> np.n
     residuals, alerts and top features too. Held, such a sensor shows only in its own residual
     (the targets are never clipped). Training rows lie inside the bounds, so the fit is
     unchanged."""
-    x = scaled.astype(np.float64)
-    if bounds is not None:
-        x = np.clip(x, bounds[0], bounds[1])
-    return np.hstack([x, x**2])
+    n, f = scaled.shape
+    design = np.empty((n, 2 * f))
+    x = design[:, :f]
+    x[...] = scaled if bounds is None else np.clip(scaled, bounds[0], bounds[1])
+    np.square(x, out=design[:, f:])
+    return design
 
 
 def cross_sectional_residuals(bundle: ModelBundle, scaled: np.ndarray) -> np.ndarray:
     """How far each scaled feature is from its prediction by the others, in training units."""
-    x = scaled.astype(np.float64)
+    x = np.asarray(scaled, np.float64)
     return (x - novelty_design(x, bundle.novelty_range) @ bundle.novelty_coef) / bundle.novelty_scale

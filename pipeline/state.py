@@ -176,8 +176,11 @@ class FleetState:
             slot = head[rows]
             self.recent_values[rows, slot] = values
             head[rows] = (slot + 1) % h
-            self.epoch[rows[reset]] += 1
-            count[rows] = np.where(reset, 1, np.minimum(h, count[rows] + 1))
+            if reset.any():
+                self.epoch[rows[reset]] += 1
+                count[rows] = np.where(reset, 1, np.minimum(h, count[rows] + 1))
+            else:
+                count[rows] = np.minimum(h, count[rows] + 1)
             return
         uniq, inv, n_new = np.unique(rows, return_inverse=True, return_counts=True)
         keep = rank >= n_new[inv] - h  # only the last `history` steps can survive in the ring

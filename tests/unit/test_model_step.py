@@ -81,3 +81,45 @@ def test_the_one_step_call_stays_on_tensorflow_when_conversion_fails(tiny_bundle
     looped = model(np.concatenate([x, x], axis=1), np.array([[True, False]] * 5), model.zero_states(5))
     assert model.step_runtime == "tensorflow"
     np.testing.assert_array_equal(stepped[0][:, 0], looped[0][:, 0])  # TensorFlow both ways: bit for bit
+
+
+def _advance_against_the_call(model: StepFunction, n_features: int, seed: int) -> None:
+    """``advance`` on rows of fleet arrays gives, row for row, what gathering them, calling and
+    scattering gives; rows it was not given keep their state."""
+    rng = np.random.default_rng(seed)
+    capacity, n = 1500, 1100  # two full interpreter chunks and a padded rest
+    fleet = [rng.normal(scale=0.5, size=(capacity, s.shape[1])).astype(np.float32) for s in model.zero_states(1)]
+    rows = rng.permutation(capacity)[:n]
+    zero = rng.random(n) < 0.1  # assets the grid restarted: their state starts from zero
+    x = rng.normal(size=(n, n_features)).astype(np.float32)
+    init = [a[rows] for a in fleet]
+    for a in init:
+        a[zero] = 0.0
+    y_want, top_want, final_want = model(x[:, None], np.ones((n, 1), bool), init)
+    before = [a.copy() for a in fleet]
+    y, top = model.advance(x, fleet, rows, zero)
+    np.testing.assert_array_equal(y, y_want[:, 0])
+    np.testing.assert_array_equal(top, top_want[:, 0])
+    untouched = np.setdiff1d(np.arange(capacity), rows)
+    for a, was, want in zip(fleet, before, final_want):
+        np.testing.assert_array_equal(a[rows], want)
+        np.testing.assert_array_equal(a[untouched], was[untouched])
+
+
+def test_advancing_rows_in_place_equals_gathering_calling_and_scattering(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    b = tiny_bundle
+    model = StepFunction(b.n_features, b.units, b.weights)
+    _advance_against_the_call(model, b.n_features, seed=7)
+    assert model.step_runtime == "litert"
+
+
+def test_advancing_rows_in_place_on_tensorflow_too(tiny_bundle, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    b = tiny_bundle
+    model = StepFunction(b.n_features, b.units, b.weights)
+
+    def refuse(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("an op the converter lacks")
+
+    monkeypatch.setattr(StepFunction, "_convert_step", refuse)
+    _advance_against_the_call(model, b.n_features, seed=8)
+    assert model.step_runtime == "tensorflow"

@@ -86,6 +86,24 @@ def test_a_reset_inside_a_batch_restarts_the_state(tiny_bundle) -> None:  # type
     assert np.isnan(out.score[30:30 + tiny_bundle.warmup_steps]).all()
 
 
+def test_a_restart_between_two_single_steps_of_a_poll_scores_as_whole_feeding(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    # Polls of one step an asset, except one that holds an asset's last step before a restart and
+    # its first after: two one-step segments of the same asset in one call.
+    steps = _steps(["p1", "p2"], 40)
+    steps.reset[30] = True  # p1's step 30
+    state, model = _fresh(tiny_bundle)
+    whole = score_steps(state, model, tiny_bundle, steps)
+    state2, model2 = _fresh(tiny_bundle)
+    scores = np.full(len(steps), np.nan)
+    for polled in [[k, 40 + k] for k in range(29)] + [[29, 30, 69]] + [[k, 40 + k - 1] for k in range(31, 40)] + [[79]]:
+        idx = np.array(polled)
+        scores[idx] = score_steps(state2, model2, tiny_bundle, steps.take(idx)).score
+    np.testing.assert_allclose(scores, whole.score, rtol=0, atol=1e-5)
+    for got, want in zip(state2.lstm, state.lstm):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(state2.last_pred, state.last_pred, rtol=0, atol=1e-5)
+
+
 def test_contributions_point_at_the_disturbed_feature(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
     steps = _steps(["p1"], 80)
     steps.values[60, 1] += 50.0  # a big spike on feature "b"
