@@ -114,7 +114,7 @@ def lite_size(streams: int) -> int:
 
 class LiteStep:
     """The one-step cell model converted to LiteRT (TensorFlow's own converter) and run by its
-    interpreter: the same float32 arithmetic as the TensorFlow step to about 1e-7, in 0.9 ms for
+    interpreter: the same float32 arithmetic as the TensorFlow step to about 1e-7, in 0.77 ms for
     1,000 streams against 1.5-1.7 ms, and 9 µs against 420 µs for one stream (most of a
     TensorFlow call is its dispatch). An interpreter has fixed shapes; streams go in chunks of
     :data:`LITE_CHUNK`, the last padded by :func:`lite_size`, one interpreter per size used (at
