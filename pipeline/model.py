@@ -145,24 +145,9 @@ class LiteStep:
 
     def __call__(self, x: np.ndarray, states: Sequence[np.ndarray]) -> list[np.ndarray]:
         """[predicted change, last layer's output, h0', c0', …] for one step of every stream."""
-        n = len(x)
-        out: list[np.ndarray] = []
-        for start in range(0, n, LITE_CHUNK):
-            part = min(LITE_CHUNK, n - start)
-            it, ins, outs = self._interpreter(lite_size(part))
-            # Through views of the interpreter's own buffers (one copy each way); no view may
-            # be held while it runs.
-            for index, a in zip(ins, [x, *states]):
-                buf = it.tensor(index)()
-                buf[:part] = a[start:start + part]
-                buf[part:] = 0.0
-                del buf
-            it.invoke()
-            if not out:
-                out = [np.empty((n, it.tensor(index)().shape[1]), np.float32) for index in outs]
-            for o, index in zip(out, outs):
-                o[start:start + part] = it.tensor(index)()[:part]
-        return out
+        final = [np.array(s, np.float32) for s in states]
+        y, top = self.advance(x, final, np.arange(len(x)), np.zeros(len(x), bool))
+        return [y, top, *final]
 
     def advance(self, x: np.ndarray, states: Sequence[np.ndarray], rows: np.ndarray,
                 zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,6 +162,7 @@ class LiteStep:
             part = min(LITE_CHUNK, n - start)
             r = rows[start:start + part]
             it, ins, outs = self._interpreter(lite_size(part))
+            # Through views of the interpreter's own buffers; no view may be held while it runs.
             buf = it.tensor(ins[0])()
             buf[:part] = x[start:start + part]
             buf[part:] = 0.0

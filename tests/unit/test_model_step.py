@@ -5,6 +5,7 @@ batch sizes."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline.model import StepFunction
 
@@ -68,14 +69,18 @@ def test_new_weights_serve_the_one_step_call_too(tiny_bundle) -> None:  # type: 
     assert not np.array_equal(stepped, before)
 
 
-def test_the_one_step_call_stays_on_tensorflow_when_conversion_fails(tiny_bundle, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    b = tiny_bundle
-    model = StepFunction(b.n_features, b.units, b.weights)
-
-    def refuse(self):  # type: ignore[no-untyped-def]
+@pytest.fixture
+def conversion_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LiteRT cannot take the one-step call (e.g. an op the converter lacks)."""
+    def refuse(self: StepFunction) -> bytes:
         raise RuntimeError("an op the converter lacks")
 
     monkeypatch.setattr(StepFunction, "_convert_step", refuse)
+
+
+def test_the_one_step_call_stays_on_tensorflow_when_conversion_fails(tiny_bundle, conversion_fails) -> None:  # type: ignore[no-untyped-def]
+    b = tiny_bundle
+    model = StepFunction(b.n_features, b.units, b.weights)
     x = np.random.default_rng(2).normal(size=(5, 1, b.n_features)).astype(np.float32)
     stepped = model(x, np.ones((5, 1), bool), model.zero_states(5))
     looped = model(np.concatenate([x, x], axis=1), np.array([[True, False]] * 5), model.zero_states(5))
@@ -113,13 +118,8 @@ def test_advancing_rows_in_place_equals_gathering_calling_and_scattering(tiny_bu
     assert model.step_runtime == "litert"
 
 
-def test_advancing_rows_in_place_on_tensorflow_too(tiny_bundle, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_advancing_rows_in_place_on_tensorflow_too(tiny_bundle, conversion_fails) -> None:  # type: ignore[no-untyped-def]
     b = tiny_bundle
     model = StepFunction(b.n_features, b.units, b.weights)
-
-    def refuse(self):  # type: ignore[no-untyped-def]
-        raise RuntimeError("an op the converter lacks")
-
-    monkeypatch.setattr(StepFunction, "_convert_step", refuse)
     _advance_against_the_call(model, b.n_features, seed=8)
     assert model.step_runtime == "tensorflow"
