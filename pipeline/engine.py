@@ -252,7 +252,7 @@ class DetectionEngine:
         rebase_steps = int(np.ceil(b.thresholds.rebaseline_after_s * 1000 / b.period_ms))
         rebased = np.zeros(n, bool)  # steps after their asset re-baselined in this poll
         events: list[AlertEvent] = []
-        rank = rank_within_asset(rows)
+        rank = rank_within_asset(rows, starts)
         levels = TermLevels.for_assets(b, steps.asset)
         # Steps of one asset are sequential (EWMA, hysteresis); different assets are vectorised.
         for r in range(int(rank.max()) + 1 if n else 0):

@@ -44,9 +44,11 @@ class ScoredSteps:
         return len(self.step)
 
 
-def rank_within_asset(asset: np.ndarray) -> np.ndarray:
-    """Position of each step within its asset's run (steps come grouped by asset)."""
-    first = segment_bounds(asset, np.zeros(len(asset), bool))
+def rank_within_asset(asset: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+    """Position of each step within its asset's run (steps come grouped by asset); ``first``:
+    where each run starts, when the caller has it already."""
+    if first is None:
+        first = segment_bounds(asset, np.zeros(len(asset), bool))
     return np.arange(len(asset)) - np.repeat(first, np.diff(np.append(first, len(asset))))
 
 
