@@ -32,6 +32,32 @@ def test_stepping_one_step_at_a_time_equals_the_sequence_call(tiny_bundle) -> No
     assert y.shape == (0, 1, b.n_features) and [s.shape[0] for s in final] == [0] * len(final)
 
 
+def test_the_litert_sequence_call_equals_tensorflows_masked_sequence_model(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Once converted, a multi-step call runs step by step on LiteRT: the same outputs at every
+    unmasked step and the same final states as TensorFlow's masked model, holes included."""
+    b = tiny_bundle
+    on_tf = StepFunction(b.n_features, b.units, b.weights)  # never stepped: nothing converted yet
+    on_lite = StepFunction(b.n_features, b.units, b.weights)
+    on_lite.warm_up()
+    rng = np.random.default_rng(11)
+    for batch, width in ((1, 5), (7, 12), (600, 3)):  # 600: a full interpreter chunk and a padded rest
+        x = rng.normal(size=(batch, width, b.n_features)).astype(np.float32)
+        mask = rng.random((batch, width)) < 0.7
+        mask[:, width // 2:] |= np.arange(batch)[:, None] % 2 == 0  # some streams have no holes late on
+        mask[0] = True
+        states = [rng.normal(scale=0.5, size=s.shape).astype(np.float32) for s in on_tf.zero_states(batch)]
+        y_tf, top_tf, final_tf = on_tf(x, mask, states)
+        y, top, final = on_lite(x, mask, states)
+        np.testing.assert_allclose(y[mask], y_tf[mask], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(top[mask], top_tf[mask], rtol=0, atol=1e-5)
+        for got, want in zip(final, final_tf):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    assert on_lite._seq_call is None and on_tf._seq_call is not None  # which runtime served which
+    silent = on_lite(x, np.zeros_like(mask), states)[2]  # no step at all: the states stay
+    for got, was in zip(silent, states):
+        np.testing.assert_array_equal(got, was)
+
+
 def test_each_stream_of_a_chunked_step_keeps_its_own_state(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
     b = tiny_bundle
     model = StepFunction(b.n_features, b.units, b.weights)
