@@ -211,6 +211,13 @@ class AssetGrid:
         self.next_step = k
         return rows, counters
 
+    def quiet_until(self, cfg: GridConfig, k: int, end: int) -> bool:
+        """Whether closing the empty steps ``[k, end)`` emits nothing and counts nothing, and so
+        only leaves a reset pending: no value was seen since the asset began or was last reset
+        (nothing to carry, no hole to count) and the run stays within a gap. An asset's first
+        steps, before its first reading, close that way."""
+        return end <= k or (self.empty_run + end - k <= cfg.gap_reset_steps and bool(np.isnan(self.last_value).all()))
+
     def _close_empty(self, cfg: GridConfig, k: int, end: int, rows: list[Any], counters: GridCounters) -> None:
         """Close the empty steps ``[k, end)``; a run of more than ``gap_reset_steps`` of them
         (counting those closed by earlier calls) is one gap: nothing is invented across it."""
@@ -417,7 +424,7 @@ class FleetGrid:
         pos_arr = np.minimum.reduceat(pos[r], gstart)
         full_arr = (counts > 0).all(axis=1)
         g_code, g_step = gc[gstart], gs[gstart]
-        closed, emit = self._closes_here(grids, g_code, g_step, full_arr, last, nxt)
+        closed, emit = self._closes_here(self.cfg, grids, g_code, g_step, full_arr, last, nxt)
         keep = np.flatnonzero(~emit)
         n_values, min_pos, full = n_arr[keep].tolist(), pos_arr[keep].tolist(), full_arr[keep].tolist()
         once = (counts[keep] <= 1).all(axis=1).tolist()
@@ -440,10 +447,12 @@ class FleetGrid:
                                           n_arr, pos_arr)
 
     @staticmethod
-    def _closes_here(grids: list[AssetGrid], g_code: np.ndarray, g_step: np.ndarray, full: np.ndarray,
-                     last: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _closes_here(cfg: GridConfig, grids: list[AssetGrid], g_code: np.ndarray, g_step: np.ndarray,
+                     full: np.ndarray, last: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which assets close their closable steps straight from this poll's groups (see
-        :meth:`_accumulate`), and which groups they emit."""
+        :meth:`_accumulate`), and which groups they emit. The closable steps run without a hole
+        from the first of them to ``last``; empty steps before it are allowed where closing them
+        only leaves a reset pending (:meth:`AssetGrid.quiet_until`: an asset's first poll)."""
         n_assets = len(grids)
         closable = g_step <= last[g_code]
         new_closable = np.bincount(g_code, weights=closable, minlength=n_assets)
@@ -452,12 +461,12 @@ class FleetGrid:
         # Only where this poll completes a closable step: an asset that closes nothing but steps of
         # earlier polls (one reading a poll) is as cheap on the per-asset path.
         candidate = has_groups & (nxt != _NONE) & (last >= nxt) & (new_partial == 0) & (new_closable > 0)
-        wanted = last - nxt + 1
         bounds = np.searchsorted(g_code, np.arange(n_assets + 1))
+        first_new = g_step[np.minimum(bounds[:-1], len(g_step) - 1)].tolist()  # groups are sorted by step
         steps_l = g_step.tolist()
         for c in np.flatnonzero(candidate).tolist():
             opened = grids[c].open
-            prior = 0
+            prior, first = 0, first_new[c]
             if opened:
                 lc = int(last[c])
                 new_steps = steps_l[bounds[c]:bounds[c + 1]]
@@ -470,9 +479,12 @@ class FleetGrid:
                             candidate[c] = False
                             break
                         prior += 1
+                        first = min(first, k)
                 if not candidate[c]:
                     continue
-            candidate[c] = new_closable[c] + prior == wanted[c]
+            lc, k0 = int(last[c]), int(nxt[c])
+            candidate[c] = (new_closable[c] + prior == lc - first + 1 and first >= k0
+                            and grids[c].quiet_until(cfg, k0, first))
         return candidate, candidate[g_code] & closable
 
     def _emit_closed(self, grids: list[AssetGrid], closed: np.ndarray, last: np.ndarray, emit: np.ndarray,
@@ -519,7 +531,7 @@ class FleetGrid:
         gap = np.full(n, NO_GAP, np.int64)
         for c, i, j in zip(code[first].tolist(), first.tolist(), last_row.tolist()):
             g = grids[c]
-            reset[i] = g.pending_reset
+            reset[i] = g.pending_reset or int(step[i]) > g.next_step  # after quiet empty steps
             if g.gap_start is not None:
                 gap[i] = g.gap_start
             g.pending_reset = False
@@ -556,9 +568,11 @@ class FleetGrid:
             closable = [s for s in g.open if s <= last]
             if not closable and last < k:
                 continue  # the watermark closes nothing new
-            if closable and len(closable) == last - k + 1 and min(closable) >= k and all(
+            first = min(closable, default=k)
+            if closable and len(closable) == last - first + 1 and first >= k and g.quiet_until(cfg, k, first) and all(
                     g.open[s].full for s in closable):
-                for s in range(k, last + 1):  # every step present with every feature: no carried values
+                g.pending_reset = g.pending_reset or first > k  # (quiet empty steps before the first)
+                for s in range(first, last + 1):  # every step present with every feature: no carried values
                     o = g.open.pop(s)
                     asset_l.append(name)
                     code_l.append(ci)
@@ -571,7 +585,7 @@ class FleetGrid:
                     gap_l.append(NO_GAP if g.gap_start is None else g.gap_start)
                     g.pending_reset = False
                     g.gap_start = None
-                counters.emitted += last - k + 1
+                counters.emitted += last - first + 1
                 g.empty_run = 0
                 g.next_step = last + 1
                 g.last_step[:] = last

@@ -109,6 +109,35 @@ def test_a_live_feed_closed_from_the_polls_arrays_equals_one_asset_at_a_time(pla
     compare(recs, [c for c in cuts if c < len(recs)], None, cfg)
 
 
+def _regular_feed(seconds: int, silent: range = range(0)) -> list[tuple[int, str, int, int, float]]:
+    """Two assets sending every feature once a second (asset "a" silent in ``silent``)."""
+    recs = []
+    for s in range(seconds):
+        for a in "ab":
+            if not (a == "a" and s in silent):
+                recs += [(len(recs), a, 1000 * s + 10 * f, f, float(s + f)) for f in range(3)]
+    return [(i, a, ts, f, v) for i, (_, a, ts, f, v) in enumerate(recs)]
+
+
+def test_a_first_poll_with_more_room_for_stragglers_than_a_gap_counts_the_gap_as_one_asset_does() -> None:
+    # The lateness leaves 6 empty steps before each asset's first reading, more than a gap (4):
+    # the per-asset rules count a gap reset there, so those steps may not close as quiet ones.
+    cfg = GridConfig(1000, 6000, 20_000, 2, 4, 3)
+    recs = _regular_feed(20)
+    compare(recs, [len(recs) // 2], None, cfg)
+    quiet = GridConfig(1000, 3000, 20_000, 2, 4, 3)  # 3 empty steps: within a gap, quiet
+    compare(recs, [len(recs) // 2], None, quiet)
+
+
+def test_a_silence_past_the_carry_cut_across_polls_counts_its_holes_as_one_asset_does() -> None:
+    # Asset "a" misses seconds 6-8 (past the 2-step carry, within the 4-step gap). With a lateness
+    # of 2 s and a poll a second, one poll closes only the silence's first step and a later one
+    # starts with its last, empty, step before a present one: a hole (a value is still held).
+    recs = _regular_feed(16, silent=range(6, 9))
+    cuts = sorted({i for i, r in enumerate(recs) if r[3] == 0 and r[1] == "b"})
+    compare(recs, cuts, None, GridConfig(1000, 2000, 20_000, 2, 4, 3))
+
+
 def test_a_reset_or_gap_left_pending_by_one_poll_is_reported_on_the_next_polls_first_step() -> None:
     def every(a: str, t0: int, n: int, feats: tuple[int, ...] = (0, 1, 2)) -> list[tuple[int, str, int, int, float]]:
         return [(0, a, t0 + 1000 * s, f, float(s + f)) for s in range(n) for f in feats]
