@@ -28,6 +28,7 @@ BENCHES: dict[str, tuple[list[str], dict[str, str]]] = {
     "scoring_cost": (["-m", "bench.scoring_cost", "--assets", "1000"], {
         "carried_state_us_per_reading": "score_us_per_reading_1000",
         "recompute_over_carried": "recompute_over_step_ratio_1000",
+        "recompute_tensorflow_over_carried": "recompute_tensorflow_over_step_ratio_1000",
         "full_engine_us_per_reading": "engine_us_per_reading_1000",
         "naive_over_engine": "detector_over_naive_ratio",
     }),
