@@ -466,9 +466,8 @@ class FleetGrid:
         steps_l = g_step.tolist()
         for c in np.flatnonzero(candidate).tolist():
             opened = grids[c].open
-            prior, first = 0, first_new[c]
+            prior, first, lc = 0, first_new[c], int(last[c])
             if opened:
-                lc = int(last[c])
                 new_steps = steps_l[bounds[c]:bounds[c + 1]]
                 if any(k in opened for k in new_steps):
                     candidate[c] = False  # a step continued from an earlier poll: the per-step path
@@ -482,7 +481,7 @@ class FleetGrid:
                         first = min(first, k)
                 if not candidate[c]:
                     continue
-            lc, k0 = int(last[c]), int(nxt[c])
+            k0 = int(nxt[c])
             candidate[c] = (new_closable[c] + prior == lc - first + 1 and first >= k0
                             and grids[c].quiet_until(cfg, k0, first))
         return candidate, candidate[g_code] & closable

@@ -168,7 +168,7 @@ class LiteStep:
             rows = every if on.all() else np.flatnonzero(on)
             if not len(rows):
                 continue
-            yk, tk = self.advance(x[rows, k], final, rows, no_zero[:len(rows)])
+            yk, tk = self.advance(x[:, k] if rows is every else x[rows, k], final, rows, no_zero[:len(rows)])
             if not len(y):
                 y = np.zeros((n, width, yk.shape[1]), np.float32)
                 top = np.zeros((n, width, tk.shape[1]), np.float32)
