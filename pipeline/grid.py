@@ -424,7 +424,7 @@ class FleetGrid:
         pos_arr = np.minimum.reduceat(pos[r], gstart)
         full_arr = (counts > 0).all(axis=1)
         g_code, g_step = gc[gstart], gs[gstart]
-        closed, emit = self._closes_here(self.cfg, grids, g_code, g_step, full_arr, last, nxt)
+        closed, emit = self._closes_here(grids, g_code, g_step, full_arr, last, nxt)
         keep = np.flatnonzero(~emit)
         n_values, min_pos, full = n_arr[keep].tolist(), pos_arr[keep].tolist(), full_arr[keep].tolist()
         once = (counts[keep] <= 1).all(axis=1).tolist()
@@ -446,9 +446,8 @@ class FleetGrid:
         return closed, *self._emit_closed(grids, closed, last, np.flatnonzero(emit), g_code, g_step, sums, counts,
                                           n_arr, pos_arr)
 
-    @staticmethod
-    def _closes_here(cfg: GridConfig, grids: list[AssetGrid], g_code: np.ndarray, g_step: np.ndarray,
-                     full: np.ndarray, last: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _closes_here(self, grids: list[AssetGrid], g_code: np.ndarray, g_step: np.ndarray, full: np.ndarray,
+                     last: np.ndarray, nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which assets close their closable steps straight from this poll's groups (see
         :meth:`_accumulate`), and which groups they emit. The closable steps run without a hole
         from the first of them to ``last``; empty steps before it are allowed where closing them
@@ -483,7 +482,7 @@ class FleetGrid:
                     continue
             k0 = int(nxt[c])
             candidate[c] = (new_closable[c] + prior == lc - first + 1 and first >= k0
-                            and grids[c].quiet_until(cfg, k0, first))
+                            and grids[c].quiet_until(self.cfg, k0, first))
         return candidate, candidate[g_code] & closable
 
     def _emit_closed(self, grids: list[AssetGrid], closed: np.ndarray, last: np.ndarray, emit: np.ndarray,
