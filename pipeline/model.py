@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.gather import take_rows
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -195,7 +197,7 @@ class LiteStep:
             buf[part:] = 0.0
             for index, a in zip(ins[1:], states):
                 buf = it.tensor(index)()
-                np.take(a, r, axis=0, out=buf[:part])
+                take_rows(a, r, out=buf[:part])
                 if any_zero:
                     buf[:part][zero[start:start + part]] = 0.0
                 buf[part:] = 0.0
@@ -317,7 +319,7 @@ class StepFunction:
         self._one_step_runtime()
         if self._lite is not None and len(x):
             return self._lite.advance(np.asarray(x, np.float32), states, rows, zero)
-        init = [np.take(a, rows, axis=0) for a in states]
+        init = [take_rows(a, rows) for a in states]
         for a in init:
             a[zero] = 0.0
         out = self._one_step(np.asarray(x, np.float32), init)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle
+from pipeline.gather import take_rows
 from pipeline.grid import GridSteps
 from pipeline.model import StepFunction
 from pipeline.state import FleetState
@@ -77,16 +78,21 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     scaled = (scaled_values(bundle, steps.asset, steps.values) if scaling is None
               else scale_values(steps.values, *scaling))
 
-    starts = segment_bounds(rows, steps.reset)  # (an asset's row stands for it: ints compare faster)
-    lengths = np.diff(np.append(starts, n))
-    seg_rows = rows[starts]
-    seg_reset = steps.reset[starts]
-    n_seg, width = len(starts), int(lengths.max())
-    seg_of = np.repeat(np.arange(n_seg), lengths)
-    pos = np.arange(n) - starts[seg_of]
-
-    # Each asset's state is carried from its last segment of this poll.
-    last_seg = np.flatnonzero(np.append(seg_rows[1:] != seg_rows[:-1], True))
+    streaming = n == 1 or bool((rows[1:] != rows[:-1]).all())  # one step of each asset
+    if streaming:
+        starts = seg_of = last_seg = np.arange(n)
+        lengths, pos = np.ones(n, np.int64), np.zeros(n, np.int64)
+        seg_rows, seg_reset, n_seg, width = rows, steps.reset, n, 1
+    else:  # (an asset's row stands for it: ints compare faster)
+        starts = segment_bounds(rows, steps.reset)
+        lengths = np.diff(np.append(starts, n))
+        seg_rows = rows[starts]
+        seg_reset = steps.reset[starts]
+        n_seg, width = len(starts), int(lengths.max())
+        seg_of = np.repeat(np.arange(n_seg), lengths)
+        pos = np.arange(n) - starts[seg_of]
+        # Each asset's state is carried from its last segment of this poll.
+        last_seg = np.flatnonzero(np.append(seg_rows[1:] != seg_rows[:-1], True))
     r = seg_rows[last_seg]
     every = len(last_seg) == n_seg  # each segment its asset's last (no asset reset within the poll)
     if width == 1 and every:  # one step of each asset (the streaming case): states advance in place
@@ -98,7 +104,7 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
         x[seg_of, pos] = scaled
         mask[seg_of, pos] = True
         # float32 copies (a reset segment starts from zero); ``take`` gathers rows faster than indexing
-        init = [np.take(a, seg_rows, axis=0) for a in state.lstm]
+        init = [take_rows(a, seg_rows) for a in state.lstm]
         if seg_reset.any():
             for a in init:
                 a[seg_reset] = 0.0
@@ -111,29 +117,38 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     # The prediction for a step was made one step earlier: inside the segment, or carried
     # from the previous poll for a segment's first step.
     carried_ok = ~seg_reset & state.cols["has_pred"][seg_rows]
-    pred = np.empty((n, f), np.float32)
-    first = pos == 0
-    pred[~first] = y[seg_of[~first], pos[~first] - 1]
-    pred[first] = np.take(state.last_pred, seg_rows, axis=0)
-    has_pred = ~first | carried_ok[seg_of]
+    if n_seg == n:  # every step its segment's first (the streaming case)
+        pred = take_rows(state.last_pred, seg_rows)
+        has_pred = carried_ok
+    else:
+        pred = np.empty((n, f), np.float32)
+        first = pos == 0
+        pred[~first] = y[seg_of[~first], pos[~first] - 1]
+        pred[first] = take_rows(state.last_pred, seg_rows)
+        has_pred = ~first | carried_ok[seg_of]
     base = np.where(seg_reset, 0, state.cols["since_reset"][seg_rows])
-    since = base[seg_of] + pos
+    since = base if streaming else base[seg_of] + pos
     valid = has_pred & (since >= bundle.warmup_steps)
 
-    errors = (scaled - pred) / bundle.error_scale
+    errors = np.divide(np.subtract(scaled, pred, out=pred), bundle.error_scale, dtype=np.float64)
     errors[~valid] = np.nan
     score = np.sqrt(np.einsum("ij,ij->i", errors, errors) / f)
 
-    state.last_pred[r] = y[:, 0] if len(r) == n else y[last_seg, lengths[last_seg] - 1]
     state.cols["has_pred"][r] = True
-    state.cols["since_reset"][r] = base[last_seg] + lengths[last_seg]
-    state.cols["last_step"][r] = steps.step[starts[last_seg] + lengths[last_seg] - 1]
+    if streaming:
+        state.last_pred[r] = y[:, 0]
+        state.cols["since_reset"][r] = base + 1
+        state.cols["last_step"][r] = steps.step
+    else:
+        state.last_pred[r] = y[last_seg, lengths[last_seg] - 1]
+        state.cols["since_reset"][r] = base[last_seg] + lengths[last_seg]
+        state.cols["last_step"][r] = steps.step[starts[last_seg] + lengths[last_seg] - 1]
     # Without resets the segments are the assets' runs, so a step's position in its segment is its rank.
-    rank = rank_within_asset(rows) if steps.reset.any() else pos
-    state.remember(rows, steps.values.astype(np.float32), steps.reset, rank)
+    rank = rank_within_asset(rows) if not streaming and steps.reset.any() else pos
+    state.remember(rows, steps.values, steps.reset, rank)  # (the ring casts to float32 as it stores)
     novelty = cross_sectional_residuals(bundle, scaled)
-    return ScoredSteps(steps.asset, steps.step, rows, score.astype(np.float64), errors.astype(np.float64), novelty,
-                       top[seg_of, pos])
+    return ScoredSteps(steps.asset, steps.step, rows, score, errors, novelty,
+                       top[:, 0] if n_seg == n else top[seg_of, pos])
 
 
 def predicted_change(bundle: ModelBundle, assets: np.ndarray, y: np.ndarray, top: np.ndarray) -> np.ndarray:
@@ -162,9 +177,12 @@ def scale_values(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.
     """Readings standardised (float32), clipped to ±:data:`SCALED_LIMIT`: an absurd but finite
     reading (1e39 overflows float32) must score as a huge error, not turn the asset's carried
     LSTM state into NaN for good."""
-    x = np.subtract(values, mean)
-    np.divide(x, scale, out=x)
-    return np.clip(x, -SCALED_LIMIT, SCALED_LIMIT, out=x).astype(np.float32)
+    x = np.subtract(values, mean)  # in float64: a level of 1e6 keeps its small moves
+    out = np.empty(x.shape, np.float32)
+    np.divide(x, scale, out=out, casting="same_kind")
+    # minimum and maximum: np.clip's own dispatch costs more than both on a poll's arrays
+    np.minimum(out, SCALED_LIMIT, out=out)
+    return np.maximum(out, -SCALED_LIMIT, out=out)
 
 
 def novelty_design(scaled: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
@@ -176,15 +194,15 @@ def novelty_design(scaled: np.ndarray, bounds: np.ndarray | None = None) -> np.n
     residuals, alerts and top features too. Held, such a sensor shows only in its own residual
     (the targets are never clipped). Training rows lie inside the bounds, so the fit is
     unchanged."""
-    n, f = scaled.shape
-    design = np.empty((n, 2 * f))
-    x = design[:, :f]
-    x[...] = scaled if bounds is None else np.clip(scaled, bounds[0], bounds[1])
-    np.square(x, out=design[:, f:])
-    return design
+    x = np.array(scaled, np.float64)  # contiguous: numpy's loops over rows of 8 cost more than copies
+    if bounds is not None:
+        np.maximum(x, bounds[0], out=x)
+        np.minimum(x, bounds[1], out=x)
+    return np.concatenate([x, np.square(x)], axis=1)
 
 
 def cross_sectional_residuals(bundle: ModelBundle, scaled: np.ndarray) -> np.ndarray:
     """How far each scaled feature is from its prediction by the others, in training units."""
-    x = np.asarray(scaled, np.float64)
-    return (x - novelty_design(x, bundle.novelty_range) @ bundle.novelty_coef) / bundle.novelty_scale
+    residual = novelty_design(scaled, bundle.novelty_range) @ bundle.novelty_coef
+    np.subtract(scaled, residual, out=residual)
+    return np.divide(residual, bundle.novelty_scale, out=residual)
