@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle, ThresholdParams, scale_from
+from pipeline.rowwise import row_all
 from pipeline.state import FleetState
 from pipeline.thresholds import TermLevels, excursion_factor, feature_quantile
 
@@ -120,7 +121,7 @@ def with_own_scaling(bundle: ModelBundle, names: np.ndarray, own_mean: np.ndarra
                      ) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's scaling of ``names``, replaced by the learned one (rows of ``own_*``) where finite."""
     mean, scale = bundle.scaler.rows_for(names)
-    has = np.isfinite(own_scale).all(axis=1)
+    has = row_all(np.isfinite(own_scale))
     if not has.any():
         return mean, scale
     return np.where(has[:, None], own_mean, mean), np.where(has[:, None], own_scale, scale)
@@ -217,7 +218,7 @@ def with_own_levels(levels: TermLevels, state: FleetState, rows: np.ndarray) -> 
     """The term levels of each step (rows = the steps' assets), with cold-started assets' own levels."""
     v = state.vectors
     own_fc, own_nv, own_fl = v["own_fc_level"][rows], v["own_nv_level"][rows], v["own_flat_limit"][rows]
-    has = np.isfinite(own_fc).all(axis=1) & np.isfinite(own_nv).all(axis=1) & np.isfinite(own_fl).all(axis=1)
+    has = row_all(np.isfinite(own_fc)) & row_all(np.isfinite(own_nv)) & row_all(np.isfinite(own_fl))
     if not has.any():
         return levels
     shape = own_fc.shape

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.rowwise import row_all
 from pipeline.settings import GridSettings
 
 NO_POS = np.iinfo(np.int64).max
@@ -422,12 +423,12 @@ class FleetGrid:
         gend = np.append(gstart[1:], len(r))
         n_arr = gend - gstart
         pos_arr = np.minimum.reduceat(pos[r], gstart)
-        full_arr = (counts > 0).all(axis=1)
+        full_arr = row_all(counts > 0)
         g_code, g_step = gc[gstart], gs[gstart]
         closed, emit = self._closes_here(grids, g_code, g_step, full_arr, last, nxt)
         keep = np.flatnonzero(~emit)
         n_values, min_pos, full = n_arr[keep].tolist(), pos_arr[keep].tolist(), full_arr[keep].tolist()
-        once = (counts[keep] <= 1).all(axis=1).tolist()
+        once = row_all(counts[keep] <= 1).tolist()
         continued: list[tuple[int, _OpenStep, int, int]] = []
         for j, (i, c, k, a, b) in enumerate(zip(keep.tolist(), g_code[keep].tolist(), g_step[keep].tolist(),
                                                 gstart[keep].tolist(), gend[keep].tolist())):
@@ -618,7 +619,7 @@ def _continue_steps(continued: list[tuple[int, _OpenStep, int, int]], sums: np.n
     """
     rows = np.fromiter((c[0] for c in continued), np.int64, len(continued))
     now = np.stack([c[1].count for c in continued]) + counts[rows]
-    full = (now > 0).all(axis=1).tolist()
+    full = row_all(now > 0).tolist()
     for (i, o, n, min_pos), count, is_full in zip(continued, now, full):
         o.sum += sums[i]
         o.count = count

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.gather import take_rows
+from pipeline.rowwise import take_rows
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle
-from pipeline.gather import take_rows
+from pipeline.rowwise import take_rows
 from pipeline.grid import GridSteps
 from pipeline.model import StepFunction
 from pipeline.state import FleetState

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle, ThresholdParams
+from pipeline.rowwise import row_fmax, row_max, take_rows
 from pipeline.state import PRIOR_LEVEL, FleetState
 
 
@@ -73,7 +74,7 @@ def _ratios(ewma_sq: np.ndarray, level: np.ndarray) -> np.ndarray:
 
 
 def _term(ratios: np.ndarray) -> np.ndarray:
-    peak = np.fmax.reduce(ratios, axis=-1)  # NaN only where every feature is NaN
+    peak = row_fmax(ratios)  # NaN only where every feature is NaN
     return np.where(np.isfinite(peak), peak, np.nan)
 
 
@@ -115,13 +116,13 @@ def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.nd
     nv = _ratios(novelty_ewma, levels.novelty)
     t_fc, t_nv = _term(fc), _term(nv)
     flat_ratio = flat_run / levels.flat
-    t_fl = flat_ratio.max(axis=-1)
+    t_fl = row_max(flat_ratio)
     # The terms are finite or NaN (see _term): a NaN term never dominates.
     terms = np.stack([np.where(np.isnan(t_fc), -1.0, t_fc), np.where(np.isnan(t_nv), -1.0, t_nv), t_fl], axis=-1)
     which = terms.argmax(axis=-1)
-    score = terms.max(axis=-1)
+    score = row_max(terms)
     score = np.where(np.isnan(t_fc) & np.isnan(t_nv), np.nan, score)
-    model_terms = np.nan_to_num(np.where((which == 0)[:, None], fc, nv))
+    model_terms = np.nan_to_num(np.where((which == 0)[:, None], fc, nv), copy=False)
     contrib = np.where((which == 2)[:, None], flat_ratio, model_terms)
     return CombinedScore(score, contrib, t_fc, t_nv, t_fl)
 
@@ -185,11 +186,11 @@ def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, e
     combined score and the threshold in force for each row.
     """
     v, cols = state.vectors, state.cols
-    v["forecast_ewma"][rows] = fc = ewma(v["forecast_ewma"][rows], errors**2, p.smoothing_alpha)
+    v["forecast_ewma"][rows] = fc = ewma(take_rows(v["forecast_ewma"], rows), errors**2, p.smoothing_alpha)
     capped = np.minimum(novelty**2, (p.novelty_cap * levels.novelty) ** 2)  # NaN stays NaN
-    v["novelty_ewma"][rows] = nv = ewma(v["novelty_ewma"][rows], capped, p.novelty_alpha)
-    same = values == v["prev_value"][rows]
-    v["flat_run"][rows] = runs = np.where(same, v["flat_run"][rows] + 1, 0)
+    v["novelty_ewma"][rows] = nv = ewma(take_rows(v["novelty_ewma"], rows), capped, p.novelty_alpha)
+    same = values == take_rows(v["prev_value"], rows)
+    v["flat_run"][rows] = runs = np.where(same, take_rows(v["flat_run"], rows) + 1, 0)
     v["prev_value"][rows] = values
     combined = combine(fc, nv, runs, levels)
 

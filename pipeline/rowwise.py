@@ -1,0 +1,45 @@
+"""Row-wise operations on the fleet's (rows, features) arrays, for the hot path.
+
+NumPy is slow exactly where a poll's arrays are shaped: thousands of rows of a few features. A
+reduction over the short last axis pays its loop's overhead once a row (``max(axis=-1)`` over
+1,000 × 8 floats: 30-43 µs), and ``np.take`` in its default mode checks bounds and buffers its
+output. The same results, column by column or unchecked, cost a fifth to a half.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def take_rows(a: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a[rows]`` for row indices known to lie in ``a`` (rows of the fleet's own arrays).
+
+    ``np.take`` with ``mode="clip"`` skips the bounds check and the buffered copy into ``out``
+    that the default ``mode="raise"`` makes: half the time of either for 1,000 rows of 32-64
+    floats, a fifth of fancy indexing's for 8. A row outside ``a`` would be clipped to its
+    edge, not refused: never pass -1 for "none" here."""
+    return np.take(a, rows, axis=0, out=out, mode="clip")
+
+
+def _by_column(op: np.ufunc, a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    out = a[..., 0].copy()
+    for j in range(1, a.shape[-1]):
+        op(out, a[..., j], out=out)
+    return out
+
+
+def row_max(a: np.ndarray) -> np.ndarray:
+    """``a.max(axis=-1)``, NaN where a row holds one (the same values, column by column)."""
+    return _by_column(np.maximum, a)
+
+
+def row_fmax(a: np.ndarray) -> np.ndarray:
+    """``np.fmax.reduce(a, axis=-1)``: the largest value of each row ignoring NaN, NaN only
+    where the whole row is."""
+    return _by_column(np.fmax, a)
+
+
+def row_all(a: np.ndarray) -> np.ndarray:
+    """``a.all(axis=-1)`` as booleans."""
+    return _by_column(np.logical_and, np.asarray(a, bool))
