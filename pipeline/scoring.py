@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle
-from pipeline.rowwise import take_rows
 from pipeline.grid import GridSteps
 from pipeline.model import StepFunction
+from pipeline.rowwise import take_rows
 from pipeline.state import FleetState
 
 
@@ -179,10 +179,8 @@ def scale_values(values: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.
     LSTM state into NaN for good."""
     x = np.subtract(values, mean)  # in float64: a level of 1e6 keeps its small moves
     out = np.empty(x.shape, np.float32)
-    np.divide(x, scale, out=out, casting="same_kind")
-    # minimum and maximum: np.clip's own dispatch costs more than both on a poll's arrays
-    np.minimum(out, SCALED_LIMIT, out=out)
-    return np.maximum(out, -SCALED_LIMIT, out=out)
+    np.divide(x, scale, out=out, casting="same_kind")  # straight into float32: no second copy
+    return np.clip(out, -SCALED_LIMIT, SCALED_LIMIT, out=out)
 
 
 def novelty_design(scaled: np.ndarray, bounds: np.ndarray | None = None) -> np.ndarray:
