@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import storage
+from pipeline.rowwise import repeated
 from pipeline.settings import ThresholdSettings
 
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ def per_asset_rows(index: dict[str, int], assets: np.ndarray,
     asset's own row where ``index`` knows it, else the fleet row."""
     n = len(assets)
     if not index:
-        return tuple(np.broadcast_to(fleet, (n, len(fleet))) for _, fleet in tables)
+        return tuple(repeated(fleet, n) for _, fleet in tables)
     idx = asset_rows(index, assets)
     return tuple(np.vstack([own, fleet])[idx] for own, fleet in tables)
 

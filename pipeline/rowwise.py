@@ -3,7 +3,9 @@
 NumPy is slow exactly where a poll's arrays are shaped: thousands of rows of a few features. A
 reduction over the short last axis pays its loop's overhead once a row (``max(axis=-1)`` over
 1,000 × 8 floats: 30-43 µs), and ``np.take`` in its default mode checks bounds and buffers its
-output. The same results, column by column or unchecked, cost a fifth to a half.
+output. The same results, column by column or unchecked, cost a fifth to a half. An
+elementwise operation against a per-feature row runs as one loop a row too, and against that
+row repeated down the rows (:func:`repeated`) as one loop.
 """
 
 from __future__ import annotations
@@ -43,3 +45,30 @@ def row_fmax(a: np.ndarray) -> np.ndarray:
 def row_all(a: np.ndarray) -> np.ndarray:
     """``a.all(axis=-1)`` as booleans."""
     return _by_column(np.logical_and, np.asarray(a, bool))
+
+
+TILE_BYTES = 1 << 19  # one repeated row's tile at most (8,192 rows of 8 float64 features)
+_TILE_OWNERS = 32  # repeated rows kept (a bundle's vectors, a few bundles')
+_TILES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def repeated(row: np.ndarray, n: int) -> np.ndarray:
+    """``row`` (F,) repeated down ``n`` rows, (n, F), as ``np.broadcast_to`` gives it, but
+    contiguous and read-only; a table of rows (R, F) gives (R, n, F).
+
+    NumPy runs an (n, F) array against a broadcast (F,) row as n loops of F elements, against a
+    contiguous (n, F) one as one loop: dividing 1,000 × 8 floats by a feature's scale took
+    7.6 µs, 4.2 against the repeated rows. The rows are slices of one tile kept per ``row``
+    object (a bundle's vectors, which never change once built; the tile holds its row, so the
+    identity is never reused); past :data:`TILE_BYTES` of tile, the broadcast view."""
+    grown = np.expand_dims(row, -2)
+    if n * row.nbytes > TILE_BYTES:
+        return np.broadcast_to(grown, (*row.shape[:-1], n, row.shape[-1]))
+    kept = _TILES.get(id(row))
+    if kept is None or kept[1].shape[-2] < n:
+        if len(_TILES) >= _TILE_OWNERS:
+            _TILES.pop(next(iter(_TILES)), None)
+        tile = np.repeat(grown, max(64, 1 << (n - 1).bit_length()), axis=-2)
+        tile.flags.writeable = False
+        _TILES[id(row)] = kept = (row, tile)
+    return kept[1][..., :n, :]

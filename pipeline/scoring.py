@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.bundle import ModelBundle
 from pipeline.grid import GridSteps
 from pipeline.model import StepFunction
-from pipeline.rowwise import take_rows
+from pipeline.rowwise import repeated, take_rows
 from pipeline.state import FleetState
 
 
@@ -130,7 +130,7 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     since = base if streaming else base[seg_of] + pos
     valid = has_pred & (since >= bundle.warmup_steps)
 
-    errors = np.divide(np.subtract(scaled, pred, out=pred), bundle.error_scale, dtype=np.float64)
+    errors = np.divide(np.subtract(scaled, pred, out=pred), repeated(bundle.error_scale, n), dtype=np.float64)
     errors[~valid] = np.nan
     score = np.sqrt(np.einsum("ij,ij->i", errors, errors) / f)
 
@@ -155,6 +155,8 @@ def predicted_change(bundle: ModelBundle, assets: np.ndarray, y: np.ndarray, top
     """The change each sequence's asset is predicted to make next, (B, T, F): from its own
     output layer where the bundle has one (``top`` is the last LSTM layer's output, (B, T, U)),
     else the network's."""
+    if not bundle.heads.names:
+        return y
     idx = bundle.heads.rows(assets)
     own = idx >= 0
     if not own.any():
@@ -194,8 +196,9 @@ def novelty_design(scaled: np.ndarray, bounds: np.ndarray | None = None) -> np.n
     unchanged."""
     x = np.array(scaled, np.float64)  # contiguous: numpy's loops over rows of 8 cost more than copies
     if bounds is not None:
-        np.maximum(x, bounds[0], out=x)
-        np.minimum(x, bounds[1], out=x)
+        lo, hi = repeated(bounds, len(x))
+        np.maximum(x, lo, out=x)
+        np.minimum(x, hi, out=x)
     return np.concatenate([x, np.square(x)], axis=1)
 
 
@@ -203,4 +206,4 @@ def cross_sectional_residuals(bundle: ModelBundle, scaled: np.ndarray) -> np.nda
     """How far each scaled feature is from its prediction by the others, in training units."""
     residual = novelty_design(scaled, bundle.novelty_range) @ bundle.novelty_coef
     np.subtract(scaled, residual, out=residual)
-    return np.divide(residual, bundle.novelty_scale, out=residual)
+    return np.divide(residual, repeated(bundle.novelty_scale, len(residual)), out=residual)

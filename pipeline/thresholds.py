@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.bundle import ModelBundle, ThresholdParams
-from pipeline.rowwise import row_fmax, row_max, take_rows
+from pipeline.rowwise import repeated, row_fmax, row_max, take_rows
 from pipeline.state import PRIOR_LEVEL, FleetState
 
 
@@ -115,7 +115,8 @@ def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.nd
     fc = _ratios(forecast_ewma, levels.forecast)
     nv = _ratios(novelty_ewma, levels.novelty)
     t_fc, t_nv = _term(fc), _term(nv)
-    flat_ratio = flat_run / levels.flat
+    flat = levels.flat if levels.flat.ndim == 2 else repeated(levels.flat, len(flat_run))
+    flat_ratio = flat_run / flat
     t_fl = row_max(flat_ratio)
     # The terms are finite or NaN (see _term): a NaN term never dominates.
     terms = np.stack([np.where(np.isnan(t_fc), -1.0, t_fc), np.where(np.isnan(t_nv), -1.0, t_nv), t_fl], axis=-1)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.rowwise import row_all, row_fmax, row_max, take_rows
+from pipeline.rowwise import TILE_BYTES, repeated, row_all, row_fmax, row_max, take_rows
 
 
 @pytest.mark.parametrize("shape", [(0, 8), (1, 1), (7, 3), (1000, 8), (4, 5, 8)])
@@ -35,3 +35,22 @@ def test_take_rows_gathers_like_indexing_and_fills_out() -> None:
     out = np.empty((4, 4), np.float32)
     assert take_rows(a, rows, out=out) is out
     np.testing.assert_array_equal(out, a[rows])
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1000, 4096, 4097, 100_000])
+def test_repeated_rows_equal_the_broadcast(n: int) -> None:
+    row, table = np.arange(8.0), np.arange(16.0).reshape(2, 8)
+    for source in (row, table):
+        got = repeated(source, n)
+        np.testing.assert_array_equal(got, np.broadcast_to(source[..., None, :], (*source.shape[:-1], n, 8)))
+        assert not got.flags.writeable  # a caller writing into it would change every later poll's rows
+        if 0 < n and n * source.nbytes <= TILE_BYTES:
+            assert all(r.flags.c_contiguous for r in got.reshape(-1, n, 8))
+
+
+def test_repeated_follows_its_row_not_a_row_at_the_same_address() -> None:
+    a = np.full(3, 1.0)
+    np.testing.assert_array_equal(repeated(a, 5), np.ones((5, 3)))
+    b = np.full(3, 2.0)  # another array: never served a's tile, whatever its address
+    np.testing.assert_array_equal(repeated(b, 200), np.full((200, 3), 2.0))
+    np.testing.assert_array_equal(repeated(a, 200), np.ones((200, 3)))  # grown past the first tile
