@@ -93,7 +93,7 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
         pos = np.arange(n) - starts[seg_of]
         # Each asset's state is carried from its last segment of this poll.
         last_seg = np.flatnonzero(np.append(seg_rows[1:] != seg_rows[:-1], True))
-    r = seg_rows[last_seg]
+    r = rows if streaming else seg_rows[last_seg]  # each asset's row, once
     every = len(last_seg) == n_seg  # each segment its asset's last (no asset reset within the poll)
     if width == 1 and every:  # one step of each asset (the streaming case): states advance in place
         y, top = model.advance(scaled, state.lstm, seg_rows, seg_reset)
@@ -131,7 +131,8 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     valid = has_pred & (since >= bundle.warmup_steps)
 
     errors = np.divide(np.subtract(scaled, pred, out=pred), repeated(bundle.error_scale, n), dtype=np.float64)
-    errors[~valid] = np.nan
+    if not valid.all():
+        errors[~valid] = np.nan
     score = np.sqrt(np.einsum("ij,ij->i", errors, errors) / f)
 
     state.cols["has_pred"][r] = True
