@@ -10,6 +10,8 @@ row repeated down the rows (:func:`repeated`) as one loop.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 
@@ -50,6 +52,7 @@ def row_all(a: np.ndarray) -> np.ndarray:
 TILE_BYTES = 1 << 19  # one repeated row's tile at most (8,192 rows of 8 float64 features)
 _TILE_OWNERS = 32  # repeated rows kept (a bundle's vectors, a few bundles')
 _TILES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_TILES_LOCK = threading.Lock()  # a swap warms the next model on another thread
 
 
 def repeated(row: np.ndarray, n: int) -> np.ndarray:
@@ -66,9 +69,11 @@ def repeated(row: np.ndarray, n: int) -> np.ndarray:
         return np.broadcast_to(grown, (*row.shape[:-1], n, row.shape[-1]))
     kept = _TILES.get(id(row))
     if kept is None or kept[1].shape[-2] < n:
-        if len(_TILES) >= _TILE_OWNERS:
-            _TILES.pop(next(iter(_TILES)), None)
         tile = np.repeat(grown, max(64, 1 << (n - 1).bit_length()), axis=-2)
         tile.flags.writeable = False
-        _TILES[id(row)] = kept = (row, tile)
+        kept = (row, tile)
+        with _TILES_LOCK:
+            if len(_TILES) >= _TILE_OWNERS:
+                _TILES.pop(next(iter(_TILES)))
+            _TILES[id(row)] = kept
     return kept[1][..., :n, :]

@@ -54,3 +54,12 @@ def test_repeated_follows_its_row_not_a_row_at_the_same_address() -> None:
     b = np.full(3, 2.0)  # another array: never served a's tile, whatever its address
     np.testing.assert_array_equal(repeated(b, 200), np.full((200, 3), 2.0))
     np.testing.assert_array_equal(repeated(a, 200), np.ones((200, 3)))  # grown past the first tile
+
+
+def test_repeated_keeps_a_bounded_number_of_tiles() -> None:
+    from pipeline import rowwise
+
+    rows = [np.full(4, float(i)) for i in range(3 * rowwise._TILE_OWNERS)]  # e.g. many refits' vectors
+    for i, row in enumerate(rows):
+        np.testing.assert_array_equal(repeated(row, 10), np.full((10, 4), float(i)))
+    assert len(rowwise._TILES) <= rowwise._TILE_OWNERS
