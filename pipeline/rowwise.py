@@ -25,8 +25,17 @@ def take_rows(a: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) ->
     return np.take(a, rows, axis=0, out=out, mode="clip")
 
 
+# Column by column pays one call a feature, NumPy's reduction one loop a row: the columns win
+# once there are this many rows a feature (measured: the largest of each row of 128 × 8 floats
+# 3.1 against 4.5 µs, of 1 × 8 4.7 against 0.6; of 256 × 38, 15 against 11).
+TALL = {np.maximum: 16, np.fmax: 16, np.logical_and: 32}
+
+
 def _by_column(op: np.ufunc, a: np.ndarray) -> np.ndarray:
     a = np.asarray(a)
+    f = a.shape[-1]
+    if a.size < TALL[op] * f * f:  # a short array (a poll of a few assets, a replay's step): one call
+        return op.reduce(a, axis=-1)
     out = a[..., 0].copy()
     for j in range(1, a.shape[-1]):
         op(out, a[..., j], out=out)
@@ -64,16 +73,16 @@ def repeated(row: np.ndarray, n: int) -> np.ndarray:
     7.6 µs, 4.2 against the repeated rows. The rows are slices of one tile kept per ``row``
     object (a bundle's vectors, which never change once built; the tile holds its row, so the
     identity is never reused); past :data:`TILE_BYTES` of tile, the broadcast view."""
+    kept = _TILES.get(id(row))
+    if kept is not None and kept[1].shape[-2] >= n:
+        return kept[1][..., :n, :]
     grown = np.expand_dims(row, -2)
     if n * row.nbytes > TILE_BYTES:
         return np.broadcast_to(grown, (*row.shape[:-1], n, row.shape[-1]))
-    kept = _TILES.get(id(row))
-    if kept is None or kept[1].shape[-2] < n:
-        tile = np.repeat(grown, max(64, 1 << (n - 1).bit_length()), axis=-2)
-        tile.flags.writeable = False
-        kept = (row, tile)
-        with _TILES_LOCK:
-            if len(_TILES) >= _TILE_OWNERS:
-                _TILES.pop(next(iter(_TILES)))
-            _TILES[id(row)] = kept
-    return kept[1][..., :n, :]
+    tile = np.repeat(grown, max(64, 1 << (n - 1).bit_length()), axis=-2)
+    tile.flags.writeable = False
+    with _TILES_LOCK:
+        if len(_TILES) >= _TILE_OWNERS:
+            _TILES.pop(next(iter(_TILES)))
+        _TILES[id(row)] = (row, tile)
+    return tile[..., :n, :]

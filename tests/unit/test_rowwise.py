@@ -6,7 +6,7 @@ import pytest
 from pipeline.rowwise import TILE_BYTES, repeated, row_all, row_fmax, row_max, take_rows
 
 
-@pytest.mark.parametrize("shape", [(0, 8), (1, 1), (7, 3), (1000, 8), (4, 5, 8)])
+@pytest.mark.parametrize("shape", [(0, 8), (1, 1), (7, 3), (1000, 8), (4, 5, 8), (60, 5, 8), (300, 38)])
 def test_row_reductions_equal_numpys(shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(len(shape) * 100 + shape[-1])
     a = rng.normal(size=shape)
