@@ -272,7 +272,7 @@ class DetectionEngine:
                 learning[sel] = learn_levels(state, rows, scaling.index[sel], step_levels, b.thresholds, plan)
                 learning[sel] |= rebased[sel]
                 score = np.where(learning[sel], np.nan, score)
-            terms[sel] = np.stack([combined.forecast, combined.novelty, combined.flat], axis=1)
+            terms[sel, 0], terms[sel, 1], terms[sel, 2] = combined.forecast, combined.novelty, combined.flat
             events += update_alerts(state, rows, steps.asset[sel], steps.step[sel], score,
                                     threshold[sel], combined.contributions, b.thresholds, b.features,
                                     b.period_ms, b.version, gap_start)

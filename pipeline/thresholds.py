@@ -119,11 +119,16 @@ def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.nd
     flat_ratio = flat_run / flat
     t_fl = row_max(flat_ratio)
     # The terms are finite or NaN (see _term): a NaN term never dominates.
-    terms = np.stack([np.where(np.isnan(t_fc), -1.0, t_fc), np.where(np.isnan(t_nv), -1.0, t_nv), t_fl], axis=-1)
+    terms = np.empty((len(t_fl), 3))  # (filled column by column: np.stack costs more than a small poll's terms)
+    terms[:, 0] = np.where(np.isnan(t_fc), -1.0, t_fc)
+    terms[:, 1] = np.where(np.isnan(t_nv), -1.0, t_nv)
+    terms[:, 2] = t_fl
     which = terms.argmax(axis=-1)
     score = row_max(terms)
     score = np.where(np.isnan(t_fc) & np.isnan(t_nv), np.nan, score)
-    model_terms = np.nan_to_num(np.where((which == 0)[:, None], fc, nv), copy=False)
+    model_terms = np.where((which == 0)[:, None], fc, nv)
+    if not np.isfinite(model_terms).all():  # (np.nan_to_num costs a small poll more than the check)
+        np.nan_to_num(model_terms, copy=False)
     contrib = np.where((which == 2)[:, None], flat_ratio, model_terms)
     return CombinedScore(score, contrib, t_fc, t_nv, t_fl)
 
