@@ -105,11 +105,11 @@ def build_inference_model(n_features: int, units: Sequence[int]) -> keras.Model:
 
 LITE_CHUNK = 512  # streams per LiteRT call: its cost per stream is flat from about 128 streams up
 LITE_GRAIN = 64   # a shorter call is padded to a multiple of this (to a power of two below it)
-# A multi-step call runs on LiteRT when it is this short or has LITE_GRAIN streams or more: for
-# (64, 32) layers a catch-up of 2-3 steps was 2.9-3.6x faster than TensorFlow's sequence model
-# (1 to 10,000 streams), 16 steps of 1,000 streams 1.7x; 200 steps of 10-40 streams ran 4-20 %
-# slower on LiteRT (a call's fixed cost each step), 100 steps of 64 streams 1.2x faster.
-LITE_SEQUENCE_STEPS = 16
+# A multi-step call runs on LiteRT step by step: for (64, 32) layers a catch-up of 2-3 steps was
+# 2.9-3.6x faster than TensorFlow's sequence model (1 to 10,000 streams), 16 steps of 1,000
+# streams 1.7x, and with the states advanced in place 1.2-1.5x on every shape tried, long and
+# narrow ones too (one stream's 1,000 steps 26.8 against 36.8 ms, 200 steps of 10 streams 7.4
+# against 10.6, 4 steps of 5,000 streams 16.4 against 26.9).
 
 
 def lite_size(streams: int) -> int:
@@ -225,12 +225,11 @@ class StepFunction:
     and never again, whatever the poll size. A call where every stream advances exactly one
     step (the streaming case) runs the LSTM cells once (no time loop), converted to LiteRT on
     its first use (:class:`LiteStep`, about 0.2 s; :meth:`warm_up` does it before serving).
-    Once converted, a multi-step call runs it step by step too (:meth:`LiteStep.sequence`)
-    unless it is long and narrow (see :data:`LITE_SEQUENCE_STEPS`); any other call, and every
-    call of a network whose weights changed since (a fit's epochs), goes through the masked
-    sequence model. Both give the same numbers to about 1e-7 (float32 rounding of the two
-    runtimes). Where the conversion fails, the one-step
-    call stays on TensorFlow (``step_runtime`` says which serves it).
+    Once converted, a multi-step call runs it step by step too (:meth:`LiteStep.sequence`); a
+    call before the conversion, and every call of a network whose weights changed since (a
+    fit's epochs), goes through the masked sequence model. Both give the same numbers to about
+    1e-7 (float32 rounding of the two runtimes). Where the conversion fails, the one-step call
+    stays on TensorFlow (``step_runtime`` says which serves it).
     """
 
     def __init__(self, n_features: int, units: Sequence[int], weights: Sequence[np.ndarray]) -> None:
@@ -333,7 +332,7 @@ class StepFunction:
         if x.shape[1] == 1 and mask.all():
             out = self._one_step(np.asarray(x[:, 0], np.float32), [np.asarray(s, np.float32) for s in states])
             return out[0][:, None], out[1][:, None], out[2:]
-        if self._lite is not None and mask.any() and (x.shape[1] <= LITE_SEQUENCE_STEPS or len(x) >= LITE_GRAIN):
+        if self._lite is not None and mask.any():
             return self._lite.sequence(np.asarray(x, np.float32), mask, states)
         tensors = [tf.convert_to_tensor(s, tf.float32) for s in states]
         if self._seq_call is None:
