@@ -3,9 +3,9 @@
 NumPy is slow exactly where a poll's arrays are shaped: thousands of rows of a few features. A
 reduction over the short last axis pays its loop's overhead once a row (``max(axis=-1)`` over
 1,000 × 8 floats: 30-43 µs), and ``np.take`` in its default mode checks bounds and buffers its
-output. The same results, column by column or unchecked, cost a fifth to a half. An
-elementwise operation against a per-feature row runs as one loop a row too, and against that
-row repeated down the rows (:func:`repeated`) as one loop.
+output. The same results, column by column (where the rows are many, see :data:`TALL`) or
+unchecked, cost a fifth to a half. An elementwise operation against a per-feature row runs as
+one loop a row too, and against that row repeated down the rows (:func:`repeated`) as one loop.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _by_column(op: np.ufunc, a: np.ndarray) -> np.ndarray:
 
 
 def row_max(a: np.ndarray) -> np.ndarray:
-    """``a.max(axis=-1)``, NaN where a row holds one (the same values, column by column)."""
+    """``a.max(axis=-1)``, NaN where a row holds one."""
     return _by_column(np.maximum, a)
 
 
