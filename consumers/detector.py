@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pandas as pd
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import (CommitFailedError, InvalidProducerEpochError, KafkaError, KafkaTimeoutError,
@@ -48,6 +47,7 @@ from pipeline.dead_letters import dead_letter
 from pipeline.engine import DetectionEngine, EngineOutput, SwapError, warm_start
 from pipeline.logs import get_logger
 from pipeline.readings import DecodeLimits, Reject, decode_batch
+from pipeline.record_runs import factorize_by_record, record_starts
 from pipeline.settings import Settings
 from pipeline.state import read_snapshot_header
 
@@ -305,9 +305,10 @@ class Detector:
                              fmt=s.detector.input_format, limits=self.limits,
                              unknown_features=s.detector.unknown_features)
         rejects: list[Reject] = list(batch.rejects)
-        mismatch = batch.asset != keys[todo][batch.record_index]
+        starts = record_starts(batch.record_index)  # a record's rows are adjacent and share its asset
+        mismatch = batch.asset[starts] != keys[todo][batch.record_index[starts]]
         if mismatch.any():
-            bad = np.unique(batch.record_index[mismatch])
+            bad = np.unique(batch.record_index[starts[mismatch]])
             rejects += [Reject(int(i), "key_mismatch", f"key {keys[todo[i]]!r} differs from the asset in the value")
                         for i in bad]
             batch = batch.select(~np.isin(batch.record_index, bad))
@@ -315,8 +316,7 @@ class Detector:
         pos = offsets[todo]
         touched: dict[int, set[str]] = {}
         if len(batch):  # each asset once (an asset lives in one partition)
-            codes, names = pd.factorize(batch.asset)
-            first = np.unique(codes, return_index=True)[1]
+            _, names, first = factorize_by_record(batch.asset, batch.record_index)
             parts = partitions[todo][batch.record_index[first]]
             for p in np.unique(parts).tolist():
                 touched[p] = set(names[parts == p].tolist())
@@ -378,12 +378,12 @@ class Detector:
         if not events:
             return []
         # Each asset's source records in this poll, once for all its events.
-        codes, names = pd.factorize(assets)
+        codes, names, first = factorize_by_record(assets, record_index)
+        runs = record_starts(record_index)  # one row a record is enough: its rows share its offset
         lo = np.full(len(names), np.iinfo(np.int64).max)
         hi = np.full(len(names), -1)
-        np.minimum.at(lo, codes, offsets[record_index])
-        np.maximum.at(hi, codes, offsets[record_index])
-        _, first = np.unique(codes, return_index=True)
+        np.minimum.at(lo, codes[runs], offsets[record_index[runs]])
+        np.maximum.at(hi, codes[runs], offsets[record_index[runs]])
         where = {a: i for i, a in enumerate(names)}
         futures = []
         for e in events:

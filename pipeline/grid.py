@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.record_runs import distinct_count, factorize_by_record
 from pipeline.rowwise import row_all
 from pipeline.settings import GridSettings
 
@@ -332,16 +333,17 @@ class FleetGrid:
         steps = GridSteps.empty(cfg.n_features)
         keep = np.flatnonzero(~future)
         if len(keep):
-            steps = self._place_and_close(asset, ts_ms, feature, value, pos, keep, late, counters)
-        late_records = np.unique(record_index[late])
-        future_records = np.unique(record_index[future])
+            steps = self._place_and_close(asset, ts_ms, feature, value, pos, record_index, keep, late, counters)
+        late_records = np.unique(record_index[late]) if late.any() else np.empty(0, record_index.dtype)
+        future_records = np.unique(record_index[future]) if future.any() else np.empty(0, record_index.dtype)
         counters.late += len(late_records)
         counters.future += len(future_records)
-        counters.accepted += len(np.unique(record_index[~late & ~future]))
+        counters.accepted += distinct_count(record_index, None if not (late.any() or future.any()) else ~late & ~future)
         return GridResult(steps, late_records, future_records, counters)
 
     def _place_and_close(self, asset: np.ndarray, ts_ms: np.ndarray, feature: np.ndarray, value: np.ndarray,
-                         pos: np.ndarray, keep: np.ndarray, late: np.ndarray, counters: GridCounters) -> GridSteps:
+                         pos: np.ndarray, record_index: np.ndarray, keep: np.ndarray, late: np.ndarray,
+                         counters: GridCounters) -> GridSteps:
         """Vectorised over the poll's readings: lateness (each reading against its asset's watermark
         as it stood at the reading's arrival), aggregation per (asset, step), watermarks; then each
         asset in the poll closes what its watermark passed. Assets whose closable steps are all
@@ -351,7 +353,7 @@ class FleetGrid:
         Cost follows the readings of the poll, not the number of assets held. Sets ``late``."""
         cfg = self.cfg
         p, lateness, nf = cfg.period_ms, cfg.lateness_ms, cfg.n_features
-        codes, names = pd.factorize(asset[keep])
+        codes, names, _ = factorize_by_record(asset[keep], record_index[keep])
         order = np.argsort(codes, kind="stable")
         idx = keep[order]  # value rows grouped by asset, arrival order within an asset
         code = codes[order]
