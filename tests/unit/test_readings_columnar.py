@@ -185,3 +185,31 @@ def test_valid_readings_in_any_spelling_take_the_columnar_path_and_decode_the_sa
     records: list[bytes | str | None] = [_reading(rng, i, narrow) for i in range(size)]
     assert _columnar_taken(records)
     assert_same(decode_batch(records, FEATURES), _per_record(records))
+
+
+def _in_blocks(block: int, decode: object, *args: object, **kwargs: object) -> object:
+    """Call ``decode`` with pyarrow's reader cutting the batch into ``block``-byte blocks."""
+    saved = readings.JSON_BLOCK_BYTES
+    readings.JSON_BLOCK_BYTES = block
+    try:
+        return decode(*args, **kwargs)  # type: ignore[operator]
+    finally:
+        readings.JSON_BLOCK_BYTES = saved
+
+
+@settings(max_examples=150, deadline=None)
+@given(records=st.lists(_records, min_size=N, max_size=3 * N), fmt=st.sampled_from(["auto", "wide", "narrow"]),
+       block=st.integers(1, 600))
+def test_a_batch_read_in_many_blocks_decodes_as_the_per_record_rules_decode_it(records: list[bytes | str | None],
+                                                                               fmt: str, block: int) -> None:
+    got = _in_blocks(block, decode_batch, records, FEATURES, fmt=fmt)
+    assert_same(got, _per_record(records, fmt=fmt))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("block", [1, 97, 1000])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_plain_readings_take_the_columnar_path_in_blocks_smaller_than_a_record(narrow: bool, block: int) -> None:
+    rng = random.Random(4)
+    records: list[bytes | str | None] = [_plain(rng, i, narrow) for i in range(300)]
+    assert _in_blocks(block, _columnar_taken, records)
+    assert_same(_in_blocks(block, decode_batch, records, FEATURES), _per_record(records))  # type: ignore[arg-type]
