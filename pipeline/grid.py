@@ -411,7 +411,11 @@ class FleetGrid:
         feed). ``last`` and ``nxt``: per asset, the last step its watermark closes and its next step
         to close. Returns (bool per asset: closed here, asset code per step, the steps) or None."""
         nf = self.cfg.n_features
-        r = ok[np.lexsort((step[ok], code[ok]))]  # stable: arrival order inside a group
+        oc, os_ = code[ok], step[ok]  # codes ascend; steps mostly ascend within an asset already
+        if ((oc[1:] != oc[:-1]) | (os_[1:] >= os_[:-1])).all():
+            r = ok  # already in (asset, step) order: the stable sort below would leave it as it is
+        else:
+            r = ok[np.lexsort((os_, oc))]  # stable: arrival order inside a group
         gc, gs = code[r], step[r]
         new = np.ones(len(r), bool)
         new[1:] = (gc[1:] != gc[:-1]) | (gs[1:] != gs[:-1])
