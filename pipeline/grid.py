@@ -323,7 +323,8 @@ class FleetGrid:
                record_index: np.ndarray, pos: np.ndarray, now_ms: int | None) -> GridResult:
         """Place long-format readings (one row per value) and close what can be closed.
 
-        ``record_index`` ties values to their source record so rejects are per record;
+        ``record_index`` ties values to their source record (whose values all carry its asset) so
+        rejects are per record;
         ``pos`` is the reading's position in its source (e.g. Kafka offset).
         """
         cfg = self.cfg
