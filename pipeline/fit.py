@@ -66,6 +66,8 @@ READ_STEPS = 65_536       # steps per read in the numpy-only passes
 SCORE_CHUNK = 1_024       # steps per asset per scoring call
 SCORE_ROWS = 131_072      # steps per scoring call (assets × chunk): bounds the LSTM's activations
 SPILL_BUFFER_BYTES = 32 << 20
+# The longest run of a feature never judged stuck (see never_stuck): far beyond any recording.
+NEVER_STUCK_RUN = 10**15
 ASSET_LEVEL_MIN_HELD = 50  # held-out steps an asset needs for levels of its own (fewer: the fleet's)
 HEAD_MIN_PER_UNIT = 4      # training steps per head parameter an asset needs for an output layer of its own
 
@@ -295,6 +297,7 @@ def ridge_from_gram(gram: np.ndarray, n: int, ridge: float = NOVELTY_RIDGE) -> t
 class _TrainPart:
     scaler: Scaler
     flat_max: np.ndarray   # (F,) longest unchanged run of each raw value over training steps
+    repeat_share: np.ndarray  # (F,) share of training steps whose raw value repeats the two steps before's
     segments: np.ndarray   # (k, 3) asset, first step, length of every reset-free training stretch
     novelty_range: np.ndarray  # (2, F) where the cross-sectional map's inputs are held: training range plus margin
 
@@ -304,6 +307,7 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
     f = history.n_features
     total = Moments((f,))
     flat_max = np.zeros(f, np.int64)
+    repeats, steps = np.zeros(f, np.int64), np.zeros(f, np.int64)
     fitted: list[tuple[int, Moments]] = []
     segments, lows, highs = [], [], []
     for a, stop in enumerate(cut.tolist()):
@@ -318,6 +322,8 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
             low, high = np.fmin(low, np.fmin.reduce(values, axis=0)), np.fmax(high, np.fmax.reduce(values, axis=0))
             runs = flat_runs_from(values, prev, run)
             flat_max = np.maximum(flat_max, runs.max(axis=0))
+            repeats += (runs > 1).sum(axis=0)  # (one reading missed and carried forward is a run of 1)
+            steps += len(values)
             prev, run = values[-1], runs[-1]
             resets.append(start + np.flatnonzero(rec["reset"]))
         total.merge(mom)
@@ -341,7 +347,16 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
     novelty_range[:, ~np.isfinite(novelty_range).all(axis=0)] = 0.0
     width = novelty_range[1] - novelty_range[0]
     novelty_range += NOVELTY_RANGE_MARGIN * np.stack([-width, width])
-    return _TrainPart(scaler, flat_max, np.concatenate(segments), novelty_range)
+    return _TrainPart(scaler, flat_max, repeats / np.maximum(steps, 1), np.concatenate(segments), novelty_range)
+
+
+def never_stuck(flat_max: np.ndarray, repeat_share: np.ndarray, max_share: float) -> np.ndarray:
+    """The longest training run of each feature, or ``NEVER_STUCK_RUN`` where its raw value stayed
+    the same three steps in a row on more than ``max_share`` of the training steps. A noisy analogue
+    sensor never repeats a value exactly (but where one reading was missed and carried forward), so a
+    long repeat means it is stuck; a quantised, discrete or idle signal repeats as a matter of course,
+    and how long it does changes with the operating regime."""
+    return np.where(repeat_share > max_share, NEVER_STUCK_RUN, flat_max)
 
 
 @dataclass(frozen=True)
@@ -812,7 +827,8 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
                                  settings).error_scale
     calibration = dataclasses.replace(provisional, error_scale=error_scale, novelty_coef=novelty_coef,
                                       novelty_scale=novelty_scale, heads=heads, novelty_range=part.novelty_range)
-    thresholds, levels, asset_levels = _calibrate(history, cut, calibration, scorer, settings, part.flat_max,
+    flat_max = never_stuck(part.flat_max, part.repeat_share, settings.threshold.flat_repeat_share)
+    thresholds, levels, asset_levels = _calibrate(history, cut, calibration, scorer, settings, flat_max,
                                                   workdir / "held-terms", novelty_folds)
     report.duration_s = time.monotonic() - t0
     meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)

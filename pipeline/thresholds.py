@@ -12,7 +12,9 @@ The terms, per feature f of a step:
   with evidence that keeps the alert open long after the fault ends. Calibration does not
   cap: normal values come nowhere near the cap.
 * **flatline** — how long the raw value has not changed, against the longest unchanged
-  run seen in training: stuck sensors.
+  run seen in training: stuck sensors. A feature that held a value three steps in a row on
+  more than ``flat_repeat_share`` of its training steps (quantised, discrete, idle) is never
+  judged stuck: its limit is out of reach (``fit.never_stuck``).
 
 Each feature's term is divided by its own calibrated level (a high quantile of that term
 on held-out normal data, Bonferroni-adjusted for the number of features, times a

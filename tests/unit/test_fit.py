@@ -193,7 +193,13 @@ def test_the_bundle_equals_an_in_memory_fit_with_the_same_weights(whole) -> None
                                rtol=1e-5)  # float32 LSTM: two assets per call there, one here
     np.testing.assert_allclose(bundle.novelty_level, calibrate_levels(nv_all, t.quantile, nv_margin(1100)),
                                rtol=1e-7)
-    np.testing.assert_array_equal(bundle.flat_limit, np.maximum(t.flat_factor * runs_all[~held_all].max(axis=0), 10))
+    # A feature held three steps in a row on more than flat_repeat_share of training steps ("c", read
+    # in whole units) is never judged stuck; the others may repeat twice their longest training run.
+    train_runs = runs_all[~held_all]
+    repeats = (train_runs > 1).mean(axis=0) > t.flat_repeat_share
+    assert repeats.tolist() == [False, False, True]
+    longest = np.where(repeats, fit.NEVER_STUCK_RUN, train_runs.max(axis=0))
+    np.testing.assert_array_equal(bundle.flat_limit, np.maximum(t.flat_factor * longest, 10))
     # Every asset here has enough held-out steps for levels of its own, from its own steps only.
     own = bundle.asset_levels
     assert set(own.names) == set(per_asset)
