@@ -339,7 +339,8 @@ class FleetGrid:
         future_records = np.unique(record_index[future]) if future.any() else np.empty(0, record_index.dtype)
         counters.late += len(late_records)
         counters.future += len(future_records)
-        counters.accepted += distinct_count(record_index, None if not (late.any() or future.any()) else ~late & ~future)
+        refused = late | future
+        counters.accepted += distinct_count(record_index, ~refused if refused.any() else None)
         return GridResult(steps, late_records, future_records, counters)
 
     def _place_and_close(self, asset: np.ndarray, ts_ms: np.ndarray, feature: np.ndarray, value: np.ndarray,
