@@ -24,7 +24,9 @@ reads those files in bounded pieces, so memory does not grow with the history:
 6. A last pass with the best weights calibrates the score terms as the engine computes
    them: forecast levels on held-out steps, novelty levels on all steps (exact upper
    quantiles, holding only the values above them), for the fleet and for each asset with
-   enough held-out steps; flat-run limits from the training part; and the combined score's
+   enough held-out steps, each novelty level widened where its residual wanders so slowly
+   that the history holds few independent values of it (batch means, piece by piece);
+   flat-run limits from the training part; and the combined score's
    normal level from the held-out terms (spilled, then re-read).
 """
 
@@ -52,7 +54,8 @@ from pipeline.readings import DecodedBatch
 from pipeline.scoring import ScoredSteps, novelty_design, scaled_values, score_steps, segment_bounds
 from pipeline.settings import Settings
 from pipeline.state import PRIOR_LEVEL, FleetState
-from pipeline.thresholds import TermLevels, combine, ewma, excursion_factor, feature_quantile, level_from_quantile
+from pipeline.thresholds import (BatchMeans, TermLevels, combine, ewma, excursion_factor, feature_quantile,
+                                 level_from_quantile, scale_uncertainty_factor)
 
 NOVELTY_RIDGE = 0.01
 NOVELTY_FOLDS = 5  # blocks of the cross-validation that calibrates the novelty term out of sample
@@ -654,6 +657,7 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
     fc_level, nv_level = np.full((n_assets, f), PRIOR_LEVEL), np.full((n_assets, f), PRIOR_LEVEL)
     prev, run = np.full((n_assets, f), np.nan), np.zeros((n_assets, f), np.int64)
     terms = np.dtype([("asset", "<i8"), ("fc", "<f8", (f,)), ("nv", "<f8", (f,)), ("runs", "<i8", (f,))])
+    memory = BatchMeans(n_assets, f)  # of the novelty residuals: how many independent values a history holds
     with open(spool, "wb") as out:
         for r in _score_rounds(history, bundle, model, settings):
             held = _held(r, cut)
@@ -664,6 +668,7 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
                 steps_cut = cut[r.lanes][r.lane][train]
                 novelty[train] = out_of_fold_novelty(bundle, folds, r.steps.asset[train], r.steps.values[train],
                                                      folds.fold_of(r.offset[train], steps_cut))
+            memory.add(r.lanes[r.lane], r.offset, novelty)
             fc = _ewma_rows(r, r.scored.errors**2, fc_level, t.smoothing_alpha)
             nv = _ewma_rows(r, novelty**2, nv_level, t.novelty_alpha)
             runs = _flat_rows(r, prev, run)
@@ -689,8 +694,13 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
     def fc_margin(steps: int) -> float:
         return t.margin * (excursion_factor(steps, t.smoothing_alpha, q) if EXCURSION_STRETCH else 1.0)
 
-    def nv_margin(steps: int) -> float:
-        return t.novelty_margin * (excursion_factor(steps, t.novelty_alpha, q) if EXCURSION_STRETCH else 1.0)
+    # A slow feature's residual holds few independent values in a short history: its scale is
+    # uncertain, and the novelty level widens with it (see scale_uncertainty_factor).
+    tau = memory.integrated_time()
+
+    def nv_margin(steps: int) -> np.ndarray:
+        return (t.novelty_margin * (excursion_factor(steps, t.novelty_alpha, q) if EXCURSION_STRETCH else 1.0)
+                * scale_uncertainty_factor(steps / tau, q))
 
     levels = TermLevels(level_from_quantile(fc_top.value(), fc_margin(n_held)),
                         level_from_quantile(nv_top.value(), nv_margin(int(counts.sum()))), flat_limit.astype(np.float64))

@@ -22,8 +22,11 @@ margin): a feature the others explain well gets a tight level, a wandering one a
 level. Levels are calibrated per asset where an asset's history allows it (a fleet mixes
 quiet and noisy machines), else for the whole fleet. The slow novelty term has a margin of
 its own, to widen where a history is short: a slow EWMA makes few independent excursions
-in it, and operation drifts to states it did not show. The combined score — the largest
-of all — is in units of "calibrated level" and alerts above ``threshold`` (1). The
+in it, and operation drifts to states it did not show. A feature whose residual wanders
+slowly (a temperature over a few minutes of history) holds few independent values, so its
+spread there says little about where it goes next: its novelty level is widened by the
+Student-t quantile for that many values over the normal one (:func:`scale_uncertainty_factor`);
+a fast one's is not. The combined score — the largest of all — is in units of "calibrated level" and alerts above ``threshold`` (1). The
 features of the dominating term explain the alert.
 
 **Online adaptation** (in the spirit of telemanom's nonparametric dynamic threshold):
@@ -141,8 +144,9 @@ def feature_quantile(quantile: float, n_features: int) -> float:
     return 1.0 - (1.0 - quantile) / n_features
 
 
-def level_from_quantile(per_feature_quantile: np.ndarray, margin: float) -> np.ndarray:
-    """A term's calibrated level: its per-feature quantile on normal data, times the margin."""
+def level_from_quantile(per_feature_quantile: np.ndarray, margin: float | np.ndarray) -> np.ndarray:
+    """A term's calibrated level: its per-feature quantile on normal data, times the margin
+    (one for all features, or one each)."""
     return np.maximum(per_feature_quantile * margin, 1e-6)
 
 
@@ -161,6 +165,91 @@ def excursion_factor(steps: int, alpha: float, per_feature_quantile: float) -> f
     need = -np.log1p(-per_feature_quantile)
     have = np.log1p(n)
     return float(np.sqrt(need / have)) if have < need else 1.0
+
+
+BATCH_SIZES = (2, 4, 8, 16, 32, 64, 128, 256)  # consecutive steps averaged to count independent values
+MIN_BATCHES = 10     # a batch size is judged only from at least this many complete batches
+BATCH_WINDOW = 5.0   # ... and trusted once it spans this many steps per independent value
+
+
+class BatchMeans:
+    """Spread of a residual's single steps and of the means of consecutive batches of its steps,
+    each about its asset's own mean, per feature, met piece by piece (each asset's steps in
+    order, possibly split over several pieces): how long the residual remembers, so how many
+    independent values a history holds. A residual that wanders slowly keeps its batch means as
+    spread as its steps; white noise shrinks their variance by the batch size. Batches are counted
+    from each asset's first step, so any split of the history gives the same figures."""
+
+    def __init__(self, n_assets: int, n_features: int, sizes: tuple[int, ...] = BATCH_SIZES) -> None:
+        shape, per_size = (n_assets, n_features), (len(sizes), n_assets, n_features)
+        self.sizes = sizes
+        self.step_sq, self.step_sum, self.steps = np.zeros(n_features), np.zeros(shape), np.zeros(shape)
+        self.batch_sq = np.zeros((len(sizes), n_features))
+        self.batch_sum, self.batches = np.zeros(per_size), np.zeros(per_size)
+        self._sum, self._count = np.zeros(per_size), np.zeros(per_size)  # the batch each asset has not finished
+        self._batch = np.full((len(sizes), n_assets), -1, np.int64)
+
+    def add(self, asset: np.ndarray, position: np.ndarray, x: np.ndarray) -> None:
+        """Steps (n,) of assets, each asset's steps adjacent and in order, at ``position`` in its history."""
+        if not len(x):
+            return
+        ok = np.isfinite(x)
+        z = np.where(ok, x, 0.0)
+        first = np.flatnonzero(np.r_[True, asset[1:] != asset[:-1]])
+        self.step_sq += (z * z).sum(axis=0)
+        np.add.at(self.step_sum, asset[first], np.add.reduceat(z, first))
+        np.add.at(self.steps, asset[first], np.add.reduceat(ok.astype(np.float64), first))
+        for i, b in enumerate(self.sizes):
+            batch = position // b
+            starts = np.flatnonzero(np.r_[True, (asset[1:] != asset[:-1]) | (batch[1:] != batch[:-1])])
+            ends = np.r_[starts[1:], len(x)] - 1
+            sums, counts = np.add.reduceat(z, starts), np.add.reduceat(ok.astype(np.float64), starts)
+            a, k = asset[starts], batch[starts]
+            carried = self._batch[i, a] == k  # the first batch of an asset continues its unfinished one
+            sums[carried] += self._sum[i, a[carried]]
+            counts[carried] += self._count[i, a[carried]]
+            done = position[ends] % b == b - 1
+            open_ = ~done  # only an asset's last batch in a piece can be unfinished
+            self._batch[i, a[done]] = -1
+            self._batch[i, a[open_]] = k[open_]
+            self._sum[i, a[open_]], self._count[i, a[open_]] = sums[open_], counts[open_]
+            has = counts[done] > 0
+            mean = np.divide(sums[done], counts[done], out=np.zeros_like(sums[done]), where=has)
+            self.batch_sq[i] += (mean * mean).sum(axis=0)
+            np.add.at(self.batch_sum[i], a[done], mean)
+            np.add.at(self.batches[i], a[done], has.astype(np.float64))
+
+    def integrated_time(self) -> np.ndarray:
+        """Per feature, steps per independent value: ``b × var(batch means) / var(steps)`` for the
+        smallest batch size b that spans ``BATCH_WINDOW`` times its own estimate; where none
+        does, the largest size with ``MIN_BATCHES`` batches gives a lower bound. At least 1."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mu = np.where(self.steps > 0, self.step_sum / np.maximum(self.steps, 1), 0.0)
+            step = (self.step_sq - (self.steps * mu * mu).sum(axis=0)) / self.steps.sum(axis=0)
+            spread = self.batch_sq - (2 * mu * self.batch_sum - self.batches * mu * mu).sum(axis=1)
+            count = self.batches.sum(axis=1)
+            tau = np.array(self.sizes, np.float64)[:, None] * (spread / count) / step
+        usable = (count >= MIN_BATCHES) & np.isfinite(tau)
+        trusted = usable & (np.array(self.sizes)[:, None] >= BATCH_WINDOW * tau)
+        out = np.ones(len(step))
+        for f in range(len(step)):
+            pick = np.flatnonzero(trusted[:, f])
+            pick = pick[:1] if len(pick) else np.flatnonzero(usable[:, f])[-1:]
+            if len(pick):
+                out[f] = max(float(tau[pick[0], f]), 1.0)
+        return out
+
+
+def scale_uncertainty_factor(independent: np.ndarray, per_feature_quantile: float) -> np.ndarray:
+    """How far a level is stretched because the scale it is read against was itself estimated
+    from few independent values: the Student-t quantile with ``independent - 1`` degrees of
+    freedom over the normal one. A slow feature (a temperature that wanders over hours) holds
+    a handful of independent values in a short history, and where it goes next is far less
+    certain than its spread there says; a fast one holds hundreds, and the factor is 1."""
+    from scipy.stats import norm, t
+
+    df = np.maximum(np.asarray(independent, np.float64) - 1.0, 1.0)
+    return np.maximum(t.ppf(per_feature_quantile, df) / norm.ppf(per_feature_quantile), 1.0)
 
 
 def calibrate_levels(ewma_sq: np.ndarray, quantile: float, margin: float) -> np.ndarray:

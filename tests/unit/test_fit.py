@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings as hyp_settings, strategies as st
 
-from pipeline import fit
+from pipeline import fit, thresholds
 from pipeline.bundle import AssetHeads, ModelBundle
 from pipeline.fit import (
     FitError,
@@ -170,11 +170,12 @@ def test_the_bundle_equals_an_in_memory_fit_with_the_same_weights(whole) -> None
     t = SETTINGS.threshold
     state = FleetState(GridConfig.from_settings(SETTINGS.grid, len(FEATURES)), bundle.units, len(FEATURES))
     model = StepFunction(len(FEATURES), bundle.units, bundle.weights)
-    fc, nv, runs, held = [], [], [], []
+    fc, nv, runs, held, residuals = [], [], [], [], []
     for i, (a, steps) in enumerate(per_asset.items()):
         out = score_steps(state, model, bundle, steps)
         novelty = out.novelty.copy()
         novelty[:cuts[a]] = oof[first[i]:first[i + 1]]
+        residuals.append(novelty)
         fc.append(ewma_series(out.errors**2, t.smoothing_alpha, PRIOR_LEVEL))
         nv.append(ewma_series(novelty**2, t.novelty_alpha, PRIOR_LEVEL))
         runs.append(flat_runs(steps.values))
@@ -186,8 +187,24 @@ def test_the_bundle_equals_an_in_memory_fit_with_the_same_weights(whole) -> None
     def fc_margin(steps: int) -> float:
         return t.margin * excursion_factor(steps, t.smoothing_alpha, q)
 
-    def nv_margin(steps: int) -> float:
-        return t.novelty_margin * excursion_factor(steps, t.novelty_alpha, q)
+    # ... and the novelty level for the few independent values a slow residual holds: steps per
+    # independent value from the residuals' batch means (thresholds.BatchMeans), pooled over assets.
+    # Each asset's steps and batch means are taken about its own mean.
+    mu = [np.nanmean(r, axis=0) for r in residuals]
+    step_sq = np.nanmean(np.concatenate([r - m for r, m in zip(residuals, mu)]) ** 2, axis=0)
+    per_size = {}
+    for b in thresholds.BATCH_SIZES:
+        means = np.concatenate([np.nanmean(r[:len(r) // b * b].reshape(-1, b, len(FEATURES)), axis=1) - m
+                                for r, m in zip(residuals, mu)])
+        if len(means) >= thresholds.MIN_BATCHES:
+            per_size[b] = b * np.mean(means**2, axis=0) / step_sq
+    tau = np.maximum([next((t[j] for b, t in per_size.items() if b >= thresholds.BATCH_WINDOW * t[j]),
+                           list(per_size.values())[-1][j]) for j in range(len(FEATURES))], 1.0)
+    assert np.all(tau >= 1.0) and tau.max() < 100
+
+    def nv_margin(steps: int) -> np.ndarray:
+        return (t.novelty_margin * excursion_factor(steps, t.novelty_alpha, q)
+                * thresholds.scale_uncertainty_factor(steps / tau, q))
 
     np.testing.assert_allclose(bundle.forecast_level, calibrate_levels(fc_all[held_all], t.quantile, fc_margin(220)),
                                rtol=1e-5)  # float32 LSTM: two assets per call there, one here
