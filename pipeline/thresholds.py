@@ -26,8 +26,8 @@ in it, and operation drifts to states it did not show. A feature whose residual 
 slowly (a temperature over a few minutes of history) holds few independent values, so its
 spread there says little about where it goes next: its novelty level is widened by the
 Student-t quantile for that many values over the normal one (:func:`scale_uncertainty_factor`);
-a fast one's is not. The combined score — the largest of all — is in units of "calibrated level" and alerts above ``threshold`` (1). The
-features of the dominating term explain the alert.
+a fast one's is not. The combined score — the largest of all — is in units of "calibrated
+level" and alerts above ``threshold`` (1). The features of the dominating term explain the alert.
 
 **Online adaptation** (in the spirit of telemanom's nonparametric dynamic threshold):
 each asset tracks the mean and variance of its own combined score while it is normal,
@@ -178,7 +178,8 @@ class BatchMeans:
     order, possibly split over several pieces): how long the residual remembers, so how many
     independent values a history holds. A residual that wanders slowly keeps its batch means as
     spread as its steps; white noise shrinks their variance by the batch size. Batches are counted
-    from each asset's first step, so any split of the history gives the same figures."""
+    from each asset's first step, so any split of the history gives the same figures. Holds four
+    (assets × features) arrays per batch size: 256 bytes an asset and feature while a fit calibrates."""
 
     def __init__(self, n_assets: int, n_features: int, sizes: tuple[int, ...] = BATCH_SIZES) -> None:
         shape, per_size = (n_assets, n_features), (len(sizes), n_assets, n_features)
