@@ -198,7 +198,7 @@ def test_the_bundle_equals_an_in_memory_fit_with_the_same_weights(whole) -> None
                                 for r, m in zip(residuals, mu)])
         if len(means) >= thresholds.MIN_BATCHES:
             per_size[b] = b * np.mean(means**2, axis=0) / step_sq
-    tau = np.maximum([next((t[j] for b, t in per_size.items() if b >= thresholds.BATCH_WINDOW * t[j]),
+    tau = np.maximum([next((est[j] for b, est in per_size.items() if b >= thresholds.BATCH_WINDOW * est[j]),
                            list(per_size.values())[-1][j]) for j in range(len(FEATURES))], 1.0)
     assert np.all(tau >= 1.0) and tau.max() < 100
 
