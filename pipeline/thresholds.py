@@ -179,7 +179,7 @@ class BatchMeans:
     independent values a history holds. A residual that wanders slowly keeps its batch means as
     spread as its steps; white noise shrinks their variance by the batch size. Batches are counted
     from each asset's first step, so any split of the history gives the same figures. Holds four
-    (assets × features) arrays per batch size: 256 bytes an asset and feature while a fit calibrates."""
+    (assets × features) arrays per batch size: about 280 bytes an asset and feature while a fit calibrates."""
 
     def __init__(self, n_assets: int, n_features: int, sizes: tuple[int, ...] = BATCH_SIZES) -> None:
         shape, per_size = (n_assets, n_features), (len(sizes), n_assets, n_features)
