@@ -694,21 +694,23 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
     def fc_margin(steps: int) -> float:
         return t.margin * (excursion_factor(steps, t.smoothing_alpha, q) if EXCURSION_STRETCH else 1.0)
 
+    def nv_margin(steps: int) -> float:
+        return t.novelty_margin * (excursion_factor(steps, t.novelty_alpha, q) if EXCURSION_STRETCH else 1.0)
+
     # A slow feature's residual holds few independent values in a short history: its scale is
-    # uncertain, and the novelty level widens with it (see scale_uncertainty_factor).
+    # uncertain, and the novelty level widens with it (see scale_uncertainty_factor). One call
+    # for the fleet and every asset with levels of its own (scipy's quantile costs ~90 µs a call).
     tau = memory.integrated_time()
-
-    def nv_margin(steps: int) -> np.ndarray:
-        return (t.novelty_margin * (excursion_factor(steps, t.novelty_alpha, q) if EXCURSION_STRETCH else 1.0)
-                * scale_uncertainty_factor(steps / tau, q))
-
+    own_list = own.tolist()
+    widen = scale_uncertainty_factor(np.concatenate([[counts.sum()], counts[own]])[:, None] / tau, q)
     levels = TermLevels(level_from_quantile(fc_top.value(), fc_margin(n_held)),
-                        level_from_quantile(nv_top.value(), nv_margin(int(counts.sum()))), flat_limit.astype(np.float64))
-    mine = AssetLevels(tuple(history.names[a] for a in own.tolist()),
+                        level_from_quantile(nv_top.value(), nv_margin(int(counts.sum())) * widen[0]),
+                        flat_limit.astype(np.float64))
+    mine = AssetLevels(tuple(history.names[a] for a in own_list),
                        np.array([level_from_quantile(own_fc[a].value(), fc_margin(int(held_n[a])))
-                                 for a in own.tolist()]).reshape(-1, f),
-                       np.array([level_from_quantile(own_nv[a].value(), nv_margin(int(counts[a])))
-                                 for a in own.tolist()]).reshape(-1, f))
+                                 for a in own_list]).reshape(-1, f),
+                       np.array([level_from_quantile(own_nv[a].value(), nv_margin(int(counts[a])) * widen[i + 1])
+                                 for i, a in enumerate(own_list)]).reshape(-1, f))
     # Each asset's rows of levels (its own or the fleet's), to score the held-out steps as the engine will.
     fc_rows, nv_rows = mine.rows_for(np.array(history.names, dtype=object), levels.forecast, levels.novelty)
     normal = Moments(())
