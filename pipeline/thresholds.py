@@ -195,16 +195,17 @@ class BatchMeans:
         if not len(x):
             return
         ok = np.isfinite(x)
-        z = np.where(ok, x, 0.0)
-        first = np.flatnonzero(np.r_[True, asset[1:] != asset[:-1]])
+        z, valid = np.where(ok, x, 0.0), ok.astype(np.float64)
+        new_asset = asset[1:] != asset[:-1]
+        first = np.flatnonzero(np.r_[True, new_asset])
         self.step_sq += (z * z).sum(axis=0)
         np.add.at(self.step_sum, asset[first], np.add.reduceat(z, first))
-        np.add.at(self.steps, asset[first], np.add.reduceat(ok.astype(np.float64), first))
+        np.add.at(self.steps, asset[first], np.add.reduceat(valid, first))
         for i, b in enumerate(self.sizes):
             batch = position // b
-            starts = np.flatnonzero(np.r_[True, (asset[1:] != asset[:-1]) | (batch[1:] != batch[:-1])])
+            starts = np.flatnonzero(np.r_[True, new_asset | (batch[1:] != batch[:-1])])
             ends = np.r_[starts[1:], len(x)] - 1
-            sums, counts = np.add.reduceat(z, starts), np.add.reduceat(ok.astype(np.float64), starts)
+            sums, counts = np.add.reduceat(z, starts), np.add.reduceat(valid, starts)
             a, k = asset[starts], batch[starts]
             carried = self._batch[i, a] == k  # the first batch of an asset continues its unfinished one
             sums[carried] += self._sum[i, a[carried]]
