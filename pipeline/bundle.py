@@ -209,6 +209,7 @@ class ModelBundle:
     asset_levels: AssetLevels = field(default_factory=AssetLevels)
     heads: AssetHeads = field(default_factory=AssetHeads)
     novelty_range: np.ndarray | None = None  # (2, F) scaled bounds of the novelty map's inputs; None: not held
+    novelty_memory: np.ndarray | None = None  # (F,) steps per independent value of each novelty residual in the fit; None: not held
 
     @property
     def n_features(self) -> int:
@@ -246,6 +247,7 @@ def encode_bundle(bundle: ModelBundle) -> dict[str, bytes]:
             "level_assets": np.array(bundle.asset_levels.names, dtype=np.str_),
             "asset_forecast_level": bundle.asset_levels.forecast, "asset_novelty_level": bundle.asset_levels.novelty,
             **({} if bundle.novelty_range is None else {"novelty_range": bundle.novelty_range}),
+            **({} if bundle.novelty_memory is None else {"novelty_memory": bundle.novelty_memory}),
         }),
     }
     manifest: dict[str, Any] = {
@@ -316,6 +318,7 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
             metadata=dict(manifest.get("metadata", {})),
             asset_levels=_asset_levels(scaling), heads=heads,
             novelty_range=scaling.get("novelty_range"),  # absent from bundles written before it existed
+            novelty_memory=scaling.get("novelty_memory"),  # likewise
         )
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise BundleError(f"bundle content is inconsistent: {exc}") from None
@@ -365,6 +368,9 @@ def _check_shapes(b: ModelBundle) -> None:
     nr = b.novelty_range
     if nr is not None and (nr.shape != (2, f) or not np.all(np.isfinite(nr)) or np.any(nr[0] > nr[1])):
         raise BundleError(f"novelty_range must be {f} finite (min, max) pairs")
+    nm = b.novelty_memory
+    if nm is not None and (nm.shape != (f,) or not np.all(np.isfinite(nm)) or np.any(nm < 1)):
+        raise BundleError(f"novelty_memory must be {f} finite numbers >= 1 (steps per independent value)")
     if min(b.scaler.scale.min(), b.error_scale.min(), b.novelty_scale.min(), b.forecast_level.min(),
            b.novelty_level.min(), b.flat_limit.min()) <= 0:
         raise BundleError("scales must be positive")

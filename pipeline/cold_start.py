@@ -11,7 +11,8 @@ fleet's units, and its first readings would alert although nothing is wrong. So,
    of :data:`PRIOR_STEPS` steps);
 2. **level** (the rest): the score terms restart under the asset's scaling so far and the
    asset calibrates its own per-feature term levels as the fit does (the largest smoothed term
-   seen, times the margin, stretched for a short sample), never below the fleet's: the network
+   seen, times the margin, stretched for a short sample, the novelty levels widened for a slow
+   feature as the fit widens them), never below the fleet's: the network
    and the cross-sectional map were fitted on other assets, so their errors on this one may
    run higher. The running scaling goes on learning through this part too: frozen after the
    first third, a slowly drifting sensor (a warming pump's temperature) soon left its range.
@@ -33,7 +34,7 @@ import numpy as np
 from pipeline.bundle import ModelBundle, ThresholdParams, scale_from
 from pipeline.rowwise import row_all
 from pipeline.state import FleetState
-from pipeline.thresholds import TermLevels, excursion_factor, feature_quantile
+from pipeline.thresholds import MIN_BATCHES, TermLevels, excursion_factor, feature_quantile, scale_uncertainty_factor
 
 UNDECIDED, KNOWN, COLD = 0, 1, 2
 PRIOR_STEPS = 30  # weight, in steps, of the model's own scaling in an asset's learned spread
@@ -183,11 +184,13 @@ def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, asset
 
 
 def learn_levels(state: FleetState, rows: np.ndarray, index: np.ndarray, levels: TermLevels, p: ThresholdParams,
-                 plan: ColdPlan) -> np.ndarray:
+                 plan: ColdPlan, novelty_memory: np.ndarray | None = None) -> np.ndarray:
     """One step of each of ``rows`` (distinct assets), after its score terms advanced: track the
     largest smoothed term per feature over the level part and, at its end, set the asset's own
     levels the way the fit calibrates them (the sample's top times the margin, stretched for the
-    few independent excursions a short sample holds; see :func:`excursion_factor`), never below
+    few independent excursions a short sample holds, see :func:`excursion_factor`, and the
+    novelty levels widened for the few independent values a slow feature holds in the level
+    part, see :func:`scale_uncertainty_factor`, with the fit's ``novelty_memory``), never below
     the fleet's (``levels``, the rows of these steps). Returns which steps are still learning."""
     v = state.vectors
     lv = (index >= plan.scaling) & (index < plan.total)
@@ -206,6 +209,12 @@ def learn_levels(state: FleetState, rows: np.ndarray, index: np.ndarray, levels:
         flat_fleet = np.broadcast_to(levels.flat, shape)[end]
         fc_stretch = p.margin * excursion_factor(plan.level, p.smoothing_alpha, q)
         nv_stretch = p.novelty_margin * excursion_factor(plan.level, p.novelty_alpha, q)
+        if novelty_memory is not None:
+            # The level part attests a memory of at most a tenth of its length, as the fit's
+            # estimate of a short history does (MIN_BATCHES): a residual slower than that is
+            # judged from as many values as the fit would have judged it, not from one.
+            memory = np.minimum(novelty_memory, plan.level / MIN_BATCHES)
+            nv_stretch = nv_stretch * scale_uncertainty_factor(plan.level / np.maximum(memory, 1.0), q)
         v["own_fc_level"][e] = np.maximum(fc_fleet, v["cold_fc_max"][e] * fc_stretch)
         v["own_nv_level"][e] = np.maximum(nv_fleet, v["cold_nv_max"][e] * nv_stretch)
         v["own_flat_limit"][e] = np.maximum(flat_fleet, p.flat_factor * v["cold_flat_max"][e])

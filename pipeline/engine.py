@@ -269,7 +269,8 @@ class DetectionEngine:
                                                          scored.novelty[sel], step_levels, b.thresholds)
             alert_score[sel] = score = combined.score
             if cold:
-                learning[sel] = learn_levels(state, rows, scaling.index[sel], step_levels, b.thresholds, plan)
+                learning[sel] = learn_levels(state, rows, scaling.index[sel], step_levels, b.thresholds, plan,
+                                             b.novelty_memory)
                 learning[sel] |= rebased[sel]
                 score = np.where(learning[sel], np.nan, score)
             terms[sel, 0], terms[sel, 1], terms[sel, 2] = combined.forecast, combined.novelty, combined.flat

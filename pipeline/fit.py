@@ -634,14 +634,16 @@ def _flat_rows(r: _Round, prev: np.ndarray, run: np.ndarray) -> np.ndarray:
 
 def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: StepFunction, settings: Settings,
                flat_max: np.ndarray, spool: Path, folds: NoveltyFolds | None = None
-               ) -> tuple[ThresholdParams, TermLevels, AssetLevels]:
+               ) -> tuple[ThresholdParams, TermLevels, AssetLevels, np.ndarray]:
     """Thresholds of the score terms, the way the engine computes them (per-asset EWMAs
     from the prior level, flat runs of raw values), without holding the history: the
     fleet's levels, and each asset's own where it has ``ASSET_LEVEL_MIN_HELD`` held-out steps.
 
     With ``folds``, the novelty term of each training step comes from the fold map that did
     not see it: with many features and a short history the map fits its own training steps
-    far better than new data, and levels calibrated in sample sit below a normal recording's."""
+    far better than new data, and levels calibrated in sample sit below a normal recording's.
+    Also returns each feature's novelty memory (steps per independent value), which a cold
+    start uses to widen the levels it learns from its few steps."""
     t = settings.threshold
     f, counts = history.n_features, history.counts
     held_n = counts - cut
@@ -720,7 +722,7 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
         score = combine(rec["fc"], rec["nv"], rec["runs"], at).score
         normal.add(score[np.isfinite(score)])
     p = ThresholdParams.from_settings(t, normal_mean=float(normal.mean), normal_std=float(normal.std))
-    return p, levels, mine
+    return p, levels, mine, tau
 
 
 def _finite_rows(x: np.ndarray) -> np.ndarray:
@@ -840,14 +842,14 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     calibration = dataclasses.replace(provisional, error_scale=error_scale, novelty_coef=novelty_coef,
                                       novelty_scale=novelty_scale, heads=heads, novelty_range=part.novelty_range)
     flat_max = never_stuck(part.flat_max, part.repeat_share, settings.threshold.flat_repeat_share)
-    thresholds, levels, asset_levels = _calibrate(history, cut, calibration, scorer, settings, flat_max,
+    thresholds, levels, asset_levels, memory = _calibrate(history, cut, calibration, scorer, settings, flat_max,
                                                   workdir / "held-terms", novelty_folds)
     report.duration_s = time.monotonic() - t0
     meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
                          part.scaler, error_scale, novelty_coef, novelty_scale, levels.flat,
                          levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels, heads,
-                         part.novelty_range)
+                         part.novelty_range, memory)
     return bundle, report
 
 

@@ -213,3 +213,14 @@ def test_the_novelty_range_round_trips_and_old_bundles_leave_the_maps_inputs_unh
     upside_down = dataclasses.replace(tiny_bundle, novelty_range=tiny_bundle.novelty_range[::-1] + [[-1.0], [1.0]])
     with pytest.raises(BundleError, match="novelty_range"):
         decode_bundle(encode_bundle(upside_down))
+
+
+def test_the_novelty_memory_round_trips_and_old_bundles_hold_none(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    assert tiny_bundle.novelty_memory is not None and tiny_bundle.novelty_memory.shape == (len(FEATURES),)
+    assert (tiny_bundle.novelty_memory >= 1).all()
+    np.testing.assert_array_equal(decode_bundle(encode_bundle(tiny_bundle)).novelty_memory, tiny_bundle.novelty_memory)
+    legacy = _rewrite_scaling(encode_bundle(tiny_bundle), lambda a: {k: v for k, v in a.items() if k != "novelty_memory"})
+    assert decode_bundle(legacy).novelty_memory is None
+    below_one = dataclasses.replace(tiny_bundle, novelty_memory=np.zeros(len(FEATURES)))
+    with pytest.raises(BundleError, match="novelty_memory"):
+        decode_bundle(encode_bundle(below_one))

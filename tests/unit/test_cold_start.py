@@ -191,3 +191,29 @@ def test_many_new_assets_at_different_points_of_their_cold_start(tiny_bundle) ->
         assert mine[:60].all() and not mine[60:].any()
         row = engine.state.index[f"new-{k}"]
         assert np.isfinite(engine.state.vectors["own_flat_limit"][row]).all()
+
+
+def test_a_slow_feature_widens_the_novelty_level_a_cold_start_learns(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Its level part holds few independent values of a slow residual: the level widens as the fit's do."""
+    from pipeline.thresholds import MIN_BATCHES, excursion_factor, feature_quantile, scale_uncertainty_factor
+
+    f = len(FEATURES)
+    memory = np.array([1.0, 40.0, 8.0][:f] + [1.0] * max(f - 3, 0))
+    base = _with_cold_start(dataclasses.replace(tiny_bundle, novelty_memory=None), 120)
+    slow = dataclasses.replace(base, novelty_memory=memory)
+    frame = _newcomer(300)
+    levels = {}
+    for name, bundle in (("none", base), ("slow", slow)):
+        engine, _ = _run(bundle, frame)
+        row = engine.state.index["p9"]
+        levels[name] = (engine.state.vectors["own_nv_level"][row].copy(), engine.state.vectors["cold_nv_max"][row].copy())
+    p, plan = base.thresholds, ColdPlan.of(base)
+    q = feature_quantile(p.quantile, f)
+    stretch = p.novelty_margin * excursion_factor(plan.level, p.novelty_alpha, q)
+    attested = np.maximum(np.minimum(memory, plan.level / MIN_BATCHES), 1.0)  # 40 steps is more than 80 can attest
+    widen = scale_uncertainty_factor(plan.level / attested, q)
+    np.testing.assert_allclose(levels["none"][1], levels["slow"][1])  # the same sample ...
+    np.testing.assert_allclose(levels["none"][0], np.maximum(base.novelty_level, levels["none"][1] * stretch))
+    np.testing.assert_allclose(levels["slow"][0], np.maximum(base.novelty_level, levels["slow"][1] * stretch * widen))
+    assert widen[1] == widen[2] > 1.3 > widen[0]
+    assert levels["slow"][0][1] > levels["none"][0][1]  # ... read with a wider level where the residual is slow
