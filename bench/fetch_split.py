@@ -38,14 +38,14 @@ from bench.throughput import REPO, bench_settings, fit_tiny_bundle, produce_read
 PolledRecord = namedtuple("PolledRecord", "topic partition offset timestamp key value headers")
 
 
-def _consumer(bootstrap: str, topic: str) -> tuple[Any, Any]:
+def _consumer(bootstrap: str, topic: str, partitions: list[int]) -> tuple[Any, Any]:
     from kafka import TopicPartition
 
     from consumers.kafka_clients import make_consumer
 
     s = bench_settings(bootstrap, topic)
     consumer = make_consumer(s, group_id=None)
-    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    tps = [TopicPartition(topic, p) for p in partitions]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
     for tp in tps:  # connected and positioned before any clock starts
@@ -53,9 +53,9 @@ def _consumer(bootstrap: str, topic: str) -> tuple[Any, Any]:
     return consumer, s
 
 
-def _fetch_child(bootstrap: str, topic: str, n_records: int, conn: Any) -> None:
+def _fetch_child(bootstrap: str, topic: str, partitions: list[int], n_records: int, conn: Any) -> None:
     """Poll and send each poll as columns: (partition, [offsets], [keys], [values]) per partition."""
-    consumer, s = _consumer(bootstrap, topic)
+    consumer, s = _consumer(bootstrap, topic, partitions)
     seen = 0
     conn.send(time.time())  # the clock starts with the first poll, as in the other kinds
     try:
@@ -79,7 +79,6 @@ def _detector(bootstrap: str, topic: str, bundle_uri: str, partitions: list[int]
     from pipeline.bundle import load_bundle
     from pipeline.checkpoint import Restored
     from pipeline.logs import configure_logging
-
     from pipeline.tf_threads import require_tf_threads
 
     s = bench_settings(bootstrap, topic)
@@ -97,14 +96,14 @@ def run(kind: str, bootstrap: str, topic: str, n_records: int, bundle_uri: str) 
 
     from consumers.kafka_clients import make_consumer
 
-    probe = make_consumer(bench_settings(bootstrap, topic), group_id=None)
+    probe = make_consumer(bench_settings(bootstrap, topic), group_id=None)  # one listing for every process
     partitions = sorted(probe.partitions_for_topic(topic))
     probe.close(autocommit=False)
     seen, busy = 0, 0.0  # busy: seconds inside Detector.process
     if kind == "split":
         d = _detector(bootstrap, topic, bundle_uri, partitions)
         parent, child = mp.Pipe(duplex=False)
-        proc = mp.get_context("spawn").Process(target=_fetch_child, args=(bootstrap, topic, n_records, child),
+        proc = mp.get_context("spawn").Process(target=_fetch_child, args=(bootstrap, topic, partitions, n_records, child),
                                                daemon=True)
         proc.start()
         start = parent.recv()
@@ -121,7 +120,7 @@ def run(kind: str, bootstrap: str, topic: str, n_records: int, bundle_uri: str) 
         seconds = time.time() - start
         proc.join(timeout=30)
     else:
-        consumer, s = _consumer(bootstrap, topic)
+        consumer, s = _consumer(bootstrap, topic, partitions)
         d = _detector(bootstrap, topic, bundle_uri, partitions) if kind == "inline" else None
         start = time.time()
         try:

@@ -843,7 +843,7 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
                                       novelty_scale=novelty_scale, heads=heads, novelty_range=part.novelty_range)
     flat_max = never_stuck(part.flat_max, part.repeat_share, settings.threshold.flat_repeat_share)
     thresholds, levels, asset_levels, memory = _calibrate(history, cut, calibration, scorer, settings, flat_max,
-                                                  workdir / "held-terms", novelty_folds)
+                                                          workdir / "held-terms", novelty_folds)
     report.duration_s = time.monotonic() - t0
     meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
