@@ -46,7 +46,7 @@ def random_bundle(n_features: int, seed: int = 0) -> ModelBundle:
     weights = [rng.normal(0, 0.1, w.shape).astype(np.float32) for w in model.get_weights()]
     f = n_features
     one = np.ones(f)
-    p = ThresholdParams.from_settings(ThresholdSettings(), normal_mean=0.5, normal_std=0.1, period_s=1.0)
+    p = ThresholdParams.from_settings(ThresholdSettings(), normal_mean=0.5, normal_std=0.1)
     return ModelBundle("bench", PUMP_FEATURES[:f], 1000, TIMESTEPS, UNITS, TIMESTEPS, Scaler(np.zeros(f), one),
                        one, np.zeros((2 * f, f)), one, one * 100, one * 3, one * 3, p, weights)
 

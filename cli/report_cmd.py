@@ -368,7 +368,7 @@ def settings_table(settings: Settings, bundle: ModelBundle, req: Request, warmup
         "steps drawn": str(len(result.step)),
         "alert lifecycle": f"open_after={th.open_after}, close_after={th.close_after}, close_ratio={th.close_ratio:g}",
         "score averages": f"smoothing_alpha={th.smoothing_alpha:g}, novelty_alpha={th.novelty_alpha:g}",
-        "threshold adaptation": f"weight a step {th.adapt_alpha:g} (adapt_alpha, adapt_memory_s), adapt_z={th.adapt_z:g}",
+        "threshold adaptation": f"adapt_alpha={th.adapt_alpha:g}, adapt_z={th.adapt_z:g}",
         "grid": f"lateness_ms={settings.grid.lateness_ms}, carry_forward_steps={settings.grid.carry_forward_steps}, "
                 f"gap_reset_steps={settings.grid.gap_reset_steps}",
         "archive": settings.archive.uri,

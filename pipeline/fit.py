@@ -599,8 +599,7 @@ def _fit_heads(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
 def _provisional(settings: Settings, scaler: Scaler, weights: list[np.ndarray], warmup: int) -> ModelBundle:
     """A bundle with unit scales, to read raw scaled errors off the production path."""
     f = len(settings.model.features)
-    dummy = ThresholdParams.from_settings(settings.threshold, normal_mean=0.0, normal_std=1.0,
-                                          period_s=settings.grid.period_s)
+    dummy = ThresholdParams.from_settings(settings.threshold, normal_mean=0.0, normal_std=1.0)
     one = np.ones(f)
     return ModelBundle("provisional", settings.model.features, settings.grid.period_ms, settings.model.timesteps,
                        settings.model.units, warmup, scaler, one, np.zeros((2 * f, f)), one, one, one, one, dummy,
@@ -722,8 +721,7 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
         at = TermLevels(fc_rows[rec["asset"]], nv_rows[rec["asset"]], levels.flat)
         score = combine(rec["fc"], rec["nv"], rec["runs"], at).score
         normal.add(score[np.isfinite(score)])
-    p = ThresholdParams.from_settings(t, normal_mean=float(normal.mean), normal_std=float(normal.std),
-                                      period_s=settings.grid.period_s)
+    p = ThresholdParams.from_settings(t, normal_mean=float(normal.mean), normal_std=float(normal.std))
     return p, levels, mine, tau
 
 

@@ -220,7 +220,6 @@ class ThresholdSettings:
     flat_repeat_share: float = _f(0.01, "only a feature whose raw value stayed the same three steps in a row on at most this share of training steps can be judged stuck: quantised, discrete or idle signals repeat as a matter of course")
     adapt_alpha: float = _f(0.002, "EWMA weight with which each asset's normal score level adapts online (0 = off)")
     adapt_z: float = _f(4.0, "the online threshold is the adapted mean plus this many adapted standard deviations")
-    adapt_memory_s: float = _f(28800.0, "… and it remembers at least this much event time: at a short grid period its weight per step falls to period / adapt_memory_s (an asset's normal spread shows over a shift, while a fault that builds up for minutes below the threshold would otherwise be learned as normal); 0 = adapt_alpha alone")
     open_after: int = _f(2, "consecutive steps above the threshold before an alert opens")
     close_after: int = _f(5, "consecutive steps below close_ratio × threshold before an alert closes")
     close_ratio: float = _f(0.8, "hysteresis: an alert closes below this fraction of the threshold")
@@ -242,7 +241,6 @@ class ThresholdSettings:
         _check(p + "flat_repeat_share", 0 <= self.flat_repeat_share <= 1, "must be in [0, 1]")
         _check(p + "adapt_alpha", 0 <= self.adapt_alpha < 1, "must be in [0, 1)")
         _check(p + "adapt_z", self.adapt_z > 0, "must be > 0")
-        _check(p + "adapt_memory_s", self.adapt_memory_s >= 0, "must be >= 0 (0 = adapt_alpha alone)")
         _check(p + "open_after", self.open_after >= 1, "must be >= 1")
         _check(p + "close_after", self.close_after >= 1, "must be >= 1")
         _check(p + "close_ratio", 0 < self.close_ratio <= 1, "must be in (0, 1]")
@@ -251,15 +249,6 @@ class ThresholdSettings:
         _check(p + "rebaseline_after_s", self.rebaseline_after_s >= 0, "must be >= 0 (0 = never)")
         _check(p + "cold_start_steps", self.cold_start_steps == 0 or self.cold_start_steps >= 4,
                "must be 0 (off) or >= 4")
-
-    def adapt_weight(self, period_s: float) -> float:
-        """The online adaptation's EWMA weight per step at this grid period: ``adapt_alpha``, or
-        less where that would forget in under ``adapt_memory_s`` of event time. At one reading a
-        minute 0.002 remembers about 8 hours; at one a second it would remember 8 minutes, about
-        as long as a fault builds up, so the weight falls to period / adapt_memory_s."""
-        if self.adapt_memory_s <= 0:
-            return self.adapt_alpha
-        return min(self.adapt_alpha, period_s / self.adapt_memory_s)
 
 
 @dataclass(frozen=True)

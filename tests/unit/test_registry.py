@@ -45,7 +45,7 @@ def make_bundle(version: str, features: tuple[str, ...] = FEATURES, units: tuple
         prev = u
     shapes += [(prev, f), (f,)]
     scaler = Scaler(rng.normal(size=f), np.ones(f), ("p1",), rng.normal(size=(1, f)), np.ones((1, f)))
-    calibrated = ThresholdParams.from_settings(ThresholdSettings(), normal_mean=0.5, normal_std=0.1, period_s=1.0)
+    calibrated = ThresholdParams.from_settings(ThresholdSettings(), normal_mean=0.5, normal_std=0.1)
     thresholds = dataclasses.replace(calibrated, threshold=1.5)
     return ModelBundle(version, features, 1000, 8, units, 8, scaler, error_scale=np.ones(f),
                        novelty_coef=rng.normal(size=(2 * f, f)), novelty_scale=np.ones(f), flat_limit=np.full(f, 30.0),

@@ -23,7 +23,7 @@ LEVELS = TermLevels(np.array([2.0, 2.0]), np.array([1.0, 4.0]), np.array([10.0, 
 def params(**kw: float) -> ThresholdParams:
     s = ThresholdSettings(smoothing_alpha=1.0, novelty_alpha=1.0, adapt_alpha=0.0, open_after=2, close_after=3,
                           close_ratio=0.5, update_every=100, top_features=2)
-    p = ThresholdParams.from_settings(s, normal_mean=0.2, normal_std=0.05, period_s=1.0)
+    p = ThresholdParams.from_settings(s, normal_mean=0.2, normal_std=0.05)
     return ThresholdParams(**{**p.__dict__, **kw})
 
 
@@ -160,19 +160,6 @@ def test_adaptation_pauses_while_above_the_threshold() -> None:
     p = params(adapt_alpha=0.2, adapt_z=3.0)
     thr = _adapt([0.2] * 50 + [3.0] * 100, p)
     assert thr[-1] == thr[51]  # a long fault is not learned as normal
-
-
-def test_the_adaptation_remembers_a_shift_of_event_time_whatever_the_period() -> None:
-    """A fault that sits below the threshold for 400 steps (under 7 minutes at one reading a
-    second) lifts the threshold where the adaptation forgets within steps, not at 1 s a step."""
-    s = ThresholdSettings(adapt_alpha=0.002, adapt_memory_s=28800.0)
-    assert s.adapt_weight(60.0) == 0.002  # a minute a step: 500 steps, over 8 hours
-    assert s.adapt_weight(1.0) == pytest.approx(1 / 28800)
-    assert ThresholdSettings(adapt_alpha=0.002, adapt_memory_s=0.0).adapt_weight(1.0) == 0.002
-    build_up = [0.3] * 200 + [0.9] * 400
-    at = {period: _adapt(build_up, params(adapt_alpha=s.adapt_weight(period), adapt_z=4.0)) for period in (1.0, 60.0)}
-    assert at[60.0][-1] > 1.3  # the sub-threshold fault was learned: a later, larger one must clear more
-    assert at[1.0][-1] < 1.02
 
 
 def _novelty_scores(p: ThresholdParams, residual: np.ndarray) -> np.ndarray:
