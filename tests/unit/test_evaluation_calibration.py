@@ -67,7 +67,7 @@ def test_the_training_window_follows_the_length_of_the_history() -> None:
 def _share_after_an_unseen_load_change(adapt_alpha: str | None = None) -> list[float]:
     """The simulated plant (3 pumps, seed 1) fitted on its first 75 minutes, then its next hour,
     in which each pump moves to a load the fit never saw, over a few minutes."""
-    from pipeline.evaluation import concat_batches, replay, rows_in_alerts, series_batch
+    from pipeline.evaluation import concat_batches, replay, rows_in_alerts, series_batch, series_from_frame
     from pipeline.fit import fit_bundle
     from pipeline.simulate import PlantConfig, PlantSimulator
 
@@ -78,7 +78,7 @@ def _share_after_an_unseen_load_change(adapt_alpha: str | None = None) -> list[f
 
     def series(lo: int, hi: int) -> list[Series]:
         part = frame[(frame.ts_ms >= lo) & (frame.ts_ms < hi)]
-        return [Series(a, g.ts_ms.to_numpy(), g[features].to_numpy()) for a, g in part.groupby("asset")]
+        return [series_from_frame(g, a, features, "ts_ms") for a, g in part.groupby("asset")]
 
     overrides = {"model.features": ",".join(features), "model.per_asset_heads": "false"}
     settings = tiny_settings(**overrides, **({"threshold.adapt_alpha": adapt_alpha} if adapt_alpha else {}))
