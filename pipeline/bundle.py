@@ -179,14 +179,13 @@ class ThresholdParams:
     novelty_margin: float = 1.25
     flat_factor: float = 2.0
     rebaseline_after_s: float = 0.0  # an alert open this long re-baselines its asset (0 = never)
-    forecast_cap: float = math.inf   # bundles written before the cap existed ran without one
 
     @classmethod
     def from_settings(cls, s: ThresholdSettings, *, normal_mean: float, normal_std: float) -> ThresholdParams:
         return cls(1.0, normal_mean, normal_std, s.smoothing_alpha, s.novelty_alpha,
                    s.adapt_alpha, s.adapt_z, s.open_after, s.close_after, s.close_ratio, s.update_every,
                    s.top_features, s.novelty_cap, s.cold_start_steps, s.quantile, s.margin, s.novelty_margin,
-                   s.flat_factor, s.rebaseline_after_s, s.forecast_cap)
+                   s.flat_factor, s.rebaseline_after_s)
 
 
 @dataclass

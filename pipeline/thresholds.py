@@ -4,11 +4,7 @@ into one alert score and adapted online per asset.
 The terms, per feature f of a step:
 
 * **forecast** — EWMA of the squared next-step error ``e_f²`` of the LSTM (fast,
-  ``smoothing_alpha``): spikes, noise bursts, abrupt breaks in the dynamics. Each ``e_f²``
-  is capped at ``(forecast_cap × level_f)²``: at the default cap of 2 and weight 0.3 one
-  step's error lifts a quiet term to about 1.1 × its level and the next step to about 0.9 ×,
-  so a glitch of a single reading does not open an alert (``open_after`` is 2), while an
-  error that lasts three steps does.
+  ``smoothing_alpha``): spikes, noise bursts, abrupt breaks in the dynamics.
 * **novelty** — EWMA of the squared cross-sectional residual ``r_f²`` (how far feature f
   is from what the other features say it should be; slow, ``novelty_alpha``): drifts,
   level shifts and broken correlations that a next-step forecaster adapts to. Each ``r_f²``
@@ -289,8 +285,7 @@ def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, e
     combined score and the threshold in force for each row.
     """
     v, cols = state.vectors, state.cols
-    fc_sq = np.minimum(errors**2, (p.forecast_cap * levels.forecast) ** 2)  # NaN stays NaN
-    v["forecast_ewma"][rows] = fc = ewma(take_rows(v["forecast_ewma"], rows), fc_sq, p.smoothing_alpha)
+    v["forecast_ewma"][rows] = fc = ewma(take_rows(v["forecast_ewma"], rows), errors**2, p.smoothing_alpha)
     capped = np.minimum(novelty**2, (p.novelty_cap * levels.novelty) ** 2)  # NaN stays NaN
     v["novelty_ewma"][rows] = nv = ewma(take_rows(v["novelty_ewma"], rows), capped, p.novelty_alpha)
     same = values == take_rows(v["prev_value"], rows)

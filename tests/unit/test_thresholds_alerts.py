@@ -184,30 +184,3 @@ def test_a_capped_novelty_term_falls_back_soon_after_a_long_fault_ends() -> None
     back = lambda s: int(np.argmax(s[220:] < 1.0)) + 1  # noqa: E731
     assert back(capped) < 0.5 * back(uncapped)
     assert back(capped) == int(np.ceil(np.log(1 / 9) / np.log(0.95)))  # EWMA of r² decays from 3² to under 1
-
-
-def _forecast_scores(p: ThresholdParams, error: np.ndarray) -> np.ndarray:
-    """The combined score of one asset whose only evidence is feature x's forecast error (level 2)."""
-    state, rows = new_state()
-    out = []
-    for e in error:
-        c, _ = update_thresholds(state, rows, np.full((1, 2), float(len(out))), np.array([[e, 0.0]]),
-                                 np.zeros((1, 2)), LEVELS, p)
-        out.append(c.score[0])
-    return np.array(out)
-
-
-def _longest_run_above(score: np.ndarray) -> int:
-    runs = np.diff(np.flatnonzero(np.diff(np.r_[False, score > 1.0, False])))[::2]
-    return int(runs.max()) if len(runs) else 0
-
-
-@pytest.mark.parametrize("steps, opens", [(1, False), (3, True), (50, True)])
-def test_a_capped_forecast_term_ignores_a_one_reading_glitch_but_not_an_error_that_lasts(steps: int, opens: bool) -> None:
-    """x's level is 2: an error of 24 (12× the level) for ``steps`` steps, on a quiet term."""
-    error = np.r_[np.full(20, 0.5), np.full(steps, 24.0), np.full(40, 0.5)]
-    smooth = dict(smoothing_alpha=0.3, open_after=2)
-    capped = _forecast_scores(params(**smooth, forecast_cap=2.0), error)
-    uncapped = _forecast_scores(params(**smooth, forecast_cap=float("inf")), error)
-    assert _longest_run_above(uncapped) >= 2  # without the cap every one of them would open an alert
-    assert (_longest_run_above(capped) >= 2) == opens
