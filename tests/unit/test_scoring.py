@@ -82,7 +82,7 @@ def test_a_reset_inside_a_batch_restarts_the_state(tiny_bundle) -> None:  # type
     tail = steps.take(np.arange(30, 60))
     state2, model2 = _fresh(tiny_bundle)
     fresh = score_steps(state2, model2, tiny_bundle, tail)
-    np.testing.assert_allclose(out.score[30:], fresh.score, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.score[30:], fresh.score, rtol=0, atol=1e-5)  # the float32 chunk-parity bound
     assert np.isnan(out.score[30:30 + tiny_bundle.warmup_steps]).all()
 
 
