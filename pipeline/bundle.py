@@ -123,6 +123,7 @@ class AssetLevels:
     names: tuple[str, ...] = ()
     forecast: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))  # (A, F)
     novelty: np.ndarray = field(default_factory=lambda: np.empty((0, 0)))   # (A, F)
+    agree: np.ndarray = field(default_factory=lambda: np.empty(0))  # (A,); empty where the bundle has no agreement term
 
     def __post_init__(self) -> None:
         self._index = {name: i for i, name in enumerate(self.names)}
@@ -132,6 +133,13 @@ class AssetLevels:
         """Forecast and novelty level rows (k, F) for each asset, from the fleet levels given where unknown."""
         fc, nv = per_asset_rows(self._index, assets, (self.forecast, forecast), (self.novelty, novelty))
         return fc, nv
+
+    def agree_rows(self, assets: np.ndarray, fleet: float) -> np.ndarray:
+        """The agreement level (k, 1) of each asset, the fleet's where the asset has none (also where
+        the levels were listed without agreement levels)."""
+        if len(self.agree) != len(self.names):
+            return repeated(np.array([fleet]), len(assets))
+        return per_asset_rows(self._index, assets, (self.agree.reshape(-1, 1), np.array([fleet])))[0]
 
 
 @dataclass
@@ -179,13 +187,14 @@ class ThresholdParams:
     novelty_margin: float = 1.25
     flat_factor: float = 2.0
     rebaseline_after_s: float = 0.0  # an alert open this long re-baselines its asset (0 = never)
+    alone_factor: float = 1.0  # bundles written before the agreement term: each term alone at its level
 
     @classmethod
     def from_settings(cls, s: ThresholdSettings, *, normal_mean: float, normal_std: float) -> ThresholdParams:
         return cls(1.0, normal_mean, normal_std, s.smoothing_alpha, s.novelty_alpha,
                    s.adapt_alpha, s.adapt_z, s.open_after, s.close_after, s.close_ratio, s.update_every,
                    s.top_features, s.novelty_cap, s.cold_start_steps, s.quantile, s.margin, s.novelty_margin,
-                   s.flat_factor, s.rebaseline_after_s)
+                   s.flat_factor, s.rebaseline_after_s, s.alone_factor)
 
 
 @dataclass
@@ -210,6 +219,7 @@ class ModelBundle:
     heads: AssetHeads = field(default_factory=AssetHeads)
     novelty_range: np.ndarray | None = None  # (2, F) scaled bounds of the novelty map's inputs; None: not held
     novelty_memory: np.ndarray | None = None  # (F,) steps per independent value of each novelty residual in the fit; None: not held
+    agree_level: float | None = None  # level of the agreement term (thresholds.combine); None: no such term
 
     @property
     def n_features(self) -> int:
@@ -246,8 +256,10 @@ def encode_bundle(bundle: ModelBundle) -> dict[str, bytes]:
             "forecast_level": bundle.forecast_level, "novelty_level": bundle.novelty_level,
             "level_assets": np.array(bundle.asset_levels.names, dtype=np.str_),
             "asset_forecast_level": bundle.asset_levels.forecast, "asset_novelty_level": bundle.asset_levels.novelty,
+            "asset_agree_level": bundle.asset_levels.agree,
             **({} if bundle.novelty_range is None else {"novelty_range": bundle.novelty_range}),
             **({} if bundle.novelty_memory is None else {"novelty_memory": bundle.novelty_memory}),
+            **({} if bundle.agree_level is None else {"agree_level": np.array(bundle.agree_level)}),
         }),
     }
     manifest: dict[str, Any] = {
@@ -319,6 +331,7 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
             asset_levels=_asset_levels(scaling), heads=heads,
             novelty_range=scaling.get("novelty_range"),  # absent from bundles written before it existed
             novelty_memory=scaling.get("novelty_memory"),  # likewise
+            agree_level=float(scaling["agree_level"]) if "agree_level" in scaling else None,  # likewise
         )
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise BundleError(f"bundle content is inconsistent: {exc}") from None
@@ -343,7 +356,7 @@ def _asset_levels(scaling: dict[str, np.ndarray]) -> AssetLevels:
     if "level_assets" not in scaling:
         return AssetLevels()
     return AssetLevels(tuple(str(a) for a in scaling["level_assets"]), scaling["asset_forecast_level"],
-                       scaling["asset_novelty_level"])
+                       scaling["asset_novelty_level"], scaling.get("asset_agree_level", np.empty(0)))
 
 
 def _check_shapes(b: ModelBundle) -> None:
@@ -371,6 +384,8 @@ def _check_shapes(b: ModelBundle) -> None:
     nm = b.novelty_memory
     if nm is not None and (nm.shape != (f,) or not np.all(np.isfinite(nm)) or np.any(nm < 1)):
         raise BundleError(f"novelty_memory must be {f} finite numbers >= 1 (steps per independent value)")
+    if b.agree_level is not None and not (math.isfinite(b.agree_level) and b.agree_level > 0):
+        raise BundleError("agree_level must be a positive finite number")
     if min(b.scaler.scale.min(), b.error_scale.min(), b.novelty_scale.min(), b.forecast_level.min(),
            b.novelty_level.min(), b.flat_limit.min()) <= 0:
         raise BundleError("scales must be positive")
@@ -385,6 +400,9 @@ def _check_shapes(b: ModelBundle) -> None:
         for name, arr in (("asset_forecast_level", lv.forecast), ("asset_novelty_level", lv.novelty)):
             if arr.shape != (len(lv.names), f) or not np.all(np.isfinite(arr)) or arr.min() <= 0:
                 raise BundleError(f"{name} must be positive finite numbers, one row of {f} per listed asset")
+        ag = lv.agree
+        if b.agree_level is not None and (ag.shape != (len(lv.names),) or not np.all(np.isfinite(ag)) or np.any(ag <= 0)):
+            raise BundleError("asset_agree_level must be one positive finite number per listed asset")
 
 
 def save_bundle(bundle: ModelBundle, uri: str, extra: dict[str, bytes] | None = None) -> None:

@@ -233,4 +233,4 @@ def with_own_levels(levels: TermLevels, state: FleetState, rows: np.ndarray) -> 
     shape = own_fc.shape
     return TermLevels(np.where(has[:, None], own_fc, np.broadcast_to(levels.forecast, shape)),
                       np.where(has[:, None], own_nv, np.broadcast_to(levels.novelty, shape)),
-                      np.where(has[:, None], own_fl, np.broadcast_to(levels.flat, shape)))
+                      np.where(has[:, None], own_fl, np.broadcast_to(levels.flat, shape)), levels.agree, levels.alone)

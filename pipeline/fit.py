@@ -54,8 +54,8 @@ from pipeline.readings import DecodedBatch
 from pipeline.scoring import ScoredSteps, novelty_design, scaled_values, score_steps, segment_bounds
 from pipeline.settings import Settings
 from pipeline.state import PRIOR_LEVEL, FleetState
-from pipeline.thresholds import (BatchMeans, TermLevels, combine, ewma, excursion_factor, feature_quantile,
-                                 level_from_quantile, scale_uncertainty_factor)
+from pipeline.thresholds import (BatchMeans, TermLevels, _ratios, _term, combine, ewma, excursion_factor,
+                                 feature_quantile, level_from_quantile, scale_uncertainty_factor)
 
 NOVELTY_RIDGE = 0.01
 NOVELTY_FOLDS = 5  # blocks of the cross-validation that calibrates the novelty term out of sample
@@ -715,10 +715,42 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
                                  for i, a in enumerate(own_list)]).reshape(-1, f))
     # Each asset's rows of levels (its own or the fleet's), to score the held-out steps as the engine will.
     fc_rows, nv_rows = mine.rows_for(np.array(history.names, dtype=object), levels.forecast, levels.novelty)
+
+    def held_terms() -> Iterator[tuple[np.ndarray, TermLevels]]:
+        for a in range(0, n_held, READ_STEPS):
+            rec = np.fromfile(spool, terms, count=min(READ_STEPS, n_held - a), offset=a * terms.itemsize)
+            yield rec, TermLevels(fc_rows[rec["asset"]], nv_rows[rec["asset"]], levels.flat)
+
+    # The agreement term's level, the fleet's and each asset's with levels of its own: read like the
+    # forecast term's on held-out steps (the LSTM's errors on its own training steps are too small),
+    # from each step's largest feature.
+    agree_top = UpperQuantile(n_held, t.quantile, 1)
+    own_ag = {a: UpperQuantile(int(held_n[a]), t.quantile, 1) for a in own_list}
+    for rec, at in held_terms():
+        g = _term(np.sqrt(_ratios(rec["fc"], at.forecast) * _ratios(rec["nv"], at.novelty)))[:, None]
+        agree_top.add(g)
+        if own_ag:
+            order = np.argsort(rec["asset"], kind="stable")
+            present, first = np.unique(rec["asset"][order], return_index=True)
+            for a, part in zip(present.tolist(), np.split(g[order], first[1:])):
+                if a in own_ag:
+                    own_ag[a].add(part)
+
+    def agree_level(top: UpperQuantile, steps: int) -> float:
+        stretch = t.margin * excursion_factor(steps, t.smoothing_alpha, t.quantile)
+        return float(level_from_quantile(top.value(), stretch)[0])
+
+    try:  # held-out steps are scored, so each has the term (else the bundle has no agreement term)
+        agree = np.array([agree_level(agree_top, n_held)])
+        mine = dataclasses.replace(mine, agree=np.array([agree_level(own_ag[a], int(held_n[a])) for a in own_list]))
+        levels = dataclasses.replace(levels, agree=agree, alone=t.alone_factor)
+        agree_rows = mine.agree_rows(np.array(history.names, dtype=object), float(agree[0]))
+    except FitError:
+        agree_rows = None
     normal = Moments(())
-    for a in range(0, n_held, READ_STEPS):
-        rec = np.fromfile(spool, terms, count=min(READ_STEPS, n_held - a), offset=a * terms.itemsize)
-        at = TermLevels(fc_rows[rec["asset"]], nv_rows[rec["asset"]], levels.flat)
+    for rec, at in held_terms():
+        if agree_rows is not None:
+            at = dataclasses.replace(at, agree=agree_rows[rec["asset"]], alone=levels.alone)
         score = combine(rec["fc"], rec["nv"], rec["runs"], at).score
         normal.add(score[np.isfinite(score)])
     p = ThresholdParams.from_settings(t, normal_mean=float(normal.mean), normal_std=float(normal.std))
@@ -849,7 +881,7 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
                          part.scaler, error_scale, novelty_coef, novelty_scale, levels.flat,
                          levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels, heads,
-                         part.novelty_range, memory)
+                         part.novelty_range, memory, None if levels.agree is None else float(levels.agree[0]))
     return bundle, report
 
 

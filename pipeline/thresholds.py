@@ -11,6 +11,14 @@ The terms, per feature f of a step:
   is capped at ``(novelty_cap × level_f)²``, so a long fault does not fill the slow EWMA
   with evidence that keeps the alert open long after the fault ends. Calibration does not
   cap: normal values come nowhere near the cap.
+* **agreement** — per feature, ``sqrt(forecast ratio × novelty ratio)``: both views of one
+  sensor (its own dynamics, and what the other sensors say it should be) moderately off at
+  once. A fault that lifts both to 0.7 of their levels stays below either alone; together
+  they are stronger evidence than either term near its level, whose normal excursions are
+  mostly unrelated. Its level is one number per asset (both ratios are already in units of
+  their own levels, so no feature needs its own), calibrated on held-out steps like the
+  forecast term, and each term alone then needs ``alone_factor`` times its level to dominate
+  the score.
 * **flatline** — how long the raw value has not changed, against the longest unchanged
   run seen in training: stuck sensors. A feature that held a value three steps in a row on
   more than ``flat_repeat_share`` of its training steps (quantised, discrete, idle) is never
@@ -91,18 +99,24 @@ class TermLevels:
     forecast: np.ndarray  # (F,) or (k, F)
     novelty: np.ndarray   # (F,) or (k, F)
     flat: np.ndarray      # (F,) or (k, F) steps a value may stay unchanged
+    agree: np.ndarray | None = None  # (1,) or (k, 1) level of the agreement term (None: no such term, as bundles before it)
+    alone: float = 1.0          # with an agreement term: each model term alone is judged against this × its level
 
     @classmethod
     def for_assets(cls, bundle: ModelBundle, assets: np.ndarray) -> TermLevels:
         """One row per step: each asset's own levels where the bundle has them, else the fleet's."""
         fc, nv = bundle.asset_levels.rows_for(assets, bundle.forecast_level, bundle.novelty_level)
-        return cls(fc, nv, bundle.flat_limit)
+        if bundle.agree_level is None:
+            return cls(fc, nv, bundle.flat_limit)
+        return cls(fc, nv, bundle.flat_limit, bundle.asset_levels.agree_rows(assets, bundle.agree_level),
+                   bundle.thresholds.alone_factor)
 
     def take(self, idx: np.ndarray) -> TermLevels:
         """The rows of the steps ``idx`` (levels shared by all steps are returned as they are)."""
         if self.forecast.ndim == 1:
             return self
-        return TermLevels(self.forecast[idx], self.novelty[idx], self.flat)
+        agree = self.agree if self.agree is None or self.agree.ndim == 1 else self.agree[idx]
+        return TermLevels(self.forecast[idx], self.novelty[idx], self.flat, agree, self.alone)
 
 
 @dataclass
@@ -112,6 +126,7 @@ class CombinedScore:
     forecast: np.ndarray       # (k,) each term, for plots and diagnostics
     novelty: np.ndarray
     flat: np.ndarray
+    agree: np.ndarray | None = None  # (k,) the agreement term, where the bundle has one
 
 
 def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.ndarray,
@@ -123,19 +138,28 @@ def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.nd
     flat = levels.flat if levels.flat.ndim == 2 else repeated(levels.flat, len(flat_run))
     flat_ratio = flat_run / flat
     t_fl = row_max(flat_ratio)
+    ag = t_ag = None
+    if levels.agree is not None:
+        ag = np.sqrt(fc * nv) / levels.agree
+        t_ag = _term(ag)
     # The terms are finite or NaN (see _term): a NaN term never dominates.
-    terms = np.empty((len(t_fl), 3))  # (filled column by column: np.stack costs more than a small poll's terms)
-    terms[:, 0] = np.where(np.isnan(t_fc), -1.0, t_fc)
-    terms[:, 1] = np.where(np.isnan(t_nv), -1.0, t_nv)
+    n_terms = 3 if ag is None else 4
+    terms = np.empty((len(t_fl), n_terms))  # (filled column by column: np.stack costs more than a small poll's terms)
+    terms[:, 0] = np.where(np.isnan(t_fc), -1.0, t_fc / levels.alone)
+    terms[:, 1] = np.where(np.isnan(t_nv), -1.0, t_nv / levels.alone)
     terms[:, 2] = t_fl
+    if t_ag is not None:
+        terms[:, 3] = np.where(np.isnan(t_ag), -1.0, t_ag)
     which = terms.argmax(axis=-1)
     score = row_max(terms)
     score = np.where(np.isnan(t_fc) & np.isnan(t_nv), np.nan, score)
     model_terms = np.where((which == 0)[:, None], fc, nv)
+    if ag is not None:
+        model_terms = np.where((which == 3)[:, None], ag, model_terms)
     if not np.isfinite(model_terms).all():  # (np.nan_to_num costs a small poll more than the check)
         np.nan_to_num(model_terms, copy=False)
     contrib = np.where((which == 2)[:, None], flat_ratio, model_terms)
-    return CombinedScore(score, contrib, t_fc, t_nv, t_fl)
+    return CombinedScore(score, contrib, t_fc, t_nv, t_fl, t_ag)
 
 
 def feature_quantile(quantile: float, n_features: int) -> float:

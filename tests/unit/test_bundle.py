@@ -224,3 +224,17 @@ def test_the_novelty_memory_round_trips_and_old_bundles_hold_none(tiny_bundle) -
     below_one = dataclasses.replace(tiny_bundle, novelty_memory=np.zeros(len(FEATURES)))
     with pytest.raises(BundleError, match="novelty_memory"):
         decode_bundle(encode_bundle(below_one))
+
+
+def test_the_agreement_levels_round_trip_and_old_bundles_have_no_agreement_term(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    assert tiny_bundle.agree_level is not None and tiny_bundle.agree_level > 0
+    assert tiny_bundle.asset_levels.agree.shape == (len(tiny_bundle.asset_levels.names),)
+    back = decode_bundle(encode_bundle(tiny_bundle))
+    assert back.agree_level == tiny_bundle.agree_level
+    np.testing.assert_array_equal(back.asset_levels.agree, tiny_bundle.asset_levels.agree)
+    legacy = _rewrite_scaling(encode_bundle(tiny_bundle), lambda a: {k: v for k, v in a.items()
+                                                                    if k not in ("agree_level", "asset_agree_level")})
+    assert decode_bundle(legacy).agree_level is None
+    zero = dataclasses.replace(tiny_bundle, agree_level=0.0)
+    with pytest.raises(BundleError, match="agree_level"):
+        decode_bundle(encode_bundle(zero))

@@ -93,7 +93,7 @@ def test_each_asset_is_judged_against_its_own_levels(tiny_bundle) -> None:  # ty
     fc, nv = own.forecast.copy(), own.novelty.copy()
     fc[i] /= 4
     nv[i] /= 4
-    tight = dataclasses.replace(tiny_bundle, asset_levels=AssetLevels(own.names, fc, nv))
+    tight = dataclasses.replace(tiny_bundle, asset_levels=AssetLevels(own.names, fc, nv, own.agree))
     outs = {}
     for name, b in (("base", tiny_bundle), ("tight", tight)):
         e = DetectionEngine(b, GridSettings())

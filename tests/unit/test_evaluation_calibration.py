@@ -21,7 +21,9 @@ def _latent_process(n: int, rng: np.random.Generator, loadings: np.ndarray, star
     return Series("plant", start_ms + t * 1000, values)
 
 
-def _normal_share_of_fresh_recording() -> float:
+def _normal_share_of_fresh_recording(alone_factor: str = "1") -> float:
+    """Share of the fresh recording's rows under alert; by default each term alone is judged at
+    its own level (``threshold.alone_factor`` 1), so the novelty term's calibration shows by itself."""
     rng = np.random.default_rng(7)
     loadings = rng.normal(size=(N_FEATURES, 4))
     history = _latent_process(400, rng, loadings, 0)
@@ -30,7 +32,8 @@ def _normal_share_of_fresh_recording() -> float:
     ts = np.concatenate([history.ts_ms, fresh.ts_ms])
     f = labelled_file(Series("plant", ts, rows), np.zeros(len(ts)), None, 400)
     features = ",".join(f"s{k}" for k in range(N_FEATURES))
-    settings = tiny_settings(**{"model.features": features, "model.epochs": "3", "model.per_asset_heads": "false"})
+    settings = tiny_settings(**{"model.features": features, "model.epochs": "3", "model.per_asset_heads": "false",
+                                 "threshold.alone_factor": alone_factor})
     run = run_lstm([f], settings, "per_file")
     return float(run.predicted["plant"][400:].mean())
 
@@ -43,6 +46,12 @@ def test_novelty_levels_from_blocked_cross_validation_keep_a_fresh_normal_record
     calibrated_in_sample = _normal_share_of_fresh_recording()
     assert calibrated_out_of_fold <= 0.05
     assert calibrated_in_sample > calibrated_out_of_fold + 0.1
+
+
+def test_a_fresh_normal_recording_stays_quiet_with_the_default_settings() -> None:
+    from pipeline.settings import ThresholdSettings
+
+    assert _normal_share_of_fresh_recording(str(ThresholdSettings().alone_factor)) <= 0.05
 
 
 def test_levels_stretch_only_where_the_history_holds_too_few_independent_excursions() -> None:

@@ -71,6 +71,30 @@ def test_combined_score_is_the_largest_term_and_names_its_features() -> None:
     assert c.contributions[0].argmax() == 0 and c.contributions[1].argmax() == 1 and c.contributions[2].argmax() == 0
 
 
+def _squares(fc_ratio: list[float], nv_ratio: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Term states (EWMAs of squares) that give these ratios to LEVELS' levels."""
+    return (np.array([fc_ratio]) * LEVELS.forecast) ** 2, (np.array([nv_ratio]) * LEVELS.novelty) ** 2
+
+
+def test_both_terms_moderately_high_on_one_feature_alert_together() -> None:
+    """0.8 of each term's level on one feature: neither term alone, nor the two on different
+    features, comes near an alert; together on one feature they open one, named after it."""
+    import dataclasses
+
+    ag = dataclasses.replace(LEVELS, agree=np.array([0.6]), alone=2.0)
+    runs = np.zeros((1, 2))
+    same = combine(*_squares([0.8, 0.1], [0.8, 0.1]), runs, ag)
+    assert same.score[0] == pytest.approx(0.8 / 0.6) and same.contributions[0].argmax() == 0
+    apart = combine(*_squares([0.8, 0.1], [0.1, 0.8]), runs, ag)
+    assert apart.score[0] == pytest.approx(max(0.4, np.sqrt(0.08) / 0.6)) and apart.score[0] < 1
+    alone = combine(*_squares([1.5, 0.1], [0.1, 0.1]), runs, ag)  # alone, a term needs twice its level
+    assert alone.score[0] == pytest.approx(0.75)
+    far = combine(*_squares([0.1, 2.5], [0.1, 0.1]), runs, ag)
+    assert far.score[0] == pytest.approx(1.25) and far.contributions[0].argmax() == 1
+    # A bundle without the agreement term (written before it) judges each term at its level.
+    np.testing.assert_allclose(combine(*_squares([1.5, 0.1], [0.8, 0.8]), runs, LEVELS).score, [1.5])
+
+
 def test_alert_opens_after_consecutive_steps_starts_at_the_first_and_closes_with_hysteresis() -> None:
     scores = [0.1, 0.1, 2.0, 2.0, 2.0, 0.8, 0.8, 0.8, 0.4, 0.4, 0.4, 0.1]
     events = lifecycle(scores)
