@@ -54,8 +54,8 @@ from pipeline.readings import DecodedBatch
 from pipeline.scoring import ScoredSteps, novelty_design, scaled_values, score_steps, segment_bounds
 from pipeline.settings import Settings
 from pipeline.state import PRIOR_LEVEL, FleetState
-from pipeline.thresholds import (BatchMeans, TermLevels, _ratios, _term, combine, ewma, excursion_factor,
-                                 feature_quantile, level_from_quantile, scale_uncertainty_factor)
+from pipeline.thresholds import (BatchMeans, TermLevels, combine, ewma, excursion_factor, feature_quantile,
+                                 level_from_quantile, scale_uncertainty_factor)
 
 NOVELTY_RIDGE = 0.01
 NOVELTY_FOLDS = 5  # blocks of the cross-validation that calibrates the novelty term out of sample
@@ -727,7 +727,8 @@ def _calibrate(history: History, cut: np.ndarray, bundle: ModelBundle, model: St
     agree_top = UpperQuantile(n_held, t.quantile, 1)
     own_ag = {a: UpperQuantile(int(held_n[a]), t.quantile, 1) for a in own_list}
     for rec, at in held_terms():
-        g = _term(np.sqrt(_ratios(rec["fc"], at.forecast) * _ratios(rec["nv"], at.novelty)))[:, None]
+        unit = dataclasses.replace(at, agree=np.ones(1))  # the agreement term in units of a level of 1
+        g = combine(rec["fc"], rec["nv"], rec["runs"], unit).agree[:, None]
         agree_top.add(g)
         if own_ag:
             order = np.argsort(rec["asset"], kind="stable")

@@ -113,9 +113,9 @@ class TermLevels:
 
     def take(self, idx: np.ndarray) -> TermLevels:
         """The rows of the steps ``idx`` (levels shared by all steps are returned as they are)."""
-        if self.forecast.ndim == 1:
-            return self
         agree = self.agree if self.agree is None or self.agree.ndim == 1 else self.agree[idx]
+        if self.forecast.ndim == 1:
+            return TermLevels(self.forecast, self.novelty, self.flat, agree, self.alone)
         return TermLevels(self.forecast[idx], self.novelty[idx], self.flat, agree, self.alone)
 
 
