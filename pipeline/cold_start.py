@@ -16,6 +16,8 @@ fleet's units, and its first readings would alert although nothing is wrong. So,
    and the cross-sectional map were fitted on other assets, so their errors on this one may
    run higher. The running scaling goes on learning through this part too: frozen after the
    first third, a slowly drifting sensor (a warming pump's temperature) soon left its range.
+   The agreement term of such an asset is judged at :data:`OWN_AGREE_LEVEL` (or the fleet's
+   agreement level, if higher): see :func:`with_own_levels`.
 
 At the end both are frozen as the asset's own (its scaling kept across model swaps until a
 model fitted on the asset takes over). It does not learn on past the cold start: a running
@@ -38,6 +40,8 @@ from pipeline.thresholds import MIN_BATCHES, TermLevels, excursion_factor, featu
 
 UNDECIDED, KNOWN, COLD = 0, 1, 2
 PRIOR_STEPS = 30  # weight, in steps, of the model's own scaling in an asset's learned spread
+# The agreement level of an asset with levels of its own (see with_own_levels): both terms at those levels.
+OWN_AGREE_LEVEL = 1.0
 
 
 @dataclass(frozen=True)
@@ -224,13 +228,24 @@ def learn_levels(state: FleetState, rows: np.ndarray, index: np.ndarray, levels:
 
 
 def with_own_levels(levels: TermLevels, state: FleetState, rows: np.ndarray) -> TermLevels:
-    """The term levels of each step (rows = the steps' assets), with cold-started assets' own levels."""
+    """The term levels of each step (rows = the steps' assets), with cold-started assets' own levels.
+
+    Their agreement level is :data:`OWN_AGREE_LEVEL`, both terms at their own levels, unless the
+    fleet's is higher. The fit calibrates the agreement level on held-out steps; a cold start has
+    none, and calibrated on its own level part (largest value × margin × stretch, as its other
+    levels are) it came out below the fleet's on all 20 unseen SKAB assets, which then opened 6
+    alerts: levels learned from a few hundred steps run low on the steps after them, and the
+    agreement term multiplies two such shortfalls."""
     v = state.vectors
     own_fc, own_nv, own_fl = v["own_fc_level"][rows], v["own_nv_level"][rows], v["own_flat_limit"][rows]
     has = row_all(np.isfinite(own_fc)) & row_all(np.isfinite(own_nv)) & row_all(np.isfinite(own_fl))
     if not has.any():
         return levels
     shape = own_fc.shape
+    agree = levels.agree
+    if agree is not None:
+        fleet = np.broadcast_to(agree, (len(rows), 1))
+        agree = np.where(has[:, None], np.maximum(fleet, OWN_AGREE_LEVEL), fleet)
     return TermLevels(np.where(has[:, None], own_fc, np.broadcast_to(levels.forecast, shape)),
                       np.where(has[:, None], own_nv, np.broadcast_to(levels.novelty, shape)),
-                      np.where(has[:, None], own_fl, np.broadcast_to(levels.flat, shape)), levels.agree, levels.alone)
+                      np.where(has[:, None], own_fl, np.broadcast_to(levels.flat, shape)), agree, levels.alone)

@@ -217,3 +217,29 @@ def test_a_slow_feature_widens_the_novelty_level_a_cold_start_learns(tiny_bundle
     np.testing.assert_allclose(levels["slow"][0], np.maximum(base.novelty_level, levels["slow"][1] * stretch * widen))
     assert widen[1] == widen[2] > 1.3 > widen[0]
     assert levels["slow"][0][1] > levels["none"][0][1]  # ... read with a wider level where the residual is slow
+
+
+def test_an_asset_with_levels_of_its_own_needs_both_terms_at_those_levels_to_agree(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Its levels are a short sample's largest values: the agreement term, whose fleet level is
+    calibrated on held-out steps the asset has none of, is judged at 1 (or the fleet's, if higher)."""
+    from pipeline.cold_start import OWN_AGREE_LEVEL, with_own_levels
+    from pipeline.thresholds import TermLevels, combine
+
+    bundle = dataclasses.replace(_with_cold_start(tiny_bundle, 120), agree_level=0.6)
+    frame = pd.concat([_newcomer(200), sine_frame(200, assets=("p1",), seed=5)]).sort_values(["ts", "asset"])
+    engine, _ = _run(bundle, frame)
+    names = np.array(["p9", "p1"], dtype=object)
+    rows = np.array([engine.state.index[n] for n in names])
+    fleet = TermLevels.for_assets(bundle, names)
+    own = with_own_levels(fleet, engine.state, rows)
+    assert OWN_AGREE_LEVEL == 1.0 and own.agree[0, 0] == 1.0  # p9 learned its levels in a cold start
+    assert own.agree[1, 0] == fleet.agree[1, 0]               # p1: the model's calibrated level
+
+    # Both terms at 0.9 of p9's own levels on one feature: agreement under its level, whereas
+    # a level of 0.6 would have alerted.
+    fc_level, nv_level = own.forecast[0], own.novelty[0]
+    fc, nv = np.zeros((1, len(FEATURES))), np.zeros((1, len(FEATURES)))
+    fc[0, 0], nv[0, 0] = (0.9 * fc_level[0]) ** 2, (0.9 * nv_level[0]) ** 2
+    runs = np.zeros((1, len(FEATURES)), np.int64)
+    assert combine(fc, nv, runs, own.take(np.array([0]))).score[0] < 1.0
+    assert combine(fc, nv, runs, dataclasses.replace(own.take(np.array([0])), agree=np.array([0.6]))).score[0] > 1.0
