@@ -231,7 +231,7 @@ def with_own_levels(levels: TermLevels, state: FleetState, rows: np.ndarray) -> 
     """The term levels of each step (rows = the steps' assets), with cold-started assets' own levels.
 
     Their agreement level is :data:`OWN_AGREE_LEVEL`, both terms at their own levels, unless the
-    fleet's is higher. The fit calibrates the agreement level on held-out steps; a cold start has
+    model's (the fleet's, or a re-baselined asset's own) is higher. The fit calibrates the agreement level on held-out steps; a cold start has
     none, and calibrated on its own level part (largest value × margin × stretch, as its other
     levels are) it came out below the fleet's on all 20 unseen SKAB assets, which then opened 6
     alerts: levels learned from a few hundred steps run low on the steps after them, and the
@@ -244,8 +244,8 @@ def with_own_levels(levels: TermLevels, state: FleetState, rows: np.ndarray) -> 
     shape = own_fc.shape
     agree = levels.agree
     if agree is not None:
-        fleet = np.broadcast_to(agree, (len(rows), 1))
-        agree = np.where(has[:, None], np.maximum(fleet, OWN_AGREE_LEVEL), fleet)
+        model = np.broadcast_to(agree, (len(rows), 1))  # the fleet's, or a re-baselined asset's calibrated one
+        agree = np.where(has[:, None], np.maximum(model, OWN_AGREE_LEVEL), model)
     return TermLevels(np.where(has[:, None], own_fc, np.broadcast_to(levels.forecast, shape)),
                       np.where(has[:, None], own_nv, np.broadcast_to(levels.novelty, shape)),
                       np.where(has[:, None], own_fl, np.broadcast_to(levels.flat, shape)), agree, levels.alone)
