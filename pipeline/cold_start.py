@@ -231,11 +231,12 @@ def with_own_levels(levels: TermLevels, state: FleetState, rows: np.ndarray) -> 
     """The term levels of each step (rows = the steps' assets), with cold-started assets' own levels.
 
     Their agreement level is :data:`OWN_AGREE_LEVEL`, both terms at their own levels, unless the
-    model's (the fleet's, or a re-baselined asset's own) is higher. The fit calibrates the agreement level on held-out steps; a cold start has
-    none, and calibrated on its own level part (largest value × margin × stretch, as its other
-    levels are) it came out below the fleet's on all 20 unseen SKAB assets, which then opened 6
-    alerts: levels learned from a few hundred steps run low on the steps after them, and the
-    agreement term multiplies two such shortfalls."""
+    model's (the fleet's, or a re-baselined asset's own) is higher. The fit calibrates the
+    agreement level on held-out steps; a cold start has none, and calibrated on its own level
+    part (largest value × margin × stretch, as its other levels are) it came out below the
+    fleet's on all 20 unseen SKAB assets, which then opened 6 alerts: levels learned from a few
+    hundred steps run low on the steps after them, and the agreement term multiplies two such
+    shortfalls."""
     v = state.vectors
     own_fc, own_nv, own_fl = v["own_fc_level"][rows], v["own_nv_level"][rows], v["own_flat_limit"][rows]
     has = row_all(np.isfinite(own_fc)) & row_all(np.isfinite(own_nv)) & row_all(np.isfinite(own_fl))
