@@ -36,8 +36,8 @@ def record(seed: int) -> dict[str, dict[str, np.ndarray]]:
     def recording_combine(fc_ewma: np.ndarray, nv_ewma: np.ndarray, runs: np.ndarray, levels: Any) -> Any:
         out = combine(fc_ewma, nv_ewma, runs, levels)
         if current["file"] is not None:
-            steps[current["file"]].append((thresholds._ratios(fc_ewma, levels.forecast),
-                                           thresholds._ratios(nv_ewma, levels.novelty), out.flat, out.score))
+            steps[current["file"]].append((thresholds.term_ratios(fc_ewma, levels.forecast),
+                                           thresholds.term_ratios(nv_ewma, levels.novelty), out.flat, out.score))
         return out
 
     def recording_replay(bundle: Any, grid: Any, files: Any, *args: Any, **kwargs: Any) -> Any:

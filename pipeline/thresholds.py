@@ -81,7 +81,7 @@ def flat_runs(values: np.ndarray) -> np.ndarray:
     return runs
 
 
-def _ratios(ewma_sq: np.ndarray, level: np.ndarray) -> np.ndarray:
+def term_ratios(ewma_sq: np.ndarray, level: np.ndarray) -> np.ndarray:
     """Per-feature term in units of its level (NaN where not yet scored)."""
     return np.sqrt(np.maximum(ewma_sq, 0.0)) / level
 
@@ -132,8 +132,8 @@ class CombinedScore:
 def combine(forecast_ewma: np.ndarray, novelty_ewma: np.ndarray, flat_run: np.ndarray,
             levels: TermLevels) -> CombinedScore:
     """The alert score and its explanation from the per-feature term states (k, F)."""
-    fc = _ratios(forecast_ewma, levels.forecast)
-    nv = _ratios(novelty_ewma, levels.novelty)
+    fc = term_ratios(forecast_ewma, levels.forecast)
+    nv = term_ratios(novelty_ewma, levels.novelty)
     t_fc, t_nv = _term(fc), _term(nv)
     flat = levels.flat if levels.flat.ndim == 2 else repeated(levels.flat, len(flat_run))
     flat_ratio = flat_run / flat
