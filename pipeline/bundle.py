@@ -188,13 +188,14 @@ class ThresholdParams:
     flat_factor: float = 2.0
     rebaseline_after_s: float = 0.0  # an alert open this long re-baselines its asset (0 = never)
     alone_factor: float = 1.0  # bundles written before the agreement term: each term alone at its level
+    adapt_clip_sd: float = 0.0  # bundles written before it: the adaptation unclipped
 
     @classmethod
     def from_settings(cls, s: ThresholdSettings, *, normal_mean: float, normal_std: float) -> ThresholdParams:
         return cls(1.0, normal_mean, normal_std, s.smoothing_alpha, s.novelty_alpha,
                    s.adapt_alpha, s.adapt_z, s.open_after, s.close_after, s.close_ratio, s.update_every,
                    s.top_features, s.novelty_cap, s.cold_start_steps, s.quantile, s.margin, s.novelty_margin,
-                   s.flat_factor, s.rebaseline_after_s, s.alone_factor)
+                   s.flat_factor, s.rebaseline_after_s, s.alone_factor, s.adapt_clip_sd)
 
 
 @dataclass

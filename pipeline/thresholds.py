@@ -42,10 +42,16 @@ each asset tracks the mean and variance of its own combined score while it is no
 and its threshold is ``max(calibrated, mean + z·sd)`` — a noisier asset earns a higher
 threshold, a quiet one never drops below the calibrated level. Adaptation pauses while
 the asset is above its threshold or alerting, so a fault is not learned as normal.
+With ``adapt_clip_sd`` k, each step's deviation is clipped at k adapted standard deviations
+before it updates the mean and variance (Huber's robust EWMA, as in Gelper, Fried and Croux,
+*Robust forecasting with exponential and Holt-Winters smoothing*, 2010): a fault that outlasts
+its alert (the score dips below the closing level, then stays near the threshold) no longer
+inflates the variance in a few hundred steps and so silences its own reopening.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -299,6 +305,13 @@ def restart_terms(state: FleetState, rows: np.ndarray) -> None:
     v["flat_run"][rows] = 0
 
 
+def huber_variance_factor(k: float) -> float:
+    """E[min(Z², k²)] for a standard normal Z: clipped squared deviations divided by it estimate
+    the variance without bias on Gaussian scores."""
+    tail = math.erfc(k / math.sqrt(2))  # P(|Z| > k)
+    return math.erf(k / math.sqrt(2)) - k * math.sqrt(2 / math.pi) * math.exp(-k * k / 2) + k * k * tail
+
+
 def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, errors: np.ndarray,
                       novelty: np.ndarray, levels: TermLevels, p: ThresholdParams
                       ) -> tuple[CombinedScore, np.ndarray]:
@@ -328,6 +341,11 @@ def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, e
 
     learn = valid & (score < threshold) & ~cols["alert_open"][rows] & (p.adapt_alpha > 0)
     delta = np.where(valid, score - mean, 0.0)
+    sq = delta**2
+    if p.adapt_clip_sd > 0:
+        bound = p.adapt_clip_sd * np.sqrt(var)
+        delta = np.clip(delta, -bound, bound)
+        sq = delta**2 / huber_variance_factor(p.adapt_clip_sd)
     cols["adapt_mean"][rows] = np.where(learn, mean + p.adapt_alpha * delta, mean)
-    cols["adapt_var"][rows] = np.where(learn, (1 - p.adapt_alpha) * (var + p.adapt_alpha * delta**2), var)
+    cols["adapt_var"][rows] = np.where(learn, (1 - p.adapt_alpha) * (var + p.adapt_alpha * sq), var)
     return combined, threshold

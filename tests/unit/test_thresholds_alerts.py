@@ -14,7 +14,8 @@ from pipeline.bundle import ThresholdParams
 from pipeline.grid import NO_GAP, GridConfig
 from pipeline.settings import ThresholdSettings
 from pipeline.state import FleetState
-from pipeline.thresholds import TermLevels, calibrate_levels, combine, ewma_series, flat_runs, update_thresholds
+from pipeline.thresholds import (TermLevels, calibrate_levels, combine, ewma_series, flat_runs, huber_variance_factor,
+                                 update_thresholds)
 
 FEATS = ("x", "y")
 LEVELS = TermLevels(np.array([2.0, 2.0]), np.array([1.0, 4.0]), np.array([10.0, 10.0]))
@@ -184,6 +185,31 @@ def test_adaptation_pauses_while_above_the_threshold() -> None:
     p = params(adapt_alpha=0.2, adapt_z=3.0)
     thr = _adapt([0.2] * 50 + [3.0] * 100, p)
     assert thr[-1] == thr[51]  # a long fault is not learned as normal
+
+
+def test_a_clipped_adaptation_learns_a_plateau_under_the_threshold_slowly_and_a_noisy_asset_still() -> None:
+    """A fault that outlasts its alert: the score sits just under the threshold after the alert
+    closed. Unclipped, one plateau step inflates the variance by (0.7 / sd)² times the weight and
+    the threshold passes the plateau in tens of steps; clipped at 3 sd it takes several times as long."""
+    rng = np.random.default_rng(0)
+    normal = list(0.2 + 0.05 * rng.normal(size=1000))  # params(): normal_mean 0.2, normal_std 0.05
+    crossed = {}
+    for k in (0.0, 3.0):
+        thr = np.array(_adapt(normal + [0.9] * 1000, params(adapt_alpha=0.002, adapt_z=4.0, adapt_clip_sd=k)))
+        assert thr[999] == 1.0
+        crossed[k] = int(np.argmax(thr[1000:] > 1.0))
+    assert 0 < crossed[0.0] < 60 and crossed[3.0] > 3 * crossed[0.0]
+    noisy = _adapt(list(0.5 + 0.3 * np.abs(rng.normal(size=500))), params(adapt_alpha=0.002, adapt_z=4.0,
+                                                                         adapt_clip_sd=3.0))
+    assert noisy[-1] > 1.3  # a noisier asset still earns its own, higher threshold
+
+
+def test_the_clipped_variance_is_unbiased_on_gaussian_deviations() -> None:
+    z = np.random.default_rng(0).normal(size=2_000_000)
+    for k in (1.0, 2.0, 3.0):
+        assert np.mean(np.minimum(z * z, k * k)) == pytest.approx(huber_variance_factor(k), rel=3e-3)
+    with pytest.raises(ValueError, match="adapt_clip_sd"):
+        ThresholdSettings(adapt_clip_sd=0.5)
 
 
 def _novelty_scores(p: ThresholdParams, residual: np.ndarray) -> np.ndarray:
