@@ -45,8 +45,9 @@ the asset is above its threshold or alerting, so a fault is not learned as norma
 With ``adapt_clip_sd`` k, each step's deviation is clipped at k adapted standard deviations
 before it updates the mean and variance (Huber's robust EWMA, as in Gelper, Fried and Croux,
 *Robust forecasting with exponential and Holt-Winters smoothing*, 2010): a fault that outlasts
-its alert (the score dips below the closing level, then stays near the threshold) no longer
-inflates the variance in a few hundred steps and so silences its own reopening.
+its alert (the score dips below the closing level, then stays just under the threshold) inflates
+the variance several times more slowly, instead of lifting the threshold over its own reopening
+within tens of steps.
 """
 
 from __future__ import annotations
