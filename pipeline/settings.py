@@ -221,7 +221,7 @@ class ThresholdSettings:
     flat_repeat_share: float = _f(0.01, "only a feature whose raw value stayed the same three steps in a row on at most this share of training steps can be judged stuck: quantised, discrete or idle signals repeat as a matter of course")
     adapt_alpha: float = _f(0.002, "EWMA weight with which each asset's normal score level adapts online (0 = off)")
     adapt_z: float = _f(4.0, "the online threshold is the adapted mean plus this many adapted standard deviations")
-    adapt_clip_sd: float = _f(0.0, "each step moves the adapted mean and variance by at most this many adapted standard deviations (Huber's clipping): a fault that outlasts its alert lifts the threshold over many more steps; 0 = unclipped")
+    adapt_clip_sd: float = _f(3.0, "each step moves the adapted mean and variance by at most this many adapted standard deviations (Huber's clipping): a fault that outlasts its alert lifts the threshold over many more steps; 0 = unclipped")
     open_after: int = _f(2, "consecutive steps above the threshold before an alert opens")
     close_after: int = _f(5, "consecutive steps below close_ratio × threshold before an alert closes")
     close_ratio: float = _f(0.8, "hysteresis: an alert closes below this fraction of the threshold")
