@@ -342,11 +342,11 @@ def update_thresholds(state: FleetState, rows: np.ndarray, values: np.ndarray, e
 
     learn = valid & (score < threshold) & ~cols["alert_open"][rows] & (p.adapt_alpha > 0)
     delta = np.where(valid, score - mean, 0.0)
-    sq = delta**2
+    var_factor = 1.0
     if p.adapt_clip_sd > 0:
         bound = p.adapt_clip_sd * np.sqrt(var)
         delta = np.clip(delta, -bound, bound)
-        sq = delta**2 / huber_variance_factor(p.adapt_clip_sd)
+        var_factor = huber_variance_factor(p.adapt_clip_sd)
     cols["adapt_mean"][rows] = np.where(learn, mean + p.adapt_alpha * delta, mean)
-    cols["adapt_var"][rows] = np.where(learn, (1 - p.adapt_alpha) * (var + p.adapt_alpha * sq), var)
+    cols["adapt_var"][rows] = np.where(learn, (1 - p.adapt_alpha) * (var + p.adapt_alpha * delta**2 / var_factor), var)
     return combined, threshold
