@@ -73,6 +73,10 @@ SPILL_BUFFER_BYTES = 32 << 20
 NEVER_STUCK_RUN = 10**15
 ASSET_LEVEL_MIN_HELD = 50  # held-out steps an asset needs for levels of its own (fewer: the fleet's)
 HEAD_MIN_PER_UNIT = 4      # training steps per head parameter an asset needs for an output layer of its own
+# Assets a history needs for per-asset output layers: with one, the network's own layer was fitted
+# on that asset alone (with early stopping on held-out steps), and a refit on the same steps only
+# fits them closer (SKAB's per-recording fits lost F1 with it).
+HEAD_MIN_ASSETS = 2
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -867,7 +871,7 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     provisional = _provisional(settings, part.scaler, best_weights, warmup)
     error_scale = best_check.error_scale
     heads = AssetHeads()
-    if m.per_asset_heads:
+    if m.per_asset_heads and len(history.names) >= HEAD_MIN_ASSETS:
         heads = _fit_heads(history, cut, provisional, scorer, settings)
         if heads.names:  # errors are measured with the heads the engine will use
             error_scale = _check(history, cut, dataclasses.replace(provisional, heads=heads), scorer,

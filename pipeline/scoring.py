@@ -156,15 +156,18 @@ def predicted_change(bundle: ModelBundle, assets: np.ndarray, y: np.ndarray, top
     """The change each sequence's asset is predicted to make next, (B, T, F): from its own
     output layer where the bundle has one (``top`` is the last LSTM layer's output, (B, T, U)),
     else the network's."""
-    if not bundle.heads.names:
+    heads = bundle.heads
+    if not heads.names:
         return y
-    idx = bundle.heads.rows(assets)
+    idx = heads.rows(assets)
     own = idx >= 0
+    if own.all():  # a fleet the model was fitted on: every row its own layer
+        return np.matmul(top, take_rows(heads.kernel32, idx)) + take_rows(heads.bias32, idx)[:, None, :]
     if not own.any():
         return y
     y = y.copy()
-    y[own] = (np.einsum("btu,buf->btf", top[own], bundle.heads.kernel[idx[own]])
-              + bundle.heads.bias[idx[own]][:, None, :]).astype(y.dtype)
+    mine = np.flatnonzero(own)
+    y[mine] = np.matmul(top[mine], heads.kernel32[idx[mine]]) + heads.bias32[idx[mine]][:, None, :]
     return y
 
 

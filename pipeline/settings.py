@@ -187,7 +187,7 @@ class ModelSettings:
     learning_rate: float = _f(2e-3, "Adam learning rate")
     validation_fraction: float = _f(0.2, "time-ordered tail of each asset's history held out for early stopping and calibration")
     per_asset_scaling: bool = _f(True, "learn feature scaling per asset from its own history (one network serves a fleet)")
-    per_asset_heads: bool = _f(False, "refit the network's output layer per asset on its own training steps (closed-form ridge): the fleet's dynamics, each asset's own response; only where each asset's history covers its normal operating range, since a layer learns the levels it saw")
+    per_asset_heads: bool = _f(True, "refit the network's output layer per asset on its own training steps (closed-form ridge) when the history holds two or more assets: the fleet's dynamics, each asset's own response (one network alone learns that levels persist, and a fault's level shift barely shows); an asset's layer learns the levels its history saw")
     head_ridge: float = _f(3e-4, "ridge penalty of the per-asset output layers, per training step")
     seed: int = _f(0, "random seed for weight initialisation and batching")
 

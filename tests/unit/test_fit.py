@@ -384,3 +384,11 @@ def test_each_assets_own_output_layer_fits_its_training_steps_better_than_the_sh
 
     own, shared = training_mse(bundle), training_mse(dataclasses.replace(bundle, heads=AssetHeads()))
     assert all(own[a] < shared[a] for a in per_asset), (own, shared)
+
+
+def test_a_history_of_one_asset_keeps_the_networks_own_output_layer() -> None:
+    """With one asset the network's output layer was fitted on it alone: no layer of its own."""
+    assert SETTINGS.model.per_asset_heads
+    frame = _frame()
+    bundle, _ = fit_bundle(_batch(frame[frame["asset"] == "p1"]), SETTINGS)
+    assert bundle.heads.names == ()

@@ -152,6 +152,9 @@ def test_an_asset_with_its_own_output_layer_is_predicted_by_it(tiny_bundle) -> N
     out = predicted_change(b, np.array(["p1", "other"], dtype=object), y, top)
     np.testing.assert_allclose(out[0], top[0] @ heads.kernel[0] + heads.bias[0], rtol=1e-5)
     np.testing.assert_array_equal(out[1], y[1])
+    both = predicted_change(b, np.array(["p1", "p1"], dtype=object), y, top)  # every row its own layer
+    np.testing.assert_allclose(both, top @ heads.kernel[0] + heads.bias[0], rtol=1e-5)
+    assert out.dtype == both.dtype == y.dtype
 
 
 def test_a_feature_far_outside_its_training_range_moves_only_its_own_cross_sectional_residual(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
