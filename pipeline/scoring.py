@@ -162,7 +162,8 @@ def predicted_change(bundle: ModelBundle, assets: np.ndarray, y: np.ndarray, top
     idx = heads.rows(assets)
     own = idx >= 0
     if own.all():  # a fleet the model was fitted on: every row its own layer
-        return np.matmul(top, take_rows(heads.kernel32, idx)) + take_rows(heads.bias32, idx)[:, None, :]
+        own_y = np.matmul(top, take_rows(heads.kernel32, idx)) + take_rows(heads.bias32, idx)[:, None, :]
+        return own_y.astype(y.dtype, copy=False)  # as the network's (a float32 ``top`` gives float32)
     if not own.any():
         return y
     y = y.copy()
