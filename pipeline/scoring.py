@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.bundle import ModelBundle
+from pipeline.bundle import AssetHeads, ModelBundle
 from pipeline.grid import GridSteps
 from pipeline.model import StepFunction
 from pipeline.rowwise import repeated, take_rows
@@ -162,14 +162,18 @@ def predicted_change(bundle: ModelBundle, assets: np.ndarray, y: np.ndarray, top
     idx = heads.rows(assets)
     own = idx >= 0
     if own.all():  # a fleet the model was fitted on: every row its own layer
-        own_y = np.matmul(top, take_rows(heads.kernel32, idx)) + take_rows(heads.bias32, idx)[:, None, :]
-        return own_y.astype(y.dtype, copy=False)  # as the network's (a float32 ``top`` gives float32)
+        return _own_layers(heads, top, idx).astype(y.dtype, copy=False)  # as the network's (float32)
     if not own.any():
         return y
     y = y.copy()
     mine = np.flatnonzero(own)
-    y[mine] = np.matmul(top[mine], heads.kernel32[idx[mine]]) + heads.bias32[idx[mine]][:, None, :]
+    y[mine] = _own_layers(heads, top[mine], idx[mine])
     return y
+
+
+def _own_layers(heads: AssetHeads, top: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Each row's change from its own output layer (``idx``: rows of ``heads``, none -1)."""
+    return np.matmul(top, take_rows(heads.kernel32, idx)) + take_rows(heads.bias32, idx)[:, None, :]
 
 
 SCALED_LIMIT = 1e3  # standard deviations: far past any reading a model can explain, yet finite in float32
