@@ -13,6 +13,10 @@ come from the data) beside the harness's PCA T² and T²+Q:
   top features among the metrics labelled for the anomaly it overlaps.
 * **New assets**: a model fitted on one SKAB recording's normal rows receives the normal
   rows of 20 other recordings under names it never saw; alerts raised there are false.
+* **SMD univariate** (``--datasets smd_univariate``, not in the default run: 7 minutes a
+  seed): each machine's most often labelled metric that varies in training, alone, labelled
+  where an anomaly segment names it, fitted on its train split: one sensor and its own history,
+  the shape of a machine temperature.
 
 Data is read in place from ``../shared/data`` (or ``PLANTWATCH_DATA_DIR``). Writes
 ``bench/quality.json`` (headline keys, per-file figures, fit times, wall time) and prints a
@@ -211,6 +215,49 @@ def run_smd(root: Path, seeds: list[int], machines: Sequence[str] | None) -> dic
     return {**summary, "grid_period_s": settings.grid.period_s}
 
 
+UNIVARIATE_FEATURE = "value"
+
+
+def univariate_files(files: Sequence[Any], interpretation: dict[str, Any]) -> list[Any]:
+    """Each SMD file reduced to its most often labelled metric that varies over its training
+    split (ties: the lower column), labelled only where a segment names that metric."""
+    from collections import Counter
+
+    from pipeline.evaluation import LabelledFile, Series
+
+    out = []
+    for f in files:
+        machine = Path(f.name).stem
+        segments = interpretation[machine]
+        counts = Counter(m for seg in segments for m in seg["metrics"])
+        varying = [m for m in sorted(counts, key=lambda m: (-counts[m], m))
+                   if np.nanstd(f.train.values[:, SMD_FEATURES.index(m)]) > 0]
+        if not varying:
+            continue
+        metric = varying[0]
+        k = SMD_FEATURES.index(metric)
+        labels = np.zeros(len(f.series), np.int8)
+        for seg in segments:
+            if metric in seg["metrics"]:
+                labels[seg["start_row"]:seg["end_row_exclusive"]] = 1
+        name = f"{machine}:{metric}"
+        out.append(LabelledFile(Series(name, f.series.ts_ms, f.series.values[:, [k]]), labels, None, 0,
+                                Series(f"{name}:train", f.train.ts_ms, f.train.values[:, [k]])))
+    return out
+
+
+def run_smd_univariate(root: Path, seeds: list[int], machines: Sequence[str] | None) -> dict[str, Any]:
+    from pipeline.evaluation import evaluate
+
+    interpretation = json.loads((root / "interpretation.json").read_text())["machines"]
+    files = univariate_files(load_smd(root, machines), interpretation)
+    settings = default_settings((UNIVARIATE_FEATURE,), [f.series for f in files] + [f.train for f in files])
+    _log(f"SMD univariate: {', '.join(f.name for f in files)}, seeds {seeds}")
+    result = evaluate(files, settings, "paired", seeds=seeds, progress=_progress("smd univariate"))
+    return {**protocol_summary(result.report), "series": [f.name for f in files],
+            "labelled_rows": {f.name: int(f.labels.sum()) for f in files}}
+
+
 ONSET_STEPS = 10
 
 
@@ -338,6 +385,8 @@ def markdown(out: dict[str, Any]) -> str:
             add(f"SKAB {name}", skab[name])
     if "smd" in out:
         add("SMD (test split)", out["smd"])
+    if "smd_univariate" in out:
+        add("SMD univariate", out["smd_univariate"])
     lines = ["\n".join(rows), "", "| key | value |", "|---|---|"]
     lines += [f"| `{k}` | {_f(v, '.4g') if isinstance(v, float) else v} |" for k, v in out["headline"].items()]
     lines.append(f"\nwall time {out['wall_time_s']:.0f} s; seeds {out['seeds']}{' (quick)' if out['quick'] else ''}")
@@ -351,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated model seeds (default: 0,1,2)")
     p.add_argument("--quick", action="store_true",
                    help=f"one seed, SKAB valve1/ only and SMD {', '.join(QUICK_SMD)}: a quick look, not the headline")
-    p.add_argument("--datasets", default="skab,smd,new_assets", help="which parts to run (default: all)")
+    p.add_argument("--datasets", default="skab,smd,new_assets",
+                   help="which parts to run (default: skab,smd,new_assets; also smd_univariate)")
     p.add_argument("--out", default=str(REPO / "bench" / "quality.json"), help="result file (default: bench/quality.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an experiment: change a setting from its default (recorded as 'overrides' in the output)")
@@ -368,12 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         seeds = seeds[:1]
     wanted = {d.strip() for d in args.datasets.split(",") if d.strip()}
-    unknown = wanted - {"skab", "smd", "new_assets"}
+    unknown = wanted - {"skab", "smd", "new_assets", "smd_univariate"}
     if unknown or not seeds:
         p.error(f"unknown datasets {sorted(unknown)}" if unknown else "no seeds")
     root = data_dir()
-    for sub in ("skab", "smd"):
-        if sub in wanted and not (root / sub).is_dir():
+    for sub, parts in (("skab", {"skab", "new_assets"}), ("smd", {"smd", "smd_univariate"})):
+        if wanted & parts and not (root / sub).is_dir():
             p.error(f"{root / sub} not found (set PLANTWATCH_DATA_DIR)")
     t0 = time.monotonic()
     out: dict[str, Any] = {"seeds": seeds, "quick": args.quick, "data": str(root), "overrides": dict(OVERRIDES)}
@@ -381,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         out["skab"] = run_skab(root / "skab", seeds, args.quick)
     if "smd" in wanted:
         out["smd"] = run_smd(root / "smd", seeds, QUICK_SMD if args.quick else None)
+    if "smd_univariate" in wanted:
+        out["smd_univariate"] = run_smd_univariate(root / "smd", seeds, QUICK_SMD if args.quick else None)
     if "new_assets" in wanted:
         _log("new assets: one fitted recording, 20 unseen")
         out["new_assets"] = run_new_assets(root / "skab", seeds[0])
