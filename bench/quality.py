@@ -17,6 +17,10 @@ come from the data) beside the harness's PCA T² and T²+Q:
   seed): each machine's most often labelled metric that varies in training, alone, labelled
   where an anomaly segment names it, fitted on its train split: one sensor and its own history,
   the shape of a machine temperature.
+* **SMD short history** (``--datasets smd_short``, not in the default run: 1 minute a seed):
+  each machine fitted on only the first ``SHORT_HISTORY_ROWS`` rows of its train split, scoring
+  its test split: a short, wide history (38 metrics) far from the data it judges, where levels
+  learned in fitting are least likely to hold.
 
 Data is read in place from ``../shared/data`` (or ``PLANTWATCH_DATA_DIR``). Writes
 ``bench/quality.json`` (headline keys, per-file figures, fit times, wall time) and prints a
@@ -227,6 +231,7 @@ def univariate_files(files: Sequence[Any], interpretation: dict[str, Any]) -> li
 
     out = []
     for f in files:
+        assert f.train is not None  # load_smd pairs every test file with its train split
         machine = Path(f.name).stem
         segments = interpretation[machine]
         counts = Counter(m for seg in segments for m in seg["metrics"])
@@ -256,6 +261,22 @@ def run_smd_univariate(root: Path, seeds: list[int], machines: Sequence[str] | N
     result = evaluate(files, settings, "paired", seeds=seeds, progress=_progress("smd univariate"))
     return {**protocol_summary(result.report), "series": [f.name for f in files],
             "labelled_rows": {f.name: int(f.labels.sum()) for f in files}}
+
+
+SHORT_HISTORY_ROWS = 500
+
+
+def run_smd_short(root: Path, seeds: list[int], machines: Sequence[str] | None) -> dict[str, Any]:
+    from pipeline.evaluation import evaluate
+
+    files = []
+    for f in load_smd(root, machines):
+        assert f.train is not None  # load_smd pairs every test file with its train split
+        files.append(dataclasses.replace(f, train=f.train.head(SHORT_HISTORY_ROWS)))
+    settings = default_settings(SMD_FEATURES, [f.series for f in files] + [f.train for f in files])
+    _log(f"SMD short history: {len(files)} machines fitted on {SHORT_HISTORY_ROWS} rows each, seeds {seeds}")
+    result = evaluate(files, settings, "paired", seeds=seeds, progress=_progress("smd short"))
+    return {**protocol_summary(result.report), "history_rows": SHORT_HISTORY_ROWS}
 
 
 ONSET_STEPS = 10
@@ -387,6 +408,8 @@ def markdown(out: dict[str, Any]) -> str:
         add("SMD (test split)", out["smd"])
     if "smd_univariate" in out:
         add("SMD univariate", out["smd_univariate"])
+    if "smd_short" in out:
+        add(f"SMD, {out['smd_short']['history_rows']} training rows", out["smd_short"])
     lines = ["\n".join(rows), "", "| key | value |", "|---|---|"]
     lines += [f"| `{k}` | {_f(v, '.4g') if isinstance(v, float) else v} |" for k, v in out["headline"].items()]
     lines.append(f"\nwall time {out['wall_time_s']:.0f} s; seeds {out['seeds']}{' (quick)' if out['quick'] else ''}")
@@ -401,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help=f"one seed, SKAB valve1/ only and SMD {', '.join(QUICK_SMD)}: a quick look, not the headline")
     p.add_argument("--datasets", default="skab,smd,new_assets",
-                   help="which parts to run (default: skab,smd,new_assets; also smd_univariate)")
+                   help="which parts to run (default: skab,smd,new_assets; also smd_univariate, smd_short)")
     p.add_argument("--out", default=str(REPO / "bench" / "quality.json"), help="result file (default: bench/quality.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an experiment: change a setting from its default (recorded as 'overrides' in the output)")
@@ -418,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         seeds = seeds[:1]
     wanted = {d.strip() for d in args.datasets.split(",") if d.strip()}
-    unknown = wanted - {"skab", "smd", "new_assets", "smd_univariate"}
+    unknown = wanted - {"skab", "smd", "new_assets", "smd_univariate", "smd_short"}
     if unknown or not seeds:
         p.error(f"unknown datasets {sorted(unknown)}" if unknown else "no seeds")
     root = data_dir()
-    for sub, parts in (("skab", {"skab", "new_assets"}), ("smd", {"smd", "smd_univariate"})):
+    for sub, parts in (("skab", {"skab", "new_assets"}), ("smd", {"smd", "smd_univariate", "smd_short"})):
         if wanted & parts and not (root / sub).is_dir():
             p.error(f"{root / sub} not found (set PLANTWATCH_DATA_DIR)")
     t0 = time.monotonic()
@@ -433,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         out["smd"] = run_smd(root / "smd", seeds, QUICK_SMD if args.quick else None)
     if "smd_univariate" in wanted:
         out["smd_univariate"] = run_smd_univariate(root / "smd", seeds, QUICK_SMD if args.quick else None)
+    if "smd_short" in wanted:
+        out["smd_short"] = run_smd_short(root / "smd", seeds, QUICK_SMD if args.quick else None)
     if "new_assets" in wanted:
         _log("new assets: one fitted recording, 20 unseen")
         out["new_assets"] = run_new_assets(root / "skab", seeds[0])
