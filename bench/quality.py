@@ -13,14 +13,14 @@ come from the data) beside the harness's PCA T² and T²+Q:
   top features among the metrics labelled for the anomaly it overlaps.
 * **New assets**: a model fitted on one SKAB recording's normal rows receives the normal
   rows of 20 other recordings under names it never saw; alerts raised there are false.
-* **SMD univariate** (``--datasets smd_univariate``, not in the default run: 7 minutes a
-  seed): each machine's most often labelled metric that varies in training, alone, labelled
-  where an anomaly segment names it, fitted on its train split: one sensor and its own history,
-  the shape of a machine temperature.
-* **SMD short history** (``--datasets smd_short``, not in the default run: 1 minute a seed):
-  each machine fitted on only the first ``SHORT_HISTORY_ROWS`` rows of its train split, scoring
-  its test split: a short, wide history (38 metrics) far from the data it judges, where levels
-  learned in fitting are least likely to hold.
+* **SMD univariate** (``--datasets smd_univariate --out bench/out/univariate.json``, not in
+  the default run: 7 minutes a seed): each machine's most often labelled metric that varies
+  in training, alone, labelled where an anomaly segment names it, fitted on its train split:
+  one sensor and its own history, the shape of a machine temperature.
+* **SMD short history** (``--datasets smd_short --out bench/out/short.json``, not in the
+  default run: 1 minute a seed): each machine fitted on only the first ``SHORT_HISTORY_ROWS``
+  rows of its train split, scoring its test split: a short, wide history (38 metrics) far
+  from the data it judges, where levels learned in fitting are least likely to hold.
 
 Data is read in place from ``../shared/data`` (or ``PLANTWATCH_DATA_DIR``). Writes
 ``bench/quality.json`` (headline keys, per-file figures, fit times, wall time) and prints a
@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         out["new_assets"] = run_new_assets(root / "skab", seeds[0])
     out["wall_time_s"] = time.monotonic() - t0
     out["headline"] = headline(out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(json_safe(out), indent=1))
     print(markdown(out))
     return 0
