@@ -71,6 +71,11 @@ def default_settings(features: Sequence[str], series: Sequence[Any]) -> Any:
     return dataclasses.replace(s, grid=dataclasses.replace(s.grid, period_s=period))
 
 
+def paired_settings(features: Sequence[str], files: Sequence[Any]) -> Any:
+    """The defaults for files each paired with its own training series (the grid period from both)."""
+    return default_settings(features, [f.series for f in files] + [f.train for f in files])
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -209,7 +214,7 @@ def run_smd(root: Path, seeds: list[int], machines: Sequence[str] | None) -> dic
     from pipeline.evaluation import evaluate
 
     files = load_smd(root, machines)
-    settings = default_settings(SMD_FEATURES, [f.series for f in files] + [f.train for f in files])
+    settings = paired_settings(SMD_FEATURES, files)
     _log(f"SMD: {len(files)} machines, seeds {seeds}, grid period {settings.grid.period_s} s")
     result = evaluate(files, settings, "paired", seeds=seeds, progress=_progress("smd"))
     summary = protocol_summary(result.report)
@@ -256,7 +261,7 @@ def run_smd_univariate(root: Path, seeds: list[int], machines: Sequence[str] | N
 
     interpretation = json.loads((root / "interpretation.json").read_text())["machines"]
     files = univariate_files(load_smd(root, machines), interpretation)
-    settings = default_settings((UNIVARIATE_FEATURE,), [f.series for f in files] + [f.train for f in files])
+    settings = paired_settings((UNIVARIATE_FEATURE,), files)
     _log(f"SMD univariate: {', '.join(f.name for f in files)}, seeds {seeds}")
     result = evaluate(files, settings, "paired", seeds=seeds, progress=_progress("smd univariate"))
     return {**protocol_summary(result.report), "series": [f.name for f in files],
@@ -273,7 +278,7 @@ def run_smd_short(root: Path, seeds: list[int], machines: Sequence[str] | None) 
     for f in load_smd(root, machines):
         assert f.train is not None  # load_smd pairs every test file with its train split
         files.append(dataclasses.replace(f, train=f.train.head(SHORT_HISTORY_ROWS)))
-    settings = default_settings(SMD_FEATURES, [f.series for f in files] + [f.train for f in files])
+    settings = paired_settings(SMD_FEATURES, files)
     _log(f"SMD short history: {len(files)} machines fitted on {SHORT_HISTORY_ROWS} rows each, seeds {seeds}")
     result = evaluate(files, settings, "paired", seeds=seeds, progress=_progress("smd short"))
     return {**protocol_summary(result.report), "history_rows": SHORT_HISTORY_ROWS}
@@ -452,12 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"seeds": seeds, "quick": args.quick, "data": str(root), "overrides": dict(OVERRIDES)}
     if "skab" in wanted:
         out["skab"] = run_skab(root / "skab", seeds, args.quick)
+    machines = QUICK_SMD if args.quick else None
     if "smd" in wanted:
-        out["smd"] = run_smd(root / "smd", seeds, QUICK_SMD if args.quick else None)
+        out["smd"] = run_smd(root / "smd", seeds, machines)
     if "smd_univariate" in wanted:
-        out["smd_univariate"] = run_smd_univariate(root / "smd", seeds, QUICK_SMD if args.quick else None)
+        out["smd_univariate"] = run_smd_univariate(root / "smd", seeds, machines)
     if "smd_short" in wanted:
-        out["smd_short"] = run_smd_short(root / "smd", seeds, QUICK_SMD if args.quick else None)
+        out["smd_short"] = run_smd_short(root / "smd", seeds, machines)
     if "new_assets" in wanted:
         _log("new assets: one fitted recording, 20 unseen")
         out["new_assets"] = run_new_assets(root / "skab", seeds[0])
