@@ -74,7 +74,7 @@ def _top(contrib: np.ndarray, features: tuple[str, ...], k: int) -> tuple[tuple[
     if total <= 0 or not np.isfinite(total):
         return ()
     order = np.argsort(-contrib, kind="stable")[:k]
-    return tuple((features[i], float(contrib[i] / total)) for i in order)
+    return tuple((features[i], float(contrib[i] / total)) for i in order if contrib[i] > 0)  # a 0 explains nothing
 
 
 def restart_lifecycle(state: FleetState, rows: np.ndarray) -> None:

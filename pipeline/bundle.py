@@ -26,6 +26,7 @@ import io
 import json
 import math
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
@@ -69,17 +70,30 @@ def per_asset_rows(index: dict[str, int], assets: np.ndarray,
 
 
 MIN_SCALE = 1e-6
+# The scale of a feature that never moved in training, per unit of its level: wide enough that
+# any reading standardises to about 0, the only value the network saw of it.
+UNREAD_SCALE = 1e12
+
+
+def unread_mask(mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Where a scaling does not read its feature (:func:`scale_from`). A cold start's spread is
+    shrunk towards the model's by at most a few times, so a tenth of the mark still finds it."""
+    return scale >= 0.1 * UNREAD_SCALE * np.maximum(np.abs(mean), 1.0)
 
 
 def scale_from(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
-    """Standard deviation with a floor so a flat feature cannot explode.
+    """Standard deviation with a floor; a feature that never moved is not read.
 
-    A feature that never moved in training gets 0.1 % of its level as its scale (1 when
-    its level is 0): any later movement is then large but finite.
+    A feature constant over the training history (a flag that never fired, a spare channel)
+    taught the network nothing: its input weights never left their random start, and no
+    normal level of its movement was seen. Its scale is :data:`UNREAD_SCALE` times its level,
+    so whatever it reads later standardises to about 0, as in training: it neither drives the
+    other features' forecasts with untrained weights nor opens alerts of its own (on SMD, such
+    metrics moved on normal test days, and a fleet-wide PCA drops them as well).
     """
-    level = np.abs(mean)
-    flat = sd <= 1e-9 * np.maximum(level, 1.0)
-    return np.where(flat, np.where(level > 0, 1e-3 * level, 1.0), np.maximum(sd, MIN_SCALE))
+    level = np.maximum(np.abs(mean), 1.0)
+    flat = sd <= 1e-9 * level
+    return np.where(flat, UNREAD_SCALE * level, np.maximum(sd, MIN_SCALE))
 
 
 @dataclass
@@ -94,6 +108,8 @@ class Scaler:
 
     def __post_init__(self) -> None:
         self._index = {name: i for i, name in enumerate(self.asset_names)}
+        self.any_unread = bool(unread_mask(self.mean, self.scale).any()
+                               or (len(self.asset_names) and unread_mask(self.asset_mean, self.asset_scale).any()))
 
     def rows_for(self, assets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and scale rows for each asset; unknown assets get the global scaling."""
@@ -105,6 +121,20 @@ class Scaler:
         if not self.asset_names:
             return np.ones(len(assets), bool)
         return asset_rows(self._index, assets) >= 0
+
+    def unread(self, features: Sequence[str]) -> dict[str, list[str]]:
+        """The features not read (they never moved in training: :func:`scale_from`): under
+        ``"fleet"`` for the fleet's scaling, and under an asset's name where only its history
+        held them still."""
+        def still(mean: np.ndarray, scale: np.ndarray) -> list[str]:
+            return [f for f, u in zip(features, unread_mask(mean, scale)) if u]
+
+        out = {"fleet": still(self.mean, self.scale)} if still(self.mean, self.scale) else {}
+        for name, mean, scale in zip(self.asset_names, self.asset_mean, self.asset_scale):
+            own = [f for f in still(mean, scale) if f not in out.get("fleet", [])]
+            if own:
+                out[name] = own
+        return out
 
     def transform(self, assets: np.ndarray, values: np.ndarray) -> np.ndarray:
         mean, scale = self.rows_for(assets)

@@ -254,6 +254,7 @@ class DetectionEngine:
         events: list[AlertEvent] = []
         rank = rank_within_asset(rows, starts)
         levels = TermLevels.for_assets(b, steps.asset)
+        unread = scored.unread
         # Steps of one asset are sequential (EWMA, hysteresis); different assets are vectorised.
         for r in range(int(rank.max()) + 1 if n else 0):
             sel = np.flatnonzero(rank == r)
@@ -265,8 +266,9 @@ class DetectionEngine:
             if cold:  # the score terms start afresh under a newly learned scaling
                 restart_terms(state, rows[scaling.index[sel] == plan.scaling])
             step_levels = with_own_levels(levels.take(sel), state, rows) if cold else levels.take(sel)
-            combined, threshold[sel] = update_thresholds(state, rows, steps.values[sel], scored.errors[sel],
-                                                         scored.novelty[sel], step_levels, b.thresholds)
+            combined, threshold[sel] = update_thresholds(
+                state, rows, steps.values[sel], scored.errors[sel], scored.novelty[sel],
+                step_levels if unread is None else step_levels.without(unread[sel]), b.thresholds)
             alert_score[sel] = score = combined.score
             if cold:
                 learning[sel] = learn_levels(state, rows, scaling.index[sel], step_levels, b.thresholds, plan,

@@ -882,7 +882,8 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     thresholds, levels, asset_levels, memory = _calibrate(history, cut, calibration, scorer, settings, flat_max,
                                                           workdir / "held-terms", novelty_folds)
     report.duration_s = time.monotonic() - t0
-    meta = _metadata(report, source, total, streams, chunks, best_loss, metadata)
+    meta = {**_metadata(report, source, total, streams, chunks, best_loss, metadata),
+            "unread_features": part.scaler.unread(m.features)}
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
                          part.scaler, error_scale, novelty_coef, novelty_scale, levels.flat,
                          levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels, heads,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.bundle import AssetHeads, ModelBundle
+from pipeline.bundle import AssetHeads, ModelBundle, unread_mask
 from pipeline.grid import GridSteps
 from pipeline.model import StepFunction
 from pipeline.rowwise import repeated, take_rows
@@ -40,6 +40,7 @@ class ScoredSteps:
     errors: np.ndarray   # float64 (n, F) normalised per-feature forecast errors, NaN when not scored
     novelty: np.ndarray  # float64 (n, F) normalised cross-sectional residuals (no warm-up needed)
     top: np.ndarray      # float32 (n, U) the last LSTM layer's output at each step
+    unread: np.ndarray | None = None  # bool (n, F) features the step's scaling does not read; None: all read
 
     def __len__(self) -> int:
         return len(self.step)
@@ -131,6 +132,9 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     valid = has_pred & (since >= bundle.warmup_steps)
 
     errors = np.divide(np.subtract(scaled, pred, out=pred), repeated(bundle.error_scale, n), dtype=np.float64)
+    unread = unread_cells(bundle, steps.asset, scaling)
+    if unread is not None:  # the network's wobble on a feature it never saw move is no evidence
+        errors[unread] = 0.0
     if not valid.all():
         errors[~valid] = np.nan
     score = np.sqrt(np.einsum("ij,ij->i", errors, errors) / f)
@@ -148,8 +152,19 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
     rank = rank_within_asset(rows) if not streaming and steps.reset.any() else pos
     state.remember(rows, steps.values, steps.reset, rank)  # (the ring casts to float32 as it stores)
     novelty = cross_sectional_residuals(bundle, scaled)
+    if unread is not None:
+        novelty[unread] = 0.0
     return ScoredSteps(steps.asset, steps.step, rows, score, errors, novelty,
-                       top[:, 0] if n_seg == n else top[seg_of, pos])
+                       top[:, 0] if n_seg == n else top[seg_of, pos], unread)
+
+
+def unread_cells(bundle: ModelBundle, assets: np.ndarray, scaling: tuple[np.ndarray, np.ndarray] | None
+                 ) -> np.ndarray | None:
+    """Where each step's feature is not read (:func:`pipeline.bundle.scale_from`) under the scaling
+    in force, (n, F); None when the bundle reads every feature."""
+    if not bundle.scaler.any_unread:
+        return None
+    return unread_mask(*(bundle.scaler.rows_for(assets) if scaling is None else scaling))
 
 
 def predicted_change(bundle: ModelBundle, assets: np.ndarray, y: np.ndarray, top: np.ndarray) -> np.ndarray:

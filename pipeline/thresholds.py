@@ -118,6 +118,13 @@ class TermLevels:
         return cls(fc, nv, bundle.flat_limit, bundle.asset_levels.agree_rows(assets, bundle.agree_level),
                    bundle.thresholds.alone_factor)
 
+    def without(self, unread: np.ndarray) -> TermLevels:
+        """These levels with the model terms of the ``unread`` cells (k, F) out of reach (infinite):
+        a feature that never moved in training is no evidence (:func:`pipeline.bundle.scale_from`)."""
+        fc = np.where(unread, np.inf, self.forecast)
+        nv = np.where(unread, np.inf, self.novelty)
+        return TermLevels(fc, nv, self.flat, self.agree, self.alone)
+
     def take(self, idx: np.ndarray) -> TermLevels:
         """The rows of the steps ``idx`` (levels shared by all steps are returned as they are)."""
         agree = self.agree if self.agree is None or self.agree.ndim == 1 else self.agree[idx]

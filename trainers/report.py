@@ -16,7 +16,8 @@ from typing import Any
 from pipeline.bundle import REPORT_JSON, REPORT_PNG, ModelBundle
 
 _TRAINING_KEYS = ("epochs", "best_epoch", "train_loss", "val_loss", "validation_error", "initial_val_loss",
-                  "fine_tuned_from", "train_steps", "holdout_steps", "duration_s", "created_at")
+                  "fine_tuned_from", "train_steps", "holdout_steps", "duration_s", "created_at",
+                  "unread_features")
 
 
 def report(bundle: ModelBundle) -> dict[str, Any]:
@@ -25,6 +26,15 @@ def report(bundle: ModelBundle) -> dict[str, Any]:
     return {"version": bundle.version,
             "training": {k: meta.get(k) for k in _TRAINING_KEYS if k in meta},
             "gate": meta.get("gate")}
+
+
+def warn_unread(log: Any, bundle: ModelBundle) -> None:
+    """Say which features the model does not read: they never moved in training
+    (:func:`pipeline.bundle.scale_from`), so their later movement opens no alert."""
+    unread = bundle.metadata.get("unread_features") or {}
+    if unread:
+        log.warning("features constant in training are not read: their later movement opens no alert",
+                    unread=unread)
 
 
 def report_files(bundle: ModelBundle) -> dict[str, bytes]:
