@@ -238,11 +238,15 @@ def test_fleet_run_fits_once_and_scores_each_file_as_its_own_asset() -> None:
     frame = sine_frame(260, assets=("x", "y"), seed=5)
     files = []
     for i, (_, g) in enumerate(frame.groupby("asset", sort=True)):
-        s = Series(f"dir/{i}.csv", g["ts"].to_numpy(np.int64), g[list(FEATURES)].to_numpy(np.float64))
+        values = g[list(FEATURES)].to_numpy(np.float64, copy=True)
+        if i == 1:
+            values[:, 2] = 100.0  # this recording's "c" never moves: not read for its asset, read for the other
+        s = Series(f"dir/{i}.csv", g["ts"].to_numpy(np.int64), values)
         files.append(labelled_file(s, np.zeros(len(s)), None, 200))
     run = run_lstm(files, settings, "fleet", seed=1)
     assert run.seed == 1 and len(run.fits) == 1
     assert run.fits[0]["files"] == ["dir/0.csv", "dir/1.csv"]
+    assert run.fits[0]["unread_features"] == {"dir/1.csv": ["c"]}
     assert sorted(run.traces) == ["dir/0.csv", "dir/1.csv"]
     assert all(len(run.predicted[f.name]) == len(f.series) for f in files)
     assert all(len(run.traces[f.name].step_ms) == len(f.series) for f in files)
