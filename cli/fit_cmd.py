@@ -50,9 +50,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except FitError as exc:
         hint = spacing_hint(choice.period_s, data_s)
         raise UsageError(f"{exc}; {hint}" if hint else str(exc)) from None
-    from trainers.report import report_files, warn_unread
+    from trainers.report import report_files, warn_features
 
-    warn_unread(log, bundle)
+    warn_features(log, bundle)
     save_bundle(bundle, args.out, extra=report_files(bundle))  # loss curves beside the bundle
     log.info("bundle written", path=args.out, version=bundle.version, epochs=report.epochs,
              threshold=round(bundle.thresholds.threshold, 4))

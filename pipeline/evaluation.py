@@ -509,7 +509,8 @@ def _fit_summary(bundle: ModelBundle, files: Sequence[LabelledFile]) -> dict[str
     m = bundle.metadata
     return {"files": [f.name for f in files], "epochs": m.get("epochs"), "best_epoch": m.get("best_epoch"),
             "validation_error": m.get("validation_error"), "thresholds": dataclasses.asdict(bundle.thresholds),
-            "duration_s": m.get("duration_s"), "unread_features": m.get("unread_features", {})}
+            "duration_s": m.get("duration_s"), "unread_features": m.get("unread_features", {}),
+            "two_valued_features": m.get("two_valued_features", [])}
 
 
 @dataclass

@@ -307,6 +307,7 @@ class _TrainPart:
     repeat_share: np.ndarray  # (F,) share of training steps whose raw value repeats the two steps before's
     segments: np.ndarray   # (k, 3) asset, first step, length of every reset-free training stretch
     novelty_range: np.ndarray  # (2, F) where the cross-sectional map's inputs are held: training range plus margin
+    two_valued: np.ndarray  # (F,) bool: exactly two distinct values over the training steps (a flag?)
 
 
 def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPart:
@@ -317,6 +318,7 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
     repeats, steps = np.zeros(f, np.int64), np.zeros(f, np.int64)
     fitted: list[tuple[int, Moments]] = []
     segments, lows, highs = [], [], []
+    distinct = FewValues(f)
     for a, stop in enumerate(cut.tolist()):
         if stop == 0:
             continue
@@ -326,6 +328,7 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
         for start, rec in history.pieces(a, stop):
             values = rec["values"]
             mom.add(values)
+            distinct.add(values)
             low, high = np.fmin(low, np.fmin.reduce(values, axis=0)), np.fmax(high, np.fmax.reduce(values, axis=0))
             runs = flat_runs_from(values, prev, run)
             flat_max = np.maximum(flat_max, runs.max(axis=0))
@@ -354,7 +357,26 @@ def _train_part(history: History, cut: np.ndarray, per_asset: bool) -> _TrainPar
     novelty_range[:, ~np.isfinite(novelty_range).all(axis=0)] = 0.0
     width = novelty_range[1] - novelty_range[0]
     novelty_range += NOVELTY_RANGE_MARGIN * np.stack([-width, width])
-    return _TrainPart(scaler, flat_max, repeats / np.maximum(steps, 1), np.concatenate(segments), novelty_range)
+    return _TrainPart(scaler, flat_max, repeats / np.maximum(steps, 1), np.concatenate(segments), novelty_range,
+                      distinct.count() == 2)
+
+
+class FewValues:
+    """Each feature's distinct finite values, counted up to three, over pieces of steps: a feature
+    with exactly two looks like a flag (a command, a mode), which the fit points out."""
+
+    def __init__(self, n_features: int) -> None:
+        self.seen: list[set[float]] = [set() for _ in range(n_features)]
+
+    def add(self, values: np.ndarray) -> None:
+        for j, seen in enumerate(self.seen):
+            if len(seen) <= 2:
+                column = values[:, j]
+                seen.update(np.unique(column[np.isfinite(column)])[:3].tolist())
+
+    def count(self) -> np.ndarray:
+        """Distinct values per feature, 3 meaning three or more."""
+        return np.array([min(len(s), 3) for s in self.seen])
 
 
 def never_stuck(flat_max: np.ndarray, repeat_share: np.ndarray, max_share: float) -> np.ndarray:
@@ -883,7 +905,8 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
                                                           workdir / "held-terms", novelty_folds)
     report.duration_s = time.monotonic() - t0
     meta = {**_metadata(report, source, total, streams, chunks, best_loss, metadata),
-            "unread_features": part.scaler.unread(m.features)}
+            "unread_features": part.scaler.unread(m.features),
+            "two_valued_features": [name for name, two in zip(m.features, part.two_valued) if two]}
     bundle = ModelBundle(_version(best_weights), m.features, settings.grid.period_ms, m.timesteps, m.units, warmup,
                          part.scaler, error_scale, novelty_coef, novelty_scale, levels.flat,
                          levels.forecast, levels.novelty, thresholds, best_weights, meta, asset_levels, heads,

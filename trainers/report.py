@@ -17,7 +17,7 @@ from pipeline.bundle import REPORT_JSON, REPORT_PNG, ModelBundle
 
 _TRAINING_KEYS = ("epochs", "best_epoch", "train_loss", "val_loss", "validation_error", "initial_val_loss",
                   "fine_tuned_from", "train_steps", "holdout_steps", "duration_s", "created_at",
-                  "unread_features")
+                  "unread_features", "two_valued_features")
 
 
 def report(bundle: ModelBundle) -> dict[str, Any]:
@@ -28,13 +28,19 @@ def report(bundle: ModelBundle) -> dict[str, Any]:
             "gate": meta.get("gate")}
 
 
-def warn_unread(log: Any, bundle: ModelBundle) -> None:
-    """Say which features the model does not read: they never moved in training
-    (:func:`pipeline.bundle.scale_from`), so their later movement opens no alert."""
-    unread = bundle.metadata.get("unread_features") or {}
+def warn_features(log: Any, bundle: ModelBundle) -> None:
+    """Point out features the model does not read (they never moved in training:
+    :func:`pipeline.bundle.scale_from`), and two-valued ones, which look like flags: a command or
+    mode channel is better left out of ``model.features`` (README, *Command and mode channels*)."""
+    meta = bundle.metadata
+    unread = meta.get("unread_features") or {}
     if unread:
         log.warning("features constant in training are not read: their later movement opens no alert",
                     unread=unread)
+    flags = meta.get("two_valued_features") or []
+    if flags:
+        log.warning("features with two values in training look like flags: if the plant's control sets them "
+                    "(commands, modes), leave them out of model.features", features=flags)
 
 
 def report_files(bundle: ModelBundle) -> dict[str, bytes]:

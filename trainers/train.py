@@ -56,7 +56,7 @@ from pipeline.spacing import PeriodChoice, StampSample, choose_period, median_pe
 from trainers.archive_scan import scan_archive
 from trainers.gate import GateDecision, compare, decide, incompatibility, unconditional
 from trainers.announce import announce, has_broker
-from trainers.report import report_files, warn_unread
+from trainers.report import report_files, warn_features
 from trainers.schedule import EXIT_PUBLISHED, EXIT_REFUSED
 
 HOUR_MS = 3_600_000
@@ -336,7 +336,7 @@ def run_training(settings: Settings, now_ms: int, *, progress: Progress | None =
             raise
         raise FitError(f"{exc}; {hint}") from None
     fitted_at = time.monotonic()
-    warn_unread(run_log, bundle)
+    warn_features(run_log, bundle)
     run_log.info("model fitted", version=bundle.version, epochs=report.epochs, best_epoch=report.best_epoch,
                  validation_error=bundle.metadata.get("validation_error"), duration_s=round(report.duration_s, 1),
                  fine_tuned_from=start.version if start else None, initial_val_loss=report.initial_val_loss)

@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.bundle import UNREAD_SCALE, Scaler, scale_from
 from pipeline.engine import DetectionEngine
 from pipeline.evaluation import Series, replay
-from pipeline.fit import fit_bundle
+from pipeline.fit import FewValues, fit_bundle
 from pipeline.tables import frame_to_batch
 
 from .conftest import FEATURES, sine_frame, tiny_settings
@@ -55,6 +55,7 @@ def test_a_feature_constant_in_training_moves_later_without_changing_any_score()
     np.testing.assert_allclose(moving.alert_score[scored], quiet.alert_score[scored], rtol=1e-5, atol=1e-6)
     assert moving.spans == quiet.spans
     assert bundle.metadata["unread_features"] == {"fleet": ["c"]}
+    assert bundle.metadata["two_valued_features"] == []
 
     # Its own forecast and novelty terms count nothing, for a known asset and for one in its cold start.
     for asset in ("p1", "unseen"):
@@ -68,3 +69,18 @@ def test_a_feature_constant_in_training_moves_later_without_changing_any_score()
         assert np.all(out.errors[read, 2] == 0.0)
         assert np.nanmax(out.terms[:, :2]) < 10  # its level, calibrated on zeros, is not the yardstick
         assert all(f != "c" for e in out.events for f, _ in e.top_features)
+
+
+def test_distinct_values_are_counted_up_to_three_over_pieces() -> None:
+    few = FewValues(3)
+    few.add(np.array([[0.0, 1.0, 5.0], [1.0, 1.0, np.nan]]))
+    few.add(np.array([[0.0, 1.0, 6.0], [1.0, 2.0, 7.0], [0.0, 3.0, 5.0]]))
+    assert few.count().tolist() == [2, 3, 3]
+
+
+def test_a_two_valued_feature_is_pointed_out_as_a_flag() -> None:
+    history = sine_frame(600)
+    history["c"] = (np.arange(600) // 50 % 7 == 0).astype(float)  # a command: on for 50 steps now and then
+    bundle, _ = fit_bundle(frame_to_batch(history, FEATURES, ts_col="ts", asset_col="asset"), SETTINGS)
+    assert bundle.metadata["two_valued_features"] == ["c"]
+    assert bundle.metadata["unread_features"] == {}
