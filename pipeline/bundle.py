@@ -75,10 +75,15 @@ MIN_SCALE = 1e-6
 UNREAD_SCALE = 1e12
 
 
+def _unread_scale(mean: np.ndarray) -> np.ndarray:
+    """:data:`UNREAD_SCALE` times the level (at least 1), finite at any level."""
+    return np.minimum(np.maximum(np.abs(mean), 1.0), np.finfo(np.float64).max / (2 * UNREAD_SCALE)) * UNREAD_SCALE
+
+
 def unread_mask(mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Where a scaling does not read its feature (:func:`scale_from`). A cold start's spread is
     shrunk towards the model's by at most a few times, so a tenth of the mark still finds it."""
-    return scale >= 0.1 * UNREAD_SCALE * np.maximum(np.abs(mean), 1.0)
+    return scale >= 0.1 * _unread_scale(mean)
 
 
 def scale_from(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
@@ -91,9 +96,8 @@ def scale_from(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
     other features' forecasts with untrained weights nor opens alerts of its own (on SMD, such
     metrics moved on normal test days, and a fleet-wide PCA drops them as well).
     """
-    level = np.maximum(np.abs(mean), 1.0)
-    flat = sd <= 1e-9 * level
-    return np.where(flat, UNREAD_SCALE * level, np.maximum(sd, MIN_SCALE))
+    flat = sd <= 1e-9 * np.maximum(np.abs(mean), 1.0)
+    return np.where(flat, _unread_scale(mean), np.maximum(sd, MIN_SCALE))
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.bundle import UNREAD_SCALE, Scaler, scale_from
+from pipeline.bundle import UNREAD_SCALE, Scaler, scale_from, unread_mask
 from pipeline.engine import DetectionEngine
 from pipeline.evaluation import Series, replay
 from pipeline.fit import FewValues, fit_bundle
@@ -22,6 +22,9 @@ def test_a_flat_feature_standardises_to_about_zero_and_a_moving_one_to_its_sprea
     assert scale[0] == UNREAD_SCALE * 100.0 and scale[1] == UNREAD_SCALE and scale[2] == 2.0
     moved = (np.array([1e6, -1e6, 9.0]) - mean) / scale
     assert np.all(np.abs(moved[:2]) < 1e-5) and moved[2] == 2.0
+    with np.errstate(over="raise"):  # a flat feature at an absurd level still gets a finite scale
+        huge = scale_from(np.array([1e300]), np.array([0.0]))
+        assert np.isfinite(huge).all() and unread_mask(np.array([1e300]), huge).all()
 
 
 def test_the_unread_features_are_named_for_the_fleet_and_for_each_asset_that_held_them_still() -> None:
