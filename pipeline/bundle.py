@@ -133,9 +133,10 @@ class Scaler:
         def still(mean: np.ndarray, scale: np.ndarray) -> list[str]:
             return [f for f, u in zip(features, unread_mask(mean, scale)) if u]
 
-        out = {"fleet": still(self.mean, self.scale)} if still(self.mean, self.scale) else {}
+        fleet = still(self.mean, self.scale)
+        out = {"fleet": fleet} if fleet else {}
         for name, mean, scale in zip(self.asset_names, self.asset_mean, self.asset_scale):
-            own = [f for f in still(mean, scale) if f not in out.get("fleet", [])]
+            own = [f for f in still(mean, scale) if f not in fleet]
             if own:
                 out[name] = own
         return out
