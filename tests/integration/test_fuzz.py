@@ -31,7 +31,9 @@ import os
 import random
 import re
 import threading
+import sys
 import time
+import traceback
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -557,6 +559,7 @@ class Monitor:
         self.produced = 0
         self.stalls: Counter[str] = Counter()
         self.longest_wait_s: dict[str, float] = {name: 0.0 for name in daemons}
+        self.stalled_stacks: dict[str, str] = {}  # where a stalled daemon's thread was when the stall was seen
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -580,10 +583,16 @@ class Monitor:
                 if waited > STALL_S and name not in stalled:
                     stalled.add(name)
                     self.stalls[name] += 1
+                    self.stalled_stacks.setdefault(name, thread_stack(d.thread))
 
     def close(self) -> None:
         self._done.set()
         self._thread.join(5)
+
+
+def thread_stack(thread: threading.Thread) -> str:
+    frame = sys._current_frames().get(thread.ident or -1)
+    return "".join(traceback.format_stack(frame)) if frame is not None else "(thread ended)"
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, daemons: dict[str, Daemon]) -> bool:
@@ -863,12 +872,13 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
         "detector": {"records": det.stats.records, "accepted": det.stats.accepted, "scored_steps": det.stats.scored,
                      "alert_events": det.stats.alert_events, "rejects_match_dlq": det.stats.rejects == dict(dlq_reasons)},
         "archiver": {"records": arch.stats.records, "readings": arch.stats.readings, "files": arch.stats.files,
-                     "rejects": dict(sorted(arch.stats.rejects.items()))},
+                     "rejects": dict(sorted(arch.stats.rejects.items())), "write_retries": arch.stats.write_retries},
         "crashes": sum(1 for d in daemons.values() if d.crashed or d.code not in (0,)),
         "crash_errors": [repr(d.error) for d in daemons.values() if d.error is not None],
         "exit_codes": {name: d.code for name, d in daemons.items()},
         "stalls": sum(monitor.stalls.values()),
         "longest_wait_behind_s": monitor.longest_wait_s,
+        "stalled_stacks": monitor.stalled_stacks,
         "all_consumed": consumed,
         "good_readings": len(good_where),
         "good_archived_once": good_archived_once,
@@ -896,7 +906,7 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
 
     assert not broker_refused, broker_refused[:3]
     assert row["crashes"] == 0 and not any(crashed_before_stop.values()), row["crash_errors"]
-    assert row["stalls"] == 0, monitor.longest_wait_s
+    assert row["stalls"] == 0, (monitor.longest_wait_s, monitor.stalled_stacks)
     assert consumed, {name: d.daemon.stats.records for name, d in daemons.items()}
     assert hostile_sent >= HOSTILE_PER_EXAMPLE * EXAMPLES * 0.99
     assert not problems, row["examples_of_problems"]
