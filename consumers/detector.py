@@ -778,4 +778,7 @@ class _Listener(AsyncConsumerRebalanceListener):
                 d.consumer.seek_to_beginning(tp)
             d.to_restore[tp] = committed
             d.rewind.discard(tp)
+        held = d.consumer.paused() & set(assigned)
+        if held:  # paused for a rewind the rebalance came before: kafka-python keeps the pause, the seek is the rewind
+            d.consumer.resume(*held)
         d.assigned = True  # ready once the main loop has restored these partitions

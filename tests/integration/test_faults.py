@@ -18,7 +18,7 @@ import pytest
 from kafka.errors import KafkaError
 
 from consumers.broker import LocalBroker, free_port
-from consumers.detector import Detector
+from consumers.detector import Detector, Fenced
 from pipeline import registry
 
 from . import faults
@@ -123,6 +123,48 @@ def test_a_poll_past_max_poll_interval_rejoins_without_exiting_or_re_emitting(
     faults.record("poll_past_max_poll_interval", row)
     faults.assert_exact(row)
     assert row["duplicate_alert_events"] == 0 and row["duplicate_scores"] == 0, row
+
+
+class _RebalanceBeforeRewind(Detector):
+    """A detector fenced out (its session expired) whose group rebalances before it could rewind:
+    the partitions it keeps were paused for that rewind, and kafka-python keeps a pause across a
+    rebalance."""
+
+    fence_after = 1500
+    rejoin_first = False
+
+    def process(self, polled: Any) -> None:
+        super().process(polled)
+        if self.fence_after and self.stats.records > self.fence_after:
+            self.fence_after = 0
+            self.rejoin_first = True
+            raise Fenced("group membership lost (injected)")
+
+    def _rewind(self) -> None:
+        if self.rejoin_first:  # the rewind's committed-offset lookup waits; the rebalance comes first
+            self.rejoin_first = False
+            assert self.consumer is not None
+            self.consumer._coordinator.request_rejoin()
+            return
+        super()._rewind()
+
+
+def test_a_rebalance_before_the_rewind_of_a_fenced_member_leaves_no_partition_paused(
+        broker: Any, settings_for: Any, fitted_plant: Any) -> None:
+    settings = detector_settings(settings_for, broker, scores=True)
+    ref = _ref(fitted_plant, settings)
+    stop = threading.Event()
+    det = _RebalanceBeforeRewind(settings, fitted_plant.bundle, stop=stop)
+    with running(det, stop):
+        stream = faults.Stream(settings, ref, RATE).start()
+        wait_until(lambda: det.fence_after == 0, 90, "the injected fencing")
+        fault_at = time.time()
+        stream.join(120)
+        scores = faults.wait_for_scores(settings, ref, 150)
+        assert det.rejoin_first is False and not det.consumer.paused()
+    row = faults.compare(settings, ref, stream.sent, scores, fault_at)
+    faults.record("rebalance_before_rewind", row)
+    faults.assert_exact(row)
 
 
 def test_producers_the_broker_no_longer_knows_are_replaced_without_losing_an_output(
