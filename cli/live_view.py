@@ -164,15 +164,13 @@ def alert_follower(settings: Any, on_alert: Callable[[dict[str, Any]], None], st
     import json
 
     from consumers.kafka_clients import make_consumer
-    from consumers.poll_watchdog import PollWatchdog
 
     def run() -> None:
         consumer = make_consumer(settings, group_id=None, topics=[settings.topics.alerts],
                                  auto_offset_reset="earliest" if from_beginning else "latest")
-        poller = PollWatchdog(consumer, name="alerts view")
         try:
             while not stop.is_set():
-                for records in poller.poll(300).values():
+                for records in consumer.poll(timeout_ms=300).values():
                     for r in records:
                         try:
                             alert = json.loads(r.value)

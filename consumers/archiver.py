@@ -76,7 +76,6 @@ from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
 from consumers.kafka_clients import make_consumer
-from consumers.poll_watchdog import PollWatchdog
 from pipeline import storage
 from pipeline.logs import get_logger
 from pipeline.readings import DecodeLimits, Reject, decode_batch
@@ -263,14 +262,14 @@ class Archiver:
         """Archive until ``stop`` is set; returns the process exit code."""
         s = self.settings
         self.consumer = make_consumer(s, group_id=s.archive.group_id)
-        poller = PollWatchdog(self.consumer, name="archiver")
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
         server = serve(http_port, alive=lambda: self.alive, ready=lambda: self.ready) if http_port else None
         self.log.info("archiver started", topic=s.topics.readings, uri=s.archive.uri)
         code = 0
         try:
             while not self.stop.is_set():
-                polled = poller.poll(self._poll_timeout_ms(), max_records=s.kafka.max_poll_records)
+                polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
+                                            max_records=s.kafka.max_poll_records)
                 self.last_loop = time.monotonic()
                 if polled:
                     self.add(polled)

@@ -40,7 +40,6 @@ from kafka.structs import OffsetAndMetadata
 from consumers import metrics
 from consumers.health import Health
 from consumers.kafka_clients import KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end
-from consumers.poll_watchdog import PollWatchdog
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -136,7 +135,6 @@ class Detector:
         self._key_partitions = KeyPartitions(self.producer)
         self.state_producer = make_state_producer(s)
         self.consumer = make_consumer(s, group_id=s.detector.group_id)
-        poller = PollWatchdog(self.consumer, name="detector")
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
         _freeze_heap()
         self.log.info("detector started", topic=s.topics.readings, model_version=self.engine.model_version,
@@ -152,7 +150,8 @@ class Detector:
                 try:
                     if self.rewind:
                         self._rewind()
-                    polled = poller.poll(s.detector.poll_timeout_ms, max_records=s.kafka.max_poll_records)
+                    polled = self.consumer.poll(timeout_ms=s.detector.poll_timeout_ms,
+                                                max_records=s.kafka.max_poll_records)
                     self.last_loop = time.monotonic()
                     self._set_health(last_loop=self.last_loop)
                     if self.to_restore:

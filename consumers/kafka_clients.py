@@ -22,7 +22,6 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
-from consumers.poll_watchdog import PollWatchdog
 from pipeline.logs import mask_secret
 from pipeline.settings import KafkaSettings, Settings, SettingsError
 
@@ -180,7 +179,6 @@ def read_to_end(settings: Settings, topic: str, on_record: Callable[[Any], objec
             return 0
         consumer.assign(list(stop_at))
         consumer.seek_to_beginning(*stop_at)
-        poller = PollWatchdog(consumer, name=f"read {topic}")
         deadline = time.monotonic() + timeout_s
         unread = set(stop_at)
         while True:
@@ -193,7 +191,7 @@ def read_to_end(settings: Settings, topic: str, on_record: Callable[[Any], objec
             if time.monotonic() > deadline:
                 raise ReadTimeout(f"topic {topic!r} not read to its end within {timeout_s:.0f} s "
                                   f"({len(unread)} of {len(stop_at)} partitions unfinished)")
-            for tp, records in poller.poll(200, max_records=max_records).items():
+            for tp, records in consumer.poll(timeout_ms=200, max_records=max_records).items():
                 end = stop_at[tp]
                 if end is None:
                     end = stop_at[tp] = consumer.highwater(tp)

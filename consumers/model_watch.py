@@ -19,7 +19,6 @@ from kafka import TopicPartition
 
 from consumers import metrics
 from consumers.kafka_clients import make_consumer
-from consumers.poll_watchdog import PollWatchdog
 from pipeline.bundle import BundleError, ModelBundle
 from pipeline.logs import get_logger
 from pipeline.model import StepFunction
@@ -126,9 +125,8 @@ class ModelWatcher:
         try:
             parts = consumer.partitions_for_topic(topic) or {0}
             consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
-            poller = PollWatchdog(consumer, name="models topic")
             while not self._stop.is_set():
-                if any(poller.poll(500).values()):
+                if any(consumer.poll(timeout_ms=500).values()):
                     self._wake.set()
         finally:
             consumer.close()
