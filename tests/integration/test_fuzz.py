@@ -559,7 +559,7 @@ class Monitor:
         self.produced = 0
         self.stalls: Counter[str] = Counter()
         self.longest_wait_s: dict[str, float] = {name: 0.0 for name in daemons}
-        self.stalled_stacks: dict[str, str] = {}  # where a stalled daemon's thread was when the stall was seen
+        self.stalled: dict[str, dict[str, Any]] = {}  # a stalled daemon's thread and consumer when the stall was seen
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -583,11 +583,28 @@ class Monitor:
                 if waited > STALL_S and name not in stalled:
                     stalled.add(name)
                     self.stalls[name] += 1
-                    self.stalled_stacks.setdefault(name, thread_stack(d.thread))
+                    self.stalled.setdefault(name, {"records": seen, "produced": self.produced,
+                                                   "consumer": consumer_state(d.daemon.consumer),
+                                                   "stack": thread_stack(d.thread)})
 
     def close(self) -> None:
         self._done.set()
         self._thread.join(5)
+
+
+def consumer_state(consumer: Any) -> dict[str, Any]:
+    """Per assigned partition: position, high watermark and what gates fetching (kafka-python's
+    partition state), and the group membership."""
+    if consumer is None:
+        return {}
+    parts = {}
+    for tp, st in list(consumer._subscription.assignment.items()):  # pinned kafka-python internals
+        parts[tp.partition] = {"highwater": consumer.highwater(tp), "fetchable": st.is_fetchable(),
+                               **{k.lstrip("_"): repr(v) for k, v in vars(st).items()}}
+    coordinator = consumer._coordinator
+    return {"partitions": parts, "paused": sorted(tp.partition for tp in consumer.paused()),
+            "coordinator": {"state": str(coordinator.state), "rejoin_needed": coordinator.rejoin_needed,
+                            "unknown": coordinator.coordinator_unknown()}}
 
 
 def thread_stack(thread: threading.Thread) -> str:
@@ -878,7 +895,7 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
         "exit_codes": {name: d.code for name, d in daemons.items()},
         "stalls": sum(monitor.stalls.values()),
         "longest_wait_behind_s": monitor.longest_wait_s,
-        "stalled_stacks": monitor.stalled_stacks,
+        "stalled": monitor.stalled,
         "all_consumed": consumed,
         "good_readings": len(good_where),
         "good_archived_once": good_archived_once,
@@ -906,7 +923,7 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
 
     assert not broker_refused, broker_refused[:3]
     assert row["crashes"] == 0 and not any(crashed_before_stop.values()), row["crash_errors"]
-    assert row["stalls"] == 0, (monitor.longest_wait_s, monitor.stalled_stacks)
+    assert row["stalls"] == 0, (monitor.longest_wait_s, json.dumps(monitor.stalled, indent=1, default=repr))
     assert consumed, {name: d.daemon.stats.records for name, d in daemons.items()}
     assert hostile_sent >= HOSTILE_PER_EXAMPLE * EXAMPLES * 0.99
     assert not problems, row["examples_of_problems"]
