@@ -30,8 +30,8 @@ import math
 import os
 import random
 import re
-import threading
 import sys
+import threading
 import time
 import traceback
 import unicodedata
@@ -583,8 +583,11 @@ class Monitor:
                 if waited > STALL_S and name not in stalled:
                     stalled.add(name)
                     self.stalls[name] += 1
-                    self.stalled.setdefault(name, {"records": seen, "produced": self.produced,
-                                                   "consumer": consumer_state(d.daemon.consumer),
+                    try:
+                        consumer = consumer_state(d.daemon.consumer)
+                    except Exception as exc:  # noqa: BLE001 - the sample is for the report; the monitor goes on
+                        consumer = {"error": repr(exc)}
+                    self.stalled.setdefault(name, {"records": seen, "produced": self.produced, "consumer": consumer,
                                                    "stack": thread_stack(d.thread)})
 
     def close(self) -> None:
