@@ -789,9 +789,9 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
             problems["dlq_duplicates"].append((where, rec.kind))
         outcome = got[0][1]["reason"] if got else ACCEPTED
         if outcome not in rec.expect:
-            problems["unexpected_outcome"].append((rec.kind, outcome, sorted(rec.expect), (rec.value or b"")[:160]))
+            problems["unexpected_outcome"].append((where, rec.kind, outcome, sorted(rec.expect), (rec.value or b"")[:160]))
         if oracle is not None and outcome != oracle:
-            problems["differs_from_decoding_alone"].append((rec.kind, outcome, oracle, (rec.value or b"")[:160]))
+            problems["differs_from_decoding_alone"].append((where, rec.kind, outcome, oracle, (rec.value or b"")[:160]))
         if not got:
             accepted_expected += 1
             continue
