@@ -11,6 +11,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,24 @@ def _finish(name: str, settings: Any, ref: faults.Reference, stream: faults.Stre
     row = faults.compare(settings, ref, stream.sent, scores, fault_at)
     faults.record(name, row)
     print(name, json.dumps(row))
+    return row
+
+
+def _stream_through(det: Detector, stop: threading.Event, settings: Any, ref: faults.Reference,
+                    injected: Callable[[], bool], what: str, name: str,
+                    while_running: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """A live stream through an in-process detector that injects its own fault (``injected`` is true
+    once it has); the run compared with the reference and recorded as ``name``. ``while_running``
+    checks the detector once every score is in, before it stops."""
+    with running(det, stop):
+        stream = faults.Stream(settings, ref, RATE).start()
+        wait_until(injected, 90, what)
+        fault_at = time.time()
+        stream.join(120)
+        scores = faults.wait_for_scores(settings, ref, 150)
+        while_running()
+    row = faults.compare(settings, ref, stream.sent, scores, fault_at)
+    faults.record(name, row)
     return row
 
 
@@ -113,14 +132,8 @@ def test_a_poll_past_max_poll_interval_rejoins_without_exiting_or_re_emitting(
     ref = _ref(fitted_plant, settings)
     stop = threading.Event()
     det = _SlowOnce(settings, fitted_plant.bundle, stop=stop)
-    with running(det, stop):
-        stream = faults.Stream(settings, ref, RATE).start()
-        wait_until(lambda: det.stall_s == 0, 90, "the slow poll")
-        fault_at = time.time()
-        stream.join(120)
-        scores = faults.wait_for_scores(settings, ref, 150)
-    row = faults.compare(settings, ref, stream.sent, scores, fault_at)
-    faults.record("poll_past_max_poll_interval", row)
+    row = _stream_through(det, stop, settings, ref, lambda: det.stall_s == 0, "the slow poll",
+                          "poll_past_max_poll_interval")
     faults.assert_exact(row)
     assert row["duplicate_alert_events"] == 0 and row["duplicate_scores"] == 0, row
 
@@ -155,15 +168,11 @@ def test_a_rebalance_before_the_rewind_of_a_fenced_member_leaves_no_partition_pa
     ref = _ref(fitted_plant, settings)
     stop = threading.Event()
     det = _RebalanceBeforeRewind(settings, fitted_plant.bundle, stop=stop)
-    with running(det, stop):
-        stream = faults.Stream(settings, ref, RATE).start()
-        wait_until(lambda: det.fence_after == 0, 90, "the injected fencing")
-        fault_at = time.time()
-        stream.join(120)
-        scores = faults.wait_for_scores(settings, ref, 150)
+    def nothing_left_paused() -> None:
         assert det.rejoin_first is False and not det.consumer.paused()
-    row = faults.compare(settings, ref, stream.sent, scores, fault_at)
-    faults.record("rebalance_before_rewind", row)
+
+    row = _stream_through(det, stop, settings, ref, lambda: det.fence_after == 0, "the injected fencing",
+                          "rebalance_before_rewind", while_running=nothing_left_paused)
     faults.assert_exact(row)
 
 
