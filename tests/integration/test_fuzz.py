@@ -551,12 +551,13 @@ class Daemon:
 
 
 class Monitor:
-    """Samples the daemons' record counts; a stall is a daemon behind the produced records that
-    consumed nothing for ``STALL_S``."""
+    """Samples the daemons' record counts; a stall is a daemon not yet through the produced records
+    (:func:`read_through`) that consumed nothing for ``STALL_S``."""
 
     def __init__(self, daemons: dict[str, Daemon]) -> None:
         self.daemons = daemons
         self.produced = 0
+        self.ends: dict[int, int] = {}  # partition → offset after its last produced record
         self.stalls: Counter[str] = Counter()
         self.longest_wait_s: dict[str, float] = {name: 0.0 for name in daemons}
         self.stalled: dict[str, dict[str, Any]] = {}  # a stalled daemon's thread and consumer when the stall was seen
@@ -574,7 +575,7 @@ class Monitor:
             now = time.monotonic()
             for name, d in self.daemons.items():
                 seen = d.daemon.stats.records
-                if seen != last[name][0] or seen >= self.produced:
+                if seen != last[name][0] or at_end(d.daemon, self.ends):
                     last[name] = (seen, now)
                     stalled.discard(name)
                     continue
@@ -593,6 +594,26 @@ class Monitor:
     def close(self) -> None:
         self._done.set()
         self._thread.join(5)
+
+
+def read_through(daemon: Any) -> dict[int, int]:
+    """Per owned partition, the offset below which the daemon has handled every record, after any
+    rewind: a record count cannot tell, since a rewind re-reads (and counts) records again."""
+    if isinstance(daemon, Detector):
+        if daemon.to_restore or daemon.rewind:  # about to re-read from the committed offsets
+            return {}
+        return {p: c.position for p, c in list(daemon.checkpoints.cursors.items())}
+    consumer = daemon.consumer  # the archiver adds what a poll returned before it polls again
+    if consumer is None:
+        return {}
+    return {tp.partition: st.position.offset for tp, st in list(consumer._subscription.assignment.items())
+            if st.position is not None}  # pinned kafka-python internals
+
+
+def at_end(daemon: Any, ends: dict[int, int]) -> bool:
+    """Whether the daemon has handled every record produced so far."""
+    through = read_through(daemon)
+    return bool(ends) and all(through.get(p, -1) >= end for p, end in ends.items())
 
 
 def consumer_state(consumer: Any) -> dict[str, Any]:
@@ -753,6 +774,8 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
                 continue
             sent[(md.partition, md.offset)] = item
         monitor.produced = len(sent)
+        for p, offset in sent:
+            monitor.ends[p] = max(monitor.ends.get(p, 0), offset + 1)
 
     try:
         one_example()
@@ -760,7 +783,7 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
         big_producer.close()
         produce_s = time.monotonic() - started
         total = len(sent)
-        consumed = wait_for(lambda: all(d.daemon.stats.records >= total for d in daemons.values()), 300, daemons)
+        consumed = wait_for(lambda: all(at_end(d.daemon, monitor.ends) for d in daemons.values()), 300, daemons)
         crashed_before_stop = {name: d.crashed for name, d in daemons.items()}
         assets_held = len(daemons["detector"].daemon.engine.state)  # dropped when it stops
     finally:
@@ -890,7 +913,8 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
         "dlq_by_reason": dict(sorted(dlq_reasons.items())),
         "dlq_truncated": truncated,
         "detector": {"records": det.stats.records, "accepted": det.stats.accepted, "scored_steps": det.stats.scored,
-                     "alert_events": det.stats.alert_events, "rejects_match_dlq": det.stats.rejects == dict(dlq_reasons)},
+                     "alert_events": det.stats.alert_events, "rejects_match_dlq": det.stats.rejects == dict(dlq_reasons),
+                     "restores": len(det.restore_s), "replayed": det.stats.replayed},
         "archiver": {"records": arch.stats.records, "readings": arch.stats.readings, "files": arch.stats.files,
                      "rejects": dict(sorted(arch.stats.rejects.items())), "write_retries": arch.stats.write_retries},
         "crashes": sum(1 for d in daemons.values() if d.crashed or d.code not in (0,)),
@@ -930,9 +954,10 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
     assert consumed, {name: d.daemon.stats.records for name, d in daemons.items()}
     assert hostile_sent >= HOSTILE_PER_EXAMPLE * EXAMPLES * 0.99
     assert not problems, row["examples_of_problems"]
-    assert det.stats.records == arch.stats.records == total
-    assert det.stats.rejects == dict(dlq_reasons)
-    assert det.stats.accepted == accepted_expected
+    assert det.stats.records >= total and arch.stats.records >= total  # more after a rewind re-read some
+    if det.stats.records == total:  # read once (no rebalance or rewind under load): the counters are exact
+        assert det.stats.rejects == dict(dlq_reasons)
+        assert det.stats.accepted == accepted_expected
     assert not archive_missing and not archive_extra, (archive_missing[:3], archive_extra[:3])
     assert good_archived_once == len(good_where)
     assert arch.stats.readings == len(want_rows)
