@@ -75,7 +75,7 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import make_consumer
+from consumers.kafka_clients import make_consumer, seek_to_committed
 from pipeline import storage
 from pipeline.logs import get_logger
 from pipeline.readings import DecodeLimits, Reject, decode_batch
@@ -540,6 +540,10 @@ class _Listener(AsyncConsumerRebalanceListener):
         self.archiver.log.warning("partitions lost", partitions=sorted(tp.partition for tp in lost))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Read from the committed offsets: what this member held before the rebalance and did not
+        commit (a write that failed on the revocation, partitions lost) is read and written again."""
+        assert self.archiver.consumer is not None
+        await seek_to_committed(self.archiver.consumer, assigned)
         self.archiver.sweep(assigned)
         self.archiver.assigned = True
         self.archiver.log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))

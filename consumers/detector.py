@@ -39,7 +39,8 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
-from consumers.kafka_clients import KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end
+from consumers.kafka_clients import (KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end,
+                                     seek_to_committed)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -765,16 +766,8 @@ class _Listener(AsyncConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         d = self.detector
         assert d.consumer is not None
-        fetched = await d.consumer._coordinator.fetch_committed_offsets_async(set(assigned))
-        for tp in assigned:
-            om = fetched.get(tp)
-            committed = om.offset if om is not None and om.offset >= 0 else -1
-            # kafka-python keeps the fetch position of a partition held before and after a
-            # rebalance; the state restored is the committed one, so reading starts there.
-            if committed >= 0:
-                d.consumer.seek(tp, committed)
-            else:
-                d.consumer.seek_to_beginning(tp)
+        # The state restored is the committed one, so reading starts there.
+        for tp, committed in (await seek_to_committed(d.consumer, set(assigned))).items():
             d.to_restore[tp] = committed
             d.rewind.discard(tp)
         held = d.consumer.paused() & set(assigned)

@@ -102,6 +102,26 @@ def make_consumer(
     return KafkaConsumer(*topics, **config)
 
 
+async def seek_to_committed(consumer: KafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+    """From a rebalance hook (it runs on kafka-python's event loop): start each partition at its
+    committed offset, or at its beginning without one; returns those offsets (-1: none).
+
+    kafka-python 3 keeps the fetch position of a partition held before and after a rebalance. A
+    member that dropped what it had read since its last commit must read it again, as a new owner
+    would, or it is lost.
+    """
+    fetched = await consumer._coordinator.fetch_committed_offsets_async(set(partitions))  # pinned kafka-python
+    committed = {}
+    for tp in partitions:
+        om = fetched.get(tp)
+        committed[tp] = om.offset if om is not None and om.offset >= 0 else -1
+        if committed[tp] >= 0:
+            consumer.seek(tp, committed[tp])
+        else:
+            consumer.seek_to_beginning(tp)
+    return committed
+
+
 def make_producer(settings: Settings, **overrides: object) -> KafkaProducer:
     """An idempotent producer acknowledged by all in-sync replicas.
 

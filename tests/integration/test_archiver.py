@@ -258,6 +258,37 @@ def test_a_revoked_partition_is_written_and_committed_before_the_next_owner_take
     assert stats.duplicates == 0  # the next owner started exactly where the revoked one ended
 
 
+def test_readings_whose_write_failed_at_a_rebalance_are_read_again_by_the_member_given_them_back(
+        broker: Any, settings_for: Any, topic_prefix: str) -> None:
+    """The store fails while a second member joins: the first member's revoked readings are neither
+    written nor committed. The member given some of those partitions back keeps its fetch position
+    in kafka-python, so unless it starts again from the commit, their readings are lost."""
+    s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive",
+                                                  "archive.flush_rows": 1_000_000, "archive.flush_seconds": 600.0})
+    start, end = MIDNIGHT - 1_000_000, MIDNIGHT + 1_000_000
+    total = produce(s, PlantSimulator(PLANT), start, end)
+    with archiver_thread(s) as first:
+        wait_until(lambda: first.stats.records == total, 30, "the first member buffering everything")
+        write, failed = first.writer.write, []
+
+        def write_failing_once(*args: Any, **kwargs: Any) -> Any:
+            if not failed:
+                failed.append(args[0])
+                raise OSError("store unavailable")
+            return write(*args, **kwargs)
+
+        first.writer.write = write_failing_once
+        with archiver_thread(s) as second:
+            # Each revoked reading is read again once: by the member that now owns its partition.
+            wait_until(lambda: first.stats.records + second.stats.records == 2 * total, 30,
+                       "the readings of the failed write read again")
+            assert failed and first.assigned and second.assigned
+    assert committed_total(s) == total
+    stats = ScanStats()
+    assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
+    assert stats.duplicates == 0
+
+
 def test_kill_9_mid_file_and_restart_lose_nothing_duplicate_nothing_and_leave_no_temporary_file(
         broker: Any, settings_for: Any, tmp_path: pathlib.Path) -> None:
     """The first archiver is killed while its seventh file is half written; readings keep
