@@ -261,7 +261,7 @@ class Archiver:
     def run(self, http_port: int = 0) -> int:
         """Archive until ``stop`` is set; returns the process exit code."""
         s = self.settings
-        self.consumer = make_consumer(s, group_id=s.archive.group_id)
+        self.consumer = make_consumer(s, group_id=s.archive.group_id, never_compacted=True)
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
         server = serve(http_port, alive=lambda: self.alive, ready=lambda: self.ready) if http_port else None
         self.log.info("archiver started", topic=s.topics.readings, uri=s.archive.uri)

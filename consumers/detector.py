@@ -135,7 +135,7 @@ class Detector:
         self.producer = make_output_producer(s)
         self._key_partitions = KeyPartitions(self.producer)
         self.state_producer = make_state_producer(s)
-        self.consumer = make_consumer(s, group_id=s.detector.group_id)
+        self.consumer = make_consumer(s, group_id=s.detector.group_id, never_compacted=True)
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
         _freeze_heap()
         self.log.info("detector started", topic=s.topics.readings, model_version=self.engine.model_version,

@@ -22,6 +22,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
+from consumers.fetch_gaps import FetchHoleGuard
 from pipeline.logs import mask_secret
 from pipeline.settings import KafkaSettings, Settings, SettingsError
 
@@ -75,13 +76,15 @@ def _with_role(kafka: KafkaSettings, role: str) -> dict[str, object]:
 
 
 def make_consumer(
-    settings: Settings, *, group_id: str | None, topics: Sequence[str] = (), **overrides: object
+    settings: Settings, *, group_id: str | None, topics: Sequence[str] = (), never_compacted: bool = False,
+    **overrides: object
 ) -> KafkaConsumer:
     """A manually committing consumer that starts at the earliest offset of a new group and reads
     only committed records (an aborted transaction of an exactly-once producer upstream is skipped).
 
     Offsets are committed by the caller only after the results of a poll are acknowledged
-    (at-least-once), hence no auto-commit.
+    (at-least-once), hence no auto-commit. With ``never_compacted`` (the readings topic), a fetch
+    response that skips offsets is fetched again (:mod:`consumers.fetch_gaps`).
     """
     k = settings.kafka
     config: dict[str, object] = {
@@ -99,7 +102,10 @@ def make_consumer(
         "isolation_level": "read_committed",
         **overrides,
     }
-    return KafkaConsumer(*topics, **config)
+    consumer = KafkaConsumer(*topics, **config)
+    if never_compacted:
+        FetchHoleGuard(consumer)
+    return consumer
 
 
 async def seek_to_committed(consumer: KafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:

@@ -1,0 +1,110 @@
+"""A guard against fetch responses that skip offsets the partition holds.
+
+Offsets in a partition that is not compacted have no holes: a transaction's commit or abort
+marker is a batch of its own, and records removed by retention are below the log start. A fetch
+response therefore covers the offsets from the one asked for without a hole. The embedded broker
+breaks this when producers on several connections append to one partition at once: a consumer at
+the end of the partition can be handed the batches appended after a large one that is not yet
+readable, and kafka-python then moves its position past the large one, which that consumer never
+sees (a later read from the beginning has it). The guard cuts such a response at its first hole,
+so the next fetch asks for the missing offset again. A hole still there after ``patience_s`` is
+taken for a real one (a compacted topic) and logged.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import CompletedFetch
+from prometheus_client import Counter
+
+from pipeline.logs import get_logger
+
+log = get_logger("plantwatch.fetch")
+HOLES = Counter("plantwatch_fetch_holes_total", "Fetch responses of the readings topic that skipped offsets: "
+                "cut and fetched again (outcome=refetched), or read on after the patience (outcome=accepted)",
+                ["outcome"])
+
+_HEADER = struct.Struct(">qiibIhi")  # base offset, batch length, leader epoch, magic, crc, attributes, last offset delta
+_LENGTH_OVERHEAD = 12  # the base offset and the batch length precede what the length counts
+
+
+def first_hole(records: bytes | memoryview, fetch_offset: int) -> tuple[int, int] | None:
+    """Where the batches of one partition's fetch response (record format v2) first skip an
+    offset: (bytes before that batch, the first offset missing), or None without a hole.
+
+    A batch that starts before ``fetch_offset`` (asked for mid-batch) is no hole, nor is a last
+    batch cut short by the fetch size. Responses in the legacy formats are not checked.
+    """
+    expected, pos, end = fetch_offset, 0, len(records)
+    while end - pos >= _HEADER.size:
+        base, length, _, magic, _, _, last_delta = _HEADER.unpack_from(records, pos)
+        if magic < 2:
+            return None
+        if pos + _LENGTH_OVERHEAD + length > end:  # truncated last batch
+            return None
+        if base > expected:
+            return pos, expected
+        expected = max(expected, base + last_delta + 1)
+        pos += _LENGTH_OVERHEAD + length
+    return None
+
+
+class FetchHoleGuard:
+    """Wraps a consumer's parsing of fetch responses (pinned kafka-python internals): a response
+    with a hole is cut there until the hole has lasted ``patience_s``."""
+
+    def __init__(self, consumer: KafkaConsumer, patience_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.patience_s = patience_s
+        self.clock = clock
+        self.holes: dict[TopicPartition, tuple[int, float]] = {}  # partition → (missing offset, first seen)
+        self.cut = 0       # responses cut at a hole
+        self.accepted = 0  # holes taken for real after the patience
+        fetcher = consumer._fetcher
+        self._parse = fetcher._parse_fetched_data
+        fetcher._parse_fetched_data = self._parse_guarded
+
+    def _parse_guarded(self, completed: Any) -> Any:
+        data = completed.partition_data
+        records = getattr(data, "records", None)
+        if getattr(data, "error_code", 0) == 0 and records:
+            hole = first_hole(records, completed.fetched_offset)
+            tp = completed.topic_partition
+            if hole is None:
+                self.holes.pop(tp, None)
+            elif self._wait(tp, hole[1], hole[0] == 0):
+                completed = _with_records(completed, records[:hole[0]])
+        return self._parse(completed)
+
+    def _wait(self, tp: TopicPartition, missing: int, at_start: bool) -> bool:
+        """Whether to cut the response at this hole (else it is taken as real)."""
+        now = self.clock()
+        seen = self.holes.get(tp)
+        if seen is None or seen[0] != missing:
+            self.holes[tp] = (missing, now)
+        elif at_start and now - seen[1] >= self.patience_s:
+            del self.holes[tp]
+            self.accepted += 1
+            HOLES.labels("accepted").inc()
+            log.warning("offsets missing from a partition that is not being compacted as expected; reading on",
+                        topic=tp.topic, partition=tp.partition, first_missing=missing,
+                        waited_s=round(now - seen[1], 2))
+            return False
+        self.cut += 1
+        HOLES.labels("refetched").inc()
+        return True
+
+
+def _with_records(completed: Any, records: bytes | memoryview) -> Any:
+    data = completed.partition_data
+    try:
+        data.records = records
+    except AttributeError:  # an immutable response type
+        data = data._replace(records=records)
+    return CompletedFetch(completed.topic_partition, completed.fetched_offset, completed.response_version,
+                          data, completed.metric_aggregator)

@@ -1,0 +1,100 @@
+"""The guard against fetch responses that skip offsets, on record batches built here (no broker)."""
+
+from __future__ import annotations
+
+import struct
+from types import SimpleNamespace
+from typing import Any
+
+from kafka import TopicPartition
+from kafka.consumer.fetcher import CompletedFetch
+from kafka.record.default_records import DefaultRecordBatchBuilder
+from kafka.record.memory_records import MemoryRecords
+
+from consumers.fetch_gaps import FetchHoleGuard, first_hole
+
+TP = TopicPartition("readings", 0)
+
+
+def batch(base: int, n: int) -> bytes:
+    """A record batch (format v2) of ``n`` records from offset ``base``, as a broker returns it."""
+    b = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0, producer_id=-1,
+                                  producer_epoch=-1, base_sequence=-1, batch_size=1 << 20)
+    for i in range(n):
+        b.append(i, timestamp=0, key=None, value=b"v" * 10, headers=[])
+    buf = b.build()
+    struct.pack_into(">q", buf, 0, base)  # the broker assigns the base offset (outside the CRC)
+    return bytes(buf)
+
+
+def offsets(records: bytes) -> list[int]:
+    mr, out = MemoryRecords(records), []
+    while (b := mr.next_batch()) is not None:
+        out += [r.offset for r in b]
+    return out
+
+
+def test_batches_that_cover_every_offset_from_the_one_asked_for_have_no_hole() -> None:
+    response = batch(0, 5) + batch(5, 3) + batch(8, 1)
+    assert offsets(response) == list(range(9))
+    assert first_hole(response, 0) is None
+    assert first_hole(batch(3, 5) + batch(8, 2), 5) is None  # asked for mid-batch
+    assert first_hole(b"", 7) is None
+
+
+def test_a_skipped_offset_is_found_between_batches_and_before_the_first() -> None:
+    first = batch(0, 5)
+    assert first_hole(first + batch(6, 2) + batch(8, 1), 0) == (len(first), 5)
+    assert first_hole(batch(6, 2), 5) == (0, 5)
+    assert offsets((first + batch(6, 2))[:len(first)]) == list(range(5))  # the cut keeps whole batches
+
+
+def test_a_last_batch_cut_short_by_the_fetch_size_and_legacy_formats_are_not_holes() -> None:
+    response = batch(0, 5) + batch(5, 40)
+    assert first_hole(response[:-7], 0) is None
+    legacy = bytearray(batch(9, 1))
+    legacy[16] = 1  # the magic byte: a v1 message set is not checked
+    assert first_hole(bytes(legacy), 0) is None
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.parsed: list[Any] = []
+        self._fetcher = SimpleNamespace(_parse_fetched_data=self.parsed.append)
+
+
+def fetch(at: int, records: bytes) -> CompletedFetch:
+    return CompletedFetch(TP, at, 12, SimpleNamespace(error_code=0, records=records), None)
+
+
+def test_a_response_with_a_hole_is_cut_there_until_the_hole_outlasts_the_patience() -> None:
+    now = [100.0]
+    consumer = FakeConsumer()
+    guard = FetchHoleGuard(consumer, patience_s=2.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    parse = consumer._fetcher._parse_fetched_data
+    head, tail = batch(0, 5), batch(6, 2)
+
+    parse(fetch(0, head + tail))  # offset 5 is not readable yet: deliver 0-4, ask for 5 again
+    assert offsets(consumer.parsed[-1].partition_data.records) == [0, 1, 2, 3, 4]
+    parse(fetch(5, tail))
+    assert consumer.parsed[-1].partition_data.records == b""
+    parse(fetch(5, batch(5, 1) + tail))  # now it is
+    assert offsets(consumer.parsed[-1].partition_data.records) == [5, 6, 7]
+    assert (guard.cut, guard.accepted, guard.holes) == (2, 0, {})
+
+    parse(fetch(8, batch(9, 1)))  # a hole that stays (a compacted topic): read on after the patience
+    now[0] += 1.0
+    parse(fetch(8, batch(9, 1)))
+    assert consumer.parsed[-1].partition_data.records == b""
+    now[0] += 1.5
+    parse(fetch(8, batch(9, 1)))
+    assert offsets(consumer.parsed[-1].partition_data.records) == [9]
+    assert (guard.cut, guard.accepted, guard.holes) == (4, 1, {})
+
+
+def test_error_responses_pass_through_untouched() -> None:
+    consumer = FakeConsumer()
+    FetchHoleGuard(consumer)  # type: ignore[arg-type]
+    failed = CompletedFetch(TP, 5, 12, SimpleNamespace(error_code=1, records=batch(9, 1)), None)
+    consumer._fetcher._parse_fetched_data(failed)
+    assert consumer.parsed == [failed]
