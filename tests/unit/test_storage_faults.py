@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from consumers import archiver as archiver_module
 from consumers.archiver import Archiver
@@ -223,6 +225,10 @@ class _Coordinator:
     async def _commit_offsets_sync_async(self, offsets: dict[TopicPartition, Any]) -> None:
         self.consumer.commit(offsets)
 
+    async def fetch_committed_offsets_async(self, partitions: set[TopicPartition]) -> dict[TopicPartition, Any]:
+        return {tp: OffsetAndMetadata(self.consumer.committed[tp], "", -1)
+                for tp in partitions if tp in self.consumer.committed}
+
 
 class FakeConsumer:
     """Two partitions of readings, handed out a few at a time; paused partitions give nothing.
@@ -242,6 +248,7 @@ class FakeConsumer:
         self.listener: Any = None  # until the first poll, which assigns
         self.hooks: Any = None
         self._coordinator = _Coordinator(self)
+        self._fetcher = SimpleNamespace(_paused_partition_records={})  # nothing is ever parked here
         self.lock = threading.Lock()
 
     def subscribe(self, topics: list[str], listener: Any = None) -> None:
@@ -273,6 +280,14 @@ class FakeConsumer:
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.tps)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        with self.lock:
+            self.position[tp] = offset
+
+    def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.seek(tp, 0)
 
     def pause(self, *tps: TopicPartition) -> None:
         with self.lock:
