@@ -75,7 +75,7 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import make_consumer, seek_to_committed
+from consumers.kafka_clients import make_consumer, resume, seek_to_committed
 from pipeline import storage
 from pipeline.logs import get_logger
 from pipeline.readings import DecodeLimits, Reject, decode_batch
@@ -362,7 +362,7 @@ class Archiver:
         if self.consumer is not None:
             paused = self.consumer.paused()
             if paused:
-                self.consumer.resume(*paused)
+                resume(self.consumer, paused)
         if self.health is not None:
             self.health.waiting_for = None
 

@@ -39,7 +39,7 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
-from consumers.kafka_clients import (KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end,
+from consumers.kafka_clients import (KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end, resume,
                                      seek_to_committed)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
@@ -279,7 +279,7 @@ class Detector:
                 self.consumer.seek(tp, off)
         self.rewind.clear()
         self.to_restore.update({tp: (-1 if off is None else off) for tp, off in committed.items()})
-        self.consumer.resume(*wanted)
+        resume(self.consumer, wanted)
 
     def _check_membership(self) -> None:
         """Raise :class:`Fenced` when the group no longer counts this member (checked before
@@ -772,5 +772,5 @@ class _Listener(AsyncConsumerRebalanceListener):
             d.rewind.discard(tp)
         held = d.consumer.paused() & set(assigned)
         if held:  # paused for a rewind the rebalance came before: kafka-python keeps the pause, the seek is the rewind
-            d.consumer.resume(*held)
+            resume(d.consumer, held)
         d.assigned = True  # ready once the main loop has restored these partitions

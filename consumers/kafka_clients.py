@@ -16,7 +16,7 @@ alert exclusions, the detector's state changelog).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -106,6 +106,24 @@ def make_consumer(
     if never_compacted:
         FetchHoleGuard(consumer)
     return consumer
+
+
+def resume(consumer: KafkaConsumer, partitions: Iterable[TopicPartition]) -> None:
+    """Resume fetching these partitions.
+
+    kafka-python 3.0.12 parks the fetched records of a partition paused while they were being
+    returned, and brings them back only at a poll that starts with no other partition's records
+    buffered; until then the partition is not fetched at all, so after a partial pause it could
+    stay unread for good. The parked records were not returned: dropping them lets the next fetch
+    read them again from the partition's position (pinned kafka-python internals).
+    """
+    tps = list(partitions)
+    consumer.resume(*tps)
+    parked = consumer._fetcher._paused_partition_records
+    for tp in tps:
+        records = parked.pop(tp, None)
+        if records is not None:
+            records.drain()
 
 
 async def seek_to_committed(consumer: KafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:

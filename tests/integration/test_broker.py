@@ -17,7 +17,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.broker import BrokerError, LocalBroker, broker_binary
-from consumers.kafka_clients import make_admin, make_consumer, make_producer
+from consumers.kafka_clients import make_admin, make_consumer, make_producer, resume
 from consumers.topics import ensure_topics, standard_topics
 from pipeline.settings import Settings
 
@@ -143,6 +143,43 @@ def test_killed_broker_restarts_on_the_same_port_empty(settings_for: Callable[..
             assert settings.topics.readings not in admin.list_topics()  # memory:// keeps nothing
         finally:
             admin.close()
+
+
+def test_a_partition_paused_while_its_records_were_returned_is_read_to_its_end_once_resumed(
+        settings: Settings) -> None:
+    """kafka-python parks the fetched records of such a partition and, once another partition's
+    records were returned meanwhile, never fetched it again; ``resume`` drops what it parked."""
+    topic = settings.topics.readings
+    ensure_topics(settings, {topic: 2})
+    producer = make_producer(settings)
+    for i in range(2000):
+        producer.send(topic, str(i).encode(), partition=i % 2)
+    producer.flush()
+    producer.close()
+    consumer = make_consumer(settings, group_id=None, max_poll_records=10)
+    tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, 0)
+    got: dict[int, list[int]] = {0: [], 1: []}
+
+    def take(polled: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        for tp, records in polled.items():
+            got[tp.partition] += [r.offset for r in records]
+
+    deadline = time.monotonic() + 20
+    while not any(got.values()) and time.monotonic() < deadline:
+        take(consumer.poll(timeout_ms=200))
+    held = TopicPartition(topic, next(p for p, offsets in got.items() if offsets))
+    consumer.pause(held)  # 10 of its records returned, the rest of its fetch parked
+    for _ in range(30):
+        take(consumer.poll(timeout_ms=100))  # the other partition's records meanwhile
+    resume(consumer, [held])
+    deadline = time.monotonic() + 20
+    while min(map(len, got.values())) < 1000 and time.monotonic() < deadline:
+        take(consumer.poll(timeout_ms=200, max_records=500))
+    consumer.close()
+    assert got == {0: list(range(1000)), 1: list(range(1000))}
 
 
 @pytest.mark.slow
