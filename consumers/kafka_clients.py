@@ -22,7 +22,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
-from consumers.fetch_gaps import FetchHoleGuard
+from consumers.fetch_holes import FetchHoleGuard
 from pipeline.logs import mask_secret
 from pipeline.settings import KafkaSettings, Settings, SettingsError
 
@@ -84,7 +84,7 @@ def make_consumer(
 
     Offsets are committed by the caller only after the results of a poll are acknowledged
     (at-least-once), hence no auto-commit. With ``never_compacted`` (the readings topic), a fetch
-    response that skips offsets is fetched again (:mod:`consumers.fetch_gaps`).
+    response that skips offsets is fetched again (:mod:`consumers.fetch_holes`).
     """
     k = settings.kafka
     config: dict[str, object] = {

@@ -11,7 +11,7 @@ from kafka.consumer.fetcher import CompletedFetch
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.memory_records import MemoryRecords
 
-from consumers.fetch_gaps import FetchHoleGuard, first_hole
+from consumers.fetch_holes import FetchHoleGuard, first_hole
 
 TP = TopicPartition("readings", 0)
 
