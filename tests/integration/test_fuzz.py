@@ -613,7 +613,7 @@ def read_through(daemon: Any) -> dict[int, int]:
 def at_end(daemon: Any, ends: dict[int, int]) -> bool:
     """Whether the daemon has handled every record produced so far."""
     through = read_through(daemon)
-    return bool(ends) and all(through.get(p, -1) >= end for p, end in ends.items())
+    return bool(ends) and all(through.get(p, -1) >= end for p, end in list(ends.items()))
 
 
 def consumer_state(consumer: Any) -> dict[str, Any]:
@@ -773,9 +773,8 @@ def test_fuzz_detector_and_archiver(broker: Any, settings_for: Any, fitted_plant
                 broker_refused.append((len(item.value or b""), f"{type(exc).__name__}: {exc}"))
                 continue
             sent[(md.partition, md.offset)] = item
+            monitor.ends[md.partition] = max(monitor.ends.get(md.partition, 0), md.offset + 1)
         monitor.produced = len(sent)
-        for p, offset in sent:
-            monitor.ends[p] = max(monitor.ends.get(p, 0), offset + 1)
 
     try:
         one_example()
