@@ -75,7 +75,7 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import make_consumer, resume, seek_to_committed
+from consumers.kafka_clients import make_consumer, resume, seek_to_committed_async
 from pipeline import storage
 from pipeline.logs import get_logger
 from pipeline.readings import DecodeLimits, Reject, decode_batch
@@ -543,7 +543,7 @@ class _Listener(AsyncConsumerRebalanceListener):
         """Read from the committed offsets: what this member held before the rebalance and did not
         commit (a write that failed on the revocation, partitions lost) is read and written again."""
         assert self.archiver.consumer is not None
-        await seek_to_committed(self.archiver.consumer, assigned)
+        await seek_to_committed_async(self.archiver.consumer, assigned)
         self.archiver.sweep(assigned)
         self.archiver.assigned = True
         self.archiver.log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))

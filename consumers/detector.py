@@ -40,7 +40,7 @@ from kafka.structs import OffsetAndMetadata
 from consumers import metrics
 from consumers.health import Health
 from consumers.kafka_clients import (KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end, resume,
-                                     seek_to_committed)
+                                     seek_to_committed, seek_to_committed_async)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -271,14 +271,9 @@ class Detector:
         assert self.consumer is not None
         owned = self.consumer.assignment()
         wanted = [tp for tp in self.rewind if tp in owned]
-        committed = {tp: self.consumer.committed(tp, timeout_ms=self.settings.kafka.request_timeout_ms) for tp in wanted}
-        for tp, off in committed.items():
-            if off is None:
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, off)
+        committed = seek_to_committed(self.consumer, wanted, self.settings.kafka.request_timeout_ms)
         self.rewind.clear()
-        self.to_restore.update({tp: (-1 if off is None else off) for tp, off in committed.items()})
+        self.to_restore.update(committed)
         resume(self.consumer, wanted)
 
     def _check_membership(self) -> None:
@@ -767,7 +762,7 @@ class _Listener(AsyncConsumerRebalanceListener):
         d = self.detector
         assert d.consumer is not None
         # The state restored is the committed one, so reading starts there.
-        for tp, committed in (await seek_to_committed(d.consumer, set(assigned))).items():
+        for tp, committed in (await seek_to_committed_async(d.consumer, assigned)).items():
             d.to_restore[tp] = committed
             d.rewind.discard(tp)
         held = d.consumer.paused() & set(assigned)

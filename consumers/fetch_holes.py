@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.fetcher import CompletedFetch
 from prometheus_client import Counter
 
 from pipeline.logs import get_logger
@@ -70,15 +69,14 @@ class FetchHoleGuard:
         fetcher._parse_fetched_data = self._parse_guarded
 
     def _parse_guarded(self, completed: Any) -> Any:
-        data = completed.partition_data
-        records = getattr(data, "records", None)
-        if getattr(data, "error_code", 0) == 0 and records:
-            hole = first_hole(records, completed.fetched_offset)
+        data = completed.partition_data  # mutable in the pinned kafka-python
+        if data.error_code == 0 and data.records:
+            hole = first_hole(data.records, completed.fetched_offset)
             tp = completed.topic_partition
             if hole is None:
                 self.holes.pop(tp, None)
             elif self._wait(tp, hole[1], hole[0] == 0):
-                completed = _with_records(completed, records[:hole[0]])
+                data.records = data.records[:hole[0]]
         return self._parse(completed)
 
     def _wait(self, tp: TopicPartition, missing: int, at_start: bool) -> bool:
@@ -99,12 +97,3 @@ class FetchHoleGuard:
         HOLES.labels("refetched").inc()
         return True
 
-
-def _with_records(completed: Any, records: bytes | memoryview) -> Any:
-    data = completed.partition_data
-    try:
-        data.records = records
-    except AttributeError:  # an immutable response type
-        data = data._replace(records=records)
-    return CompletedFetch(completed.topic_partition, completed.fetched_offset, completed.response_version,
-                          data, completed.metric_aggregator)

@@ -126,17 +126,30 @@ def resume(consumer: KafkaConsumer, partitions: Iterable[TopicPartition]) -> Non
             records.drain()
 
 
-async def seek_to_committed(consumer: KafkaConsumer, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
-    """From a rebalance hook (it runs on kafka-python's event loop): start each partition at its
-    committed offset, or at its beginning without one; returns those offsets (-1: none).
+def seek_to_committed(consumer: KafkaConsumer, partitions: Iterable[TopicPartition],
+                      timeout_ms: int) -> dict[TopicPartition, int]:
+    """Start each partition at its committed offset, or at its beginning without one; returns
+    those offsets (-1: none). From the polling thread; a rebalance hook uses the ``_async`` form."""
+    tps = set(partitions)
+    return _start_at(consumer, tps, consumer._coordinator.fetch_committed_offsets(tps, timeout_ms=timeout_ms))
+
+
+async def seek_to_committed_async(consumer: KafkaConsumer,
+                                  partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    """:func:`seek_to_committed` from a rebalance hook (it runs on kafka-python's event loop).
 
     kafka-python 3 keeps the fetch position of a partition held before and after a rebalance. A
     member that dropped what it had read since its last commit must read it again, as a new owner
     would, or it is lost.
     """
-    fetched = await consumer._coordinator.fetch_committed_offsets_async(set(partitions))  # pinned kafka-python
+    tps = set(partitions)
+    return _start_at(consumer, tps, await consumer._coordinator.fetch_committed_offsets_async(tps))
+
+
+def _start_at(consumer: KafkaConsumer, partitions: set[TopicPartition],
+              fetched: Mapping[TopicPartition, Any]) -> dict[TopicPartition, int]:
     committed = {}
-    for tp in partitions:
+    for tp in partitions:  # pinned kafka-python: the coordinator's committed offsets, without a commit absent
         om = fetched.get(tp)
         committed[tp] = om.offset if om is not None and om.offset >= 0 else -1
         if committed[tp] >= 0:
