@@ -93,6 +93,20 @@ def _text(b: bytes | None) -> str | None:
     return None if b is None else b.decode("utf-8", "replace")
 
 
+def _stamped_now(records: list[Any], todo: np.ndarray, wall_ms: int) -> np.ndarray:
+    """Per record of ``todo``, the time its reading may be stamped at most ``grid.max_future_s`` ahead
+    of: its Kafka record's timestamp, or the wall clock where that is earlier or the record has none.
+
+    The record's timestamp (the producer's send time, or the broker's append time) is the same
+    when the record is read again after a rebalance, a rewind or a restart, so the replay rejects
+    exactly the readings the first pass rejected; the wall clock at processing would move on and
+    let a reading through that the first pass sent to the dead-letter topic (or the reverse). The
+    wall clock still bounds a producer that stamps its records with the readings' own times.
+    """
+    stamps = np.fromiter((records[i].timestamp for i in todo.tolist()), np.int64, len(todo))
+    return np.where(stamps >= 0, np.minimum(stamps, wall_ms), wall_ms)
+
+
 class Detector:
     """One detector process (one consumer-group member)."""
 
@@ -318,7 +332,7 @@ class Detector:
                 touched[p] = set(names[parts == p].tolist())
         quiet = silent_rec[batch.record_index]
         t1 = time.perf_counter()
-        now_ms = int(self.clock() * 1000)
+        now_ms = _stamped_now(records, todo, int(self.clock() * 1000))
         if quiet.any():
             replay = self.engine.process(batch.select(quiet), record_pos=pos, now_ms=now_ms)
             self.stats.replayed += int(silent_rec.sum())
@@ -327,7 +341,7 @@ class Detector:
         out = self.engine.process(batch, record_pos=pos, now_ms=now_ms)
         metrics.SCORE_SECONDS.observe(time.perf_counter() - t1)
         rejects += [Reject(int(i), "late", "reading older than the allowed lateness") for i in out.late_records]
-        rejects += [Reject(int(i), "future", "timestamp too far ahead of the wall clock")
+        rejects += [Reject(int(i), "future", "timestamp too far ahead of the time its record was written")
                     for i in out.future_records]
         rejects = [r for r in rejects if not silent_rec[r.index]]
         scored = np.isfinite(out.forecast_error)

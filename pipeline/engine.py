@@ -96,15 +96,19 @@ class DetectionEngine:
     def model_version(self) -> str:
         return self.bundle.version
 
-    def process(self, batch: DecodedBatch, record_pos: np.ndarray | None = None, now_ms: int | None = None) -> EngineOutput:
+    def process(self, batch: DecodedBatch, record_pos: np.ndarray | None = None,
+                now_ms: int | np.ndarray | None = None) -> EngineOutput:
         """Place a decoded batch on the grid and score every step it closes.
 
         ``record_pos`` gives each input record's source position (e.g. its Kafka offset),
         indexed by ``record_index``; by default the record index itself is the position.
+        ``now_ms`` bounds how far ahead a reading may be stamped: one time for all, or one per
+        input record (indexed like ``record_pos``); None accepts any.
         """
         value_pos = batch.record_index if record_pos is None else record_pos[batch.record_index]
+        value_now = now_ms[batch.record_index] if isinstance(now_ms, np.ndarray) else now_ms
         result = self.state.grid.ingest(batch.asset, batch.ts_ms, batch.feature, batch.value,
-                                        batch.record_index, value_pos, now_ms)
+                                        batch.record_index, value_pos, value_now)
         return self._score(result)
 
     def swap(self, bundle: ModelBundle, model: StepFunction) -> int:

@@ -320,12 +320,14 @@ class FleetGrid:
         self.assets: dict[str, AssetGrid] = {}
 
     def ingest(self, asset: np.ndarray, ts_ms: np.ndarray, feature: np.ndarray, value: np.ndarray,
-               record_index: np.ndarray, pos: np.ndarray, now_ms: int | None) -> GridResult:
+               record_index: np.ndarray, pos: np.ndarray, now_ms: int | np.ndarray | None) -> GridResult:
         """Place long-format readings (one row per value) and close what can be closed.
 
         ``record_index`` ties values to their source record (whose values all carry its asset) so
         rejects are per record;
-        ``pos`` is the reading's position in its source (e.g. Kafka offset).
+        ``pos`` is the reading's position in its source (e.g. Kafka offset);
+        ``now_ms`` the time a reading may be stamped at most ``max_future_ms`` ahead of (one for
+        all or one per value; None: no bound).
         """
         cfg = self.cfg
         counters = GridCounters()

@@ -151,7 +151,7 @@ class TopicSettings:
 class GridSettings:
     period_s: float = _f(1.0, "grid period: readings are aggregated (mean) into steps of this length")
     allowed_lateness_s: float = _f(5.0, "readings up to this much older than the asset's newest are still placed on the grid")
-    max_future_s: float = _f(300.0, "readings stamped further than this ahead of the wall clock are rejected, so they cannot drag the watermark")
+    max_future_s: float = _f(300.0, "readings stamped further than this ahead of the time their record was written (its Kafka timestamp, or the wall clock if earlier: a replay judges them alike) are rejected, so they cannot drag the watermark")
     carry_forward_steps: int = _f(5, "a missing feature keeps its last value for at most this many steps")
     gap_reset_steps: int = _f(30, "a gap of more empty steps than this resets the asset instead of inventing data")
 
