@@ -257,9 +257,19 @@ class FleetState:
         if head.get("layout") != layout:
             raise ValueError(f"snapshot layout {head.get('layout')} differs from this state's {layout}")
         start = 8 + struct.unpack(">I", blob[4:8])[0]
-        (r,) = self.rows(np.array([head["asset"]], dtype=object))
         blocks = self._blocks()
         cold = len(blocks) - len(self._cold_blocks())
+        widths = [b.dtype.itemsize * int(np.prod(b.shape[1:])) for b in blocks]
+        # Checked before anything is written: a refused snapshot leaves no row behind, so the asset
+        # really starts afresh (written before cold start existed, it lacks the cold-start blocks).
+        if len(blob) - start not in (sum(widths), sum(widths[:cold])):
+            raise ValueError(f"snapshot of {head['asset']!r} holds {len(blob) - start} bytes of state, "
+                             f"not {sum(widths)}")
+        try:
+            grid = None if head.get("grid") is None else AssetGrid.restore(self.n_features, head["grid"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"snapshot of {head['asset']!r} holds an unreadable grid: {exc!r}") from None
+        (r,) = self.rows(np.array([head["asset"]], dtype=object))
         for i, b in enumerate(blocks):
             if i == cold and start == len(blob):  # written before cold start existed: decided afresh
                 for c in blocks[cold:]:
@@ -267,14 +277,11 @@ class FleetState:
                 for name in ("own_mean", "own_scale", "own_fc_level", "own_nv_level", "own_flat_limit"):
                     self.vectors[name][r] = np.nan
                 break
-            width = b[r].nbytes
             b[r] = np.frombuffer(blob, dtype=b.dtype, count=b[r].size, offset=start).reshape(b[r].shape)
-            start += width
-        if start != len(blob):
-            raise ValueError(f"snapshot of {head['asset']!r} has {len(blob) - start} unexpected trailing bytes")
+            start += widths[i]
         self.epoch[r] += 1
-        if head["grid"] is not None:
-            self.grid.assets[head["asset"]] = AssetGrid.restore(self.n_features, head["grid"])
+        if grid is not None:
+            self.grid.assets[head["asset"]] = grid
         else:
             self.grid.assets.pop(head["asset"], None)
         if head.get("alert_version"):

@@ -96,6 +96,27 @@ def test_restore_refuses_bytes_that_are_not_a_snapshot_of_this_layout(tiny_bundl
         e.state.restore(blob + b"x")
 
 
+@pytest.mark.parametrize("damage", ["trailing byte", "short", "unreadable grid"])
+def test_a_refused_snapshot_leaves_no_state_of_its_asset_behind(tiny_bundle: Any, damage: str) -> None:
+    """The detector lets an asset whose snapshot is refused start afresh and re-reads its records:
+    state half-written from the refused bytes would count those records twice."""
+    e = DetectionEngine(tiny_bundle, GridSettings())
+    e.process(_batches(tiny_bundle, 0, 50))
+    (blob,) = e.state.snapshot(["p0"])
+    if damage == "trailing byte":
+        blob += b"x"
+    elif damage == "short":
+        blob = blob[:-40]
+    else:
+        head = read_snapshot_header(blob)
+        raw = json.dumps({**head, "grid": {"next_step": 1}}).encode()
+        blob = blob[:4] + struct.pack(">I", len(raw)) + raw + blob[8 + struct.unpack(">I", blob[4:8])[0]:]
+    fresh = DetectionEngine(tiny_bundle, GridSettings())
+    with pytest.raises(ValueError):
+        fresh.state.restore(blob)
+    assert "p0" not in fresh.state.index and "p0" not in fresh.state.grid.assets
+
+
 def test_a_header_orjson_refuses_is_written_and_read_by_the_standard_encoder(tiny_bundle: Any) -> None:
     """Snapshot headers are orjson; an asset id with a lone surrogate falls back, and a header of
     a feature never seen (NaN last value) reads back as NaN either way."""
