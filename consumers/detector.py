@@ -363,7 +363,8 @@ class Detector:
         self._await(futures)
 
         for tp, recs in polled.items():
-            self.checkpoints.processed(tp.partition, recs[-1].offset + 1, touched.get(tp.partition, ()))
+            if tp.partition in self.checkpoints.cursors:  # (records of a partition not restored were not processed)
+                self.checkpoints.processed(tp.partition, recs[-1].offset + 1, touched.get(tp.partition, ()))
         if futures:
             self._record_progress(self.checkpoints.published(sorted({tp.partition for tp in polled})))
         metrics.ASSETS.set(len(self.engine.state))
@@ -776,7 +777,17 @@ class _Listener(AsyncConsumerRebalanceListener):
         d = self.detector
         assert d.consumer is not None
         # The state restored is the committed one, so reading starts there.
-        for tp, committed in (await seek_to_committed_async(d.consumer, assigned)).items():
+        try:
+            committed_offsets = await seek_to_committed_async(d.consumer, assigned)
+        except Exception as exc:  # e.g. not authorised for the group: kafka-python keeps the assignment
+            # Left as they are, these partitions would be fetched from wherever they were, with no
+            # state restored: the main loop's rewind seeks them to their commits and restores them.
+            d.log.warning("committed offsets of assigned partitions unknown; reading them after a rewind",
+                          partitions=sorted(tp.partition for tp in assigned), error=str(exc))
+            d._pause_for_rewind(list(assigned))
+            d.assigned = True
+            return
+        for tp, committed in committed_offsets.items():
             d.to_restore[tp] = committed
             d.rewind.discard(tp)
         held = d.consumer.paused() & set(assigned)
