@@ -580,7 +580,7 @@ class Detector:
             self.log.info("partition restored", partition=tp.partition, committed=committed, emitted=cur.emitted,
                           snapshots=len(good), newest_snapshot=max(good.values(), default=None))
         if rewarm:
-            self.engine.rewarm(np.array(rewarm, np.int64))
+            self.engine.adopt(np.array(rewarm, np.int64))
         self._set_health(assigned=True)
         _freeze_heap()  # the restored state is long-lived too
         self.restore_s.append(time.perf_counter() - t)

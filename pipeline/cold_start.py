@@ -82,10 +82,12 @@ def decide(state: FleetState, bundle: ModelBundle, rows: np.ndarray) -> None:
     state.cols["cold_steps"][new] = 0
 
 
-def after_swap(state: FleetState, bundle: ModelBundle) -> None:
+def after_swap(state: FleetState, bundle: ModelBundle, rows: np.ndarray | None = None) -> None:
     """A new model: assets it was fitted on drop their learned scaling; assets still unknown to it
-    keep their scaling but learn their level afresh (the swap re-seeds every threshold)."""
-    rows = np.array(sorted(state.index.values()), dtype=np.int64)
+    keep their scaling but learn their level afresh (the swap re-seeds every threshold). ``rows``:
+    only these assets (restored from snapshots taken under another model); by default all."""
+    if rows is None:
+        rows = np.array(sorted(state.index.values()), dtype=np.int64)
     cold = rows[state.cols["cold_start"][rows] == COLD]
     if len(cold) == 0:
         return

@@ -206,6 +206,13 @@ class DetectionEngine:
         self.bundle, self.model = bundle, model
         after_swap(state, bundle)
 
+    def adopt(self, rows: np.ndarray) -> int:
+        """Assets restored from snapshots taken under another model: the transition a swap makes
+        (:func:`~pipeline.cold_start.after_swap`, then :meth:`rewarm`), for these assets only, as if
+        the swap had happened where their snapshots were taken. Returns the assets warmed."""
+        after_swap(self.state, self.bundle, rows)
+        return self.rewarm(rows)
+
     def _reseed(self, rows: np.ndarray) -> None:
         """Score terms restart at their normal level and the online threshold re-seeds."""
         state = self.state

@@ -70,3 +70,26 @@ def test_an_asset_restored_or_new_since_the_copy_is_re_warmed_at_the_swap(tiny_b
         r_sync, r_warm = sync.state.index[asset], warm.state.index[asset]
         for a, b in zip(sync.state.lstm, warm.state.lstm):
             np.testing.assert_allclose(a[r_sync], b[r_warm], atol=1e-5)
+
+
+def test_assets_restored_from_snapshots_of_another_model_continue_as_if_it_had_been_swapped_in_there(
+        tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """A partition that moves to a member serving a newer model (or that member's restart) restores
+    snapshots taken under the old one: each asset then makes the swap's transition where its
+    snapshot was taken, an asset still learning its levels (one the model was not fitted on) too."""
+    frame = sine_frame(900, assets=("p1", "p9"), seed=7)  # p9: unknown to the model, past its cold start
+    upto = 600 * 2
+    old = DetectionEngine(tiny_bundle, GridSettings(allowed_lateness_s=0))
+    old.process(_batch(frame.iloc[:upto]))
+    blobs = old.state.snapshot(["p1", "p9"], {"model_version": tiny_bundle.version})
+    new = dataclasses.replace(tiny_bundle, version="v2")
+    net = StepFunction(new.n_features, new.units, new.weights)
+    old.swap(new, net)
+    successor = DetectionEngine(new, GridSettings(allowed_lateness_s=0), model=net)
+    rows = [successor.state.index[successor.state.restore(blob)["asset"]] for blob in blobs]
+    successor.adopt(np.array(rows, np.int64))
+    out_old, out_new = (e.process(_batch(frame.iloc[upto:])) for e in (old, successor))
+    assert out_old.learning.sum() > 0  # p9 relearns its levels under the new model
+    assert out_old.learning.tolist() == out_new.learning.tolist()
+    np.testing.assert_allclose(out_old.alert_score, out_new.alert_score, atol=1e-5)
+    assert [e.alert_id for e in out_old.events] == [e.alert_id for e in out_new.events]
