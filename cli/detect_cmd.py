@@ -80,7 +80,7 @@ def _wait_for_current(settings: Settings, stop: threading.Event, health: Health)
             try:
                 if current_version(settings.registry.uri) is not None:
                     return load_current(settings.registry.uri, expected_features=settings.model.features)
-            except RegistryError as exc:
+            except (RegistryError, OSError) as exc:  # (OSError: the store did not answer this time)
                 log.warning("registry not usable yet", error=str(exc))
             log.info("waiting for a first model in the registry", registry=settings.registry.uri)
             stop.wait(settings.detector.registry_poll_s)

@@ -97,7 +97,11 @@ class ModelWatcher:
         t = time.perf_counter()
         try:
             bundle = load_version(self.settings.registry.uri, version, expected_features=self.features)
-        except (BundleError, RegistryError, OSError) as exc:
+        except OSError as exc:  # the store did not answer: the version may be fine, tried again next time
+            self.log.warning("model unreadable for now; the current one keeps serving", version=version,
+                             error=str(exc), serving=self.serving_version)
+            return
+        except (BundleError, RegistryError) as exc:
             self.refused.add(version)
             metrics.MODEL_SWAPS.labels("refused").inc()
             self.log.error("model refused; the current one keeps serving", version=version, error=str(exc),

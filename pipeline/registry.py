@@ -200,11 +200,18 @@ def current_version(root_uri: str) -> str | None:
 
 def _read_bundle(root: _Root, version: str, expected_features: tuple[str, ...] | None,
                  area: str = MODELS) -> ModelBundle:
+    """A version's bundle, verified. A file missing from it is a defect (:class:`BundleError`); a
+    store that fails to answer (an I/O error, a 503, access denied) raises ``OSError``: the
+    version may be fine, so nobody may treat it as broken (delete it, refuse it, skip it)."""
     paths = {name: root.area_file(area, version, name) for name in (MANIFEST, WEIGHTS, SCALING)}
-    try:
-        files = {name: storage.read_bytes(root.fs, path) for name, path in paths.items()}
-    except OSError as exc:
-        raise BundleError(f"cannot read version {version} in {root.uri}: {exc}") from None
+    files = {}
+    for name, path in paths.items():
+        try:
+            files[name] = storage.read_bytes(root.fs, path)
+        except OSError as exc:
+            if storage.exists(root.fs, path):  # (some object stores report a missing key as a plain OSError)
+                raise
+            raise BundleError(f"cannot read version {version} in {root.uri}: {exc}") from None
     bundle = decode_bundle(files)
     if bundle.version != version:
         raise BundleError(f"directory of version {version} holds version {bundle.version}")
@@ -241,7 +248,15 @@ def _require_known(root: _Root, version: str) -> None:
 def load_version(root_uri: str, version: str, expected_features: tuple[str, ...] | None = None) -> ModelBundle:
     root = _root(root_uri)
     _require_known(root, version)
-    return _read_bundle(root, version, expected_features)
+    return _read_retrying(root, version, expected_features)
+
+
+def _read_retrying(root: _Root, version: str, expected_features: tuple[str, ...] | None = None,
+                   area: str = MODELS) -> ModelBundle:
+    """:func:`_read_bundle` through the store's retries: a store that keeps failing raises
+    :class:`~pipeline.storage.StorageError`, never a verdict on the version."""
+    return storage.retrying(f"reading version {version}", root.uri,
+                            lambda: _read_bundle(root, version, expected_features, area))
 
 
 def load_current(root_uri: str, expected_features: tuple[str, ...] | None = None) -> ModelBundle:
@@ -250,7 +265,7 @@ def load_current(root_uri: str, expected_features: tuple[str, ...] | None = None
     version = _pointers(root).serving
     if version is None:
         raise RegistryError(f"no model has been published to {root_uri}")
-    return _read_bundle(root, version, expected_features)
+    return _read_retrying(root, version, expected_features)
 
 
 def manifest(root_uri: str, version: str) -> dict[str, Any]:
@@ -310,7 +325,7 @@ def is_candidate(root_uri: str, version: str) -> bool:
 def load_any(root_uri: str, version: str) -> ModelBundle:
     """A published or candidate version, verified (for inspection; serving uses load_version)."""
     root = _root(root_uri)
-    return _read_bundle(root, version, None, _area_of(root, version))
+    return _read_retrying(root, version, None, _area_of(root, version))
 
 
 def read_report(root_uri: str, version: str) -> dict[str, Any] | None:
@@ -473,7 +488,7 @@ def unpin(root_uri: str) -> str | None:
 
 def _verified(root: _Root, version: str, action: str) -> None:
     try:
-        _read_bundle(root, version, None)
+        _read_retrying(root, version)
     except BundleError as exc:
         raise RegistryError(f"refusing to {action} {version}: {exc}") from None
 
@@ -485,8 +500,8 @@ def _version_before(root: _Root, serving: str | None) -> str:
     if serving not in ordered:
         raise RegistryError(f"the served version {serving} is missing from {root.uri}")
     for candidate in reversed(ordered[:ordered.index(serving)]):
-        try:
-            _read_bundle(root, candidate, None)
+        try:  # (a store that does not answer stops the search: it must not skip a good version)
+            _read_retrying(root, candidate)
         except BundleError:
             continue
         return candidate
@@ -614,7 +629,7 @@ def _publish_candidate(root_uri: str, root: _Root, version: str, keep: int | Non
     then remove it from candidates/. A kill in between leaves it in both: harmless, the
     published copy wins and pruning removes the other."""
     try:
-        bundle = _read_bundle(root, version, None, CANDIDATES)
+        bundle = _read_retrying(root, version, None, CANDIDATES)
     except BundleError as exc:
         raise RegistryError(f"refusing to promote {version}: {exc}") from None
     extras = _read_extras(root.fs, root.area_dir(CANDIDATES, version))

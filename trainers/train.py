@@ -418,6 +418,8 @@ def _champion(settings: Settings) -> _Champion:
     if serving is None:
         return _Champion(None, "first model: nothing published to compare with")
     try:
+        # A store that does not answer fails the run (StorageError, after the retries): publishing
+        # without the gate is for a serving model that is broken, not for one that could not be read.
         return _Champion(load_version(uri, serving), "")
     except (BundleError, RegistryError) as exc:
         log.warning("the serving model cannot be loaded; training from scratch, publishing without comparison",
