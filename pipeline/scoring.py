@@ -64,13 +64,45 @@ def segment_bounds(asset: np.ndarray, reset: np.ndarray) -> np.ndarray:
     return np.flatnonzero(starts)
 
 
+# The model call pads every segment of a poll to the longest: past this many cells per step (plus
+# the slack), the assets are scored in groups of similar run lengths instead (see _score_in_buckets).
+PAD_FACTOR, PAD_SLACK = 4, 1 << 16
+
+
+def _score_in_buckets(state: FleetState, model: StepFunction, bundle: ModelBundle, steps: GridSteps,
+                      rows: np.ndarray, scaling: tuple[np.ndarray, np.ndarray] | None) -> ScoredSteps:
+    """:func:`score_steps` over groups of assets whose runs in this poll differ at most twofold,
+    merged back in the steps' order: one asset's 10,000-step backlog among 10,000 assets of one
+    step each would otherwise pad 10,000 × 10,000 cells (gigabytes). Each asset's steps stay in
+    one group, and assets do not share state, so the results are those of one call."""
+    first = segment_bounds(rows, np.zeros(len(rows), bool))
+    runs = np.diff(np.append(first, len(rows)))
+    bucket = np.repeat(np.log2(runs).astype(np.int64), runs)
+    parts = [np.flatnonzero(bucket == b) for b in np.unique(bucket)]
+    scored = [score_steps(state, model, bundle, steps.take(idx), rows[idx],
+                          None if scaling is None else (scaling[0][idx], scaling[1][idx]), split=False)
+              for idx in parts]
+    order = np.argsort(np.concatenate(parts), kind="stable")
+
+    def merged(name: str) -> np.ndarray:
+        return np.concatenate([getattr(sc, name) for sc in scored])[order]
+
+    unread = None
+    if any(sc.unread is not None for sc in scored):
+        unread = np.concatenate([np.zeros((len(sc), bundle.n_features), bool) if sc.unread is None else sc.unread
+                                 for sc in scored])[order]
+    return ScoredSteps(steps.asset, steps.step, rows, merged("score"), merged("errors"), merged("novelty"),
+                       merged("top"), unread)
+
+
 def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, steps: GridSteps,
-                rows: np.ndarray | None = None, scaling: tuple[np.ndarray, np.ndarray] | None = None
-                ) -> ScoredSteps:
+                rows: np.ndarray | None = None, scaling: tuple[np.ndarray, np.ndarray] | None = None, *,
+                split: bool = True) -> ScoredSteps:
     """Advance every asset through its new steps in one model call and score each step.
 
     ``rows`` are the steps' state rows when the caller has them; ``scaling`` the (mean, scale)
-    of each step when it is not the bundle's (:mod:`pipeline.cold_start`)."""
+    of each step when it is not the bundle's (:mod:`pipeline.cold_start`); ``split=False``: one
+    call however much padding it takes (see :data:`PAD_FACTOR`)."""
     n, f = len(steps), bundle.n_features
     rows = state.rows(steps.asset) if rows is None else rows
     if n == 0:
@@ -90,6 +122,8 @@ def score_steps(state: FleetState, model: StepFunction, bundle: ModelBundle, ste
         seg_rows = rows[starts]
         seg_reset = steps.reset[starts]
         n_seg, width = len(starts), int(lengths.max())
+        if split and n_seg * width > PAD_FACTOR * n + PAD_SLACK:  # e.g. one asset's backlog among many one-step assets
+            return _score_in_buckets(state, model, bundle, steps, rows, scaling)
         seg_of = np.repeat(np.arange(n_seg), lengths)
         pos = np.arange(n) - starts[seg_of]
         # Each asset's state is carried from its last segment of this poll.

@@ -198,3 +198,34 @@ def test_remembering_one_step_per_asset_a_call_equals_remembering_them_at_once(r
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[0][got[1]], want[0][want[1]])
     assert ((stepwise.epoch[rows] > 0) == (at_once.epoch[rows] > 0)).all()
+
+
+def test_one_assets_backlog_among_many_one_step_assets_is_scored_in_groups_as_one_call_would(
+        tiny_bundle, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Padded to the longest run, 300 one-step assets beside a 2,000-step backlog would take 301 ×
+    2,000 cells; grouped by run length they take about as many as there are steps."""
+    import pipeline.scoring as scoring
+
+    short, long = _steps([f"a{i}" for i in range(300)], 1), _steps(["big"], 2000)
+    steps = GridSteps(*(np.concatenate([getattr(short, k), getattr(long, k)])
+                        for k in ("asset", "step", "values", "reset", "n_readings", "pos", "gap_start")))
+    widths: list[int] = []
+    real_call = StepFunction.__call__
+
+    def call(self, x, mask, init):  # type: ignore[no-untyped-def]
+        widths.append(x.shape[0] * x.shape[1])
+        return real_call(self, x, mask, init)
+
+    monkeypatch.setattr(StepFunction, "__call__", call)
+    state, model = _fresh(tiny_bundle)
+    grouped = score_steps(state, model, tiny_bundle, steps)
+    assert widths and max(widths) <= 2 * len(steps)
+    state1, model1 = _fresh(tiny_bundle)
+    one = score_steps(state1, model1, tiny_bundle, steps, split=False)
+    assert max(widths) == 301 * 2000  # the single call, for comparison
+    for name in ("score", "errors", "novelty", "top"):
+        np.testing.assert_allclose(getattr(grouped, name), getattr(one, name), atol=1e-5, equal_nan=True)
+    for a, b in zip(state.lstm, state1.lstm):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(state.last_pred, state1.last_pred, atol=1e-5)
+    assert scoring.PAD_FACTOR * len(steps) + scoring.PAD_SLACK < 301 * 2000
