@@ -40,6 +40,7 @@ from pipeline.thresholds import MIN_BATCHES, TermLevels, excursion_factor, featu
 
 UNDECIDED, KNOWN, COLD = 0, 1, 2
 PRIOR_STEPS = 30  # weight, in steps, of the model's own scaling in an asset's learned spread
+MAX_DEVIATION = 1e150  # a reading's deviation from the fleet's mean, as the running sums take it (squares < 1e300)
 # The agreement level of an asset with levels of its own (see with_own_levels): both terms at those levels.
 OWN_AGREE_LEVEL = 1.0
 
@@ -135,10 +136,18 @@ def with_own_scaling(bundle: ModelBundle, names: np.ndarray, own_mean: np.ndarra
 
 
 def _grouped_cumsum(x: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Cumulative sum along axis 0 restarting at each group start (groups are contiguous)."""
-    cs = np.cumsum(x, axis=0)
-    before = np.concatenate([np.zeros((1, *x.shape[1:]), x.dtype), cs])[starts]
-    return cs - np.repeat(before, lengths, axis=0)
+    """Cumulative sum along axis 0 restarting at each group start (groups are contiguous).
+
+    Each group is summed on its own: one running sum over all groups, less what came before each,
+    let one asset's huge value swamp (or, overflowing, turn into NaN) the sums of every asset
+    after it in the poll."""
+    if len(starts) <= 1:
+        return np.cumsum(x, axis=0)
+    import pandas as pd
+
+    group = np.repeat(np.arange(len(starts)), lengths)
+    flat = pd.DataFrame(x.reshape(len(x), -1)).groupby(group, sort=False).cumsum().to_numpy(x.dtype)
+    return flat.reshape(x.shape)
 
 
 def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, assets: np.ndarray,
@@ -166,7 +175,9 @@ def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, asset
     v = state.vectors
     shift = bundle.scaler.mean  # summing deviations from the fleet's mean keeps the variance exact enough
     ok = np.isfinite(values) & learns[:, None]
-    dev = np.where(ok, values - shift, 0.0)
+    # Bounded so that squares and their sums stay finite: a reading of 1e200 widens the asset's
+    # spread for good, but cannot turn its scaling (and with it its network state) into NaN.
+    dev = np.where(ok, np.clip(values - shift, -MAX_DEVIATION, MAX_DEVIATION), 0.0)
     cnt = v["own_count"][rows] + _grouped_cumsum(ok.astype(np.int64), starts, lengths)
     s1 = v["own_sum"][rows] + _grouped_cumsum(dev, starts, lengths)
     s2 = v["own_sq"][rows] + _grouped_cumsum(dev**2, starts, lengths)

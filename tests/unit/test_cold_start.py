@@ -243,3 +243,25 @@ def test_an_asset_with_levels_of_its_own_needs_both_terms_at_those_levels_to_agr
     runs = np.zeros((1, len(FEATURES)), np.int64)
     assert combine(fc, nv, runs, own.take(np.array([0]))).score[0] < 1.0
     assert combine(fc, nv, runs, dataclasses.replace(own.take(np.array([0])), agree=np.array([0.6]))).score[0] > 1.0
+
+
+def test_one_assets_huge_reading_neither_reaches_another_asset_nor_poisons_its_own_state(tiny_bundle) -> None:  # type: ignore[no-untyped-def]
+    """Both unseen, read in the same polls: a reading of 1e200 (its square overflows) on one must
+    leave the other's learned scaling as it is without it (to float rounding), and its own state finite."""
+    quiet = _newcomer(600, seed=5, name="p8")
+    loud = _newcomer(600, seed=3, name="p7")  # (first in every poll)
+    loud.loc[loud.index[12], "a"] = 1e200
+
+    def run(frames: list[pd.DataFrame]) -> DetectionEngine:
+        both = pd.concat(frames).sort_values(["ts", "asset"], kind="stable").reset_index(drop=True)
+        engine, _ = _run(tiny_bundle, both)
+        return engine
+
+    alone, shared = run([quiet]), run([quiet, loud])
+    a, s = alone.state, shared.state
+    for name in ("own_count", "own_sum", "own_sq", "own_mean", "own_scale"):
+        np.testing.assert_allclose(s.vectors[name][s.index["p8"]], a.vectors[name][a.index["p8"]], rtol=1e-12)
+    r = s.index["p7"]
+    assert all(np.isfinite(layer[r]).all() for layer in s.lstm) and np.isfinite(s.last_pred[r]).all()
+    assert np.isfinite(s.vectors["own_scale"][r]).all()
+    assert not s.cols["alert_open"][r]
