@@ -90,10 +90,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def end_ms(text: str) -> int:
     """``--end``: digits are epoch milliseconds (as a string, the ISO parser would misread them), else ISO-8601."""
-    from pipeline.readings import parse_timestamp_ms
+    from pipeline.readings import DecodeLimits, parse_timestamp_ms
 
     digits = text.strip()
-    return int(digits) if digits.isdigit() else parse_timestamp_ms(text)
+    ms = int(digits) if digits.isdigit() else parse_timestamp_ms(text)
+    limits = DecodeLimits()
+    if not limits.min_ts_ms <= ms <= limits.max_ts_ms:  # the readings' own bounds: nothing is archived outside
+        raise ValueError(f"{text.strip()} is outside the years 2000-2199 that readings may carry")
+    return ms
 
 
 def exit_codes_help() -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 ENV_PREFIX = "PLANTWATCH_"
+MAX_INTERVAL_S = 366 * 86400.0  # trainer.interval_s: longer is a typo (and past the calendar the schedule can name)
 
 PUMP_FEATURES: tuple[str, ...] = (
     "Accelerometer1RMS",
@@ -360,7 +361,7 @@ class TrainerSettings:
         _check(p + "holdout_hours", 0 <= self.holdout_hours < self.lookback_hours, "must be >= 0 and below lookback_hours")
         _check(p + "gate_margin", self.gate_margin >= 0, "must be >= 0")
         _check(p + "gate_alert_tolerance", 0 <= self.gate_alert_tolerance < 1, "must be in [0, 1)")
-        _check(p + "interval_s", self.interval_s > 0, "must be > 0")
+        _check(p + "interval_s", 0 < self.interval_s <= MAX_INTERVAL_S, f"must be > 0 and <= {MAX_INTERVAL_S:.0f} (a year)")
         _check(p + "cron", len(self.cron.split()) in (0, 5), "must have 5 fields: minute hour day-of-month month day-of-week")
         _check(p + "lock_path", bool(self.lock_path), "must not be empty")
         _check(p + "lock_lease_s", self.lock_lease_s >= 1, "must be >= 1")

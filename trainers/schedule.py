@@ -497,7 +497,10 @@ def run_schedule(schedule: Schedule, job: Callable[[], RunResult], stop: threadi
         if stop.is_set():
             return runs
         started = clock()
-        result = job()
+        try:
+            result = job()
+        except Exception as exc:  # (starting the run failed: no process, no memory) the next slot tries again
+            result = RunResult("failed", {"error": f"{type(exc).__name__}: {exc}"})
         runs += 1
         _log_result(result, clock() - started)
         due = schedule.next_after(started)

@@ -261,6 +261,25 @@ def test_a_run_outlasting_its_slot_skips_the_missed_times() -> None:
     assert [e["reason"] for e in logs if e["event"] == "training run refused"] == ["worse", "worse"]
 
 
+def test_a_run_that_cannot_start_is_a_failed_run_and_the_schedule_keeps_its_cadence() -> None:
+    stop = threading.Event()
+    clock = FakeClock(0.0, stop)
+    started: list[float] = []
+    ok = counting_job(clock, started, 3)
+
+    def job() -> RunResult:
+        if len(started) == 0:
+            started.append(clock.now)
+            raise BlockingIOError(11, "Resource temporarily unavailable")  # fork failed
+        return ok()
+
+    with capture_logs() as logs:
+        runs = run_schedule(Interval(100.0), job, stop, clock=clock, wait=clock.wait)
+    assert runs == 3 and started == [100.0, 200.0, 300.0]
+    failed = [e for e in logs if e["event"] == "training run failed"]
+    assert len(failed) == 1 and "BlockingIOError" in failed[0]["error"]
+
+
 def test_stop_while_waiting_returns_without_running() -> None:
     stop = threading.Event()
     clock = FakeClock(0.0, stop)

@@ -16,4 +16,9 @@ def test_end_takes_epoch_milliseconds_and_iso_8601() -> None:
 
 def test_a_bad_end_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--end", "yesterday"]) == 2
-    assert capsys.readouterr().err.startswith("plantwatch train: --end: ")
+    assert "plantwatch train: --end: " in capsys.readouterr().err
+
+
+def test_an_end_outside_the_readings_bounds_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--end", "99999999999999999"]) == 2
+    assert "outside the years 2000-2199" in capsys.readouterr().err
