@@ -163,9 +163,13 @@ def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
 
 
 def _write_pointer(root: _Root, name: str, payload: dict[str, Any]) -> None:
-    """Replace a pointer atomically: a complete temp file in .staging is moved over it."""
-    storage.write_atomic(root.fs, root.pointer(name), json.dumps(payload, sort_keys=True).encode(),
-                         tmp=root.staging(f"{name}-{secrets.token_hex(4)}.tmp"))
+    """Replace a pointer atomically: a complete temp file in .staging is moved over it (on a local
+    disk flushed first, and the move after it: after a power loss the pointer is the old or the
+    new one, and the version it names is on the disk, see :func:`_store_version`)."""
+    path = root.pointer(name)
+    storage.write_atomic(root.fs, path, json.dumps(payload, sort_keys=True).encode(),
+                         tmp=root.staging(f"{name}-{secrets.token_hex(4)}.tmp"), sync=True)
+    storage.fsync(root.fs, posixpath.dirname(path))
 
 
 def _pointers(root: _Root) -> Pointers:
@@ -381,6 +385,8 @@ def _store_version(root: _Root, version: str, files: dict[str, bytes]) -> None:
         _write_files(root.fs, staged, files)
         decode_bundle(_read_files(root.fs, staged))  # what was written reads back intact
         _move_dir(root.fs, staged, final)
+        for directory in (final, posixpath.dirname(final)):  # on a local disk: the move outlives a power loss
+            storage.fsync(root.fs, directory)
         _read_bundle(root, version, None)  # complete in place before anything names it
     except BaseException as exc:
         _discard(root, staged, final, exc)
@@ -416,8 +422,10 @@ def _already_published(root: _Root, version: str, files: dict[str, bytes]) -> bo
 
 
 def _write_files(fs: pafs.FileSystem, path: str, files: dict[str, bytes]) -> None:
+    """Each file written and, on a local disk, flushed: a rename alone does not persist the data."""
     for name, data in files.items():
         storage.write_bytes(fs, storage.join(path, name), data)
+        storage.fsync(fs, storage.join(path, name))
 
 
 def _read_files(fs: pafs.FileSystem, path: str) -> dict[str, bytes]:

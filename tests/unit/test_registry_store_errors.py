@@ -80,3 +80,19 @@ def test_a_detector_tries_a_version_again_after_a_read_error_and_refuses_only_a_
     (tmp_path / "registry" / "models" / "v2" / "weights.npz").write_bytes(b"not a bundle")
     watcher._prepare("v2")
     assert "v2" in watcher.refused
+
+
+def test_a_local_publish_is_on_the_disk_before_current_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power loss after CURRENT moved must not leave it naming files the disk never got."""
+    uri = str(tmp_path / "registry")
+    synced: list[str] = []
+    real = storage.fsync
+    monkeypatch.setattr(storage, "fsync", lambda fs, path: (synced.append(path), real(fs, path)))
+    registry.publish(uri, make_bundle("v1"), keep=5)
+    names = [p.replace(str(tmp_path / "registry"), "") for p in synced]
+    version_dir = names.index("/models/v1")
+    pointer = next(i for i, n in enumerate(names) if "/CURRENT-" in n)
+    staged = {n.rsplit("/", 1)[-1] for n in names[:version_dir] if "/.staging/" in n}
+    assert staged >= {"weights.npz"} and len(staged) >= 3  # every file of the bundle, before its move
+    assert version_dir < names.index("/models") < pointer < names.index("")  # then the registry's directory
