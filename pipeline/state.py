@@ -270,6 +270,7 @@ class FleetState:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"snapshot of {head['asset']!r} holds an unreadable grid: {exc!r}") from None
         (r,) = self.rows(np.array([head["asset"]], dtype=object))
+        blocks = self._blocks()  # (a new row may have grown them into new arrays)
         for i, b in enumerate(blocks):
             if i == cold and start == len(blob):  # written before cold start existed: decided afresh
                 for c in blocks[cold:]:

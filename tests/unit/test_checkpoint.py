@@ -86,6 +86,18 @@ def test_snapshot_round_trip_continues_exactly(tiny_bundle: Any) -> None:
     assert [e.to_dict() for e in out_a.events] == [e.to_dict() for e in out_b.events]
 
 
+def test_more_snapshots_than_a_fresh_state_has_rows_restore_each_asset_whole(tiny_bundle: Any) -> None:
+    """Restoring grows the state's arrays past their first size: every row lands in the new ones."""
+    a, b = DetectionEngine(tiny_bundle, GridSettings()), DetectionEngine(tiny_bundle, GridSettings())
+    a.process(_batches(tiny_bundle, 0, 40, assets=150))
+    assets = sorted(a.state.index)
+    for blob in a.state.snapshot(assets):
+        b.state.restore(blob)
+    again = b.state.snapshot(assets)
+    assert [x[8 + struct.unpack(">I", x[4:8])[0]:] for x in again] == \
+        [x[8 + struct.unpack(">I", x[4:8])[0]:] for x in a.state.snapshot(assets)]
+
+
 def test_restore_refuses_bytes_that_are_not_a_snapshot_of_this_layout(tiny_bundle: Any) -> None:
     e = DetectionEngine(tiny_bundle, GridSettings())
     e.process(_batches(tiny_bundle, 0, 50))
