@@ -152,7 +152,7 @@ def load_files(paths: Sequence[Path], root: Path, features: Sequence[str], opts:
                ranges: dict[str, list[Any]] | None = None,
                train_dir: Path | None = None) -> tuple[list[Any], list[str]]:
     """Labelled files ready for evaluation, and the names of files skipped for lack of labels."""
-    from pipeline.evaluation import asset_name, labelled_file, series_from_frame
+    from pipeline.evaluation import asset_name, labelled_file, numeric_columns, series_from_frame
     from pipeline.labels import row_labels
     from pipeline.tables import read_table, timestamps_ms
 
@@ -163,12 +163,19 @@ def load_files(paths: Sequence[Path], root: Path, features: Sequence[str], opts:
         series = series_from_frame(frame, name, features, opts.time_col)
         if ranges is not None:
             labels = row_labels(timestamps_ms(frame[opts.time_col]), ranges.get(name, []))
+            if ranges.get(name) and not labels.any():
+                from pipeline.logs import get_logger
+
+                get_logger("plantwatch.evaluate").warning(
+                    "no row falls in this file's labelled ranges: its anomalies are not counted (check the time "
+                    "column's unit: numbers are epoch milliseconds)", file=name, ranges=len(ranges[name]))
         elif opts.label_col in frame.columns:
-            labels = frame[opts.label_col].to_numpy(np.float64)
+            labels = numeric_columns(frame, [opts.label_col], name)[:, 0]
         else:
             skipped.append(name)
             continue
-        cps = frame[opts.changepoint_col].to_numpy(np.float64) if opts.changepoint_col in frame.columns else None
+        cps = (numeric_columns(frame, [opts.changepoint_col], name)[:, 0] if opts.changepoint_col in frame.columns
+               else None)
         train = None
         if train_dir is not None:
             tpath = training_file_for(path, root, train_dir)

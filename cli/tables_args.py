@@ -40,7 +40,15 @@ def features_for(args: argparse.Namespace, frame: pd.DataFrame, settings: Settin
         return settings.model.features
     if args.features == "all":
         skip = {args.time_col, args.asset_col, args.label_col, *args.ignore_cols.split(",")}
-        return tuple(c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c]))
+        candidates = [c for c in frame.columns if c not in skip]
+        text = [c for c in candidates if not pd.api.types.is_numeric_dtype(frame[c])]
+        if text:  # a column with one stray word (or decimal commas) is text: say so rather than drop it unseen
+            from pipeline.logs import get_logger
+
+            get_logger("plantwatch.cli").warning(
+                "columns that are not all numbers are not features (--ignore-cols to silence; a feature "
+                "named with --features must hold numbers only)", columns=text)
+        return tuple(c for c in candidates if c not in text)
     return tuple(f.strip() for f in args.features.split(",") if f.strip())
 
 

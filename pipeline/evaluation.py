@@ -163,7 +163,24 @@ def series_from_frame(frame: pd.DataFrame, name: str, features: Sequence[str], t
     if missing:
         raise EvaluationError(f"{name}: missing columns {missing}")
     ts, notes = in_row_order(timestamps_ms(frame[ts_col]))
-    return Series(name, ts, frame[list(features)].to_numpy(np.float64), tuple(notes))
+    return Series(name, ts, numeric_columns(frame, list(features), name), tuple(notes))
+
+
+def numeric_columns(frame: pd.DataFrame, columns: Sequence[str], name: str) -> np.ndarray:
+    """The columns as float64 (empty cells NaN); a cell that is not a number is an
+    :class:`EvaluationError` naming the file, the column, the row and the cell."""
+    try:
+        return frame[list(columns)].to_numpy(np.float64)
+    except (ValueError, TypeError):
+        pass
+    for c in columns:
+        parsed = pd.to_numeric(frame[c], errors="coerce")
+        bad = np.flatnonzero(parsed.isna().to_numpy() & frame[c].notna().to_numpy())
+        if len(bad):
+            cell = frame[c].iloc[bad[0]]
+            raise EvaluationError(f"{name}: column {c!r}, row {bad[0]}: {str(cell)[:40]!r} is not a number "
+                                  f"({len(bad)} such cell(s); decimal commas or words must be converted first)")
+    return frame[list(columns)].apply(pd.to_numeric).to_numpy(np.float64)
 
 
 def labels_from_ranges(ts_ms: np.ndarray, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -187,14 +204,15 @@ def labelled_file(series: Series, labels: np.ndarray, changepoints: np.ndarray |
                               "(lower --train-rows or give training files)")
     if train is not None and train_rows:
         raise EvaluationError(f"{series.name}: a file with its own training file has no training rows")
-    cp = None if changepoints is None else _flags01(changepoints)
-    return LabelledFile(series, _flags01(labels), cp, train_rows, train)
+    cp = None if changepoints is None else _flags01(changepoints, f"{series.name}: changepoints")
+    return LabelledFile(series, _flags01(labels, f"{series.name}: labels"), cp, train_rows, train)
 
 
-def _flags01(values: np.ndarray) -> np.ndarray:
+def _flags01(values: np.ndarray, what: str = "labels") -> np.ndarray:
     arr = np.nan_to_num(np.asarray(values, np.float64), nan=0.0)
-    if not np.isin(arr, (0.0, 1.0)).all():
-        raise EvaluationError("labels must be 0 or 1")
+    ok = np.isin(arr, (0.0, 1.0))
+    if not ok.all():
+        raise EvaluationError(f"{what} must be 0 or 1 (row {int(np.argmin(ok))} holds {arr[~ok][0]:g})")
     return arr.astype(np.int8)
 
 

@@ -14,6 +14,7 @@ import pytest
 from cli.evaluate_cmd import LoadOptions, format_report, json_safe, load_files, read_label_ranges
 from pipeline.evaluation import (
     EQUAL_FAR_BASELINES,
+    EvaluationError,
     Series,
     baseline_scores,
     data_period_s,
@@ -159,3 +160,57 @@ def test_cli_pairs_training_files_by_name_on_a_univariate_five_minute_series(tmp
     assert set(lstm["files"]) == {"m-1.csv", "m-2.csv"}
     assert all("alert_spans" in r and "coverage" in r for r in lstm["files"].values())
     assert "nab_numenta" in lstm["pooled"] and "t2_q_equal_far" in report["runs"][0]
+
+
+@pytest.mark.parametrize(("column", "cell", "needle"), [
+    ("value", "ERR", "column 'value', row 7: 'ERR' is not a number"),
+    ("value", "50,828", "column 'value', row 7: '50,828' is not a number"),
+    ("anomaly", "Attack", "column 'anomaly', row 7: 'Attack' is not a number"),
+])
+def test_a_cell_that_is_not_a_number_is_a_clear_error_naming_file_column_and_row(
+        tmp_path: Path, column: str, cell: str, needle: str) -> None:
+    frame = pd.DataFrame({"timestamp": pd.date_range("2014-02-19 10:00", periods=30, freq="5min").astype(str),
+                          "value": np.arange(30.0).astype(object), "anomaly": np.zeros(30, object)})
+    frame.loc[7, column] = cell
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    opts = LoadOptions("timestamp", None, "anomaly", "changepoint", 10)
+    with pytest.raises(EvaluationError, match=f"a.csv: {needle}"):
+        load_files([tmp_path / "a.csv"], tmp_path, ["value"], opts)
+
+
+def test_labels_other_than_0_and_1_name_the_file_and_the_row(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"timestamp": pd.date_range("2014-02-19 10:00", periods=30, freq="5min").astype(str),
+                          "value": np.arange(30.0), "anomaly": np.zeros(30)})
+    frame.loc[20, "anomaly"] = 3  # a fault number where a flag was expected
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    with pytest.raises(EvaluationError, match=r"a.csv: labels must be 0 or 1 \(row 20 holds 3\)"):
+        load_files([tmp_path / "a.csv"], tmp_path, ["value"], LoadOptions("timestamp", None, "anomaly", "cp", 10))
+
+
+def test_all_features_names_the_columns_it_leaves_out_for_holding_text(tmp_path: Path) -> None:
+    import argparse
+
+    from structlog.testing import capture_logs
+
+    from cli.tables_args import features_for
+    from pipeline.settings import load_settings
+
+    frame = pd.DataFrame({"ts": [1, 2, 3], "value": ["1.0", "ERR", "2.0"], "other": [1.0, 2.0, 3.0]})
+    args = argparse.Namespace(features="all", time_col="ts", asset_col=None, label_col="anomaly", ignore_cols="")
+    with capture_logs() as logs:
+        assert features_for(args, frame, load_settings(env={})) == ("other",)
+    assert [e["columns"] for e in logs if e["log_level"] == "warning"] == [["value"]]
+
+
+def test_a_labelled_range_that_covers_no_row_is_pointed_out(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    frame = pd.DataFrame({"timestamp": np.arange(30) * 300 + 1_392_800_400, "value": np.arange(30.0)})  # epoch s
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    windows = tmp_path / "windows.json"
+    windows.write_text(json.dumps({"a.csv": [["2014-02-19 10:50:00", "2014-02-19 11:00:00"]]}))
+    with capture_logs() as logs:
+        files, _ = load_files([tmp_path / "a.csv"], tmp_path, ["value"],
+                              LoadOptions("timestamp", None, "anomaly", "cp", 10), read_label_ranges(str(windows)))
+    assert files[0].labels.sum() == 0
+    assert [e["file"] for e in logs if e["log_level"] == "warning"] == ["a.csv"]
