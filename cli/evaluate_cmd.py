@@ -364,9 +364,14 @@ def format_report(report: dict[str, Any], per_file: bool = False) -> str:
         first, t2q = report["runs"][0]["lstm"]["files"], report["baselines"]["t2_q"]["files"]
         for name, r in first.items():
             w, ev, cov = r["point"]["whole"], r["event"]["whole"], r["coverage"]
-            lines.append(f"{name:<24} {r['rows']:>6} {w['f1']:>7.3f} {_pct(w['far'])} {_pct(w['mar'])} "
+            t = t2q[name]["point"]["whole"]
+            # A file without anomalies (or without normal rows) has no F1 and MAR (or FAR): "-", not 0.
+            anomalous, normal = w["tp"] + w["fn"] > 0, w["fp"] + w["tn"] > 0
+            lines.append(f"{name:<24} {r['rows']:>6} {_num(w['f1'] if anomalous else None, '7.3f')} "
+                         f"{_pct(w['far'] if normal else None):>6} {_pct(w['mar'] if anomalous else None):>6} "
                          f"{ev['tp']:>2}/{ev['tp'] + ev['fn']:<2} {_pct(cov['longest_share']):>8} "
-                         f"{t2q[name]['point']['whole']['f1']:>7.3f} {_pct(t2q[name]['coverage']['normal_share']):>7}")
+                         f"{_num(t['f1'] if anomalous else None, '7.3f')} "
+                         f"{_pct(t2q[name]['coverage']['normal_share'] if normal else None):>7}")
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -825,6 +825,16 @@ def fit_bundle(batch: DecodedBatch, settings: Settings, *, metadata: dict[str, A
                       initial_weights=initial_weights)
 
 
+def _absent_features_hint(open_batches: Callable[[], Iterator[DecodedBatch]], features: Sequence[str]) -> str:
+    """For the error of a history without steps: the features with no value at all in it (a step
+    needs every feature, so one empty column leaves none), if that is why."""
+    seen = np.zeros(len(features), bool)
+    for batch in open_batches():
+        seen[np.unique(batch.feature[np.isfinite(batch.value)])] = True
+    absent = [f for f, s in zip(features, seen) if not s]
+    return f" (no value at all of {absent}: leave them out of model.features)" if absent else ""
+
+
 def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings, workdir: Path,
          metadata: dict[str, Any] | None, progress: Progress | None,
          initial_weights: list[np.ndarray] | None = None) -> tuple[ModelBundle, FitReport]:
@@ -837,7 +847,8 @@ def _fit(open_batches: Callable[[], Iterator[DecodedBatch]], settings: Settings,
     counts = history.counts
     total = int(counts.sum())
     if total < 4 * m.timesteps:
-        raise FitError(f"only {total} grid steps of history; need at least {4 * m.timesteps}")
+        raise FitError(f"only {total} grid steps of history; need at least {4 * m.timesteps}"
+                       + _absent_features_hint(open_batches, m.features))
     cut = holdout_start(counts, m.validation_fraction)
     timesteps = history_timesteps(m.timesteps, cut)
     if timesteps != m.timesteps:

@@ -61,6 +61,11 @@ def test_a_file_without_anomalies_scores_without_nab_or_events() -> None:
     assert (ev["tp"], ev["fp"], ev["fn"]) == (0, 1, 0)
     assert res["files"]["f"]["coverage"]["normal_share"] == pytest.approx(5 / 60)
     assert res["files"]["f"]["alerts"] == [[45_000, 49_000]]
+    mean, std = mean_std([{"lstm": res["pooled"], **{f"{b}_equal_far": res["pooled"] for b in EQUAL_FAR_BASELINES}}])
+    report = {"protocol": {"plan": "per_file", "files": ["f"], "seeds": [0]}, "summary": {"mean": mean, "std": std},
+              "baselines": {"t2_q": {**res, "not_fitted": {}}}, "runs": [{"lstm": res}]}
+    line = format_report(report, per_file=True).splitlines()[-1].split()
+    assert line[:5] == ["f", "60", "-", "8.33", "-"]  # no F1 or MAR without an anomaly: "-", not 0
 
 
 def test_baselines_fit_on_files_with_constant_training_columns() -> None:
@@ -214,3 +219,14 @@ def test_a_labelled_range_that_covers_no_row_is_pointed_out(tmp_path: Path) -> N
                               LoadOptions("timestamp", None, "anomaly", "cp", 10), read_label_ranges(str(windows)))
     assert files[0].labels.sum() == 0
     assert [e["file"] for e in logs if e["log_level"] == "warning"] == ["a.csv"]
+
+
+def test_a_feature_without_any_value_in_training_is_named_when_no_step_can_form() -> None:
+    n = 600
+    ts = np.arange(n, dtype=np.int64) * 1000 + 1_700_000_000_000
+    values = np.column_stack([np.sin(np.arange(n) / 5), np.cos(np.arange(n) / 5), np.full(n, np.nan)])
+    series = Series("dead", ts, values)
+    from pipeline.evaluation import series_batch
+
+    with pytest.raises(FitError, match=r"no value at all of \['c'\]"):
+        fit_bundle(series_batch(series, ("a", "b", "c")), tiny_settings())
