@@ -75,10 +75,10 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import make_consumer, resume, seek_to_committed_async
+from consumers.kafka_clients import make_consumer, record_clock, resume, seek_to_committed_async
 from pipeline import storage
 from pipeline.logs import get_logger
-from pipeline.readings import DecodeLimits, Reject, decode_batch
+from pipeline.readings import DecodedBatch, DecodeLimits, Reject, decode_batch
 from pipeline.settings import Settings
 
 SCHEMA = pa.schema([("asset", pa.string()), ("ts_ms", pa.int64()), ("feature", pa.string()),
@@ -382,6 +382,7 @@ class Archiver:
         batch = decode_batch([r.value for r in records], self.settings.model.features,
                              fmt=self.settings.detector.input_format, limits=self.limits,
                              unknown_features="ignore")
+        batch = self._without_future(batch, records)
         offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
         # Records are grouped by partition and rows follow their records: each partition is one slice.
         record_bounds = np.cumsum([0] + [len(polled[tp]) for tp in tps])
@@ -404,6 +405,20 @@ class Archiver:
         BUFFERED.set(sum(p.readings for p in self.pending.values()))
         if batch.rejects:
             self._count_rejects(batch.rejects, records)
+
+    def _without_future(self, batch: DecodedBatch, records: Sequence[Any]) -> DecodedBatch:
+        """The batch without the records the detector sends to its dead-letter topic as ``future``
+        (stamped further ahead of their record than ``grid.max_future_s``, judged alike on both
+        sides: :func:`~consumers.kafka_clients.record_clock`). Archived, one such reading would drag
+        its asset's watermark in training and drop the readings after it as late."""
+        bound = record_clock(records, int(time.time() * 1000), self.limits.min_ts_ms)[batch.record_index]
+        future = batch.ts_ms > bound + self.settings.grid.max_future_ms
+        if not future.any():
+            return batch
+        bad = np.unique(batch.record_index[future])
+        rejects = [*batch.rejects, *(Reject(int(i), "future", "timestamp too far ahead of the time its record was "
+                                               "written") for i in bad.tolist())]
+        return batch.select(~np.isin(batch.record_index, bad), rejects=sorted(rejects, key=lambda r: r.index))
 
     def _update_lag(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> None:
         assert self.consumer is not None

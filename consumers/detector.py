@@ -39,8 +39,8 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
-from consumers.kafka_clients import (KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end, resume,
-                                     seek_to_committed, seek_to_committed_async)
+from consumers.kafka_clients import (KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end,
+                                     record_clock, resume, seek_to_committed, seek_to_committed_async)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -91,20 +91,6 @@ class Fenced(RuntimeError):
 
 def _text(b: bytes | None) -> str | None:
     return None if b is None else b.decode("utf-8", "replace")
-
-
-def _stamped_now(records: list[Any], todo: np.ndarray, wall_ms: int) -> np.ndarray:
-    """Per record of ``todo``, the time its reading may be stamped at most ``grid.max_future_s`` ahead
-    of: its Kafka record's timestamp, or the wall clock where that is earlier or the record has none.
-
-    The record's timestamp (the producer's send time, or the broker's append time) is the same
-    when the record is read again after a rebalance, a rewind or a restart, so the replay rejects
-    exactly the readings the first pass rejected; the wall clock at processing would move on and
-    let a reading through that the first pass sent to the dead-letter topic (or the reverse). The
-    wall clock still bounds a producer that stamps its records with the readings' own times.
-    """
-    stamps = np.fromiter((records[i].timestamp for i in todo.tolist()), np.int64, len(todo))
-    return np.where(stamps >= 0, np.minimum(stamps, wall_ms), wall_ms)
 
 
 class Detector:
@@ -332,7 +318,7 @@ class Detector:
                 touched[p] = set(names[parts == p].tolist())
         quiet = silent_rec[batch.record_index]
         t1 = time.perf_counter()
-        now_ms = _stamped_now(records, todo, int(self.clock() * 1000))
+        now_ms = record_clock([records[i] for i in todo.tolist()], int(self.clock() * 1000), self.limits.min_ts_ms)
         if quiet.any():
             replay = self.engine.process(batch.select(quiet), record_pos=pos, now_ms=now_ms)
             self.stats.replayed += int(silent_rec.sum())

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
@@ -263,3 +264,18 @@ def read_to_end(settings: Settings, topic: str, on_record: Callable[[Any], objec
                         passed += 1
     finally:
         consumer.close(autocommit=False)
+
+
+def record_clock(records: Sequence[Any], wall_ms: int, earliest_ms: int) -> np.ndarray:
+    """Per record, the time its reading may be stamped at most ``grid.max_future_s`` ahead of: the
+    record's Kafka timestamp, or the wall clock where that is earlier or the record has none (or
+    one before ``earliest_ms``, the readings' own lower bound: not a clock reading).
+
+    The record's timestamp (the producer's send time, or the broker's append time) is the same
+    when the record is read again after a rebalance, a rewind or a restart, and for every consumer
+    of it, so a replay rejects exactly the readings the first pass rejected, and the archive holds
+    the readings the detector accepted. The wall clock at processing would move on between passes.
+    The wall clock still bounds a producer that stamps its records with the readings' own times.
+    """
+    stamps = np.fromiter((r.timestamp for r in records), np.int64, len(records))
+    return np.where(stamps >= earliest_ms, np.minimum(stamps, wall_ms), wall_ms)
