@@ -146,6 +146,19 @@ def _data_files(fs: pafs.FileSystem, root: str, base: str) -> list[str]:
 # ---------------------------------------------------------------- dedupe
 
 
+def _named_errors(path: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """The batches; a read that fails (a damaged page) raises :class:`ArchiveError` naming the file, so
+    the operator knows which of thousands to look at."""
+    while True:
+        try:
+            rb = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ArchiveError(f"{path}: reading it failed: {exc}") from None
+        yield rb
+
+
 class _Coverage:
     """Merged offset ranges, per Kafka partition, of the files already read in one date directory."""
 
@@ -258,8 +271,8 @@ class _Scan:
             raise ArchiveError(f"{path}: no column {', '.join(map(repr, missing))}; it has {schema.names}")
         size = self.batch_rows if long else max(1, self.batch_rows // max(1, len(wide)))
         spans: dict[int, tuple[int, int]] = {}
-        for rb in fragment.to_batches(columns=read, filter=self._filter(schema, path), batch_size=size,
-                                      batch_readahead=_READ_AHEAD):
+        for rb in _named_errors(path, fragment.to_batches(columns=read, filter=self._filter(schema, path),
+                                                          batch_size=size, batch_readahead=_READ_AHEAD)):
             self.stats.rows_read += rb.num_rows
             if positions:
                 rb = self._dedupe(rb, seen, spans)
@@ -303,11 +316,21 @@ class _Scan:
 
     def _keys(self, rb: pa.RecordBatch, rows: np.ndarray, asset: np.ndarray,
               ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """What identifies the selected rows' readings: their Kafka position if archived, else asset and time."""
+        """What identifies the selected rows' readings: their Kafka position if archived, else asset and time
+        (also for the rows of a file that has the position columns but holds no position in them, e.g. a
+        backfill: one key (-1, -1) made all of them one reading, every value under its first row's asset)."""
         c = self.cols
-        if {c["partition"], c["offset"]} <= set(rb.schema.names):
-            return _ints(rb.column(c["partition"]))[rows], _ints(rb.column(c["offset"]))[rows]
-        return asset, ts
+        if not {c["partition"], c["offset"]} <= set(rb.schema.names):
+            return asset, ts
+        partition, offset = _ints(rb.column(c["partition"]))[rows], _ints(rb.column(c["offset"]))[rows]
+        unknown = (partition < 0) | (offset < 0)
+        if not unknown.any():
+            return partition, offset
+        first = partition.astype(object)  # an asset name never equals a partition number
+        first[unknown] = asset[unknown]
+        second = offset.copy()
+        second[unknown] = ts[unknown]
+        return first, second
 
     def _record_ids(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, int]:
         """Ids of readings, continuing across batches; returns the ids and the count of new readings."""

@@ -234,3 +234,33 @@ def test_errors_are_clear(root: str, tmp_path: Path) -> None:
         scan(root, columns_map={"assets": "x"})
     with pytest.raises(ArchiveError, match="before start_ms"):
         scan(root, start_ms=T0 + 1, end_ms=T0)
+
+
+def test_rows_without_a_kafka_position_are_told_apart_by_asset_and_time(root: str) -> None:
+    """A backfill in the archive's own columns, positions left empty: each row is its own asset's."""
+    n = 50
+    table = long_rows(T0, n, assets=("A", "B"))
+    table = table.set_column(table.schema.get_field_index("partition"), "partition", pa.nulls(len(table), pa.int32()))
+    table = table.set_column(table.schema.get_field_index("offset"), "offset", pa.nulls(len(table), pa.int64()))
+    write(root, f"{day_dir(1)}/backfill.parquet", table)
+    batches, stats = scan(root, batch_rows=64)
+    got = joined(batches)
+    assert stats.records == 2 * n and stats.duplicates == 0
+    for asset in ("A", "B"):
+        rows = got.asset == asset
+        assert rows.sum() == n * len(FEATURES)
+        # every record's rows carry one asset: no value of A under B or the reverse
+        assert set(got.record_index[rows].tolist()).isdisjoint(got.record_index[~rows].tolist())
+
+
+def test_a_damaged_file_is_named_in_the_error(root: str, tmp_path: Path) -> None:
+    write(root, f"{day_dir(1)}/good.parquet", long_rows(T0, 100))
+    write(root, f"{day_dir(1)}/damaged.parquet", long_rows(T0 + 200_000, 2000), row_group_size=500)
+    fs, path = storage.resolve(root)
+    target = storage.join(path, f"{day_dir(1)}/damaged.parquet")
+    data = bytearray(storage.read_bytes(fs, target))
+    data[100:400] = bytes(300)  # a page header of the first row group
+    with fs.open_output_stream(target) as fh:
+        fh.write(bytes(data))
+    with pytest.raises(ArchiveError, match="damaged.parquet"):
+        scan(root)
