@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "recordings; each file is one asset named by its path relative to --root")
     p.add_argument("--root", default=None,
                    help="directory asset names are relative to (default: the common directory of the inputs)")
-    p.add_argument("--time-col", default="ts", help="timestamp column: epoch ms or ISO-8601 (default: ts)")
+    p.add_argument("--time-col", default="ts", help="timestamp column: epoch ms or ISO-8601 (default: ts); "
+                   "@row for files without one: one row a second (label rows with file,start_row,end_row)")
     p.add_argument("--sep", default=None, help="CSV separator (default: sniffed, ',' or ';')")
     p.add_argument("--features", default=None,
                    help="comma-separated feature columns, or 'all' for every numeric column but time, label, "
@@ -152,9 +153,9 @@ def load_files(paths: Sequence[Path], root: Path, features: Sequence[str], opts:
                ranges: dict[str, list[Any]] | None = None,
                train_dir: Path | None = None) -> tuple[list[Any], list[str]]:
     """Labelled files ready for evaluation, and the names of files skipped for lack of labels."""
-    from pipeline.evaluation import asset_name, labelled_file, numeric_columns, series_from_frame
+    from pipeline.evaluation import asset_name, frame_timestamps, labelled_file, numeric_columns, series_from_frame
     from pipeline.labels import row_labels
-    from pipeline.tables import read_table, timestamps_ms
+    from pipeline.tables import read_table
 
     files, skipped = [], []
     for path in paths:
@@ -162,7 +163,7 @@ def load_files(paths: Sequence[Path], root: Path, features: Sequence[str], opts:
         frame = read_table(path, sep=opts.sep)
         series = series_from_frame(frame, name, features, opts.time_col)
         if ranges is not None:
-            labels = row_labels(timestamps_ms(frame[opts.time_col]), ranges.get(name, []))
+            labels = row_labels(frame_timestamps(frame, opts.time_col), ranges.get(name, []))
             if ranges.get(name) and not labels.any():
                 from pipeline.logs import get_logger
 

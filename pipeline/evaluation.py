@@ -157,12 +157,25 @@ def in_row_order(ts_ms: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return ts, notes
 
 
+# ``--time-col @row``: a file without a time column (telemetry exported as arrays) is read one row a
+# second from this instant (2020-01-01T00:00:00Z), so labels and spans are row numbers in effect.
+ROW_CLOCK, ROW_CLOCK_START_MS = "@row", 1_577_836_800_000
+
+
+def frame_timestamps(frame: pd.DataFrame, ts_col: str) -> np.ndarray:
+    """The rows' epoch milliseconds: the time column's, or one second a row for :data:`ROW_CLOCK`."""
+    if ts_col == ROW_CLOCK:
+        return ROW_CLOCK_START_MS + 1000 * np.arange(len(frame), dtype=np.int64)
+    return timestamps_ms(frame[ts_col])
+
+
 def series_from_frame(frame: pd.DataFrame, name: str, features: Sequence[str], ts_col: str) -> Series:
     """Arrays of a wide frame in recorded row order; stamps out of order are repaired with a note."""
-    missing = [c for c in [ts_col, *features] if c not in frame.columns]
+    missing = [c for c in [*([] if ts_col == ROW_CLOCK else [ts_col]), *features] if c not in frame.columns]
     if missing:
-        raise EvaluationError(f"{name}: missing columns {missing}")
-    ts, notes = in_row_order(timestamps_ms(frame[ts_col]))
+        hint = f" (a file without a time column: --time-col {ROW_CLOCK})" if ts_col in missing else ""
+        raise EvaluationError(f"{name}: missing columns {missing}{hint}")
+    ts, notes = in_row_order(frame_timestamps(frame, ts_col))
     return Series(name, ts, numeric_columns(frame, list(features), name), tuple(notes))
 
 

@@ -230,3 +230,22 @@ def test_a_feature_without_any_value_in_training_is_named_when_no_step_can_form(
 
     with pytest.raises(FitError, match=r"no value at all of \['c'\]"):
         fit_bundle(series_batch(series, ("a", "b", "c")), tiny_settings())
+
+
+def test_files_without_a_time_column_are_read_one_row_a_second(tmp_path: Path) -> None:
+    """Telemetry exported from arrays has no time column: --time-col @row numbers the rows."""
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        pd.DataFrame({"value": np.sin(np.arange(120) / 5), "cmd": np.zeros(120)}).to_csv(
+            tmp_path / split / "A-1.csv", index=False)
+    rows = tmp_path / "labels.csv"
+    rows.write_text("file,start_row,end_row\nA-1.csv,50,59\n")
+    opts = LoadOptions("@row", None, "anomaly", "changepoint", 0)
+    files, _ = load_files([tmp_path / "test" / "A-1.csv"], tmp_path / "test", ["value", "cmd"], opts,
+                          read_label_ranges(str(rows)), tmp_path / "train")
+    f = files[0]
+    assert np.diff(f.series.ts_ms).tolist() == [1000] * 119 and f.train is not None and len(f.train) == 120
+    assert np.flatnonzero(f.labels).tolist() == list(range(50, 60))
+    with pytest.raises(EvaluationError, match="--time-col @row"):
+        load_files([tmp_path / "test" / "A-1.csv"], tmp_path / "test", ["value"],
+                   LoadOptions("ts", None, "anomaly", "changepoint", 0), read_label_ranges(str(rows)))
