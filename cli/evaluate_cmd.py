@@ -247,6 +247,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                           nab_window_s=args.nab_window_s, progress=lambda p: log.info("fitted", **p))
     except (TableError, EvaluationError, FitError) as exc:
         raise UsageError(str(exc)) from None
+    for name, r in result.report["runs"][0]["lstm"]["files"].items():
+        if r["scored_share"] < 0.9:
+            log.warning("few of the file's rows were scored: a step needs every feature (a sensor that stops "
+                        "reporting stops its asset), so its figures say little", file=name,
+                        scored_share=round(r["scored_share"], 3))
     report = {**result.report, "inputs": {"root": str(root), "skipped": skipped}, "settings": to_dict(settings)}
     print(format_report(report, per_file=args.per_file))
     if args.out:

@@ -262,6 +262,16 @@ def alert_top_features(events: Sequence[AlertEvent], asset: str) -> dict[int, tu
     return out
 
 
+def scored_share(f: LabelledFile, trace: EngineTrace, period_ms: int) -> float:
+    """Share of the file's test rows whose grid step the engine scored (a finite alert score): the
+    rest cannot alert, so a low share makes its metrics say little."""
+    test = f.series.ts_ms[f.train_rows:]
+    if len(test) == 0:
+        return 1.0
+    scored = trace.step_ms[np.isfinite(trace.alert_score)] // period_ms
+    return float(np.isin(test // period_ms, scored).mean())
+
+
 def rows_in_alerts(ts_ms: np.ndarray, spans: Sequence[tuple[int, float]], period_ms: int) -> np.ndarray:
     """1 for each row whose grid step starts inside an alert span."""
     step_ms = ts_ms - ts_ms % period_ms
@@ -633,6 +643,8 @@ def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, s
             lstm["files"][name]["alert_spans"] = [
                 [int(a), None if math.isinf(b) else int(b), list(trace.top_features.get(int(a), ()))] for a, b in trace.spans]
             lstm["files"][name]["rebaselined_at_ms"] = trace.rebaselined
+        for f in files:  # rows the engine scored: a sensor gone silent stops its asset's steps, not its rows
+            lstm["files"][f.name]["scored_share"] = scored_share(f, run.traces[f.name], settings.grid.period_ms)
         target = lstm["pooled"]["point"]["whole"]["far"]
         entry = {"seed": run.seed, "duration_s": run.duration_s, "fits": run.fits, "lstm": lstm}
         for base in EQUAL_FAR_BASELINES:

@@ -249,3 +249,13 @@ def test_files_without_a_time_column_are_read_one_row_a_second(tmp_path: Path) -
     with pytest.raises(EvaluationError, match="--time-col @row"):
         load_files([tmp_path / "test" / "A-1.csv"], tmp_path / "test", ["value"],
                    LoadOptions("ts", None, "anomaly", "changepoint", 0), read_label_ranges(str(rows)))
+
+
+def test_the_share_of_scored_rows_counts_the_test_rows_whose_step_has_a_score() -> None:
+    from pipeline.evaluation import EngineTrace, scored_share
+
+    f = labelled_file(_series(np.zeros(100)), np.zeros(100), None, 20)  # 80 test rows, one a second
+    steps = np.arange(100, dtype=np.int64) * 1000
+    score = np.where(np.arange(100) < 60, 0.5, np.nan)  # a sensor went silent at row 60
+    trace = EngineTrace(steps, score, score, np.ones(100), [])
+    assert scored_share(f, trace, 1000) == pytest.approx(40 / 80)
