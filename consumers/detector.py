@@ -318,7 +318,7 @@ class Detector:
                 touched[p] = set(names[parts == p].tolist())
         quiet = silent_rec[batch.record_index]
         t1 = time.perf_counter()
-        now_ms = record_clock([records[i] for i in todo.tolist()], int(self.clock() * 1000), self.limits.min_ts_ms)
+        now_ms = record_clock(records, int(self.clock() * 1000), self.limits.min_ts_ms)[todo]
         if quiet.any():
             replay = self.engine.process(batch.select(quiet), record_pos=pos, now_ms=now_ms)
             self.stats.replayed += int(silent_rec.sum())
