@@ -18,7 +18,9 @@ scan's dedupe exact: a file covers a contiguous offset range of one partition co
 its date, so a later file's rows inside that range are duplicates. File names start with
 the write time (kept strictly increasing within a process), so they sort in write order and
 a rewrite after a crash lands in a later file; partition and first offset make each name
-unique without coordination between archivers.
+unique without coordination between archivers. Each file's Parquet metadata names the readings
+topic's id (``plantwatch.topic_id``): a topic created again numbers its records from 0 again, and
+the scan compares offsets only within one id.
 
 Delivery (at-least-once, duplicates removed on read):
 
@@ -75,11 +77,12 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import make_consumer, record_clock, resume, seek_to_committed_async
+from consumers.kafka_clients import make_consumer, record_clock, resume, seek_to_committed_async, topic_id
 from pipeline import storage
 from pipeline.logs import get_logger
 from pipeline.readings import DecodedBatch, DecodeLimits, Reject, decode_batch
 from pipeline.settings import Settings
+from pipeline.tables import ARCHIVE_TOPIC_ID_KEY
 
 SCHEMA = pa.schema([("asset", pa.string()), ("ts_ms", pa.int64()), ("feature", pa.string()),
                     ("value", pa.float64()), ("partition", pa.int32()), ("offset", pa.int64())])
@@ -167,11 +170,13 @@ class ArchiveWriter:
         self.tmp_dir = storage.join(self.root, TMP_DIR, re.sub(r"[^A-Za-z0-9_-]", "_", group) or "_")
         self._last_us = 0
 
-    def write(self, partition: int, rows: Rows, *, done: set[int] | None = None) -> list[str]:
+    def write(self, partition: int, rows: Rows, *, done: set[int] | None = None, topic_id: str = "") -> list[str]:
         """The paths written, each complete and in place (and fsynced on a local disk).
 
         ``done``: days (since the epoch) already in place from an earlier try of the same rows,
-        skipped; each day written is added to it, so a try that fails half-way is resumed."""
+        skipped; each day written is added to it, so a try that fails half-way is resumed.
+        ``topic_id``: the readings topic's id, stamped on each file so the scan compares offsets
+        only within one incarnation of the topic ("" when the broker does not report it)."""
         day = rows.ts_ms // DAY_MS
         days = np.unique(day)
         paths = []
@@ -179,17 +184,19 @@ class ArchiveWriter:
             if done is not None and int(d) in done:
                 continue
             paths.append(self._write_file(str(np.datetime64(int(d), "D")), partition,
-                                          rows if len(days) == 1 else rows.take(np.flatnonzero(day == d))))
+                                          rows if len(days) == 1 else rows.take(np.flatnonzero(day == d)), topic_id))
             if done is not None:
                 done.add(int(d))
         for directory in sorted({posixpath.dirname(p) for p in paths} | {self.root}):
             storage.fsync(self.fs, directory)  # local disk: the renames and new date directories persist
         return paths
 
-    def _write_file(self, day: str, partition: int, rows: Rows) -> str:
+    def _write_file(self, day: str, partition: int, rows: Rows, topic_id: str) -> str:
         name = f"part-{self._stamp()}-{partition:05d}-{int(rows.offset[0]):019d}.parquet"
         final = self._inside(storage.join(self.root, storage.check_component(f"date={day}", "date directory"), name))
         table = rows.table(partition, self.features)
+        if topic_id:
+            table = table.replace_schema_metadata({ARCHIVE_TOPIC_ID_KEY: topic_id.encode()})
         storage.write_atomic(self.fs, final, lambda tmp: pq.write_table(
             table, tmp, filesystem=self.fs, row_group_size=ROW_GROUP_ROWS, compression="zstd",
             use_dictionary=["asset", "feature", "partition"]),
@@ -453,7 +460,8 @@ class Archiver:
                 data = Rows.concat(pending.chunks)
                 try:
                     with storage.timed("archive write", self.settings.archive.uri):
-                        files += len(self.writer.write(tp.partition, data, done=pending.days_done))
+                        files += len(self.writer.write(tp.partition, data, done=pending.days_done,
+                                                       topic_id=self._topic_id(tp.topic)))
                 except (OSError, pa.ArrowException, storage.PathEscapeError) as exc:
                     raise ArchiveWriteError(f"partition {tp.partition}: {exc}",
                                             retriable=isinstance(exc, OSError)) from exc
@@ -466,6 +474,9 @@ class Archiver:
         BUFFERED.set(sum(p.readings for p in self.pending.values()))
         if files:
             self._count_written(files, readings, rows, time.perf_counter() - t0)
+
+    def _topic_id(self, topic: str) -> str:
+        return "" if self.consumer is None else topic_id(self.consumer, topic)
 
     def _count_written(self, files: int, readings: int, rows: int, seconds: float) -> None:
         st = self.stats

@@ -266,6 +266,14 @@ def read_to_end(settings: Settings, topic: str, on_record: Callable[[Any], objec
         consumer.close(autocommit=False)
 
 
+def topic_id(consumer: KafkaConsumer, topic: str) -> str:
+    """The topic's id as the broker last reported it in metadata ("" if it reports none, before
+    Kafka 2.8's metadata v10): a topic deleted and created again has a new id, and numbers its
+    records from 0 again."""
+    found = consumer._client.cluster.topic_id(topic)  # pinned kafka-python internals
+    return "" if found is None else str(found)
+
+
 def record_clock(records: Sequence[Any], wall_ms: int, earliest_ms: int) -> np.ndarray:
     """Per record, the time its reading may be stamped at most ``grid.max_future_s`` ahead of: the
     record's Kafka timestamp, or the wall clock where that is earlier or the record has none (or

@@ -14,6 +14,10 @@ import pandas as pd
 
 from pipeline.readings import DecodedBatch
 
+# Parquet metadata of an archive file: the id of the readings topic its offsets belong to (written
+# by the archiver, read by the archive scan's dedupe).
+ARCHIVE_TOPIC_ID_KEY = b"plantwatch.topic_id"
+
 
 class TableError(ValueError):
     """A table lacks a required column or holds unusable timestamps."""

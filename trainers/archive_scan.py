@@ -29,7 +29,12 @@ earlier file of the same date directory covered for that Kafka partition. That i
 because a file holds every archived reading of its offset range for that date (the archiver
 writes everything it consumed, split by date), and it costs a few ranges per file, not a
 set of keys. Duplicates inside one file (which the archiver does not produce) are kept.
-Without those columns nothing is deduplicated.
+Without those columns nothing is deduplicated. Offsets are compared only between files of the
+same topic: the archiver stamps each file with the readings topic's id (Parquet metadata
+``plantwatch.topic_id``), and a topic deleted and created again (or a broker started afresh
+on memory storage) numbers its records from 0 again under a new id, so its readings are new,
+not duplicates. Files without the stamp (written before it, or from a broker that does not
+report topic ids) count as one topic.
 
 Confinement: on a local disk, a data file whose path leads out of the archive root through a
 symbolic link is refused (:class:`ArchiveError`), not read.
@@ -50,6 +55,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.readings import DecodedBatch
+from pipeline.tables import ARCHIVE_TOPIC_ID_KEY
 
 LOGICAL_COLUMNS = ("asset", "ts_ms", "feature", "value", "partition", "offset", "date")
 _FORMAT = ds.ParquetFileFormat()
@@ -159,18 +165,24 @@ def _named_errors(path: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.R
         yield rb
 
 
+def topic_id_of(schema: pa.Schema) -> str:
+    """The topic id a file was stamped with, or "" if none."""
+    return (schema.metadata or {}).get(ARCHIVE_TOPIC_ID_KEY, b"").decode("utf-8", "replace")
+
+
 class _Coverage:
-    """Merged offset ranges, per Kafka partition, of the files already read in one date directory."""
+    """Merged offset ranges, per topic id and Kafka partition, of the files already read in one date
+    directory."""
 
     def __init__(self) -> None:
-        self.ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.ranges: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def contains(self, partition: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    def contains(self, topic: str, partition: np.ndarray, offset: np.ndarray) -> np.ndarray:
         inside = np.zeros(len(offset), bool)
         for p in np.unique(partition):
-            if int(p) not in self.ranges:
+            if (topic, int(p)) not in self.ranges:
                 continue
-            lo, hi = self.ranges[int(p)]
+            lo, hi = self.ranges[topic, int(p)]
             sel = np.flatnonzero(partition == p)
             o = offset[sel]
             i = np.searchsorted(hi, o)  # the first range ending at or after o
@@ -179,9 +191,9 @@ class _Coverage:
             inside[sel] = hit
         return inside
 
-    def add(self, spans: Mapping[int, tuple[int, int]]) -> None:
+    def add(self, topic: str, spans: Mapping[int, tuple[int, int]]) -> None:
         for p, span in spans.items():
-            lo, hi = self.ranges.get(p, (np.empty(0, np.int64), np.empty(0, np.int64)))
+            lo, hi = self.ranges.get((topic, p), (np.empty(0, np.int64), np.empty(0, np.int64)))
             merged: list[list[int]] = []
             for a, b in sorted([*zip(lo.tolist(), hi.tolist()), span]):
                 if merged and a <= merged[-1][1] + 1:
@@ -189,7 +201,7 @@ class _Coverage:
                 else:
                     merged.append([a, b])
             arr = np.array(merged, np.int64)
-            self.ranges[p] = (arr[:, 0], arr[:, 1])
+            self.ranges[topic, p] = (arr[:, 0], arr[:, 1])
 
 
 def _spans(partition: np.ndarray, offset: np.ndarray, into: dict[int, tuple[int, int]]) -> None:
@@ -271,17 +283,18 @@ class _Scan:
             raise ArchiveError(f"{path}: no column {', '.join(map(repr, missing))}; it has {schema.names}")
         size = self.batch_rows if long else max(1, self.batch_rows // max(1, len(wide)))
         spans: dict[int, tuple[int, int]] = {}
+        topic = topic_id_of(schema)
         for rb in _named_errors(path, fragment.to_batches(columns=read, filter=self._filter(schema, path),
                                                           batch_size=size, batch_readahead=_READ_AHEAD)):
             self.stats.rows_read += rb.num_rows
             if positions:
-                rb = self._dedupe(rb, seen, spans)
+                rb = self._dedupe(rb, seen, topic, spans)
             out = self._long(rb) if long else self._wide(rb, wide)
             if len(out):
                 self.stats.rows += len(out)
                 self.stats.records += out.n_records
                 yield out
-        seen.add(spans)
+        seen.add(topic, spans)
         self.stats.files += 1
 
     def _filter(self, schema: pa.Schema, path: str) -> ds.Expression:
@@ -302,11 +315,12 @@ class _Scan:
             expr &= ds.field(asset_name).isin(wanted)
         return expr
 
-    def _dedupe(self, rb: pa.RecordBatch, seen: _Coverage, spans: dict[int, tuple[int, int]]) -> pa.RecordBatch:
+    def _dedupe(self, rb: pa.RecordBatch, seen: _Coverage, topic: str,
+                spans: dict[int, tuple[int, int]]) -> pa.RecordBatch:
         partition, offset = _ints(rb.column(self.cols["partition"])), _ints(rb.column(self.cols["offset"]))
         known = (partition >= 0) & (offset >= 0)
         dup = np.zeros(len(offset), bool)
-        dup[known] = seen.contains(partition[known], offset[known])
+        dup[known] = seen.contains(topic, partition[known], offset[known])
         if known.any():
             _spans(partition[known], offset[known], spans)
         if not dup.any():

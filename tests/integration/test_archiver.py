@@ -25,7 +25,7 @@ import pytest
 from kafka import TopicPartition
 
 from consumers.archiver import SCHEMA, Archiver
-from consumers.kafka_clients import make_consumer, make_producer
+from consumers.kafka_clients import make_admin, make_consumer, make_producer
 from consumers.simulator_feed import feed
 from consumers.topics import ensure_topics, standard_topics
 from pipeline import storage
@@ -234,6 +234,36 @@ def test_a_rewrite_after_commits_were_lost_is_read_once(broker: Any, settings_fo
     stats = ScanStats()
     assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
     assert stats.duplicates == total * len(FEATURES)
+
+
+def test_a_topic_deleted_and_created_again_on_the_same_day_is_archived_whole(
+        broker: Any, settings_for: Any, topic_prefix: str) -> None:
+    """The readings topic is deleted and created again (as a broker started afresh on memory
+    storage does): its records are numbered from 0 again. The archiver, started again with the
+    same group, writes them into the same date directory; the scan reads both topics' readings,
+    none taken for a duplicate of the other's at the same offsets."""
+    s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive"})
+    first_start, first_end = MIDNIGHT + 10_000_000, MIDNIGHT + 11_000_000
+    first = produce(s, PlantSimulator(PLANT), first_start, first_end)
+    with archiver_thread(s):
+        wait_until(lambda: committed_total(s) == first, 60, "the first topic archived")
+
+    admin = make_admin(s)
+    try:
+        admin.delete_topics([s.topics.readings])
+        wait_until(lambda: s.topics.readings not in admin.list_topics(), 30, "the topic deleted")
+    finally:
+        admin.close()
+    ensure_topics(s, standard_topics(s))
+    second_start, second_end = MIDNIGHT + 20_000_000, MIDNIGHT + 21_500_000  # more records than the first
+    second = produce(s, PlantSimulator(PLANT), second_start, second_end)
+    with archiver_thread(s) as again:
+        wait_until(lambda: committed_total(s) == second, 60, "the second topic archived")
+    assert again.stats.records == second
+    stats = ScanStats()
+    assert_archived_once(archived_rows(s, stats), expected_rows(first_start, first_end)
+                         + expected_rows(second_start, second_end))
+    assert stats.duplicates == 0
 
 
 def test_a_revoked_partition_is_written_and_committed_before_the_next_owner_takes_it(

@@ -83,3 +83,25 @@ def test_the_sweep_deletes_only_what_other_runs_left_for_the_given_partitions(ro
     assert sorted(writer.sweep([1, 3])) == sorted(storage.join(path, rel) for rel in leftovers)
     assert files_under(root) == sorted(kept)
     assert writer.sweep([1, 3]) == []
+
+
+def test_offsets_of_a_topic_created_again_are_new_readings_and_a_rewrite_within_one_topic_is_not(root: str) -> None:
+    """A topic deleted and created again (or a broker started afresh on memory storage) numbers
+    its records from 0 again: its files are stamped with the new topic id, and the scan drops
+    only what repeats offsets within one id. Unstamped files (a broker without topic ids) are one topic."""
+    from trainers.archive_scan import ScanStats, scan_archive
+
+    w = ArchiveWriter(root, FEATURES)
+    w.write(0, rows(0, 100, MIDNIGHT), topic_id="topic-a")
+    w.write(0, rows(0, 100, MIDNIGHT + 200_000), topic_id="topic-b")   # offsets 0..99 again, later readings
+    w.write(0, rows(50, 100, MIDNIGHT + 50_000), topic_id="topic-a")   # a rewrite: 50..99 again, then 100..149
+    w.write(0, rows(0, 10, MIDNIGHT + 400_000))                         # unstamped
+    w.write(0, rows(5, 10, MIDNIGHT + 405_000))                         # unstamped rewrite of 5..9, then 10..14
+    fs, path = storage.resolve(root)
+    stamped = [pq.read_schema(storage.join(path, f), filesystem=fs).metadata for f in files_under(root)]
+    assert sorted((m or {}).get(b"plantwatch.topic_id", b"") for m in stamped) == [b"", b"", b"topic-a", b"topic-a",
+                                                                                   b"topic-b"]
+    stats = ScanStats()
+    batches = list(scan_archive(root, FEATURES, start_ms=MIDNIGHT, end_ms=MIDNIGHT + 86_400_000, stats=stats))
+    assert sum(b.n_records for b in batches) == 150 + 100 + 15
+    assert stats.duplicates == (50 + 5) * 3
