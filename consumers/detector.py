@@ -40,7 +40,7 @@ from kafka.structs import OffsetAndMetadata
 from consumers import metrics
 from consumers.health import Health
 from consumers.kafka_clients import (KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end,
-                                     record_clock, resume, seek_to_committed, seek_to_committed_async)
+                                     record_clock, resume, seek_to_committed, seek_to_committed_async, topic_id)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -54,6 +54,9 @@ from pipeline.state import read_snapshot_header
 
 # Headers of the state topic's records (values of snapshots are opaque bytes).
 KIND, GROUP, PARTITION, POSITION = "pw.kind", "pw.group", "pw.partition", "pw.position"
+# The id of the readings topic a position belongs to: a topic created again numbers its records from 0
+# again, so positions recorded for another id say nothing about it (absent: written before the header).
+TOPIC_ID = "pw.topic_id"
 # A produced record (key + value + headers) must stay below the producer's request limit.
 MAX_PRODUCE_BYTES = 1_000_000
 # Output batches: one flush per poll sends them, so a large batch only means fewer, fuller
@@ -441,9 +444,14 @@ class Detector:
                     producer: Any = None) -> Any:
         s = self.settings
         headers = [(KIND, kind.encode()), (GROUP, s.detector.group_id.encode()),
-                   (PARTITION, str(partition).encode()), (POSITION, str(position).encode())]
+                   (PARTITION, str(partition).encode()), (POSITION, str(position).encode()),
+                   (TOPIC_ID, self._readings_topic_id().encode())]
         return (producer or self.state_producer).send(s.topics.state_topic, key=f"{s.detector.group_id}\x00{key}".encode(),
                                   value=value, headers=headers, partition=self._state_partition(partition))
+
+    def _readings_topic_id(self) -> str:
+        assert self.consumer is not None
+        return topic_id(self.consumer, self.settings.topics.readings)
 
     def _state_partition(self, partition: int) -> int:
         parts = self.state_producer.partitions_for(self.settings.topics.state_topic)
@@ -543,7 +551,7 @@ class Detector:
         self.to_restore.clear()
         try:
             found = read_changelog(self.settings, self.state_producer, {tp.partition for tp in wanted},
-                                   self._state_partition)
+                                   self._state_partition, self._readings_topic_id())
         except Exception:
             self._pause_for_rewind(list(wanted))  # the polled records of these partitions are re-read
             raise
@@ -682,9 +690,15 @@ def make_state_producer(settings: Settings) -> Any:
 
 
 def read_changelog(settings: Settings, producer: Any, partitions: set[int], state_partition: Callable[[int], int],
-                   timeout_s: float = 60.0) -> dict[int, tuple[dict[str, tuple[int, bytes]], Restored]]:
+                   readings_topic_id: str = "", timeout_s: float = 60.0
+                   ) -> dict[int, tuple[dict[str, tuple[int, bytes]], Restored]]:
     """Per readings partition: each asset's snapshot with the highest position, and the highest
     published-outputs position, as this group left them in the state topic.
+
+    Positions recorded for another id of the readings topic (one deleted and created again, which
+    numbers its records from 0 again) are not positions in this one: such a snapshot is restored
+    as the asset's state at position -1 (no record of the new topic is taken as already in it), and
+    such progress is ignored. Records without the id (or a broker that reports none) count as this topic's.
 
     The end of the log is found by writing a fresh marker and reading up to it (a broker's high
     watermark can lag the end), so nothing acknowledged before this call is missed.
@@ -708,6 +722,11 @@ def read_changelog(settings: Settings, producer: Any, partitions: set[int], stat
         if p not in found:
             return
         snaps, info = found[p]
+        written_for = h.get(TOPIC_ID, b"").decode("utf-8", "replace")
+        if readings_topic_id and written_for and written_for != readings_topic_id:
+            if h[KIND] == b"progress":
+                return
+            position = -1
         if h[KIND] == b"progress":
             info.emitted = max(info.emitted, position)
         elif h[KIND] == b"snapshot" and r.value:
