@@ -77,7 +77,8 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import make_consumer, record_clock, resume, seek_to_committed_async, topic_id
+from consumers.kafka_clients import (make_consumer, record_clock, resume, seek_to_committed, seek_to_committed_async,
+                                     topic_id)
 from pipeline import storage
 from pipeline.logs import get_logger
 from pipeline.readings import DecodedBatch, DecodeLimits, Reject, decode_batch
@@ -257,6 +258,9 @@ class Archiver:
         self.consumer: KafkaConsumer | None = None
         self.last_loop = time.monotonic()
         self.assigned = False
+        self.rewind: set[TopicPartition] = set()  # assigned, paused until sought to their committed offsets
+        self.rewind_at = 0.0                      # monotonic time of the next try
+        self.rewind_failures = 0
         self.stats = ArchiverStats()
         self.write_failures = 0                # consecutive failed flushes
         self.retry_at: float | None = None     # monotonic time of the next try while the store fails
@@ -275,6 +279,8 @@ class Archiver:
         code = 0
         try:
             while not self.stop.is_set():
+                if self.rewind and time.monotonic() >= self.rewind_at:
+                    self._rewind()
                 polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
                                             max_records=s.kafka.max_poll_records)
                 self.last_loop = time.monotonic()
@@ -367,7 +373,7 @@ class Archiver:
         self.write_failures = 0
         self.retry_at = self.failing_since = None
         if self.consumer is not None:
-            paused = self.consumer.paused()
+            paused = self.consumer.paused() - self.rewind  # those wait for their committed offsets
             if paused:
                 resume(self.consumer, paused)
         if self.health is not None:
@@ -507,6 +513,47 @@ class Archiver:
                 del self.durable[tp]
 
     # ------------------------------------------------------------ rebalancing
+    def started(self, tps: Iterable[TopicPartition]) -> None:
+        """Assigned partitions now start at their committed offsets: sweep, resume, report."""
+        tps = set(tps)
+        self.rewind -= tps
+        self.sweep(tps)
+        held = self.consumer.paused() & tps if self.consumer is not None and self.retry_at is None else set()
+        if held:  # paused for a rewind that a rebalance came before: kafka-python keeps a pause
+            resume(self.consumer, held)  # type: ignore[arg-type]
+        self.assigned = not self.rewind
+        self.log.info("partitions assigned", partitions=sorted(tp.partition for tp in tps))
+
+    def pause_for_rewind(self, tps: Iterable[TopicPartition], error: BaseException) -> None:
+        """Their committed offsets could not be read: fetch nothing of them until they are
+        (kafka-python keeps an assignment whose hook failed, fetching from wherever they were)."""
+        assert self.consumer is not None
+        tps = set(tps)
+        self.rewind |= tps
+        self.assigned = False
+        self.consumer.pause(*tps)
+        self.rewind_at = time.monotonic()
+        self.log.warning("committed offsets of assigned partitions unknown; reading them once known",
+                         partitions=sorted(tp.partition for tp in tps), error=str(error))
+
+    def _rewind(self) -> None:
+        """Seek the partitions paused for a rewind to their committed offsets (retried with a
+        backoff while that fails)."""
+        assert self.consumer is not None
+        owned = self.consumer.assignment()
+        wanted = {tp for tp in self.rewind if tp in owned}
+        self.rewind &= owned
+        try:
+            seek_to_committed(self.consumer, wanted, self.settings.kafka.request_timeout_ms)
+        except KafkaError as exc:
+            self.rewind_failures += 1
+            delay = min(0.5 * 2 ** min(self.rewind_failures - 1, 5), 15.0)  # as the detector's broker backoff
+            self.rewind_at = time.monotonic() + delay
+            self.log.warning("committed offsets still unknown; trying again", error=str(exc), retry_in_s=delay)
+            return
+        self.rewind_failures = 0
+        self.started(wanted)
+
     def sweep(self, tps: Iterable[TopicPartition]) -> None:
         """Delete what earlier runs left half written for partitions just assigned (harmless if
         it fails: the scan never reads temporary files)."""
@@ -520,6 +567,7 @@ class Archiver:
 
     def forget(self, tps: set[TopicPartition]) -> None:
         """Drop all state of partitions this member no longer owns."""
+        self.rewind -= tps
         for tp in tps:
             self.pending.pop(tp, None)
             self.durable.pop(tp, None)
@@ -569,7 +617,9 @@ class _Listener(AsyncConsumerRebalanceListener):
         """Read from the committed offsets: what this member held before the rebalance and did not
         commit (a write that failed on the revocation, partitions lost) is read and written again."""
         assert self.archiver.consumer is not None
-        await seek_to_committed_async(self.archiver.consumer, assigned)
-        self.archiver.sweep(assigned)
-        self.archiver.assigned = True
-        self.archiver.log.info("partitions assigned", partitions=sorted(tp.partition for tp in assigned))
+        try:
+            await seek_to_committed_async(self.archiver.consumer, assigned)
+        except Exception as exc:  # e.g. not authorised for the group: kafka-python keeps the assignment
+            self.archiver.pause_for_rewind(assigned, exc)
+            return
+        self.archiver.started(assigned)

@@ -319,6 +319,48 @@ def test_readings_whose_write_failed_at_a_rebalance_are_read_again_by_the_member
     assert stats.duplicates == 0
 
 
+def test_committed_offsets_unknown_at_assignment_are_read_later_and_nothing_is_skipped(
+        broker: Any, settings_for: Any, topic_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store fails while a second member joins, so the first member's revoked readings are
+    neither written nor committed; then reading the committed offsets fails in the hook that gives
+    it partitions back. kafka-python keeps that assignment, fetching from where the member was: the
+    member must wait for the committed offsets instead, and read those readings again from them."""
+    import consumers.archiver as archiver_module
+    from kafka.errors import GroupAuthorizationFailedError
+
+    s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive",
+                                                  "archive.flush_rows": 1_000_000, "archive.flush_seconds": 600.0})
+    start, end = MIDNIGHT - 1_000_000, MIDNIGHT + 1_000_000
+    total = produce(s, PlantSimulator(PLANT), start, end)
+    real, failures = archiver_module.seek_to_committed_async, []
+
+    async def failing_on_the_second_assignment(consumer: Any, partitions: Any) -> Any:
+        failures.append(sorted(tp.partition for tp in partitions))
+        if len(failures) == 2:
+            raise GroupAuthorizationFailedError("injected")
+        return await real(consumer, partitions)
+
+    monkeypatch.setattr(archiver_module, "seek_to_committed_async", failing_on_the_second_assignment)
+    with archiver_thread(s) as first:
+        wait_until(lambda: first.stats.records == total, 30, "the first member buffering everything")
+        write = first.writer.write
+
+        def write_failing_once(*args: Any, **kwargs: Any) -> Any:
+            first.writer.write = write
+            raise OSError("store unavailable")
+
+        first.writer.write = write_failing_once
+        with archiver_thread(s) as second:
+            # Each revoked reading is read again once: by the member that now owns its partition.
+            wait_until(lambda: first.stats.records + second.stats.records == 2 * total, 30,
+                       "the readings of the failed write read again")
+            wait_until(lambda: first.assigned and second.assigned, 30, "both members reading")
+            assert len(failures) >= 3
+    assert committed_total(s) == total
+    stats = ScanStats()
+    assert_archived_once(archived_rows(s, stats), expected_rows(start, end))
+
+
 def test_kill_9_mid_file_and_restart_lose_nothing_duplicate_nothing_and_leave_no_temporary_file(
         broker: Any, settings_for: Any, tmp_path: pathlib.Path) -> None:
     """The first archiver is killed while its seventh file is half written; readings keep
