@@ -80,6 +80,7 @@ from consumers.http_server import serve
 from consumers.kafka_clients import (make_consumer, record_clock, resume, seek_to_committed, seek_to_committed_async,
                                      topic_id)
 from pipeline import storage
+from pipeline.grid import too_far_ahead
 from pipeline.logs import get_logger
 from pipeline.readings import DecodedBatch, DecodeLimits, Reject, decode_batch
 from pipeline.settings import Settings
@@ -425,7 +426,7 @@ class Archiver:
         sides: :func:`~consumers.kafka_clients.record_clock`). Archived, one such reading would drag
         its asset's watermark in training and drop the readings after it as late."""
         bound = record_clock(records, int(time.time() * 1000), self.limits.min_ts_ms)[batch.record_index]
-        future = batch.ts_ms > bound + self.settings.grid.max_future_ms
+        future = too_far_ahead(batch.ts_ms, bound, self.settings.grid.max_future_ms)
         if not future.any():
             return batch
         bad = np.unique(batch.record_index[future])

@@ -40,6 +40,12 @@ NO_POS = np.iinfo(np.int64).max
 NO_GAP = np.iinfo(np.int64).min  # GridSteps.gap_start of a step that does not follow a gap
 
 
+def too_far_ahead(ts_ms: np.ndarray, now_ms: int | np.ndarray, max_future_ms: int) -> np.ndarray:
+    """Readings stamped more than ``max_future_ms`` after ``now_ms`` (their record's time): the
+    ``future`` rejects. One rule for the detector's grid and the archiver, so both keep out the same."""
+    return ts_ms > now_ms + max_future_ms
+
+
 @dataclass(frozen=True)
 class GridConfig:
     period_ms: int
@@ -331,7 +337,7 @@ class FleetGrid:
         """
         cfg = self.cfg
         counters = GridCounters()
-        future = np.zeros(len(ts_ms), bool) if now_ms is None else ts_ms > now_ms + cfg.max_future_ms
+        future = np.zeros(len(ts_ms), bool) if now_ms is None else too_far_ahead(ts_ms, now_ms, cfg.max_future_ms)
         late = np.zeros(len(ts_ms), bool)
         steps = GridSteps.empty(cfg.n_features)
         keep = np.flatnonzero(~future)
