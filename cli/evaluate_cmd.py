@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "recordings; each file is one asset named by its path relative to --root")
     p.add_argument("--root", default=None,
                    help="directory asset names are relative to (default: the common directory of the inputs)")
-    p.add_argument("--time-col", default="ts", help="timestamp column: epoch ms or ISO-8601 (default: ts); "
+    p.add_argument("--time-col", default="ts",
+                   help="timestamp column: epoch s, ms, µs or ns (by magnitude) or dates (default: ts); "
                    "@row for files without one: one row a second (label rows with file,start_row,end_row)")
     p.add_argument("--sep", default=None, help="CSV separator (default: sniffed, ',' or ';')")
     p.add_argument("--features", default=None,
@@ -47,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="0/1 changepoint column; NAB scores are reported when the files have it (default: changepoint)")
     p.add_argument("--labels", default=None, metavar="FILE",
                    help="labelled ranges used instead of --label-col: a CSV/Parquet/JSON table with a file (or "
-                        "asset) column = asset name and start,end (epoch ms or ISO-8601) or start_row,end_row "
-                        "(0-based row indices), both ends inclusive; or Numenta's windows JSON ({file: [[start, "
+                        "asset) column = asset name and start,end (epoch numbers or dates, as --time-col) or "
+                        "start_row,end_row (0-based row indices), both ends inclusive; or Numenta's windows JSON ({file: [[start, "
                         "end], …]}); a file without a range is all normal")
     train = p.add_mutually_exclusive_group()
     train.add_argument("--train-rows", type=int, default=400,

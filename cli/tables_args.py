@@ -13,7 +13,8 @@ from pipeline.tables import TableError, read_table
 
 def add_table_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="CSV or Parquet file of readings (one row per asset and time)")
-    p.add_argument("--time-col", default="ts", help="timestamp column: epoch ms or ISO-8601 (default: ts)")
+    p.add_argument("--time-col", default="ts",
+                   help="timestamp column: epoch s, ms, µs or ns (by magnitude) or dates (default: ts)")
     p.add_argument("--asset-col", default=None, help="asset id column (default: the whole file is one asset)")
     p.add_argument("--asset", default=None, help="asset id when there is no asset column (default: the file name)")
     p.add_argument("--sep", default=None, help="CSV separator (default: sniffed, ',' or ';')")

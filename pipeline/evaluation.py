@@ -58,7 +58,7 @@ from pipeline.quality_metrics import (
 from pipeline.readings import DecodedBatch
 from pipeline.settings import GridSettings, Settings
 from pipeline.spacing import median_period_s
-from pipeline.tables import frame_to_batch, timestamps_ms
+from pipeline.tables import frame_to_batch, parse_timestamps
 
 Plan = Literal["per_file", "fleet", "train_file", "paired"]
 Progress = Callable[[dict[str, Any]], None]
@@ -164,9 +164,13 @@ ROW_CLOCK, ROW_CLOCK_START_MS = "@row", 1_577_836_800_000
 
 def frame_timestamps(frame: pd.DataFrame, ts_col: str) -> np.ndarray:
     """The rows' epoch milliseconds: the time column's, or one second a row for :data:`ROW_CLOCK`."""
+    return _frame_timestamps(frame, ts_col)[0]
+
+
+def _frame_timestamps(frame: pd.DataFrame, ts_col: str) -> tuple[np.ndarray, str | None]:
     if ts_col == ROW_CLOCK:
-        return ROW_CLOCK_START_MS + 1000 * np.arange(len(frame), dtype=np.int64)
-    return timestamps_ms(frame[ts_col])
+        return ROW_CLOCK_START_MS + 1000 * np.arange(len(frame), dtype=np.int64), None
+    return parse_timestamps(frame[ts_col])
 
 
 def series_from_frame(frame: pd.DataFrame, name: str, features: Sequence[str], ts_col: str) -> Series:
@@ -175,8 +179,9 @@ def series_from_frame(frame: pd.DataFrame, name: str, features: Sequence[str], t
     if missing:
         hint = f" (a file without a time column: --time-col {ROW_CLOCK})" if ts_col in missing else ""
         raise EvaluationError(f"{name}: missing columns {missing}{hint}")
-    ts, notes = in_row_order(frame_timestamps(frame, ts_col))
-    return Series(name, ts, numeric_columns(frame, list(features), name), tuple(notes))
+    stamps, how = _frame_timestamps(frame, ts_col)
+    ts, notes = in_row_order(stamps)
+    return Series(name, ts, numeric_columns(frame, list(features), name), tuple([how] if how else []) + tuple(notes))
 
 
 def numeric_columns(frame: pd.DataFrame, columns: Sequence[str], name: str) -> np.ndarray:

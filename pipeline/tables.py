@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.api import guess_datetime_format
 
 from pipeline.readings import DecodedBatch
 
@@ -23,19 +24,76 @@ class TableError(ValueError):
     """A table lacks a required column or holds unusable timestamps."""
 
 
+# Epoch numbers are read by their magnitude: at or above each bound, the unit (as multiples of a ms).
+# Below 1e9 the numbers stay milliseconds (a row counter, or a time before 1970-01-12).
+_EPOCH_UNITS = ((1e17, 1e-6, "nanoseconds"), (1e14, 1e-3, "microseconds"), (1e11, 1.0, "milliseconds"),
+                (1e9, 1e3, "seconds"))
+
+
 def timestamps_ms(column: pd.Series) -> np.ndarray:
-    """Epoch milliseconds from an integer (ms), datetime or ISO-string column; naive means UTC."""
-    if pd.api.types.is_integer_dtype(column) or pd.api.types.is_float_dtype(column):
+    """Epoch milliseconds from a numeric column (epoch seconds to nanoseconds, by magnitude) or a
+    datetime or date-string column; naive means UTC."""
+    return parse_timestamps(column)[0]
+
+
+def parse_timestamps(column: pd.Series) -> tuple[np.ndarray, str | None]:
+    """:func:`timestamps_ms` and, when the reading was a guess worth telling, how it was read.
+
+    Numbers from 1e9 to 1e11 are epoch seconds (as milliseconds they would all fall in January
+    1970), larger ones milliseconds, microseconds or nanoseconds. Strings are ISO-8601 if they all
+    are; otherwise one format is inferred for the whole column, month first and day first
+    ("03/04/2020"), and the reading whose times go back least often, then jump least, is kept."""
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         if column.isna().any():
             raise TableError("timestamp column has empty cells")
-        return column.to_numpy(np.int64)
-    try:
-        ts = pd.to_datetime(column, utc=True, format="mixed")
-    except (ValueError, TypeError) as exc:
-        raise TableError(f"unparsable timestamps: {exc}") from None
+        raw = column.to_numpy(np.float64 if pd.api.types.is_float_dtype(column) else np.int64)
+        size = float(np.median(np.abs(raw))) if len(raw) else 0.0
+        for bound, ms_per_unit, unit in _EPOCH_UNITS:
+            if size >= bound:
+                if ms_per_unit == 1.0:
+                    return raw.astype(np.int64), None
+                note = f"numeric timestamps read as epoch {unit}"
+                if ms_per_unit > 1:
+                    return np.round(raw * ms_per_unit).astype(np.int64), note
+                return (raw.astype(np.int64) // int(round(1 / ms_per_unit))), note
+        return raw.astype(np.int64), None
+    ts, how = _datetimes(column)
     if ts.isna().any():
         raise TableError("timestamp column has empty cells")
-    return (ts.astype("datetime64[ms, UTC]").astype("int64")).to_numpy(np.int64)
+    return (ts.astype("datetime64[ms, UTC]").astype("int64")).to_numpy(np.int64), how
+
+
+def _datetimes(column: pd.Series) -> tuple[pd.Series, str | None]:
+    if pd.api.types.is_datetime64_any_dtype(column):
+        return pd.to_datetime(column, utc=True), None
+    try:
+        return pd.to_datetime(column, utc=True, format="ISO8601"), None
+    except (ValueError, TypeError):
+        pass
+    readings = []
+    first = str(column.dropna().iloc[0]) if column.notna().any() else ""
+    for dayfirst in (False, True):
+        fmt = guess_datetime_format(first, dayfirst=dayfirst)
+        if fmt is None:
+            continue
+        try:
+            ts = pd.to_datetime(column, utc=True, format=fmt)  # one format for the whole column
+        except (ValueError, TypeError):
+            continue
+        d = np.diff(ts.to_numpy("datetime64[ms]").astype(np.int64)) if len(ts) > 1 else np.zeros(1, np.int64)
+        readings.append(((int(np.count_nonzero(d < 0)), int(d.max(initial=0))), dayfirst, ts))
+    if len(readings) == 2 and readings[0][2].equals(readings[1][2]):
+        return readings[0][2], None  # no value where the order matters
+    if readings:
+        _, dayfirst, ts = min(readings, key=lambda r: r[0])
+        order = "day" if dayfirst else "month"
+        why = "the other order reads them out of time order or with larger jumps" if len(readings) == 2 \
+            else "the other order does not read them all"
+        return ts, f"dates read {order} first ({why})"
+    try:
+        return pd.to_datetime(column, utc=True, format="mixed"), "timestamps of mixed formats, each read alone"
+    except (ValueError, TypeError) as exc:
+        raise TableError(f"unparsable timestamps: {exc}") from None
 
 
 def frame_to_batch(frame: pd.DataFrame, features: Sequence[str], *, ts_col: str, asset_col: str | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -213,7 +214,7 @@ def test_a_labelled_range_that_covers_no_row_is_pointed_out(tmp_path: Path) -> N
     frame = pd.DataFrame({"timestamp": np.arange(30) * 300 + 1_392_800_400, "value": np.arange(30.0)})  # epoch s
     frame.to_csv(tmp_path / "a.csv", index=False)
     windows = tmp_path / "windows.json"
-    windows.write_text(json.dumps({"a.csv": [["2014-02-19 10:50:00", "2014-02-19 11:00:00"]]}))
+    windows.write_text(json.dumps({"a.csv": [["2014-02-19 09:01:00", "2014-02-19 09:04:00"]]}))  # between rows
     with capture_logs() as logs:
         files, _ = load_files([tmp_path / "a.csv"], tmp_path, ["value"],
                               LoadOptions("timestamp", None, "anomaly", "cp", 10), read_label_ranges(str(windows)))
@@ -259,3 +260,32 @@ def test_the_share_of_scored_rows_counts_the_test_rows_whose_step_has_a_score() 
     score = np.where(np.arange(100) < 60, 0.5, np.nan)  # a sensor went silent at row 60
     trace = EngineTrace(steps, score, score, np.ones(100), [])
     assert scored_share(f, trace, 1000) == pytest.approx(40 / 80)
+
+
+START_S = 1392156000  # 2014-02-11T22:00:00Z: 30 rows 5 min apart cross midnight
+ROWS = pd.date_range("2014-02-11 22:00", periods=30, freq="300s")
+
+
+@pytest.mark.parametrize(("stamps", "how"), [
+    (np.arange(30) * 300 + START_S, "epoch seconds"),
+    ((np.arange(30) * 300 + START_S) * 1000, None),
+    ((np.arange(30) * 300 + START_S) * 1_000_000, "epoch microseconds"),
+    (ROWS.strftime("%d/%m/%Y %H:%M"), "dates read day first"),
+    (ROWS.strftime("%m/%d/%Y %H:%M"), "dates read month first"),
+    (ROWS.strftime("%Y-%m-%d %H:%M:%S"), None),
+])
+def test_timestamps_in_seconds_or_day_first_are_read_as_such_and_said(tmp_path: Path, stamps: Any,
+                                                                      how: str | None) -> None:
+    """Epoch seconds read as milliseconds fell in January 1970 at a thousandth of their spacing, and
+    "11/02/2014" read month first jumped a month at midnight: the labels then missed their rows."""
+    frame = pd.DataFrame({"timestamp": stamps, "value": np.arange(30.0)})
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    windows = tmp_path / "windows.json"
+    windows.write_text(json.dumps({"a.csv": [["2014-02-11 23:50:00", "2014-02-12 00:00:00"]]}))
+    files, _ = load_files([tmp_path / "a.csv"], tmp_path, ["value"],
+                          LoadOptions("timestamp", None, "anomaly", "cp", 10), read_label_ranges(str(windows)))
+    series = files[0].series
+    assert np.diff(series.ts_ms).tolist() == [300_000] * 29
+    assert np.flatnonzero(files[0].labels).tolist() == [22, 23, 24]
+    notes = " ".join(series.notes)
+    assert (how in notes) if how else not notes
