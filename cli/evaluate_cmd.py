@@ -66,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default=None,
                    help="comma-separated model seeds; the LSTM is fitted once per seed and mean/std reported "
                         "(default: model.seed)")
-    p.add_argument("--nab-window-s", type=float, default=30.0, help="NAB scoring window (seconds) centred on each changepoint (default: 30, as SKAB)")
+    p.add_argument("--nab-window-s", type=float, default=None,
+                   help="NAB scoring window (seconds) centred on each changepoint (default: 30 grid periods, "
+                        "SKAB's 30 s at its 1 s)")
     p.add_argument("--chunk-rows", type=int, default=256, help="rows fed to the engine per call, like a poll (default: 256)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the full results (per file, pooled, per seed) as JSON")
     p.add_argument("--plots", default=None, metavar="DIR",
@@ -207,7 +209,8 @@ def resolve_features(args: argparse.Namespace, first: Path, settings: Settings) 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cli.main import UsageError
-    from pipeline.evaluation import EvaluationError, Plan, evaluate, plan_settings, series_from_frame
+    from pipeline.evaluation import (EvaluationError, Plan, evaluate, nab_window_s, plan_settings,
+                                     series_from_frame)
     from pipeline.fit import FitError
     from pipeline.logs import get_logger
     from pipeline.tables import TableError, read_table
@@ -238,14 +241,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                  if train_path else None)
         for s in [*(f.series for f in files), *(f.train for f in files if f.train is not None), *([train] if train else [])]:
             for note in s.notes:
-                log.warning("timestamps repaired", file=s.name, note=note)
+                log.warning("timestamps", file=s.name, note=note)
         if not period_is_set(args):
             settings = with_data_period(settings, [f.series for f in files], log)
         plan: Plan = "train_file" if train_path else "paired" if train_dir else "fleet" if args.fleet else "per_file"
         settings = plan_settings(settings, plan)
         seeds = parse_seeds(args.seeds, settings.model.seed)
         result = evaluate(files, settings, plan, seeds=seeds, train=train, chunk_rows=args.chunk_rows,
-                          nab_window_s=args.nab_window_s, progress=lambda p: log.info("fitted", **p))
+                          nab_window_s=nab_window_s(args.nab_window_s, settings.grid.period_s), progress=lambda p: log.info("fitted", **p))
     except (TableError, EvaluationError, FitError) as exc:
         raise UsageError(str(exc)) from None
     for name, r in result.report["runs"][0]["lstm"]["files"].items():

@@ -63,7 +63,14 @@ from pipeline.tables import frame_to_batch, parse_timestamps
 Plan = Literal["per_file", "fleet", "train_file", "paired"]
 Progress = Callable[[dict[str, Any]], None]
 
-NAB_WINDOW_S = 30.0
+NAB_WINDOW_S = 30.0  # SKAB's NAB window: 30 s at its one row a second
+NAB_WINDOW_PERIODS = 30
+
+
+def nab_window_s(chosen: float | None, period_s: float) -> float:
+    """The NAB window: the one chosen, else 30 grid periods (SKAB's 30 s at 1 s; a window
+    of 30 s around a changepoint in data at one row in 5 minutes would hold that row alone)."""
+    return chosen if chosen is not None else NAB_WINDOW_PERIODS * period_s
 BLANKET_SHARE = 0.5  # an alert over more than this share of a file's normal rows finds no event
 _TS = "\x00ts"  # timestamp column name that cannot clash with a feature
 

@@ -160,6 +160,7 @@ def test_cli_pairs_training_files_by_name_on_a_univariate_five_minute_series(tmp
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["protocol"]["plan"] == "paired" and report["protocol"]["grid_period_s"] == 300.0
+    assert report["conventions"]["nab_window_s"] == 30 * 300.0  # 30 rows, as SKAB's 30 s at 1 s
     assert report["protocol"]["train_files"] == {"m-1.csv": "m-1.csv (train)", "m-2.csv": "m-2.csv (train)"}
     assert report["protocol"]["train_rows"] == [0, 0]
     lstm = report["runs"][0]["lstm"]
