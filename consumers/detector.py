@@ -612,6 +612,9 @@ class Detector:
         if thread.is_alive():
             return
         self._warming = None
+        if self.watcher.superseded(prepared):  # rolled back while it was warmed
+            self.watcher.withdraw(prepared)
+            return
         if "error" in box:
             self.log.warning("warm start failed; re-warming at the swap", error=str(box["error"]))
         old_version, old_model = self.engine.model_version, self.engine.model

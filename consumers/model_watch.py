@@ -6,6 +6,8 @@ verifies the bundle, sets its weights into an idle inference network of the same
 (kept from the previous swap, so repeated swaps build no new graphs), warms it, and offers
 it to the detector, which swaps between two polls. A bundle that fails to load or verify
 is refused, logged and counted; the old model keeps serving and the version is not retried.
+A prepared version the registry no longer names current when the swap is due (rolled back
+meanwhile) is withdrawn, not swapped in.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class ModelWatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.refused: set[str] = set()
+        self.current: str | None = None  # what the registry named current at its last check
         self._thread = threading.Thread(target=self._run, name="model-watch", daemon=True)
 
     def start(self) -> ModelWatcher:
@@ -62,13 +65,28 @@ class ModelWatcher:
         self._wake.set()
 
     def ready(self) -> PreparedModel | None:
-        """A prepared model, if one is waiting (never blocks)."""
+        """A prepared model, if one is waiting and still current (never blocks)."""
         try:
             prepared = self._offer.get_nowait()
         except queue.Empty:
             return None
         self.taken = prepared.bundle.version  # being warmed up by the detector: not prepared again
+        if self.superseded(prepared):
+            self.withdraw(prepared)
+            return None
         return prepared
+
+    def superseded(self, prepared: PreparedModel) -> bool:
+        """The registry has named another version current since ``prepared`` was (a rollback)."""
+        return self.current is not None and self.current != prepared.bundle.version
+
+    def withdraw(self, prepared: PreparedModel) -> None:
+        """``prepared`` will not be swapped in; its network becomes the idle spare."""
+        self.log.info("prepared model no longer current; not swapped in", version=prepared.bundle.version,
+                      current=self.current, serving=self.serving_version)
+        self.taken = None
+        self._idle[(prepared.model.n_features, tuple(prepared.model.units))] = prepared.model
+        self._wake.set()
 
     def swapped(self, prepared: PreparedModel, previous_model: StepFunction) -> None:
         """The detector now serves ``prepared``; the previous network becomes the idle spare."""
@@ -82,16 +100,21 @@ class ModelWatcher:
         while not self._stop.is_set():
             self._wake.wait(interval)
             self._wake.clear()
-            if self._stop.is_set() or not self._offer.empty():
-                continue
-            try:
-                version = current_version(self.settings.registry.uri)
-            except (RegistryError, OSError) as exc:
-                self.log.warning("registry unreadable", error=str(exc))
-                continue
-            if version is None or version in (self.serving_version, self.taken) or version in self.refused:
-                continue
-            self._prepare(version)
+            if not self._stop.is_set():
+                self.check()
+
+    def check(self) -> None:
+        """Read which version the registry names current; prepare it if it is new and nothing waits."""
+        try:
+            version = current_version(self.settings.registry.uri)
+        except (RegistryError, OSError) as exc:
+            self.log.warning("registry unreadable", error=str(exc))
+            return
+        self.current = version
+        if not self._offer.empty() or version is None or version in (self.serving_version, self.taken) \
+                or version in self.refused:
+            return
+        self._prepare(version)
 
     def _prepare(self, version: str) -> None:
         t = time.perf_counter()

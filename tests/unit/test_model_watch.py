@@ -1,0 +1,46 @@
+"""The model watcher against a real registry directory (its threads not started: each registry
+check is called by hand, as a wake-up calls it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from consumers.model_watch import ModelWatcher
+from pipeline import registry
+from pipeline.settings import load_settings
+
+from .test_registry import make_bundle
+
+
+def test_a_version_rolled_back_before_its_swap_is_withdrawn_not_swapped_in(tmp_path: Path) -> None:
+    uri = str(tmp_path / "registry")
+    v1 = make_bundle("v1")
+    registry.publish(uri, v1, keep=5)
+    watcher = ModelWatcher(load_settings(env={}, overrides={"registry.uri": uri}), v1)
+    registry.publish(uri, make_bundle("v2"), keep=5)
+    watcher.check()
+    prepared = watcher.ready()  # the detector takes v2 and warms it
+    assert prepared is not None and prepared.bundle.version == "v2" and not watcher.superseded(prepared)
+
+    registry.rollback(uri)  # the operator rolls back while v2 is being warmed
+    watcher.check()
+    assert watcher.current == "v1" and watcher.superseded(prepared)
+    watcher.withdraw(prepared)  # what the detector does instead of the swap
+    assert watcher.taken is None and watcher.ready() is None
+
+    registry.promote(uri, "v2")  # promoted again: prepared again, on the spare network
+    watcher.check()
+    again = watcher.ready()
+    assert again is not None and again.bundle.version == "v2" and again.model is prepared.model
+
+
+def test_a_prepared_version_waiting_when_the_registry_moves_on_is_not_offered(tmp_path: Path) -> None:
+    uri = str(tmp_path / "registry")
+    v1 = make_bundle("v1")
+    registry.publish(uri, v1, keep=5)
+    watcher = ModelWatcher(load_settings(env={}, overrides={"registry.uri": uri}), v1)
+    registry.publish(uri, make_bundle("v2"), keep=5)
+    watcher.check()  # v2 prepared and waiting
+    registry.rollback(uri)
+    watcher.check()  # the registry names v1 again before the detector took v2
+    assert watcher.ready() is None and watcher.taken is None
