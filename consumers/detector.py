@@ -96,6 +96,12 @@ def _text(b: bytes | None) -> str | None:
     return None if b is None else b.decode("utf-8", "replace")
 
 
+def _key_mismatch(key: str | None) -> str:
+    if key is None:  # e.g. a producer that sends no key: its records would spread an asset over partitions
+        return "the record has no key: produce each reading with its asset id as the key"
+    return f"key {key!r} differs from the asset in the value"
+
+
 class Detector:
     """One detector process (one consumer-group member)."""
 
@@ -308,8 +314,7 @@ class Detector:
         mismatch = batch.asset[starts] != keys[todo][batch.record_index[starts]]
         if mismatch.any():
             bad = np.unique(batch.record_index[starts[mismatch]])
-            rejects += [Reject(int(i), "key_mismatch", f"key {keys[todo[i]]!r} differs from the asset in the value")
-                        for i in bad]
+            rejects += [Reject(int(i), "key_mismatch", _key_mismatch(keys[todo[i]])) for i in bad]
             batch = batch.select(~np.isin(batch.record_index, bad))
 
         pos = offsets[todo]

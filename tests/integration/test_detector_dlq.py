@@ -41,6 +41,7 @@ def bad_records(ts: int) -> list[tuple[str, bytes | None, bytes, str]]:
         ("unknown_feature", a.encode(), wide(values={**good_values, "Bogus": 1.0}), "feature outside the model"),
         ("empty_values", a.encode(), wide(values={}), "no values"),
         ("key_mismatch", b"pump-001", wide(), "key names another asset"),
+        ("key_mismatch", None, wide(), NO_KEY),
         ("late", a.encode(), wide(ts=ts - 3_600_000), "an hour behind the watermark"),
         ("future", a.encode(), wide(ts=int(time.time() * 1000) + 86_400_000), "a day ahead of the wall clock"),
         # Judged against its record's timestamp, which a replay reads again, not against the clock
@@ -50,6 +51,7 @@ def bad_records(ts: int) -> list[tuple[str, bytes | None, bytes, str]]:
 
 
 RECORD_WRITTEN_EARLIER = "stamped now, its record 10 minutes earlier"
+NO_KEY = "no key at all (a producer that sends none)"
 
 
 def test_every_bad_record_goes_to_the_dlq_with_its_reason_and_every_good_one_is_scored(
@@ -60,6 +62,7 @@ def test_every_bad_record_goes_to_the_dlq_with_its_reason_and_every_good_one_is_
     bad = bad_records(start + 300 * PERIOD_MS)
     producer = make_producer(settings)
     sent_bad: dict[tuple[int, int], str] = {}
+    keyless: list[tuple[int, int]] = []
     good = 0
     bad_iter = iter(bad)
     for i, row in enumerate(frame.itertuples(index=False)):
@@ -72,6 +75,8 @@ def test_every_bad_record_goes_to_the_dlq_with_its_reason_and_every_good_one_is_
                 stamp = int(time.time() * 1000) - 600_000 if note == RECORD_WRITTEN_EARLIER else None
                 meta = producer.send(settings.topics.readings, key=key, value=value, timestamp_ms=stamp).get(timeout=10)
                 sent_bad[(meta.partition, meta.offset)] = reason
+                if note == NO_KEY:
+                    keyless.append((meta.partition, meta.offset))
     producer.flush()
     producer.close()
     assert len(sent_bad) == len(bad) >= 16
@@ -81,10 +86,12 @@ def test_every_bad_record_goes_to_the_dlq_with_its_reason_and_every_good_one_is_
         dlq = read_topic(settings, settings.topics.dlq_topic, until=lambda r: len(r) >= len(bad), timeout_s=30)
         assert det.stats.accepted == good  # every good reading placed on the grid (and its steps scored)
         assert det.stats.rejects == Counter(reason for reason, *_ in bad)
-    got = {}
+    got, details = {}, {}
     for r in dlq:
         h = {k: v.decode() for k, v in r.headers}
         assert h["source.topic"] == settings.topics.readings
         got[(int(h["source.partition"]), int(h["source.offset"]))] = h["reason"]
+        details[(int(h["source.partition"]), int(h["source.offset"]))] = h["detail"]
         assert h["detail"]
     assert got == sent_bad
+    assert "has no key" in details[keyless[0]]
