@@ -138,6 +138,20 @@ def alerts_of(records: list[Any]) -> list[dict[str, Any]]:
     return [json.loads(r.value) for r in records]
 
 
+def recreate_readings_topic(settings: Settings) -> None:
+    """Delete the readings topic and create it again: it numbers its records from 0 again, under a new id."""
+    from consumers.kafka_clients import make_admin
+    from consumers.topics import ensure_topics, standard_topics
+
+    admin = make_admin(settings)
+    try:
+        admin.delete_topics([settings.topics.readings])
+        wait_until(lambda: settings.topics.readings not in admin.list_topics(), 30, "the topic deleted")
+    finally:
+        admin.close()
+    ensure_topics(settings, standard_topics(settings))
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():

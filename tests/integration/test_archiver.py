@@ -25,7 +25,7 @@ import pytest
 from kafka import TopicPartition
 
 from consumers.archiver import SCHEMA, Archiver
-from consumers.kafka_clients import make_admin, make_consumer, make_producer
+from consumers.kafka_clients import make_consumer, make_producer
 from consumers.simulator_feed import feed
 from consumers.topics import ensure_topics, standard_topics
 from pipeline import storage
@@ -35,7 +35,7 @@ from pipeline.simulate import PlantConfig, PlantSimulator
 from trainers.archive_scan import ScanStats, scan_archive
 
 from . import faults
-from .plant import produce, running, wait_until
+from .plant import produce, recreate_readings_topic, running, wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MIDNIGHT = 1_767_225_600_000  # 2026-01-01T00:00:00Z: the streams below cross it
@@ -248,13 +248,7 @@ def test_a_topic_deleted_and_created_again_on_the_same_day_is_archived_whole(
     with archiver_thread(s):
         wait_until(lambda: committed_total(s) == first, 60, "the first topic archived")
 
-    admin = make_admin(s)
-    try:
-        admin.delete_topics([s.topics.readings])
-        wait_until(lambda: s.topics.readings not in admin.list_topics(), 30, "the topic deleted")
-    finally:
-        admin.close()
-    ensure_topics(s, standard_topics(s))
+    recreate_readings_topic(s)
     second_start, second_end = MIDNIGHT + 20_000_000, MIDNIGHT + 21_500_000  # more records than the first
     second = produce(s, PlantSimulator(PLANT), second_start, second_end)
     with archiver_thread(s) as again:

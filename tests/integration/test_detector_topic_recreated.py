@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from consumers.kafka_clients import make_admin
-from consumers.topics import ensure_topics, standard_topics
 from pipeline.simulate import PlantSimulator
 
-from .plant import PERIOD_MS, PLANT, detector_settings, produce, running_detector, wait_until
+from .plant import PERIOD_MS, PLANT, detector_settings, produce, recreate_readings_topic, running_detector, wait_until
 
 
 def test_every_reading_of_a_topic_created_again_is_scored_and_may_alert(
@@ -22,13 +20,7 @@ def test_every_reading_of_a_topic_created_again_is_scored_and_may_alert(
         wait_until(lambda: det.stats.accepted >= first, 120, "the first topic's readings placed")
     # stopped gracefully: a final checkpoint left every asset's snapshot at its position in the old topic
 
-    admin = make_admin(settings)
-    try:
-        admin.delete_topics([settings.topics.readings])
-        wait_until(lambda: settings.topics.readings not in admin.list_topics(), 30, "the topic deleted")
-    finally:
-        admin.close()
-    ensure_topics(settings, standard_topics(settings))
+    recreate_readings_topic(settings)
     later = start + 1000 * PERIOD_MS
     second = produce(settings, sim, later, later + 200 * PERIOD_MS)  # fewer records than the old positions
     with running_detector(settings, fitted_plant.bundle) as det:

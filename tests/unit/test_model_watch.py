@@ -12,12 +12,17 @@ from pipeline.settings import load_settings
 from .test_registry import make_bundle
 
 
-def test_a_version_rolled_back_before_its_swap_is_withdrawn_not_swapped_in(tmp_path: Path) -> None:
+def _serving_v1_with_v2_published(tmp_path: Path) -> tuple[str, ModelWatcher]:
     uri = str(tmp_path / "registry")
     v1 = make_bundle("v1")
     registry.publish(uri, v1, keep=5)
     watcher = ModelWatcher(load_settings(env={}, overrides={"registry.uri": uri}), v1)
     registry.publish(uri, make_bundle("v2"), keep=5)
+    return uri, watcher
+
+
+def test_a_version_rolled_back_before_its_swap_is_withdrawn_not_swapped_in(tmp_path: Path) -> None:
+    uri, watcher = _serving_v1_with_v2_published(tmp_path)
     watcher.check()
     prepared = watcher.ready()  # the detector takes v2 and warms it
     assert prepared is not None and prepared.bundle.version == "v2" and not watcher.superseded(prepared)
@@ -35,11 +40,7 @@ def test_a_version_rolled_back_before_its_swap_is_withdrawn_not_swapped_in(tmp_p
 
 
 def test_a_prepared_version_waiting_when_the_registry_moves_on_is_not_offered(tmp_path: Path) -> None:
-    uri = str(tmp_path / "registry")
-    v1 = make_bundle("v1")
-    registry.publish(uri, v1, keep=5)
-    watcher = ModelWatcher(load_settings(env={}, overrides={"registry.uri": uri}), v1)
-    registry.publish(uri, make_bundle("v2"), keep=5)
+    uri, watcher = _serving_v1_with_v2_published(tmp_path)
     watcher.check()  # v2 prepared and waiting
     registry.rollback(uri)
     watcher.check()  # the registry names v1 again before the detector took v2
