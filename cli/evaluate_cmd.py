@@ -209,8 +209,7 @@ def resolve_features(args: argparse.Namespace, first: Path, settings: Settings) 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from cli.main import UsageError
-    from pipeline.evaluation import (EvaluationError, Plan, evaluate, nab_window_s, plan_settings,
-                                     series_from_frame)
+    from pipeline.evaluation import EvaluationError, Plan, evaluate, plan_settings, series_from_frame
     from pipeline.fit import FitError
     from pipeline.logs import get_logger
     from pipeline.tables import TableError, read_table
@@ -248,7 +247,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         settings = plan_settings(settings, plan)
         seeds = parse_seeds(args.seeds, settings.model.seed)
         result = evaluate(files, settings, plan, seeds=seeds, train=train, chunk_rows=args.chunk_rows,
-                          nab_window_s=nab_window_s(args.nab_window_s, settings.grid.period_s), progress=lambda p: log.info("fitted", **p))
+                          nab_window_s=args.nab_window_s, progress=lambda p: log.info("fitted", **p))
     except (TableError, EvaluationError, FitError) as exc:
         raise UsageError(str(exc)) from None
     for name, r in result.report["runs"][0]["lstm"]["files"].items():

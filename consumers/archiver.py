@@ -236,9 +236,22 @@ class _Pending:
 
     end: int  # next offset to consume: what is committed once the flush is durable
     chunks: list[Rows] = field(default_factory=list)
+    topic_ids: list[str] = field(default_factory=list)  # per chunk: the topic's id when it was polled
     readings: int = 0
     records: int = 0
-    days_done: set[int] = field(default_factory=set)  # days in place from a failed try of this flush
+    # per run of chunks of one topic id: days in place from a failed try of this flush
+    days_done: dict[int, set[int]] = field(default_factory=dict)
+
+    def by_topic_id(self) -> list[tuple[str, Rows]]:
+        """The chunks, each run polled under one topic id concatenated (a topic deleted and created
+        again while this process reads it numbers its records from 0 again: its own files)."""
+        runs: list[tuple[str, list[Rows]]] = []
+        for tid, chunk in zip(self.topic_ids, self.chunks):
+            if runs and runs[-1][0] == tid:
+                runs[-1][1].append(chunk)
+            else:
+                runs.append((tid, [chunk]))
+        return [(tid, Rows.concat(chunks)) for tid, chunks in runs]
 
 
 class Archiver:
@@ -409,6 +422,8 @@ class Archiver:
             if hi > lo:
                 pending.chunks.append(Rows(batch.asset[lo:hi], batch.ts_ms[lo:hi], batch.feature[lo:hi],
                                            batch.value[lo:hi], offsets[batch.record_index[lo:hi]]))
+                # Now, not at the flush: by then the topic may be gone from the metadata, or created again.
+                pending.topic_ids.append(self._topic_id(tp.topic))
             pending.readings += int(readings_of[i])
             pending.records += len(polled[tp])
             pending.end = polled[tp][-1].offset + 1
@@ -463,17 +478,16 @@ class Archiver:
             pending = self.pending[tp]
             if pending.records == 0:
                 continue
-            if pending.chunks:
-                data = Rows.concat(pending.chunks)
+            for run, (tid, data) in enumerate(pending.by_topic_id()):
                 try:
                     with storage.timed("archive write", self.settings.archive.uri):
-                        files += len(self.writer.write(tp.partition, data, done=pending.days_done,
-                                                       topic_id=self._topic_id(tp.topic)))
+                        files += len(self.writer.write(tp.partition, data, topic_id=tid,
+                                                       done=pending.days_done.setdefault(run, set())))
                 except (OSError, pa.ArrowException, storage.PathEscapeError) as exc:
                     raise ArchiveWriteError(f"partition {tp.partition}: {exc}",
                                             retriable=isinstance(exc, OSError)) from exc
                 rows += len(data.value)
-                readings += pending.readings
+            readings += pending.readings
             self.durable[tp] = pending.end
             self.pending[tp] = _Pending(end=pending.end)
         if not any(p.records for p in self.pending.values()):

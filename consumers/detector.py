@@ -117,6 +117,9 @@ class Detector:
         self.checkpoints = Checkpoints(settings.detector.checkpoint_interval_ms)
         self.to_restore: dict[TopicPartition, int] = {}  # assigned, state not yet restored: committed offset
         self.rewind: set[TopicPartition] = set()  # paused until re-read from the committed offset
+        # per readings partition: the topic's id when its records were last polled (or restored),
+        # which the positions recorded for it belong to
+        self.topic_ids: dict[int, str] = {}
         self.consumer: KafkaConsumer | None = None
         self.producer: Any = None
         self._key_partitions: KeyPartitions | None = None
@@ -302,6 +305,9 @@ class Detector:
         offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
         partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
         keys = np.array([_text(r.key) for r in records], dtype=object)
+        tid = self._readings_topic_id()  # now: at a checkpoint the topic may be gone, or created again
+        if tid:
+            self.topic_ids.update({tp.partition: tid for tp in polled})
         plan = self.checkpoints.plan(partitions, offsets, keys)
         todo = np.flatnonzero(plan.process)
         silent_rec = plan.silent[todo]  # per processed record
@@ -450,13 +456,12 @@ class Detector:
         s = self.settings
         headers = [(KIND, kind.encode()), (GROUP, s.detector.group_id.encode()),
                    (PARTITION, str(partition).encode()), (POSITION, str(position).encode()),
-                   (TOPIC_ID, self._readings_topic_id().encode())]
+                   (TOPIC_ID, (self.topic_ids.get(partition) or self._readings_topic_id()).encode())]
         return (producer or self.state_producer).send(s.topics.state_topic, key=f"{s.detector.group_id}\x00{key}".encode(),
                                   value=value, headers=headers, partition=self._state_partition(partition))
 
     def _readings_topic_id(self) -> str:
-        assert self.consumer is not None
-        return topic_id(self.consumer, self.settings.topics.readings)
+        return "" if self.consumer is None else topic_id(self.consumer, self.settings.topics.readings)
 
     def _state_partition(self, partition: int) -> int:
         parts = self.state_producer.partitions_for(self.settings.topics.state_topic)
@@ -555,13 +560,16 @@ class Detector:
         wanted = dict(self.to_restore)
         self.to_restore.clear()
         try:
+            tid = self._readings_topic_id()
             found = read_changelog(self.settings, self.state_producer, {tp.partition for tp in wanted},
-                                   self._state_partition, self._readings_topic_id())
+                                   self._state_partition, tid)
         except Exception:
             self._pause_for_rewind(list(wanted))  # the polled records of these partitions are re-read
             raise
         restored_assets, rewarm = 0, []
         for tp, committed in sorted(wanted.items()):
+            if tid:
+                self.topic_ids[tp.partition] = tid
             blobs, info = found.get(tp.partition, ({}, Restored()))
             good = {}
             for asset, (position, blob) in blobs.items():
@@ -697,6 +705,38 @@ def make_state_producer(settings: Settings) -> Any:
                          max_request_size=4 << 20)
 
 
+@dataclass
+class _PartitionLog:
+    """What the state topic holds for one readings partition, by whose topic id wrote it: this
+    topic's, none (written before records named it), or another (the topic before it was deleted
+    and created again)."""
+
+    # asset → kind → (position, order read, snapshot), the newest of each kind
+    snaps: dict[str, dict[str, tuple[int, int, bytes]]] = field(default_factory=dict)
+    emitted: dict[str, int] = field(default_factory=dict)  # kind → highest progress
+    other_seen: bool = False
+
+    def add(self, kind: str, asset: str | None, position: int, seq: int, blob: bytes) -> None:
+        if kind == "other":
+            self.other_seen = True
+        if asset is None:
+            self.emitted[kind] = max(self.emitted.get(kind, -1), position)
+            return
+        best = self.snaps.setdefault(asset, {})
+        if kind not in best or best[kind][:2] <= (position, seq):
+            best[kind] = (position, seq, blob)
+
+    def restored(self) -> tuple[dict[str, tuple[int, bytes]], Restored]:
+        """Each asset's newest snapshot and the highest progress, positions of another topic id as
+        -1. Once another id has written here, records without one are older still: another topic too."""
+        stale = {"other", "none"} if self.other_seen else {"other"}
+        snaps = {}
+        for asset, by_kind in self.snaps.items():
+            pos, _, blob = max((-1 if kind in stale else pos, seq, blob) for kind, (pos, seq, blob) in by_kind.items())
+            snaps[asset] = (pos, blob)
+        return snaps, Restored(emitted=max((e for k, e in self.emitted.items() if k not in stale), default=-1))
+
+
 def read_changelog(settings: Settings, producer: Any, partitions: set[int], state_partition: Callable[[int], int],
                    readings_topic_id: str = "", timeout_s: float = 60.0
                    ) -> dict[int, tuple[dict[str, tuple[int, bytes]], Restored]]:
@@ -705,8 +745,10 @@ def read_changelog(settings: Settings, producer: Any, partitions: set[int], stat
 
     Positions recorded for another id of the readings topic (one deleted and created again, which
     numbers its records from 0 again) are not positions in this one: such a snapshot is restored
-    as the asset's state at position -1 (no record of the new topic is taken as already in it), and
-    such progress is ignored. Records without the id (or a broker that reports none) count as this topic's.
+    as the asset's state at position -1 (no record of the new topic is taken as already in it;
+    the newest such snapshot, in log order), and such progress is ignored. Records without the id
+    count as this topic's, unless another id wrote for the partition after them. A broker that
+    reports no topic ids (``readings_topic_id`` "") makes every record this topic's.
 
     The end of the log is found by writing a fresh marker and reading up to it (a broker's high
     watermark can lag the end), so nothing acknowledged before this call is missed.
@@ -720,37 +762,34 @@ def read_changelog(settings: Settings, producer: Any, partitions: set[int], stat
         md = producer.send(topic, key=f"{group}\x00\x00open".encode(), value=nonce.encode(),
                            headers=[(KIND, b"open"), (GROUP, group.encode())], partition=sp)
         ends[sp] = md.get(timeout=s.kafka.request_timeout_ms / 1000).offset
-    found: dict[int, tuple[dict[str, tuple[int, bytes]], Restored]] = {p: ({}, Restored()) for p in partitions}
+    logs = {p: _PartitionLog() for p in partitions}
+    seq = iter(range(1 << 62))
 
     def take(r: Any) -> None:
         h = dict(r.headers or [])
         if h.get(GROUP) != group.encode() or PARTITION not in h:
             return
         p, position = int(h[PARTITION]), int(h[POSITION])
-        if p not in found:
+        if p not in logs:
             return
-        snaps, info = found[p]
         written_for = h.get(TOPIC_ID, b"").decode("utf-8", "replace")
-        if readings_topic_id and written_for and written_for != readings_topic_id:
-            if h[KIND] == b"progress":
-                return
-            position = -1
+        kind = "none" if not written_for or not readings_topic_id else \
+            "this" if written_for == readings_topic_id else "other"
         if h[KIND] == b"progress":
-            info.emitted = max(info.emitted, position)
+            logs[p].add(kind, None, position, next(seq), b"")
         elif h[KIND] == b"snapshot" and r.value:
             try:
                 asset = read_snapshot_header(r.value)["asset"]
             except ValueError:
                 return
-            if asset not in snaps or snaps[asset][0] <= position:
-                snaps[asset] = (position, r.value)
+            logs[p].add(kind, asset, position, next(seq), r.value)
 
     try:  # up to the markers, included
         read_to_end(s, topic, take, ends={sp: end + 1 for sp, end in ends.items()}, timeout_s=timeout_s,
                     max_records=20000)
     except ReadTimeout as exc:
         raise DeliveryError(f"state {exc}") from None
-    return found
+    return {p: log.restored() for p, log in logs.items()}
 
 
 class _Listener(AsyncConsumerRebalanceListener):

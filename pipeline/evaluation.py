@@ -67,7 +67,7 @@ NAB_WINDOW_S = 30.0  # SKAB's NAB window: 30 s at its one row a second
 NAB_WINDOW_PERIODS = 30
 
 
-def nab_window_s(chosen: float | None, period_s: float) -> float:
+def nab_window_for(chosen: float | None, period_s: float) -> float:
     """The NAB window: the one chosen, else 30 grid periods (SKAB's 30 s at 1 s; a window
     of 30 s around a changepoint in data at one row in 5 minutes would hold that row alone)."""
     return chosen if chosen is not None else NAB_WINDOW_PERIODS * period_s
@@ -631,11 +631,13 @@ class Evaluation:
 
 
 def evaluate(files: Sequence[LabelledFile], settings: Settings, plan: Plan, *, seeds: Sequence[int] = (0,),
-             train: Series | None = None, chunk_rows: int = REPLAY_CHUNK_ROWS, nab_window_s: float = NAB_WINDOW_S,
+             train: Series | None = None, chunk_rows: int = REPLAY_CHUNK_ROWS, nab_window_s: float | None = None,
              progress: Progress | None = None) -> Evaluation:
-    """LSTM (one run per seed) and baselines on the same files, split and metric code."""
+    """LSTM (one run per seed) and baselines on the same files, split and metric code. ``nab_window_s``:
+    None for :func:`nab_window_for` the settings' grid period."""
     if not files or not seeds:
         raise EvaluationError("no files or no seeds to evaluate")
+    nab_window_s = nab_window_for(nab_window_s, settings.grid.period_s)
     t0 = time.monotonic()
     baselines: dict[str, Any] = {}
     predicted: dict[str, dict[str, np.ndarray]] = {}

@@ -105,3 +105,41 @@ def test_offsets_of_a_topic_created_again_are_new_readings_and_a_rewrite_within_
     batches = list(scan_archive(root, FEATURES, start_ms=MIDNIGHT, end_ms=MIDNIGHT + 86_400_000, stats=stats))
     assert sum(b.n_records for b in batches) == 150 + 100 + 15
     assert stats.duplicates == (50 + 5) * 3
+
+
+def test_readings_polled_before_and_after_the_topic_was_created_again_are_stamped_with_their_own_ids(
+        tmp_path: Path) -> None:
+    """The id is the one the client knew when the records were polled, not at the flush: one flush
+    holding the old topic's offsets 900..999 and the new one's 0..99 writes a file for each, so the
+    new topic's later offsets 100..999 are not taken for duplicates."""
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from consumers.archiver import Archiver
+    from pipeline.readings import encode_wide
+    from pipeline.settings import load_settings
+    from trainers.archive_scan import ScanStats, scan_archive
+
+    settings = load_settings(env={}, overrides={"archive.uri": str(tmp_path / "archive")})
+    features = settings.model.features
+    ids = {settings.topics.readings: "topic-a"}
+    archiver = Archiver(settings)
+    archiver.consumer = SimpleNamespace(_client=SimpleNamespace(cluster=SimpleNamespace(topic_id=ids.get)))
+    tp = TopicPartition(settings.topics.readings, 0)
+
+    def records(first: int, n: int, start_ms: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(offset=first + i, timestamp=start_ms + 1000 * i, partition=0,
+                                value=encode_wide("pump-1", start_ms + 1000 * i, {f: 1.0 for f in features}))
+                for i in range(n)]
+
+    archiver.add({tp: records(900, 100, MIDNIGHT)})
+    ids[tp.topic] = "topic-b"  # the client's metadata now names the topic created again
+    archiver.add({tp: records(0, 100, MIDNIGHT + 200_000)})
+    archiver.flush()
+    archiver.add({tp: records(100, 900, MIDNIGHT + 300_000)})
+    archiver.flush()
+    stats = ScanStats()
+    got = sum(b.n_records for b in scan_archive(settings.archive.uri, features, start_ms=MIDNIGHT,
+                                                end_ms=MIDNIGHT + 86_400_000, stats=stats))
+    assert (got, stats.duplicates, stats.files) == (1100, 0, 3)
