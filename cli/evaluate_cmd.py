@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from cli.tables_args import features_for, with_features
+from cli.tables_args import add_time_unit_argument, features_for, with_features
 from pipeline.settings import Settings, to_dict
 
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-col", default="ts",
                    help="timestamp column: epoch s, ms, µs or ns (by magnitude) or dates (default: ts); "
                    "@row for files without one: one row a second (label rows with file,start_row,end_row)")
+    add_time_unit_argument(p)
     p.add_argument("--sep", default=None, help="CSV separator (default: sniffed, ',' or ';')")
     p.add_argument("--features", default=None,
                    help="comma-separated feature columns, or 'all' for every numeric column but time, label, "
@@ -124,16 +125,17 @@ class LoadOptions:
     label_col: str
     changepoint_col: str
     train_rows: int     # 0 when a separate training file is used
+    time_unit: str = "auto"
 
 
-def read_label_ranges(path: str) -> dict[str, list[Any]]:
+def read_label_ranges(path: str, time_unit: str = "auto") -> dict[str, list[Any]]:
     """``{asset name: [LabelRange, …]}`` from any label file :mod:`pipeline.labels` reads."""
     from cli.main import UsageError
     from pipeline.labels import LabelError, ranges_by_name
     from pipeline.labels import read_label_ranges as read_ranges
 
     try:
-        return ranges_by_name(read_ranges(path))
+        return ranges_by_name(read_ranges(path, time_unit))
     except LabelError as exc:
         raise UsageError(str(exc)) from None
 
@@ -164,15 +166,15 @@ def load_files(paths: Sequence[Path], root: Path, features: Sequence[str], opts:
     for path in paths:
         name = asset_name(path, root)
         frame = read_table(path, sep=opts.sep)
-        series = series_from_frame(frame, name, features, opts.time_col)
+        series = series_from_frame(frame, name, features, opts.time_col, opts.time_unit)
         if ranges is not None:
-            labels = row_labels(frame_timestamps(frame, opts.time_col), ranges.get(name, []))
+            labels = row_labels(frame_timestamps(frame, opts.time_col, opts.time_unit), ranges.get(name, []))
             if ranges.get(name) and not labels.any():
                 from pipeline.logs import get_logger
 
                 get_logger("plantwatch.evaluate").warning(
                     "no row falls in this file's labelled ranges: its anomalies are not counted (check the time "
-                    "column's unit: numbers are epoch milliseconds)", file=name, ranges=len(ranges[name]))
+                    "column's unit: --time-unit)", file=name, ranges=len(ranges[name]))
         elif opts.label_col in frame.columns:
             labels = numeric_columns(frame, [opts.label_col], name)[:, 0]
         else:
@@ -183,7 +185,8 @@ def load_files(paths: Sequence[Path], root: Path, features: Sequence[str], opts:
         train = None
         if train_dir is not None:
             tpath = training_file_for(path, root, train_dir)
-            train = series_from_frame(read_table(tpath, sep=opts.sep), f"{name} (train)", features, opts.time_col)
+            train = series_from_frame(read_table(tpath, sep=opts.sep), f"{name} (train)", features, opts.time_col,
+                                      opts.time_unit)
         files.append(labelled_file(series, labels, cps, opts.train_rows, train))
     if ranges is not None:
         unknown = sorted(set(ranges) - {f.name for f in files})
@@ -229,15 +232,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         features = resolve_features(args, paths[0], settings)
         settings = with_features(settings, features)
         opts = LoadOptions(args.time_col, args.sep, args.label_col, args.changepoint_col,
-                           0 if train_path or train_dir else args.train_rows)
-        ranges = read_label_ranges(args.labels) if args.labels else None
+                           0 if train_path or train_dir else args.train_rows, args.time_unit)
+        ranges = read_label_ranges(args.labels, args.time_unit) if args.labels else None
         files, skipped = load_files(paths, root, features, opts, ranges, train_dir)
         for name in skipped:
             log.warning("skipped: no label column", file=name, label_col=args.label_col)
         if not files:
             raise UsageError(f"no input file has labels: give --label-col (now {args.label_col!r}) or --labels")
-        train = (series_from_frame(read_table(train_path, sep=args.sep), train_path.name, features, args.time_col)
-                 if train_path else None)
+        train = (series_from_frame(read_table(train_path, sep=args.sep), train_path.name, features, args.time_col,
+                                   args.time_unit) if train_path else None)
         for s in [*(f.series for f in files), *(f.train for f in files if f.train is not None), *([train] if train else [])]:
             for note in s.notes:
                 log.warning("timestamps", file=s.name, note=note)

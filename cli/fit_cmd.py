@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         frame = frame[frame[args.label_col] != 1]
     try:
         batch = frame_to_batch(frame, settings.model.features, ts_col=args.time_col, asset_col=args.asset_col,
-                               default_asset=default_asset(args))
+                               default_asset=default_asset(args), time_unit=args.time_unit)
     except TableError as exc:
         raise UsageError(str(exc)) from None
     data_s = median_period_s(stamps_by_asset(batch.asset, batch.ts_ms))

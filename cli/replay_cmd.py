@@ -20,20 +20,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cli.main import UsageError
     from pipeline.bundle import BundleError, load_bundle
     from pipeline.engine import DetectionEngine
-    from pipeline.tables import TableError, frame_to_batch
+    from pipeline.tables import TableError, frame_to_batch, time_unit_of
 
     try:
         bundle = load_bundle(args.model)
     except BundleError as exc:
         raise UsageError(str(exc)) from None
     frame = load_table(args)
+    if args.time_col not in frame.columns:
+        raise UsageError(f"no time column {args.time_col!r}; the table has {list(frame.columns)}")
+    unit = time_unit_of(frame[args.time_col], args.time_unit)  # one unit for every chunk
     engine = DetectionEngine(bundle, settings.grid)
     scored = alerts = 0
     for start in range(0, len(frame), args.chunk_rows):
         chunk = frame.iloc[start:start + args.chunk_rows]
         try:
             batch = frame_to_batch(chunk, bundle.features, ts_col=args.time_col, asset_col=args.asset_col,
-                                   default_asset=default_asset(args))
+                                   default_asset=default_asset(args), time_unit=unit)
         except TableError as exc:
             raise UsageError(str(exc)) from None
         for out in (engine.process(batch),):

@@ -8,13 +8,20 @@ import dataclasses
 import pandas as pd
 
 from pipeline.settings import Settings
-from pipeline.tables import TableError, read_table
+from pipeline.tables import TIME_UNITS, TableError, read_table
+
+
+def add_time_unit_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--time-unit", default="auto", choices=TIME_UNITS,
+                   help="unit of numeric timestamps (default: auto, the unit the column's name ends with, "
+                        "e.g. ts_ms, else by magnitude: from 1e9 seconds, from 1e11 ms, then us, ns)")
 
 
 def add_table_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="CSV or Parquet file of readings (one row per asset and time)")
     p.add_argument("--time-col", default="ts",
                    help="timestamp column: epoch s, ms, µs or ns (by magnitude) or dates (default: ts)")
+    add_time_unit_argument(p)
     p.add_argument("--asset-col", default=None, help="asset id column (default: the whole file is one asset)")
     p.add_argument("--asset", default=None, help="asset id when there is no asset column (default: the file name)")
     p.add_argument("--sep", default=None, help="CSV separator (default: sniffed, ',' or ';')")

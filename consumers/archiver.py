@@ -235,8 +235,7 @@ class _Pending:
     """A partition's records consumed since its last flush."""
 
     end: int  # next offset to consume: what is committed once the flush is durable
-    chunks: list[Rows] = field(default_factory=list)
-    topic_ids: list[str] = field(default_factory=list)  # per chunk: the topic's id when it was polled
+    chunks: list[tuple[str, Rows]] = field(default_factory=list)  # (the topic's id when polled, its rows)
     readings: int = 0
     records: int = 0
     # per run of chunks of one topic id: days in place from a failed try of this flush
@@ -246,7 +245,7 @@ class _Pending:
         """The chunks, each run polled under one topic id concatenated (a topic deleted and created
         again while this process reads it numbers its records from 0 again: its own files)."""
         runs: list[tuple[str, list[Rows]]] = []
-        for tid, chunk in zip(self.topic_ids, self.chunks):
+        for tid, chunk in self.chunks:
             if runs and runs[-1][0] == tid:
                 runs[-1][1].append(chunk)
             else:
@@ -420,10 +419,10 @@ class Archiver:
             pending.days_done.clear()  # new rows: a retry writes every day again (the scan drops duplicates)
             lo, hi = row_bounds[i], row_bounds[i + 1]
             if hi > lo:
-                pending.chunks.append(Rows(batch.asset[lo:hi], batch.ts_ms[lo:hi], batch.feature[lo:hi],
-                                           batch.value[lo:hi], offsets[batch.record_index[lo:hi]]))
-                # Now, not at the flush: by then the topic may be gone from the metadata, or created again.
-                pending.topic_ids.append(self._topic_id(tp.topic))
+                # The id now, not at the flush: by then the topic may be gone from the metadata, or created again.
+                pending.chunks.append((self._topic_id(tp.topic), Rows(
+                    batch.asset[lo:hi], batch.ts_ms[lo:hi], batch.feature[lo:hi], batch.value[lo:hi],
+                    offsets[batch.record_index[lo:hi]])))
             pending.readings += int(readings_of[i])
             pending.records += len(polled[tp])
             pending.end = polled[tp][-1].offset + 1

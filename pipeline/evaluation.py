@@ -169,24 +169,25 @@ def in_row_order(ts_ms: np.ndarray) -> tuple[np.ndarray, list[str]]:
 ROW_CLOCK, ROW_CLOCK_START_MS = "@row", 1_577_836_800_000
 
 
-def frame_timestamps(frame: pd.DataFrame, ts_col: str) -> np.ndarray:
+def frame_timestamps(frame: pd.DataFrame, ts_col: str, time_unit: str = "auto") -> np.ndarray:
     """The rows' epoch milliseconds: the time column's, or one second a row for :data:`ROW_CLOCK`."""
-    return _frame_timestamps(frame, ts_col)[0]
+    return _frame_timestamps(frame, ts_col, time_unit)[0]
 
 
-def _frame_timestamps(frame: pd.DataFrame, ts_col: str) -> tuple[np.ndarray, str | None]:
+def _frame_timestamps(frame: pd.DataFrame, ts_col: str, time_unit: str) -> tuple[np.ndarray, str | None]:
     if ts_col == ROW_CLOCK:
         return ROW_CLOCK_START_MS + 1000 * np.arange(len(frame), dtype=np.int64), None
-    return parse_timestamps(frame[ts_col])
+    return parse_timestamps(frame[ts_col], time_unit)
 
 
-def series_from_frame(frame: pd.DataFrame, name: str, features: Sequence[str], ts_col: str) -> Series:
+def series_from_frame(frame: pd.DataFrame, name: str, features: Sequence[str], ts_col: str,
+                      time_unit: str = "auto") -> Series:
     """Arrays of a wide frame in recorded row order; stamps out of order are repaired with a note."""
     missing = [c for c in [*([] if ts_col == ROW_CLOCK else [ts_col]), *features] if c not in frame.columns]
     if missing:
         hint = f" (a file without a time column: --time-col {ROW_CLOCK})" if ts_col in missing else ""
         raise EvaluationError(f"{name}: missing columns {missing}{hint}")
-    stamps, how = _frame_timestamps(frame, ts_col)
+    stamps, how = _frame_timestamps(frame, ts_col, time_unit)
     ts, notes = in_row_order(stamps)
     return Series(name, ts, numeric_columns(frame, list(features), name), tuple([how] if how else []) + tuple(notes))
 
@@ -313,7 +314,7 @@ def series_batch(series: Series, features: Sequence[str]) -> DecodedBatch:
     """The long-format batch the engine and the fit take, through the same table decoder as replay."""
     frame = pd.DataFrame(series.values, columns=list(features))
     frame[_TS] = series.ts_ms
-    return frame_to_batch(frame, features, ts_col=_TS, default_asset=series.name)
+    return frame_to_batch(frame, features, ts_col=_TS, default_asset=series.name, time_unit="ms")
 
 
 def concat_batches(batches: Sequence[DecodedBatch]) -> DecodedBatch:

@@ -6,6 +6,7 @@ missing readings, not zeros: they simply contribute no value to their grid step.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,41 +27,72 @@ class TableError(ValueError):
 
 # Epoch numbers are read by their magnitude: at or above each bound, the unit (as multiples of a ms).
 # Below 1e9 the numbers stay milliseconds (a row counter, or a time before 1970-01-12).
-_EPOCH_UNITS = ((1e17, 1e-6, "nanoseconds"), (1e14, 1e-3, "microseconds"), (1e11, 1.0, "milliseconds"),
-                (1e9, 1e3, "seconds"))
+_EPOCH_UNITS = ((1e17, 1e-6, "ns"), (1e14, 1e-3, "us"), (1e11, 1.0, "ms"), (1e9, 1e3, "s"))
+_MS_PER_UNIT = {"s": 1e3, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
+TIME_UNITS = ("auto", *_MS_PER_UNIT)
+# A column named for its unit (``ts_ms``, ``time_s``) is read in that unit, whatever its magnitude.
+_NAMED_UNIT = re.compile(r"(?:^|[_.\- ])(?P<unit>s|sec|secs|seconds|ms|millis|us|micros|ns|nanos)$", re.IGNORECASE)
+_UNIT_NAMES = {"sec": "s", "secs": "s", "seconds": "s", "millis": "ms", "micros": "us", "nanos": "ns"}
 
 
-def timestamps_ms(column: pd.Series) -> np.ndarray:
-    """Epoch milliseconds from a numeric column (epoch seconds to nanoseconds, by magnitude) or a
+def timestamps_ms(column: pd.Series, unit: str = "auto") -> np.ndarray:
+    """Epoch milliseconds from a numeric column (see :func:`parse_timestamps` for its unit) or a
     datetime or date-string column; naive means UTC."""
-    return parse_timestamps(column)[0]
+    return parse_timestamps(column, unit)[0]
 
 
-def parse_timestamps(column: pd.Series) -> tuple[np.ndarray, str | None]:
+def parse_timestamps(column: pd.Series, unit: str = "auto") -> tuple[np.ndarray, str | None]:
     """:func:`timestamps_ms` and, when the reading was a guess worth telling, how it was read.
 
-    Numbers from 1e9 to 1e11 are epoch seconds (as milliseconds they would all fall in January
-    1970), larger ones milliseconds, microseconds or nanoseconds. Strings are ISO-8601 if they all
-    are; otherwise one format is inferred for the whole column, month first and day first
-    ("03/04/2020"), and the reading whose times go back least often, then jump least, is kept."""
-    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+    Numbers: in ``unit`` (s, ms, us, ns); with "auto", in the unit the column's name ends with
+    (``ts_ms``, ``time_s``), else by magnitude: from 1e9 to 1e11 epoch seconds (as milliseconds
+    they would all fall in January 1970), then milliseconds, microseconds, nanoseconds; below 1e9
+    milliseconds. Strings are ISO-8601 if they all are; otherwise one format is inferred for the
+    whole column, month first and day first ("03/04/2020"), and the reading whose times go back
+    least often, then jump least, is kept (a tie is said to be ambiguous)."""
+    if unit not in TIME_UNITS:
+        raise TableError(f"time unit {unit!r}: one of {', '.join(TIME_UNITS)}")
+    if _numeric(column):
         if column.isna().any():
             raise TableError("timestamp column has empty cells")
         raw = column.to_numpy(np.float64 if pd.api.types.is_float_dtype(column) else np.int64)
-        size = float(np.median(np.abs(raw))) if len(raw) else 0.0
-        for bound, ms_per_unit, unit in _EPOCH_UNITS:
-            if size >= bound:
-                if ms_per_unit == 1.0:
-                    return raw.astype(np.int64), None
-                note = f"numeric timestamps read as epoch {unit}"
-                if ms_per_unit > 1:
-                    return np.round(raw * ms_per_unit).astype(np.int64), note
-                return (raw.astype(np.int64) // int(round(1 / ms_per_unit))), note
-        return raw.astype(np.int64), None
+        note = None
+        if unit == "auto":
+            unit, guessed = _unit_of(column, raw)
+            if guessed and unit != "ms":
+                word = {"s": "seconds", "us": "microseconds", "ns": "nanoseconds"}[unit]
+                note = f"numeric timestamps read as epoch {word} by their magnitude (--time-unit to say otherwise)"
+        ms_per_unit = _MS_PER_UNIT[unit]
+        if ms_per_unit == 1.0:
+            return raw.astype(np.int64), note
+        if ms_per_unit > 1:
+            return np.round(raw * ms_per_unit).astype(np.int64), note
+        return raw.astype(np.int64) // int(round(1 / ms_per_unit)), note
     ts, how = _datetimes(column)
     if ts.isna().any():
         raise TableError("timestamp column has empty cells")
     return (ts.astype("datetime64[ms, UTC]").astype("int64")).to_numpy(np.int64), how
+
+
+def time_unit_of(column: pd.Series, unit: str = "auto") -> str:
+    """The unit :func:`parse_timestamps` reads a numeric column in ("auto" for dates): decided once
+    for a whole file that is then read in chunks, so every chunk is read alike."""
+    if unit != "auto" or not _numeric(column) or column.isna().any():
+        return unit
+    return _unit_of(column, column.to_numpy(np.float64))[0]
+
+
+def _numeric(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+
+
+def _unit_of(column: pd.Series, raw: np.ndarray) -> tuple[str, bool]:
+    """The unit the column's name ends with, else by magnitude (True: guessed)."""
+    named = _NAMED_UNIT.search(str(column.name or ""))
+    if named:
+        return _UNIT_NAMES.get(named["unit"].lower(), named["unit"].lower()), False
+    size = float(np.median(np.abs(raw))) if len(raw) else 0.0
+    return next((u for bound, _, u in _EPOCH_UNITS if size >= bound), "ms"), True
 
 
 def _datetimes(column: pd.Series) -> tuple[pd.Series, str | None]:
@@ -84,6 +116,8 @@ def _datetimes(column: pd.Series) -> tuple[pd.Series, str | None]:
         readings.append(((int(np.count_nonzero(d < 0)), int(d.max(initial=0))), dayfirst, ts))
     if len(readings) == 2 and readings[0][2].equals(readings[1][2]):
         return readings[0][2], None  # no value where the order matters
+    if len(readings) == 2 and readings[0][0] == readings[1][0]:
+        return readings[0][2], "dates ambiguous (day and month both read them in time order): read month first"
     if readings:
         _, dayfirst, ts = min(readings, key=lambda r: r[0])
         order = "day" if dayfirst else "month"
@@ -97,15 +131,16 @@ def _datetimes(column: pd.Series) -> tuple[pd.Series, str | None]:
 
 
 def frame_to_batch(frame: pd.DataFrame, features: Sequence[str], *, ts_col: str, asset_col: str | None = None,
-                   default_asset: str = "asset") -> DecodedBatch:
-    """Long-format readings (one row per non-empty cell) from a wide frame."""
+                   default_asset: str = "asset", time_unit: str = "auto") -> DecodedBatch:
+    """Long-format readings (one row per non-empty cell) from a wide frame (numeric times in
+    ``time_unit``, see :func:`parse_timestamps`)."""
     missing = [c for c in [ts_col, *features] if c not in frame.columns]
     if asset_col is not None and asset_col not in frame.columns:
         missing.append(asset_col)
     if missing:
         raise TableError(f"missing columns {missing}; the table has {list(frame.columns)}")
     n = len(frame)
-    ts = timestamps_ms(frame[ts_col])
+    ts = timestamps_ms(frame[ts_col], time_unit)
     assets = (frame[asset_col].astype(str).to_numpy(object) if asset_col is not None
               else np.full(n, default_asset, dtype=object))
     values = frame[list(features)].to_numpy(np.float64)

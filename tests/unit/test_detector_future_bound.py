@@ -49,4 +49,4 @@ def test_the_archiver_keeps_out_a_reading_stamped_too_far_ahead_of_its_record(tm
     assert archiver.stats.rejects == {"future": 1}
     pending = archiver.pending[TopicPartition("r", 0)]
     assert pending.readings == 2 and pending.records == 3
-    assert sorted(np.unique(np.concatenate([c.offset for c in pending.chunks])).tolist()) == [0, 2]
+    assert sorted(np.unique(np.concatenate([c.offset for _, c in pending.chunks])).tolist()) == [0, 2]

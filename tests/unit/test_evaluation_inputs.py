@@ -290,3 +290,21 @@ def test_timestamps_in_seconds_or_day_first_are_read_as_such_and_said(tmp_path: 
     assert np.flatnonzero(files[0].labels).tolist() == [22, 23, 24]
     notes = " ".join(series.notes)
     assert (how in notes) if how else not notes
+
+
+def test_a_unit_named_by_the_column_or_given_beats_the_magnitude_and_labels_read_their_dates_alike(
+        tmp_path: Path) -> None:
+    """Milliseconds since a start (1.2e9 is two weeks) are not epoch seconds when the column's name or
+    --time-unit says ms; a label's start and end share one date format (day first here)."""
+    from pipeline.labels import parse_label_ranges
+    from pipeline.tables import parse_timestamps
+
+    relative = pd.Series(1_200_000_000 + 60_000 * np.arange(5), name="time_ms")
+    ms, note = parse_timestamps(relative)
+    assert ms.tolist() == relative.tolist() and note is None
+    assert parse_timestamps(relative.rename("t"), "ms")[0].tolist() == relative.tolist()
+    assert "epoch seconds" in (parse_timestamps(relative.rename("t"))[1] or "")
+    ranges = parse_label_ranges(b"file,start,end\na.csv,05/02/2020 10:00,13/02/2020 10:00\n", "l.csv")
+    assert [(r.start, r.end) for r in ranges] == [(1_580_896_800_000, 1_581_588_000_000)]  # 5 and 13 February
+    one_row = parse_timestamps(pd.Series(["05/02/2020 10:00"]))
+    assert "ambiguous" in (one_row[1] or "")

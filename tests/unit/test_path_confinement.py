@@ -248,7 +248,7 @@ def test_the_archiver_reports_a_write_outside_the_root_as_a_failed_flush(tmp_pat
     settings = load_settings(env={}, overrides={"archive.uri": str(root), "model.features": ",".join(FEATURES)})
     a = Archiver(settings, stop=threading.Event())
     tp = TopicPartition("plant.readings", 0)
-    a.pending[tp] = _Pending(end=1, chunks=[rows(["p1"])], readings=1, records=1)
+    a.pending[tp] = _Pending(end=1, chunks=[("", rows(["p1"]))], readings=1, records=1)
     with pytest.raises(ArchiveWriteError, match="symbolic link"):
         a.flush()
     assert a.committable() == {} and tree(outside) == ["keep.txt"]

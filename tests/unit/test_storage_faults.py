@@ -249,6 +249,7 @@ class FakeConsumer:
         self.hooks: Any = None
         self._coordinator = _Coordinator(self)
         self._fetcher = SimpleNamespace(_paused_partition_records={})  # nothing is ever parked here
+        self._client = SimpleNamespace(cluster=SimpleNamespace(topic_id=lambda topic: None))  # a broker without ids
         self.lock = threading.Lock()
 
     def subscribe(self, topics: list[str], listener: Any = None) -> None:
