@@ -15,6 +15,7 @@ import json
 import time
 from typing import Any
 
+from cli.arg_types import non_negative_int
 from pipeline.settings import Settings
 
 READ_TIMEOUT_S = 120.0
@@ -25,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     listing = sub.add_parser("list", help="alerts on the alerts topic, newest first (one JSON object a line)")
     listing.add_argument("--asset", help="only this asset's alerts")
     listing.add_argument("--open", action="store_true", help="only the alerts still open")
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0 = all)")
+    listing.add_argument("--limit", type=non_negative_int, default=50, help="at most this many (default 50; 0 = all)")
     accept = sub.add_parser("accept", help="accept an alert's span as normal: the next retraining trains on it")
     accept.add_argument("alert_id", help="the alert's id, or a unique prefix of 6+ characters")
     accept.add_argument("--note", default="", help="why (kept with the acceptance)")

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     require_bootstrap(settings)
     stop = stop_on_signals()
     health = Health(needs_model=False)
-    server = serve(args.http_port, health=health) if args.http_port else None
+    server = serve(args.http_port, health=health, setting="--http-port") if args.http_port else None
     try:
         t = settings.topics
         if not ensure_topics_retrying(settings, {t.readings: t.partitions}, stop=stop, health=health):

@@ -6,12 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from cli.arg_types import positive_int
 from pipeline.settings import Settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=120.0, help="how long the plant streams, at least 55 (Ctrl-C ends it early)")
-    p.add_argument("--assets", type=int, default=6, help="simulated pumps")
+    p.add_argument("--assets", type=positive_int, default=6, help="simulated pumps")
     p.add_argument("--workdir", default="var/demo", help="where the registry, archive and broker log go")
     p.add_argument("--no-live", dest="live", action="store_false",
                    help="no live view (readings/s, lag, model, swaps, open alerts) below the output; "

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from cli.arg_types import positive_int
 from cli.tables_args import add_time_unit_argument, features_for, with_features
 from pipeline.settings import Settings, to_dict
 
@@ -70,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nab-window-s", type=float, default=None,
                    help="NAB scoring window (seconds) centred on each changepoint (default: 30 grid periods, "
                         "SKAB's 30 s at its 1 s)")
-    p.add_argument("--chunk-rows", type=int, default=256, help="rows fed to the engine per call, like a poll (default: 256)")
+    p.add_argument("--chunk-rows", type=positive_int, default=256,
+                   help="rows fed to the engine per call, like a poll (default: 256)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the full results (per file, pooled, per seed) as JSON")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write one PNG per file: standardised features, forecast error, alert score, threshold, alerts, labels")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from cli.evaluate_cmd import period_is_set
@@ -29,6 +31,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.tables import TableError, frame_to_batch
 
     log = get_logger("plantwatch.fit")
+    check_out(args.out)  # before a fit that may take long, not after it
     frame = load_table(args)
     settings = with_features(settings, features_for(args, frame, settings))
     if args.label_col:
@@ -62,6 +65,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                       "period_s": bundle.period_ms / 1000, "period_from": choice.source}))
     return 0
 
+
+
+def check_out(out: str) -> None:
+    """A local ``--out`` must be a directory, or creatable as one (an object store URI is tried at
+    the write)."""
+    from cli.main import UsageError
+
+    if "://" in out:
+        return
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    parent = next((p for p in (path, *path.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
 
 
 def log_period(log: Any, choice: PeriodChoice) -> None:

@@ -193,6 +193,13 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not type(exc).__module__.startswith("kafka."):
+            raise
+        # e.g. a one-shot command whose broker does not answer: one line naming where it looked
+        print(f"plantwatch {args.command}: Kafka: {type(exc).__name__}: {exc} (kafka.bootstrap_servers is "
+              f"{settings.kafka.bootstrap_servers or 'empty'!r})", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _thread_exception(hook_args: Any, closed: threading.Event, previous: Callable[[Any], object]) -> None:

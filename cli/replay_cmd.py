@@ -6,14 +6,15 @@ import argparse
 import json
 import sys
 
+from cli.arg_types import positive_int
 from cli.tables_args import add_table_arguments, default_asset, load_table
 from pipeline.settings import Settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_table_arguments(p)
+    add_table_arguments(p, fitting=False)  # the model says which columns it reads
     p.add_argument("--model", required=True, help="bundle directory (or pyarrow filesystem URI)")
-    p.add_argument("--chunk-rows", type=int, default=5000, help="rows fed to the engine per call, like a poll")
+    p.add_argument("--chunk-rows", type=positive_int, default=5000, help="rows fed to the engine per call, like a poll")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -27,8 +28,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except BundleError as exc:
         raise UsageError(str(exc)) from None
     frame = load_table(args)
-    if args.time_col not in frame.columns:
-        raise UsageError(f"no time column {args.time_col!r}; the table has {list(frame.columns)}")
+    missing = [c for c in (args.time_col, *bundle.features, *([args.asset_col] if args.asset_col else []))
+               if c not in frame.columns]
+    if missing:  # said before the chunks: a file of no rows has none to say it
+        raise UsageError(f"missing columns {missing}; the table has {list(frame.columns)}")
     unit = time_unit_of(frame[args.time_col], args.time_unit)  # one unit for every chunk
     engine = DetectionEngine(bundle, settings.grid)
     scored = alerts = 0

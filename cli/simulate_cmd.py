@@ -9,18 +9,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.arg_types import non_negative_int, positive_int
 from pipeline.settings import Settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--assets", type=int, default=10, help="number of assets (pump-000, pump-001, …)")
+    p.add_argument("--assets", type=positive_int, default=10, help="number of assets (pump-000, pump-001, …)")
     p.add_argument("--seed", type=int, default=0, help="simulation seed (same seed, same plant)")
-    p.add_argument("--steps", type=int, default=3600, help="grid periods to simulate per asset")
+    p.add_argument("--steps", type=positive_int, default=3600, help="grid periods to simulate per asset")
     p.add_argument("--start-ms", type=int, default=None, help="event time of the first reading (default: now)")
     p.add_argument("--realtime", action="store_true", help="produce at wall-clock pace (event time = now)")
     p.add_argument("--format", choices=["wide", "narrow"], default="wide", help="reading format")
     p.add_argument("--day-s", type=float, default=86400.0, help="length of the simulated daily cycle in seconds")
-    p.add_argument("--anomalies-per-asset", type=int, default=1, help="injected anomalies per asset")
+    p.add_argument("--anomalies-per-asset", type=non_negative_int, default=1, help="injected anomalies per asset")
     p.add_argument("--truth", default=None, help="write the injected anomalies here (JSON lines)")
     p.add_argument("--history-out", default=None,
                    help="write anomaly-free history to this .parquet/.csv file instead of producing to Kafka")
@@ -45,7 +46,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _write_frame(frame, Path(args.history_out))
         print(json.dumps({"history": args.history_out, "rows": len(frame), "start_ms": start, "end_ms": end}))
         return 0
-    anomalies = plan_anomalies(config, start, end, per_asset=args.anomalies_per_asset) if args.anomalies_per_asset else []
+    try:
+        anomalies = plan_anomalies(config, start, end, per_asset=args.anomalies_per_asset) \
+            if args.anomalies_per_asset else []
+    except ValueError as exc:  # too few steps for the anomalies asked
+        from cli.main import UsageError
+
+        raise UsageError(f"{exc}: give more --steps or fewer --anomalies-per-asset") from None
     if args.truth:
         with open(args.truth, "w", encoding="utf-8") as fh:
             for a in anomalies:

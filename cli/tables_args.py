@@ -7,6 +7,7 @@ import dataclasses
 
 import pandas as pd
 
+from cli.arg_types import positive_int
 from pipeline.settings import Settings
 from pipeline.tables import TIME_UNITS, TableError, read_table
 
@@ -17,7 +18,8 @@ def add_time_unit_argument(p: argparse.ArgumentParser) -> None:
                         "e.g. ts_ms, else by magnitude: from 1e9 seconds, from 1e11 ms, then us, ns)")
 
 
-def add_table_arguments(p: argparse.ArgumentParser) -> None:
+def add_table_arguments(p: argparse.ArgumentParser, *, fitting: bool = True) -> None:
+    """The table options; ``fitting``: also those that choose what is fitted (features, labels)."""
     p.add_argument("data", help="CSV or Parquet file of readings (one row per asset and time)")
     p.add_argument("--time-col", default="ts",
                    help="timestamp column: epoch s, ms, µs or ns (by magnitude) or dates (default: ts)")
@@ -25,12 +27,14 @@ def add_table_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asset-col", default=None, help="asset id column (default: the whole file is one asset)")
     p.add_argument("--asset", default=None, help="asset id when there is no asset column (default: the file name)")
     p.add_argument("--sep", default=None, help="CSV separator (default: sniffed, ',' or ';')")
-    p.add_argument("--features", default=None,
-                   help="comma-separated feature columns, or 'all' for every numeric column but time/asset/label "
-                        "(default: model.features from the settings)")
-    p.add_argument("--label-col", default=None, help="0/1 label column: rows labelled 1 are left out of fitting")
-    p.add_argument("--ignore-cols", default="", help="comma-separated columns that are never features (with --features all)")
-    p.add_argument("--rows", type=int, default=None, help="use only the first N rows")
+    if fitting:
+        p.add_argument("--features", default=None,
+                       help="comma-separated feature columns, or 'all' for every numeric column but time/asset/label "
+                            "(default: model.features from the settings)")
+        p.add_argument("--label-col", default=None, help="0/1 label column: rows labelled 1 are left out of fitting")
+        p.add_argument("--ignore-cols", default="",
+                       help="comma-separated columns that are never features (with --features all)")
+    p.add_argument("--rows", type=positive_int, default=None, help="use only the first N rows")
 
 
 def load_table(args: argparse.Namespace) -> pd.DataFrame:

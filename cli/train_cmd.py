@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import textwrap
+import threading
 import time
 from typing import Any, TextIO
 
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"--end: {exc}") from None
     terminal = _Terminal(sys.stderr) if sys.stderr.isatty() else None
     t = settings.trainer
+    previous = _stop_on_sigterm()
     try:
         with RunLock(t.lock_path, t.lock_max_age_s, lease_s=t.lock_lease_s) as lock:
             outcome = run_training(settings, now_ms, progress=terminal, before_publish=lock.check,
@@ -77,15 +80,38 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         log.error("training run failed", error=str(exc), error_type=type(exc).__name__)
         _emit({"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return EXIT_FAILED
+    except Stopped as exc:  # the lock is released on the way out; nothing half-published is current
+        log.error("training run stopped", error=str(exc))
+        _emit({"status": "failed", "error": f"Stopped: {exc}"})
+        return EXIT_FAILED
     except Exception as exc:  # the job's one outcome line must exist whatever went wrong
         log.exception("training run failed", error=str(exc))
         _emit({"status": "failed", "error": f"{type(exc).__name__}: {exc}"})
         return EXIT_FAILED
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if terminal is not None:
             terminal.close()
     _emit(outcome.summary())
     return outcome.exit_code
+
+
+class Stopped(Exception):
+    """SIGTERM (a CronJob's deadline, a node drain, systemd stopping the unit) ended the run."""
+
+
+def _stop_on_sigterm() -> Any:
+    """SIGTERM raises :class:`Stopped` in the run, so its lock is released and its outcome line
+    written (as PID 1 in a container, SIGTERM without a handler does nothing until the SIGKILL).
+    Returns the handler it replaced (None off the main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def end_ms(text: str) -> int:

@@ -285,9 +285,10 @@ class Archiver:
     def run(self, http_port: int = 0) -> int:
         """Archive until ``stop`` is set; returns the process exit code."""
         s = self.settings
+        server = serve(http_port, alive=lambda: self.alive, ready=lambda: self.ready,
+                       setting="--http-port") if http_port else None
         self.consumer = make_consumer(s, group_id=s.archive.group_id, never_compacted=True)
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
-        server = serve(http_port, alive=lambda: self.alive, ready=lambda: self.ready) if http_port else None
         self.log.info("archiver started", topic=s.topics.readings, uri=s.archive.uri)
         code = 0
         try:

@@ -10,13 +10,17 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pipeline.settings import SettingsError
+
 if TYPE_CHECKING:
     from consumers.health import Health
 
 
 def serve(port: int, *, health: Health | None = None, alive: Callable[[], bool] | None = None,
-          ready: Callable[[], bool] | None = None, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Start the endpoints on ``port`` and return the server (``shutdown()`` stops it).
+          ready: Callable[[], bool] | None = None, host: str = "0.0.0.0",
+          setting: str = "detector.http_port") -> ThreadingHTTPServer:
+    """Start the endpoints on ``port`` and return the server (``shutdown()`` stops it); a port
+    that cannot be bound is a :class:`~pipeline.settings.SettingsError` naming ``setting``.
 
     Either ``health`` (a :class:`consumers.health.Health`: /healthz from ``alive()``, /readyz
     from ``ready()`` with the reason it is not ready in the body), or the two callables
@@ -65,7 +69,11 @@ def serve(port: int, *, health: Health | None = None, alive: Callable[[], bool] 
         def log_message(self, *args: object) -> None:  # keep access logs out of the JSON log stream
             return
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:  # in use, not allowed, out of range
+        raise SettingsError(setting, f"cannot serve the health endpoints on port {port}: {exc.strerror or exc}") \
+            from None
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
 

@@ -13,6 +13,7 @@ is generated from it (``plantwatch config --reference``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -74,6 +75,20 @@ def _check(key: str, ok: bool, message: str) -> None:
         raise SettingsError(key, message)
 
 
+STORE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")  # what pyarrow resolves
+
+
+def _check_store_uri(key: str, uri: str) -> None:
+    """A local path or a URI whose scheme pyarrow resolves (written as it spells it: ``s3://``)."""
+    _check(key, bool(uri), "must not be empty")
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return
+    _check(key, scheme in STORE_SCHEMES, f"unknown scheme {scheme!r} in {uri!r}; one of {', '.join(STORE_SCHEMES)}"
+           " (lower case), or a local path")
+    _check(key, scheme != "file" or rest.startswith("/"), f"{uri!r}: a file:// URI takes an absolute path")
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
     bootstrap_servers: str = _f("", "host:port[,host:port…] of the Kafka cluster; empty starts the embedded local broker (demo, tests)")
@@ -103,6 +118,18 @@ class KafkaSettings:
                "must be > 0 and at most a third of session_timeout_ms")
         _check(p + "max_poll_records", self.max_poll_records >= 1, "must be >= 1")
         _check(p + "fetch_max_wait_ms", self.fetch_max_wait_ms >= 0, "must be >= 0")
+        # kafka-python refuses a consumer whose requests time out before a fetch may end, or after
+        # an idle connection is closed (9 minutes)
+        _check(p + "request_timeout_ms", self.fetch_max_wait_ms < self.request_timeout_ms < 540_000,
+               "must be above fetch_max_wait_ms and below 540000")
+        _check(p + "fetch_max_bytes", self.fetch_max_bytes >= 1, "must be >= 1")
+        _check(p + "max_partition_fetch_bytes", self.max_partition_fetch_bytes >= 1, "must be >= 1")
+        for host in (h.strip() for h in self.bootstrap_servers.split(",") if h.strip()):
+            if ":" not in host or host.endswith("]"):
+                continue  # a host alone (port 9092), or a bracketed IPv6 address
+            name, _, port = host.rpartition(":")
+            _check(p + "bootstrap_servers", bool(name) and port.isdigit() and 0 < int(port) < 65536,
+                   f"{host!r} is not host:port")
         _check(p + "max_poll_interval_ms", self.max_poll_interval_ms >= self.session_timeout_ms,
                "must be >= session_timeout_ms")
         if self.security_protocol.startswith("SASL"):
@@ -138,6 +165,13 @@ class TopicSettings:
         for name in ("readings", "alerts", "models"):
             _check("topics." + name, bool(getattr(self, name)), "must not be empty")
         _check("topics.partitions", self.partitions >= 1, "must be >= 1")
+        # one topic for two jobs: e.g. dead letters read again as readings, or readings compacted as state
+        named = {"readings": self.readings, "alerts": self.alerts, "models": self.models, "dlq": self.dlq_topic,
+                 "state": self.state_topic, **({"scores": self.scores} if self.scores else {})}
+        seen: dict[str, str] = {}
+        for name, topic in named.items():
+            _check("topics." + name, topic not in seen, f"{topic!r} is already topics.{seen.get(topic)}")
+            seen[topic] = name
 
     @property
     def dlq_topic(self) -> str:
@@ -285,7 +319,7 @@ class RegistrySettings:
     keep_candidates: int = _f(10, "models refused by the gate kept under candidates/ with their gate report, for plantwatch models show and promote (older ones are deleted; 0 keeps none)")
 
     def __post_init__(self) -> None:
-        _check("registry.uri", bool(self.uri), "must not be empty")
+        _check_store_uri("registry.uri", self.uri)
         _check("registry.keep", self.keep >= 1, "must be >= 1")
         _check("registry.keep_candidates", self.keep_candidates >= 0, "must be >= 0")
 
@@ -298,7 +332,7 @@ class ArchiveSettings:
     flush_seconds: float = _f(60.0, "… or after this many seconds")
 
     def __post_init__(self) -> None:
-        _check("archive.uri", bool(self.uri), "must not be empty")
+        _check_store_uri("archive.uri", self.uri)
         _check("archive.flush_rows", self.flush_rows >= 1, "must be >= 1")
         _check("archive.flush_seconds", self.flush_seconds > 0, "must be > 0")
 
@@ -389,6 +423,11 @@ class Settings:
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
+    def __post_init__(self) -> None:
+        _check("archive.group_id", self.archive.group_id != self.detector.group_id,
+               "must differ from detector.group_id: one group would split the partitions between archivers and "
+               "detectors")
+
 
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Settings)
@@ -425,11 +464,15 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 raise SettingsError(key, f"must be a number, got {value!r}") from None
-        _check(key, isinstance(value, (int, float)) and not isinstance(value, bool), f"must be a number, got {value!r}")
-        return float(value)
+        else:
+            _check(key, isinstance(value, (int, float)) and not isinstance(value, bool),
+                   f"must be a number, got {value!r}")
+            number = float(value)
+        _check(key, math.isfinite(number), f"must be a finite number, got {value!r}")
+        return number
     if hint is str:
         _check(key, isinstance(value, str), f"must be a string, got {value!r}")
         return value
@@ -455,10 +498,20 @@ def _merge(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
 
 def _env_items(env: Mapping[str, str]) -> list[tuple[str, str]]:
     items = []
+    sections = _section_types()
     for name, value in env.items():
-        if name.startswith(ENV_PREFIX) and "__" in name:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if "__" in name:
             section, _, key = name[len(ENV_PREFIX):].lower().partition("__")
             items.append((f"{section}.{key}", value))
+            continue
+        # PLANTWATCH_DETECTOR_HTTP_PORT: a setting meant, with one underscore where two belong
+        section = next((sec for sec in sections if name[len(ENV_PREFIX):].lower().startswith(sec + "_")), None)
+        if section is not None:
+            key = name[len(ENV_PREFIX) + len(section) + 1:]
+            raise SettingsError(name, f"not read: a setting's variable has two underscores after the section, "
+                                      f"e.g. {ENV_PREFIX}{section.upper()}__{key}")
     return sorted(items)
 
 
@@ -477,6 +530,10 @@ def load_settings(
             raise SettingsError("config", f"file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError("config", f"{path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise SettingsError("config", f"{path} is not UTF-8 text: {exc}") from None
+        except OSError as exc:  # a directory, no permission, an I/O error
+            raise SettingsError("config", f"cannot read {path}: {exc.strerror or exc}") from None
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise SettingsError(section, "must be a [section] table")

@@ -155,10 +155,22 @@ def read_table(path: str | Path, *, sep: str | None = None) -> pd.DataFrame:
     p = Path(path)
     if not p.exists():
         raise TableError(f"file not found: {p}")
-    if p.suffix.lower() in {".parquet", ".pq"}:
-        return pd.read_parquet(p)
-    if sep is None:
-        with open(p, encoding="utf-8") as fh:
-            head = fh.readline()
-        sep = ";" if head.count(";") > head.count(",") else ","
-    return pd.read_csv(p, sep=sep)
+    if p.is_dir():
+        raise TableError(f"{p} is a directory, not a CSV or Parquet file")
+    try:
+        if p.suffix.lower() in {".parquet", ".pq"}:
+            return pd.read_parquet(p)
+        if sep is None:
+            with open(p, encoding="utf-8") as fh:
+                head = fh.readline()
+            sep = ";" if head.count(";") > head.count(",") else ","
+        return pd.read_csv(p, sep=sep)
+    except pd.errors.EmptyDataError:
+        raise TableError(f"{p} is empty") from None
+    except UnicodeDecodeError as exc:
+        raise TableError(f"{p} is not UTF-8 text: {exc}") from None
+    except OSError as exc:  # no permission, an I/O error
+        raise TableError(f"cannot read {p}: {exc.strerror or exc}") from None
+    except (ValueError, pd.errors.ParserError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise TableError(f"{p} is not a readable {'Parquet' if p.suffix.lower() in {'.parquet', '.pq'} else 'CSV'} "
+                         f"file: {exc}") from None

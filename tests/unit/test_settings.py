@@ -28,7 +28,8 @@ def test_precedence_file_then_env_then_overrides(tmp_path: Path) -> None:
     ("grid.nonsense", "1", "unknown key"),
     ("nosuch.key", "1", "unknown section"),
     ("detector.http_port", "70000", "port"),
-    ("trainer.interval_s", "inf", "a year"),
+    ("trainer.interval_s", "inf", "finite"),
+    ("trainer.interval_s", "1e12", "a year"),
     ("trainer.interval_s", "1e12", "a year"),
 ])
 def test_bad_values_are_refused_naming_the_key(key: str, value: str, needle: str) -> None:
