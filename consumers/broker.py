@@ -80,7 +80,7 @@ def _answers_metadata(bootstrap: str, timeout_ms: int) -> bool:
     The local broker is plaintext on 127.0.0.1: the probe takes the default connection settings,
     not the configured cluster's TLS/SASL ones."""
     probe = Settings(kafka=KafkaSettings(bootstrap_servers=bootstrap, client_id="plantwatch-broker-probe",
-                                         request_timeout_ms=timeout_ms))
+                                         request_timeout_ms=timeout_ms, fetch_max_wait_ms=0))  # never fetches
     try:
         admin = make_admin(probe, bootstrap_timeout_ms=timeout_ms)
     except Exception:  # any failure means "not ready yet"
