@@ -25,10 +25,11 @@ class TableError(ValueError):
     """A table lacks a required column or holds unusable timestamps."""
 
 
-# Epoch numbers are read by their magnitude: at or above each bound, the unit (as multiples of a ms).
-# Below 1e9 the numbers stay milliseconds (a row counter, or a time before 1970-01-12).
-_EPOCH_UNITS = ((1e17, 1e-6, "ns"), (1e14, 1e-3, "us"), (1e11, 1.0, "ms"), (1e9, 1e3, "s"))
+# Epoch numbers are read by their magnitude: at or above each bound, that unit. Below 1e9 the
+# numbers stay milliseconds (a row counter, or a time before 1970-01-12).
+_EPOCH_UNITS = ((1e17, "ns"), (1e14, "us"), (1e11, "ms"), (1e9, "s"))
 _MS_PER_UNIT = {"s": 1e3, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
+_UNIT_WORDS = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
 TIME_UNITS = ("auto", *_MS_PER_UNIT)
 # A column named for its unit (``ts_ms``, ``time_s``) is read in that unit, whatever its magnitude.
 _NAMED_UNIT = re.compile(r"(?:^|[_.\- ])(?P<unit>s|sec|secs|seconds|ms|millis|us|micros|ns|nanos)$", re.IGNORECASE)
@@ -60,8 +61,8 @@ def parse_timestamps(column: pd.Series, unit: str = "auto") -> tuple[np.ndarray,
         if unit == "auto":
             unit, guessed = _unit_of(column, raw)
             if guessed and unit != "ms":
-                word = {"s": "seconds", "us": "microseconds", "ns": "nanoseconds"}[unit]
-                note = f"numeric timestamps read as epoch {word} by their magnitude (--time-unit to say otherwise)"
+                note = (f"numeric timestamps read as epoch {_UNIT_WORDS[unit]} by their magnitude (--time-unit to "
+                        "say otherwise)")
         ms_per_unit = _MS_PER_UNIT[unit]
         if ms_per_unit == 1.0:
             return raw.astype(np.int64), note
@@ -92,7 +93,7 @@ def _unit_of(column: pd.Series, raw: np.ndarray) -> tuple[str, bool]:
     if named:
         return _UNIT_NAMES.get(named["unit"].lower(), named["unit"].lower()), False
     size = float(np.median(np.abs(raw))) if len(raw) else 0.0
-    return next((u for bound, _, u in _EPOCH_UNITS if size >= bound), "ms"), True
+    return next((u for bound, u in _EPOCH_UNITS if size >= bound), "ms"), True
 
 
 def _datetimes(column: pd.Series) -> tuple[pd.Series, str | None]:
