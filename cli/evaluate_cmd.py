@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=None,
                    help="directory asset names are relative to (default: the common directory of the inputs)")
     p.add_argument("--time-col", default="ts",
-                   help="timestamp column: epoch s, ms, µs or ns (by magnitude) or dates (default: ts); "
+                   help="timestamp column: epoch numbers (see --time-unit) or dates (default: ts); "
                    "@row for files without one: one row a second (label rows with file,start_row,end_row)")
     add_time_unit_argument(p)
     p.add_argument("--sep", default=None, help="CSV separator (default: sniffed, ',' or ';')")

@@ -22,7 +22,7 @@ def add_table_arguments(p: argparse.ArgumentParser, *, fitting: bool = True) -> 
     """The table options; ``fitting``: also those that choose what is fitted (features, labels)."""
     p.add_argument("data", help="CSV or Parquet file of readings (one row per asset and time)")
     p.add_argument("--time-col", default="ts",
-                   help="timestamp column: epoch s, ms, µs or ns (by magnitude) or dates (default: ts)")
+                   help="timestamp column: epoch numbers (see --time-unit) or dates (default: ts)")
     add_time_unit_argument(p)
     p.add_argument("--asset-col", default=None, help="asset id column (default: the whole file is one asset)")
     p.add_argument("--asset", default=None, help="asset id when there is no asset column (default: the file name)")
