@@ -85,15 +85,19 @@ class ModelWatcher:
         self.log.info("prepared model no longer current; not swapped in", version=prepared.bundle.version,
                       current=self.current, serving=self.serving_version)
         self.taken = None
-        self._idle[(prepared.model.n_features, tuple(prepared.model.units))] = prepared.model
+        self._keep_spare(prepared.model)
         self._wake.set()
 
     def swapped(self, prepared: PreparedModel, previous_model: StepFunction) -> None:
         """The detector now serves ``prepared``; the previous network becomes the idle spare."""
         self.serving_version = prepared.bundle.version
         self.taken = None
-        self._idle[(previous_model.n_features, tuple(previous_model.units))] = previous_model
+        self._keep_spare(previous_model)
         self._wake.set()
+
+    def _keep_spare(self, model: StepFunction) -> None:
+        """An idle network, reused by the next version of its shape (no new graphs built)."""
+        self._idle[(model.n_features, tuple(model.units))] = model
 
     def _run(self) -> None:
         interval = self.settings.detector.registry_poll_s
