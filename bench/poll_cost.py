@@ -79,8 +79,18 @@ class _Coordinator:
         return 1
 
 
+class _Cluster:
+    def topic_id(self, topic: str) -> None:
+        return None  # as a broker before Kafka 2.8 reports it
+
+
+class _Client:
+    cluster = _Cluster()
+
+
 class _Consumer:
     _coordinator = _Coordinator()
+    _client = _Client()
 
     def highwater(self, tp: Any) -> None:
         return None
