@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="0/1 changepoint column; NAB scores are reported when the files have it (default: changepoint)")
     p.add_argument("--labels", default=None, metavar="FILE",
                    help="labelled ranges used instead of --label-col: a CSV/Parquet/JSON table with a file (or "
-                        "asset) column = asset name and start,end (epoch numbers or dates, as --time-col) or "
+                        "asset) column = asset name and start,end (epoch numbers or dates, read as the first input's "
+                        "--time-col is) or "
                         "start_row,end_row (0-based row indices), both ends inclusive; or Numenta's windows JSON ({file: [[start, "
                         "end], …]}); a file without a range is all normal")
     train = p.add_mutually_exclusive_group()
@@ -130,14 +131,15 @@ class LoadOptions:
     time_unit: str = "auto"
 
 
-def read_label_ranges(path: str, time_unit: str = "auto") -> dict[str, list[Any]]:
-    """``{asset name: [LabelRange, …]}`` from any label file :mod:`pipeline.labels` reads."""
+def read_label_ranges(path: str, time_unit: str = "auto", date_format: str | None = None) -> dict[str, list[Any]]:
+    """``{asset name: [LabelRange, …]}`` from any label file :mod:`pipeline.labels` reads, its times read
+    as the data's are (:func:`data_time_reading`)."""
     from cli.main import UsageError
     from pipeline.labels import LabelError, ranges_by_name
     from pipeline.labels import read_label_ranges as read_ranges
 
     try:
-        return ranges_by_name(read_ranges(path, time_unit))
+        return ranges_by_name(read_ranges(path, time_unit, date_format))
     except LabelError as exc:
         raise UsageError(str(exc)) from None
 
@@ -209,6 +211,17 @@ def resolve_features(args: argparse.Namespace, first: Path, settings: Settings) 
     return features_for(ns, frame, settings)
 
 
+def data_time_reading(first: Path, args: argparse.Namespace) -> Any:
+    """How the first input file's time column is read (its unit, its date format): the labels are read
+    alike, so that a label file of a few ambiguous dates ("05/03/2020") follows its data."""
+    from pipeline.tables import TimeReading, read_table, time_reading_of
+
+    frame = read_table(first, sep=args.sep)
+    if args.time_col not in frame:
+        return TimeReading(args.time_unit)  # loading the files names the missing column
+    return time_reading_of(frame[args.time_col], args.time_unit)
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -235,7 +248,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         settings = with_features(settings, features)
         opts = LoadOptions(args.time_col, args.sep, args.label_col, args.changepoint_col,
                            0 if train_path or train_dir else args.train_rows, args.time_unit)
-        ranges = read_label_ranges(args.labels, args.time_unit) if args.labels else None
+        ranges = read_label_ranges(args.labels, *data_time_reading(paths[0], args)[:2]) if args.labels else None
         files, skipped = load_files(paths, root, features, opts, ranges, train_dir)
         for name in skipped:
             log.warning("skipped: no label column", file=name, label_col=args.label_col)

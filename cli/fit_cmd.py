@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.evaluate_cmd import period_is_set
-from cli.tables_args import add_table_arguments, default_asset, features_for, load_table, with_features
+from cli.tables_args import add_table_arguments, default_asset, features_for, load_table, time_reading, with_features
 from pipeline.settings import Settings
 from pipeline.spacing import PeriodChoice, choose_period, median_period_s, spacing_hint, stamps_by_asset, with_period
 
@@ -34,13 +34,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     check_out(args.out)  # before a fit that may take long, not after it
     frame = load_table(args)
     settings = with_features(settings, features_for(args, frame, settings))
+    reading = time_reading(args, frame)  # on every row: the labelled ones may be what tells day from month
     if args.label_col:
         if args.label_col not in frame.columns:
             raise UsageError(f"no label column {args.label_col!r}")
         frame = frame[frame[args.label_col] != 1]
     try:
         batch = frame_to_batch(frame, settings.model.features, ts_col=args.time_col, asset_col=args.asset_col,
-                               default_asset=default_asset(args), time_unit=args.time_unit)
+                               default_asset=default_asset(args), time_unit=reading.unit,
+                               date_format=reading.date_format)
     except TableError as exc:
         raise UsageError(str(exc)) from None
     data_s = median_period_s(stamps_by_asset(batch.asset, batch.ts_ms))

@@ -7,7 +7,7 @@ import json
 import sys
 
 from cli.arg_types import positive_int
-from cli.tables_args import add_table_arguments, default_asset, load_table
+from cli.tables_args import add_table_arguments, default_asset, load_table, time_reading
 from pipeline.settings import Settings
 
 
@@ -21,7 +21,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cli.main import UsageError
     from pipeline.bundle import BundleError, load_bundle
     from pipeline.engine import DetectionEngine
-    from pipeline.tables import TableError, frame_to_batch, time_unit_of
+    from pipeline.tables import TableError, frame_to_batch
 
     try:
         bundle = load_bundle(args.model)
@@ -32,14 +32,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                if c not in frame.columns]
     if missing:  # said before the chunks: a file of no rows has none to say it
         raise UsageError(f"missing columns {missing}; the table has {list(frame.columns)}")
-    unit = time_unit_of(frame[args.time_col], args.time_unit)  # one unit for every chunk
+    reading = time_reading(args, frame)  # one unit and one date format for every chunk
     engine = DetectionEngine(bundle, settings.grid)
     scored = alerts = 0
     for start in range(0, len(frame), args.chunk_rows):
         chunk = frame.iloc[start:start + args.chunk_rows]
         try:
             batch = frame_to_batch(chunk, bundle.features, ts_col=args.time_col, asset_col=args.asset_col,
-                                   default_asset=default_asset(args), time_unit=unit)
+                                   default_asset=default_asset(args), time_unit=reading.unit,
+                                   date_format=reading.date_format)
         except TableError as exc:
             raise UsageError(str(exc)) from None
         for out in (engine.process(batch),):

@@ -9,7 +9,7 @@ import pandas as pd
 
 from cli.arg_types import positive_int
 from pipeline.settings import Settings
-from pipeline.tables import TIME_UNITS, TableError, read_table
+from pipeline.tables import TIME_UNITS, TableError, TimeReading, read_table, time_reading_of
 
 
 def add_time_unit_argument(p: argparse.ArgumentParser) -> None:
@@ -45,6 +45,19 @@ def load_table(args: argparse.Namespace) -> pd.DataFrame:
 
         raise UsageError(str(exc)) from None
     return frame.iloc[: args.rows] if args.rows else frame
+
+
+def time_reading(args: argparse.Namespace, frame: pd.DataFrame) -> TimeReading:
+    """How the table's time column is read, decided once on the whole table (a chunk of it, or its
+    rows after a filter, may not tell day from month); a guess is logged."""
+    if args.time_col not in frame.columns:
+        return TimeReading(args.time_unit)  # the reader names the missing column
+    reading = time_reading_of(frame[args.time_col], args.time_unit)
+    if reading.note:
+        from pipeline.logs import get_logger
+
+        get_logger("plantwatch.cli").warning("timestamps", column=args.time_col, note=reading.note)
+    return reading
 
 
 def features_for(args: argparse.Namespace, frame: pd.DataFrame, settings: Settings) -> tuple[str, ...]:

@@ -46,15 +46,18 @@ class LabelRange:
     unit: Unit  # "ms": epoch milliseconds; "row": 0-based row index of the named file
 
 
-def parse_label_ranges(data: bytes, source: str, time_unit: str = "auto") -> list[LabelRange]:
+def parse_label_ranges(data: bytes, source: str, time_unit: str = "auto",
+                       date_format: str | None = None) -> list[LabelRange]:
     """Ranges from the bytes of a label file; ``source`` (its path or URI) picks the format and names it in errors.
-    Numeric times are in ``time_unit`` (:func:`~pipeline.tables.parse_timestamps`; ``start_ms``/``end_ms`` in ms)."""
+    Times are read as :func:`~pipeline.tables.parse_timestamps` reads them (``start_ms``/``end_ms`` in ms): pass
+    the data's unit and date format (:func:`~pipeline.tables.time_reading_of`), as a few label dates rarely say
+    whether the day or the month comes first."""
     lower = source.lower()
     try:
         if lower.endswith(".json"):
             obj = json.loads(data.decode("utf-8"))
             if isinstance(obj, dict):
-                return _numenta_windows(obj, source, time_unit)
+                return _numenta_windows(obj, source, time_unit, date_format)
             frame = pd.DataFrame(obj)
         elif lower.endswith((".parquet", ".pq")):
             frame = pd.read_parquet(io.BytesIO(data))
@@ -64,20 +67,21 @@ def parse_label_ranges(data: bytes, source: str, time_unit: str = "auto") -> lis
             frame = pd.read_csv(io.StringIO(text), sep=";" if head.count(";") > head.count(",") else ",")
     except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise LabelError(f"labels {source}: not a readable label file: {exc}") from None
-    return _table_ranges(frame, source, time_unit)
+    return _table_ranges(frame, source, time_unit, date_format)
 
 
-def _both_ends(starts: pd.Series, ends: pd.Series, time_unit: str) -> tuple[np.ndarray, np.ndarray]:
+def _both_ends(starts: pd.Series, ends: pd.Series, time_unit: str,
+               date_format: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Starts and ends read as one column, interleaved (start, end, next start, …: in time order
     for ranges in order), so both are read alike: one date format, one unit."""
     both = pd.Series(np.column_stack([starts.to_numpy(object), ends.to_numpy(object)]).ravel())
     if pd.api.types.is_numeric_dtype(starts) and pd.api.types.is_numeric_dtype(ends):
         both = pd.to_numeric(both)
-    ms = timestamps_ms(both, time_unit)
+    ms = timestamps_ms(both, time_unit, date_format)
     return ms[0::2], ms[1::2]
 
 
-def _table_ranges(frame: pd.DataFrame, source: str, time_unit: str) -> list[LabelRange]:
+def _table_ranges(frame: pd.DataFrame, source: str, time_unit: str, date_format: str | None) -> list[LabelRange]:
     name_col = next((c for c in _NAME_COLS if c in frame.columns), None)
     if name_col is None:
         raise LabelError(f"labels {source}: no column asset (or file); it has {list(frame.columns)}")
@@ -93,7 +97,8 @@ def _table_ranges(frame: pd.DataFrame, source: str, time_unit: str) -> list[Labe
             if not (np.all(np.mod(start, 1) == 0) and np.all(np.mod(end, 1) == 0)) or np.any(start < 0):
                 raise LabelError(f"labels {source}: start_row and end_row must be row indices (integers >= 0)")
         else:
-            start, end = _both_ends(frame[cols[0]], frame[cols[1]], "ms" if cols == _TIME_COLS[0] else time_unit)
+            start, end = _both_ends(frame[cols[0]], frame[cols[1]], "ms" if cols == _TIME_COLS[0] else time_unit,
+                                    date_format)
     except (TableError, ValueError, TypeError) as exc:
         if isinstance(exc, LabelError):
             raise
@@ -101,7 +106,7 @@ def _table_ranges(frame: pd.DataFrame, source: str, time_unit: str) -> list[Labe
     return _checked(names, start, end, unit, source)
 
 
-def _numenta_windows(obj: dict[str, Any], source: str, time_unit: str) -> list[LabelRange]:
+def _numenta_windows(obj: dict[str, Any], source: str, time_unit: str, date_format: str | None) -> list[LabelRange]:
     names, starts, ends = [], [], []
     for name, windows in obj.items():
         if not isinstance(windows, list) or not all(isinstance(w, (list, tuple)) and len(w) == 2 for w in windows):
@@ -113,7 +118,7 @@ def _numenta_windows(obj: dict[str, Any], source: str, time_unit: str) -> list[L
     if not names:
         return []
     try:
-        start, end = _both_ends(pd.Series(starts), pd.Series(ends), time_unit)
+        start, end = _both_ends(pd.Series(starts), pd.Series(ends), time_unit, date_format)
     except TableError as exc:
         raise LabelError(f"labels {source}: {exc}") from None
     return _checked(names, start, end, "ms", source)
@@ -126,14 +131,14 @@ def _checked(names: Sequence[str], start: np.ndarray, end: np.ndarray, unit: Uni
     return [LabelRange(n, int(s), int(e), unit) for n, s, e in zip(names, start, end)]
 
 
-def read_label_ranges(path: str, time_unit: str = "auto") -> list[LabelRange]:
+def read_label_ranges(path: str, time_unit: str = "auto", date_format: str | None = None) -> list[LabelRange]:
     """Ranges from a local label file."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as exc:
         raise LabelError(f"cannot read the labels {path}: {exc.strerror or exc}") from None
-    return parse_label_ranges(data, path, time_unit)
+    return parse_label_ranges(data, path, time_unit, date_format)
 
 
 def ranges_by_name(ranges: Sequence[LabelRange]) -> dict[str, list[LabelRange]]:

@@ -308,3 +308,41 @@ def test_a_unit_named_by_the_column_or_given_beats_the_magnitude_and_labels_read
     assert [(r.start, r.end) for r in ranges] == [(1_580_896_800_000, 1_581_588_000_000)]  # 5 and 13 February
     one_row = parse_timestamps(pd.Series(["05/02/2020 10:00"]))
     assert "ambiguous" in (one_row[1] or "")
+
+
+def test_one_reading_of_a_file_s_times_serves_its_chunks_and_its_labels(tmp_path: Path) -> None:
+    """A chunk of a day-first file within one day cannot tell day from month, nor can a label file of
+    one range: both are read the way the whole file is (before, chunks of one file came out as 3 May,
+    then 5 March, then 3 June, and the labels missed every row). Numeric labels take the unit the
+    data's column names (``time_s``)."""
+    import argparse
+
+    from cli.evaluate_cmd import data_time_reading
+    from pipeline.labels import parse_label_ranges
+    from pipeline.tables import time_reading_of, timestamps_ms
+
+    stamps = pd.date_range("2020-03-05 22:00:00", periods=15_000, freq="s")
+    column = pd.Series(stamps.strftime("%d/%m/%Y %H:%M:%S"), name="datetime")
+    reading = time_reading_of(column)
+    assert reading.date_format == "%d/%m/%Y %H:%M:%S" and "day first" in (reading.note or "")
+    whole = stamps.as_unit("ms").asi8
+    for a in range(0, len(column), 5000):
+        chunk = column.iloc[a:a + 5000]
+        assert timestamps_ms(chunk, reading.unit, reading.date_format).tolist() == whole[a:a + 5000].tolist()
+    assert timestamps_ms(column.iloc[:5000]).tolist() != whole[:5000].tolist()  # alone, within a day: month first
+
+    pd.DataFrame({"datetime": column, "x": 1.0}).to_csv(tmp_path / "a.csv", index=False)
+    args = argparse.Namespace(sep=None, time_col="datetime", time_unit="auto")
+    unit, date_format, _ = data_time_reading(tmp_path / "a.csv", args)
+    label = b"file,start,end\na.csv,05/03/2020 22:10:00,05/03/2020 22:20:00\n"
+    (r,) = parse_label_ranges(label, "l.csv", unit, date_format)
+    assert (r.start, r.end) == (whole[600], whole[1200])
+    assert parse_label_ranges(label, "l.csv")[0].start != whole[600]  # alone: 3 May
+
+    named = time_reading_of(pd.Series([0, 60, 120], name="time_s"))
+    (r,) = parse_label_ranges(b"file,start,end\na.csv,60,120\n", "l.csv", named.unit, named.date_format)
+    assert (r.start, r.end) == (60_000, 120_000)
+    assert parse_label_ranges(b"file,start,end\na.csv,60,120\n", "l.csv")[0].start == 60  # by magnitude: ms
+    iso = parse_label_ranges(b"file,start,end\na.csv,2020-03-05T22:10:00,2020-03-05T22:20:00\n", "l.csv",
+                             unit, date_format)  # labels in another format than the data: read on their own
+    assert (iso[0].start, iso[0].end) == (whole[600], whole[1200])
