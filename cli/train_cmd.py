@@ -97,8 +97,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return outcome.exit_code
 
 
-class Stopped(Exception):
-    """SIGTERM (a CronJob's deadline, a node drain, systemd stopping the unit) ended the run."""
+class Stopped(BaseException):
+    """SIGTERM (a CronJob's deadline, a node drain, systemd stopping the unit) ended the run. Not an
+    :class:`Exception`, so no ``except Exception`` on the way (a fallback, a retry) carries on with it."""
 
 
 def _stop_on_sigterm() -> Any:
@@ -109,6 +110,7 @@ def _stop_on_sigterm() -> Any:
         return None
 
     def stop(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # once: a second SIGTERM would break off the lock's release
         raise Stopped(f"stopped by {signal.Signals(signum).name}")
 
     return signal.signal(signal.SIGTERM, stop)

@@ -75,7 +75,7 @@ def _check(key: str, ok: bool, message: str) -> None:
         raise SettingsError(key, message)
 
 
-STORE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")  # what pyarrow resolves
+STORE_SCHEMES = ("file", "local", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock")  # what pyarrow resolves
 
 
 def _check_store_uri(key: str, uri: str) -> None:
@@ -86,7 +86,20 @@ def _check_store_uri(key: str, uri: str) -> None:
         return
     _check(key, scheme in STORE_SCHEMES, f"unknown scheme {scheme!r} in {uri!r}; one of {', '.join(STORE_SCHEMES)}"
            " (lower case), or a local path")
-    _check(key, scheme != "file" or rest.startswith("/"), f"{uri!r}: a file:// URI takes an absolute path")
+    _check(key, scheme not in ("file", "local") or rest.startswith("/"),
+           f"{uri!r}: a {scheme}:// URI takes an absolute path")
+
+
+def _host_port(entry: str) -> bool:
+    """Whether the Kafka client reads ``entry`` as a host and a port it can connect to (its own
+    parser: ``PROTOCOL://`` prefixes, bracketed or bare IPv6 addresses, port 9092 when none)."""
+    from kafka.cluster import collect_hosts
+
+    try:
+        ((host, port, _),) = collect_hosts(entry, randomize=False)
+    except ValueError:
+        return False
+    return bool(host) and 0 < port < 65536
 
 
 @dataclass(frozen=True)
@@ -125,11 +138,7 @@ class KafkaSettings:
         _check(p + "fetch_max_bytes", self.fetch_max_bytes >= 1, "must be >= 1")
         _check(p + "max_partition_fetch_bytes", self.max_partition_fetch_bytes >= 1, "must be >= 1")
         for host in (h.strip() for h in self.bootstrap_servers.split(",") if h.strip()):
-            if ":" not in host or host.endswith("]"):
-                continue  # a host alone (port 9092), or a bracketed IPv6 address
-            name, _, port = host.rpartition(":")
-            _check(p + "bootstrap_servers", bool(name) and port.isdigit() and 0 < int(port) < 65536,
-                   f"{host!r} is not host:port")
+            _check(p + "bootstrap_servers", _host_port(host), f"{host!r} is not host:port")
         _check(p + "max_poll_interval_ms", self.max_poll_interval_ms >= self.session_timeout_ms,
                "must be >= session_timeout_ms")
         if self.security_protocol.startswith("SASL"):
