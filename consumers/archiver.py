@@ -77,8 +77,8 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import (make_consumer, record_clock, resume, seek_to_committed, seek_to_committed_async,
-                                     topic_id)
+from consumers.kafka_clients import (Polled, cut_at_new_log, make_consumer, record_clock, reread_moved_topic, resume,
+                                     seek_to_committed, seek_to_committed_async, topic_id)
 from pipeline import storage
 from pipeline.grid import too_far_ahead
 from pipeline.logs import get_logger
@@ -272,6 +272,7 @@ class Archiver:
         self.last_loop = time.monotonic()
         self.assigned = False
         self.rewind: set[TopicPartition] = set()  # assigned, paused until sought to their committed offsets
+        self.topic_ids: dict[int, str] = {}  # partition → the readings topic's id at its last poll
         self.rewind_at = 0.0                      # monotonic time of the next try
         self.rewind_failures = 0
         self.stats = ArchiverStats()
@@ -298,6 +299,7 @@ class Archiver:
                 polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
                                             max_records=s.kafka.max_poll_records)
                 self.last_loop = time.monotonic()
+                polled = self._without_new_logs(polled)
                 if polled:
                     self.add(polled)
                     self._update_lag(polled)
@@ -496,6 +498,22 @@ class Archiver:
         if files:
             self._count_written(files, readings, rows, time.perf_counter() - t0)
 
+    def _without_new_logs(self, polled: Polled) -> Polled:
+        """The poll without what a readings topic created again under the client skipped or mixed in:
+        partitions whose topic id changed are read again from their beginning, and a partition whose
+        offsets drop within the poll is cut there (the rest comes in the next poll, under the new id)."""
+        assert self.consumer is not None
+        tid = self._topic_id(self.settings.topics.readings)
+        polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids, tid)
+        if moved:
+            self.log.warning("readings topic created again: its partitions are read from their beginning",
+                             partitions=sorted(tp.partition for tp in moved), topic_id=tid)
+        tps = sorted(polled)
+        offsets = np.fromiter((r.offset for tp in tps for r in polled[tp]), np.int64)
+        partitions = np.repeat([tp.partition for tp in tps], [len(polled[tp]) for tp in tps])
+        cut = cut_at_new_log(self.consumer, polled, offsets, partitions)
+        return polled if cut is None else cut
+
     def _topic_id(self, topic: str) -> str:
         return "" if self.consumer is None else topic_id(self.consumer, topic)
 
@@ -532,6 +550,8 @@ class Archiver:
         """Assigned partitions now start at their committed offsets: sweep, resume, report."""
         tps = set(tps)
         self.rewind -= tps
+        tid = self._topic_id(self.settings.topics.readings)
+        self.topic_ids.update({tp.partition: tid for tp in tps if tid})  # read from their commits under this id
         self.sweep(tps)
         held = self.consumer.paused() & tps if self.consumer is not None and self.retry_at is None else set()
         if held:  # paused for a rewind that a rebalance came before: kafka-python keeps a pause

@@ -39,8 +39,9 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
-from consumers.kafka_clients import (KeyPartitions, ReadTimeout, make_consumer, make_producer, read_to_end,
-                                     record_clock, resume, seek_to_committed, seek_to_committed_async, topic_id)
+from consumers.kafka_clients import (KeyPartitions, ReadTimeout, cut_at_new_log, make_consumer, make_producer,
+                                     read_to_end, record_clock, reread_moved_topic, resume, seek_to_committed,
+                                     seek_to_committed_async, topic_id)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -169,6 +170,7 @@ class Detector:
                     self._set_health(last_loop=self.last_loop)
                     if self.to_restore:
                         self._restore_assigned()
+                    polled = self._without_moved_topic(polled)
                     if polled:
                         self.process(polled)
                     self._finish_checkpoint(wait=False)
@@ -264,6 +266,8 @@ class Detector:
         """Drop the state of every owned partition (it is in the state topic up to the last
         checkpoint); with ``rewind``, restore it and re-read from the committed offsets."""
         owned = [TopicPartition(self.settings.topics.readings, p) for p in self.checkpoints.owned]
+        for tp in owned:
+            self.topic_ids.pop(tp.partition, None)  # the restore learns it again
         dropped = self.checkpoints.revoke_all()
         self._in_flight = None  # its positions are not committed; the rewind goes to the last committed
         self.engine.state.drop(dropped)
@@ -300,14 +304,22 @@ class Detector:
         t0 = time.perf_counter()
         s = self.settings
         records = [r for tp in sorted(polled) for r in polled[tp]]
-        metrics.RECORDS.inc(len(records))
-        self.stats.records += len(records)
         offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
         partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
+        cut = None if self.consumer is None else cut_at_new_log(self.consumer, polled, offsets, partitions)
+        if cut is not None:
+            polled = cut  # type: ignore[assignment]
+            records = [r for tp in sorted(polled) for r in polled[tp]]
+            offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+            partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
+        metrics.RECORDS.inc(len(records))
+        self.stats.records += len(records)
         keys = np.array([_text(r.key) for r in records], dtype=object)
-        tid = self._readings_topic_id()  # now: at a checkpoint the topic may be gone, or created again
-        if tid:
-            self.topic_ids.update({tp.partition: tid for tp in polled})
+        for p, first in self.checkpoints.restarted(partitions, offsets).items():
+            self.log.warning("readings partition began again below its position (topic created again, broker on "
+                             "fresh storage, or truncated): its records are read as new", partition=p, offset=first,
+                             position=self.checkpoints.cursors[p].position)
+            self.checkpoints.restart(p, first)
         plan = self.checkpoints.plan(partitions, offsets, keys)
         todo = np.flatnonzero(plan.process)
         silent_rec = plan.silent[todo]  # per processed record
@@ -451,6 +463,17 @@ class Detector:
                                     retriable=bool(getattr(exc, "retriable", False))) from exc
 
     # ------------------------------------------------------------ state topic
+    def _without_moved_topic(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
+        """The poll without the partitions of a readings topic created again since their last poll,
+        which are read again from their beginning (:func:`reread_moved_topic`)."""
+        assert self.consumer is not None
+        tid = self._readings_topic_id()
+        kept, moved = reread_moved_topic(self.consumer, polled, self.topic_ids, tid)
+        if moved:
+            self.log.warning("readings topic created again: its partitions are read from their beginning",
+                             partitions=[tp.partition for tp in moved], topic_id=tid)
+        return kept  # type: ignore[return-value]
+
     def _state_send(self, partition: int, key: str, value: bytes | None, kind: str, position: int,
                     producer: Any = None) -> Any:
         s = self.settings
@@ -747,7 +770,8 @@ def read_changelog(settings: Settings, producer: Any, partitions: set[int], stat
     numbers its records from 0 again) are not positions in this one: such a snapshot is restored
     as the asset's state at position -1 (no record of the new topic is taken as already in it;
     the newest such snapshot, in log order), and such progress is ignored. Records without the id
-    count as this topic's, unless another id wrote for the partition after them. A broker that
+    count as this topic's, unless a record of another id exists for the partition (the records
+    without one were written before the header, so before any id's: older still). A broker that
     reports no topic ids (``readings_topic_id`` "") makes every record this topic's.
 
     The end of the log is found by writing a fresh marker and reading up to it (a broker's high
@@ -814,6 +838,7 @@ class _Listener(AsyncConsumerRebalanceListener):
         for tp in partitions:
             d.to_restore.pop(tp, None)
             d.rewind.discard(tp)
+            d.topic_ids.pop(tp.partition, None)
         dropped = d.checkpoints.revoke(tp.partition for tp in partitions)
         d.engine.state.drop(dropped)
         d.log.info("partitions released", reason=why, partitions=sorted(tp.partition for tp in partitions),

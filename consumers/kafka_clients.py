@@ -28,6 +28,7 @@ from pipeline.logs import mask_secret
 from pipeline.settings import KafkaSettings, Settings, SettingsError
 
 _SSL_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
+READINGS_METADATA_MAX_AGE_MS = 10_000  # the client's default is five minutes
 _SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
 
 
@@ -103,6 +104,8 @@ def make_consumer(
         "isolation_level": "read_committed",
         **overrides,
     }
+    if never_compacted:  # the readings topic: a topic created again is seen within this (reread_moved_topic)
+        config.setdefault("metadata_max_age_ms", READINGS_METADATA_MAX_AGE_MS)
     consumer = KafkaConsumer(*topics, **config)
     if never_compacted:
         FetchHoleGuard(consumer)
@@ -272,6 +275,54 @@ def topic_id(consumer: KafkaConsumer, topic: str) -> str:
     records from 0 again."""
     found = consumer._client.cluster.topic_id(topic)  # pinned kafka-python internals
     return "" if found is None else str(found)
+
+
+Polled = Mapping[TopicPartition, Sequence[Any]]
+
+
+def reread_moved_topic(consumer: KafkaConsumer, polled: Polled, known: dict[int, str],
+                       tid: str) -> tuple[Polled, list[TopicPartition]]:
+    """The poll without the assigned partitions whose topic id changed (``known``, partition → id,
+    is brought up to date), and those partitions. Call it after every poll, empty ones too.
+
+    The topic was deleted and created again under the client. Its position in the old topic says
+    nothing about the new one: where the new topic has reached it, the client reads on from there,
+    past the new topic's earlier records, and a broker that does not report a position past the
+    end as out of range (the embedded one) leaves it waiting there. Those partitions are sent back
+    to their beginning, where the log is seen to begin again (:func:`cut_at_new_log`,
+    ``Checkpoints.restarted``). The client learns the new id at its next metadata refresh (at most
+    ``metadata_max_age_ms``, see :func:`make_consumer`). A broker that reports no ids (``tid`` "")
+    changes nothing."""
+    if not tid:
+        return polled, []
+    owned = consumer.assignment()
+    moved = sorted(tp for tp in owned if known.get(tp.partition, tid) not in ("", tid))
+    known.update({tp.partition: tid for tp in owned})
+    if not moved:
+        return polled, []
+    consumer.seek_to_beginning(*moved)
+    return {tp: recs for tp, recs in polled.items() if tp not in moved}, moved
+
+
+def cut_at_new_log(consumer: KafkaConsumer, polled: Polled, offsets: np.ndarray,
+                   partitions: np.ndarray) -> Polled | None:
+    """None when every partition's offsets rise through the poll (``offsets`` and ``partitions``:
+    the poll's records in partition order); else the poll cut where a partition's offsets drop.
+
+    A drop means the log began again within the poll (a topic created again, a broker on fresh
+    storage, a truncation: the client, past the new log's end, starts again from its earliest
+    record). The records before the drop are the old log's; the client is sent back to the drop,
+    so the next poll starts with the new log, under the id the client knows by then."""
+    if not ((np.diff(offsets) < 0) & (partitions[1:] == partitions[:-1])).any():
+        return None
+    out = {}
+    for tp, recs in polled.items():
+        at = next((i for i in range(1, len(recs)) if recs[i].offset < recs[i - 1].offset), None)
+        if at is not None:
+            consumer.seek(tp, recs[at].offset)
+            recs = recs[:at]
+        out[tp] = recs
+    return out
 
 
 def record_clock(records: Sequence[Any], wall_ms: int, earliest_ms: int) -> np.ndarray:

@@ -100,6 +100,32 @@ class Checkpoints:
     def owned(self) -> list[int]:
         return sorted(self.cursors)
 
+    def restarted(self, partitions: np.ndarray, offsets: np.ndarray) -> dict[int, int]:
+        """Owned partitions whose poll begins below their position: {partition: first offset polled}.
+
+        Only the detector's own seeks (at an assignment or a rewind, which start a new cursor)
+        move a partition back, so records below its position mean the log began again under the
+        client: a topic deleted and created again, a broker started on fresh storage, or a
+        truncation, after which the client reads from the earliest record. Those records are
+        new: see :meth:`restart`."""
+        out: dict[int, int] = {}
+        for p in np.unique(partitions).tolist():
+            cur = self.cursors.get(p)
+            first = int(offsets[partitions == p].min())
+            if cur is not None and first < cur.position:
+                out[p] = first
+        return out
+
+    def restart(self, partition: int, offset: int) -> None:
+        """Read ``partition`` on from ``offset`` as a new log: its positions, the restored snapshots'
+        included, belonged to the log before, so every asset it holds is snapshotted again at the
+        next checkpoint with the new position. A checkpoint in flight does not commit it (a new
+        cursor)."""
+        self.cursors[partition] = Cursor(offset, offset, offset)
+        self._applied.pop(partition, None)
+        self._applied_top.pop(partition, None)
+        self.dirty[partition] |= self.assets_of[partition]
+
     # ------------------------------------------------------------------ poll
     def plan(self, partitions: np.ndarray, offsets: np.ndarray, keys: np.ndarray) -> PollPlan:
         """Masks over a poll's records (their partition, offset and key = asset id)."""

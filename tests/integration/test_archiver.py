@@ -260,6 +260,31 @@ def test_a_topic_deleted_and_created_again_on_the_same_day_is_archived_whole(
     assert stats.duplicates == 0
 
 
+def test_a_topic_created_again_under_a_running_archiver_is_archived_whole(
+        broker: Any, settings_for: Any, topic_prefix: str) -> None:
+    """The same, with the archiver running through the deletion. Its client goes on from its position
+    in the old topic (the embedded broker reports no position past the end as out of range) until
+    its metadata names the new topic's id; the partitions are then read from their beginning. No
+    reading of either topic is lost; the new topic's readings after the old positions may be
+    archived twice meanwhile (once under each id)."""
+    s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive",
+                                                  "archive.flush_rows": 2200})
+    first_start, first_end = MIDNIGHT + 10_000_000, MIDNIGHT + 11_000_000
+    first = produce(s, PlantSimulator(PLANT), first_start, first_end)
+    second_start, second_end = MIDNIGHT + 20_000_000, MIDNIGHT + 21_500_000  # more records than the first
+    with archiver_thread(s) as arch:
+        wait_until(lambda: committed_total(s) == first, 60, "the first topic archived")
+        recreate_readings_topic(s)
+        second = produce(s, PlantSimulator(PLANT), second_start, second_end)
+        wait_until(lambda: arch.stats.records >= first + second, 90, "the new topic read from its beginning")
+        wait_until(lambda: committed_total(s) == second, 60, "the new topic archived")
+    got = archived_rows(s, ScanStats())
+    first_rows, second_rows = expected_rows(first_start, first_end), expected_rows(second_start, second_end)
+    missing, extra = set(first_rows + second_rows) - set(got), set(got) - set(first_rows + second_rows)
+    assert not missing and not extra, f"{len(missing)} missing, {len(extra)} unexpected"
+    assert len([r for r in got if r[1] < second_start]) == len(first_rows)  # the old topic's, once each
+
+
 def test_a_revoked_partition_is_written_and_committed_before_the_next_owner_takes_it(
         broker: Any, settings_for: Any, topic_prefix: str) -> None:
     s = archive_settings(settings_for, broker, **{"archive.uri": f"mock://{topic_prefix}/archive",

@@ -27,3 +27,25 @@ def test_every_reading_of_a_topic_created_again_is_scored_and_may_alert(
         wait_until(lambda: det.stats.records >= second, 120, "the new topic's records polled")
         wait_until(lambda: det.stats.accepted >= second, 30, "the new topic's readings placed")
         assert (det.stats.accepted, det.stats.replayed) == (second, 0)  # none skipped, none replayed silently
+
+
+def test_a_topic_created_again_under_a_running_detector_is_read_from_its_start(
+        broker: Any, settings_for: Any, fitted_plant: Any) -> None:
+    """The client finds its position past the new topic's end and starts again from the earliest
+    record: those records are the new topic's, processed and published, and the positions the
+    detector then checkpoints are the new topic's (a restart reads on from there)."""
+    settings = detector_settings(settings_for, broker)
+    sim = PlantSimulator(PLANT)
+    start = fitted_plant.stream_start_ms
+    first = produce(settings, sim, start, start + 400 * PERIOD_MS)
+    later = start + 1000 * PERIOD_MS
+    with running_detector(settings, fitted_plant.bundle) as det:
+        wait_until(lambda: det.stats.accepted >= first, 120, "the first topic's readings placed")
+        recreate_readings_topic(settings)
+        second = produce(settings, sim, later, later + 200 * PERIOD_MS)  # fewer records than the old positions
+        wait_until(lambda: det.stats.accepted >= first + second, 120, "the new topic's readings placed")
+        assert (det.stats.accepted, det.stats.replayed) == (first + second, 0)  # none skipped, none silenced
+    third = produce(settings, sim, later + 200 * PERIOD_MS, later + 300 * PERIOD_MS)
+    with running_detector(settings, fitted_plant.bundle) as det:
+        wait_until(lambda: det.stats.accepted >= third, 120, "the readings after the restart placed")
+        assert (det.stats.accepted, det.stats.replayed) == (third, 0)  # read on from the new topic's positions

@@ -63,6 +63,28 @@ def test_checkpoint_covers_changed_assets_and_revoke_returns_the_partitions_asse
     assert cp.owned == []
 
 
+def test_a_log_that_began_again_below_the_position_is_read_as_new() -> None:
+    """Records below a partition's position come only from a log that began again under the client
+    (a topic created again): processed and published, with every asset snapshotted again at the new
+    position, and the snapshots restored for the old log no longer drop anything."""
+    cp = Checkpoints(interval_ms=1000)
+    cp.assign(0, committed=100, restored=Restored({"x": 120}, emitted=130))
+    cp.assign(1, committed=50, restored=Restored())
+    cp.processed(0, 140, ["x", "y"])
+    cp.processed(1, 60, ["z"])
+    cp.begin()
+    in_flight = cp.cursors[0]
+    partitions, offsets = np.array([0, 0, 1]), np.array([0, 1, 60])
+    assert cp.restarted(partitions, offsets) == {0: 0}  # partition 1 goes on from its position
+    cp.restart(0, 0)
+    assert cp.cursors[0] is not in_flight  # the checkpoint begun on the old log does not commit it
+    plan = cp.plan(partitions, offsets, np.array(["x", "x", "z"], dtype=object))
+    assert plan.process.tolist() == [True, True, True] and not plan.silent.any()
+    cp.processed(0, 2, ["x"])
+    assert cp.pending()[0] == (2, ["x", "y"])  # x and y: snapshotted again at the new position
+    assert cp.restarted(np.array([0]), np.array([2])) == {}
+
+
 def test_due_after_the_interval() -> None:
     cp = Checkpoints(interval_ms=1000)
     assert not cp.due(0)

@@ -1,0 +1,62 @@
+"""A readings topic deleted and created again under a running consumer: which records of a poll
+are the new log's, and where the client is sent back to (pure, with a stand-in client)."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import Any
+
+import numpy as np
+from kafka import TopicPartition
+
+from consumers.kafka_clients import cut_at_new_log, reread_moved_topic
+
+Rec = namedtuple("Rec", "partition offset")
+TP0, TP1 = TopicPartition("r", 0), TopicPartition("r", 1)
+
+
+class _Client:
+    def __init__(self, owned: tuple[TopicPartition, ...] = (TP0, TP1)) -> None:
+        self.seeks: list[tuple[Any, ...]] = []
+        self.owned = set(owned)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.owned)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+    def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        self.seeks += [(tp, "beginning") for tp in tps]
+
+
+def _arrays(polled: dict[TopicPartition, list[Rec]]) -> tuple[np.ndarray, np.ndarray]:
+    recs = [r for tp in sorted(polled) for r in polled[tp]]
+    return np.array([r.offset for r in recs]), np.array([r.partition for r in recs])
+
+
+def test_a_poll_whose_offsets_drop_is_cut_there_and_the_client_sent_back() -> None:
+    client = _Client()
+    polled = {TP0: [Rec(0, o) for o in (998, 999, 0, 1)], TP1: [Rec(1, 5), Rec(1, 7)]}
+    cut = cut_at_new_log(client, polled, *_arrays(polled))  # type: ignore[arg-type]
+    assert cut is not None
+    assert [r.offset for r in cut[TP0]] == [998, 999] and cut[TP1] == polled[TP1]
+    assert client.seeks == [(TP0, 0)]
+    rising = {TP0: [Rec(0, 3), Rec(0, 9)], TP1: [Rec(1, 0)]}  # gaps (compaction, markers) are no drop
+    assert cut_at_new_log(client, rising, *_arrays(rising)) is None  # type: ignore[arg-type]
+
+
+def test_partitions_whose_topic_id_changed_are_read_again_from_their_beginning() -> None:
+    """Polled or not: the embedded broker leaves a client past the new topic's end waiting, with nothing
+    to poll, until its metadata names the new id."""
+    client = _Client()
+    known = {0: "old", 1: ""}
+    polled = {TP0: [Rec(0, 1200)], TP1: [Rec(1, 40)]}
+    kept, moved = reread_moved_topic(client, polled, known, "new")  # type: ignore[arg-type]
+    assert moved == [TP0] and list(kept) == [TP1]  # partition 1's id was not known: nothing to compare
+    assert client.seeks == [(TP0, "beginning")] and known == {0: "new", 1: "new"}
+    assert reread_moved_topic(client, polled, known, "") == (polled, [])  # type: ignore[arg-type]  # no ids
+    assert reread_moved_topic(client, polled, known, "new") == (polled, [])  # type: ignore[arg-type]
+    client.seeks.clear()
+    assert reread_moved_topic(client, {}, known, "newer") == ({}, [TP0, TP1])  # type: ignore[arg-type]
+    assert client.seeks == [(TP0, "beginning"), (TP1, "beginning")]
