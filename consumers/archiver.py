@@ -77,8 +77,9 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import (Polled, cut_at_new_log, make_consumer, record_clock, reread_moved_topic, resume,
-                                     seek_to_committed, seek_to_committed_async, topic_id)
+from consumers.kafka_clients import (Polled, began_again, cut_at_new_log, known_id, make_consumer, poll_arrays,
+                                     record_clock, reread_moved_topic, resume, seek_to_committed,
+                                     seek_to_committed_async, topic_id)
 from pipeline import storage
 from pipeline.grid import too_far_ahead
 from pipeline.logs import get_logger
@@ -299,10 +300,11 @@ class Archiver:
                 polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
                                             max_records=s.kafka.max_poll_records)
                 self.last_loop = time.monotonic()
-                polled = self._without_new_logs(polled)
+                polled, restart_at = self._without_new_logs(polled)
                 if polled:
                     self.add(polled)
                     self._update_lag(polled)
+                self._read_on_from(restart_at)
                 if self.retry_at is not None:
                     self._pause_all()  # partitions assigned meanwhile wait too
                 if self._due():
@@ -407,12 +409,11 @@ class Archiver:
     def add(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> None:
         """Decode a poll in one pass and buffer its readings per partition."""
         tps = sorted(polled)
-        records = [r for tp in tps for r in polled[tp]]
+        records, offsets, _ = poll_arrays(polled)
         batch = decode_batch([r.value for r in records], self.settings.model.features,
                              fmt=self.settings.detector.input_format, limits=self.limits,
                              unknown_features="ignore")
         batch = self._without_future(batch, records)
-        offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
         # Records are grouped by partition and rows follow their records: each partition is one slice.
         record_bounds = np.cumsum([0] + [len(polled[tp]) for tp in tps])
         row_bounds = np.searchsorted(batch.record_index, record_bounds)
@@ -423,7 +424,7 @@ class Archiver:
             lo, hi = row_bounds[i], row_bounds[i + 1]
             if hi > lo:
                 # The id now, not at the flush: by then the topic may be gone from the metadata, or created again.
-                pending.chunks.append((self._topic_id(tp.topic), Rows(
+                pending.chunks.append((self._stamp(tp), Rows(
                     batch.asset[lo:hi], batch.ts_ms[lo:hi], batch.feature[lo:hi], batch.value[lo:hi],
                     offsets[batch.record_index[lo:hi]])))
             pending.readings += int(readings_of[i])
@@ -498,21 +499,38 @@ class Archiver:
         if files:
             self._count_written(files, readings, rows, time.perf_counter() - t0)
 
-    def _without_new_logs(self, polled: Polled) -> Polled:
-        """The poll without what a readings topic created again under the client skipped or mixed in:
-        partitions whose topic id changed are read again from their beginning, and a partition whose
-        offsets drop within the poll is cut there (the rest comes in the next poll, under the new id)."""
+    def _without_new_logs(self, polled: Polled) -> tuple[Polled, dict[TopicPartition, int]]:
+        """The poll without what a readings topic created again under the client skipped or mixed in,
+        and per partition concerned the offset its new log is read on from: partitions whose topic id
+        changed are read again from their beginning (0), and a partition whose offsets drop within the
+        poll is cut at the drop (the rest comes in the next poll)."""
         assert self.consumer is not None
         tid = self._topic_id(self.settings.topics.readings)
-        polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids, tid)
-        if moved:
-            self.log.warning("readings topic created again: its partitions are read from their beginning",
-                             partitions=sorted(tp.partition for tp in moved), topic_id=tid)
-        tps = sorted(polled)
-        offsets = np.fromiter((r.offset for tp in tps for r in polled[tp]), np.int64)
-        partitions = np.repeat([tp.partition for tp in tps], [len(polled[tp]) for tp in tps])
+        polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids, tid, self.log)
+        restart_at = {tp: 0 for tp in moved}
+        _, offsets, partitions = poll_arrays(polled)
         cut = cut_at_new_log(self.consumer, polled, offsets, partitions)
-        return polled if cut is None else cut
+        if cut is None:
+            return polled, restart_at
+        for tp in cut[1]:
+            began_again(self.topic_ids, tp.partition, tid)
+        return cut[0], {**restart_at, **cut[1]}
+
+    def _read_on_from(self, restart_at: Mapping[TopicPartition, int]) -> None:
+        """Partitions whose new log is read on from these offsets: what their buffered and written
+        readings of the old log commit is that offset of the new one, not the old log's end."""
+        for tp, offset in restart_at.items():
+            if tp in self.pending:
+                self.pending[tp].end = offset
+            if tp in self.durable:
+                self.durable[tp] = offset
+
+    def _stamp(self, tp: TopicPartition) -> str:
+        """The topic id to stamp the partition's readings polled now with: "" while its log began again
+        and the client's metadata still names the old topic (:func:`began_again`)."""
+        if tp.partition in self.topic_ids:
+            return known_id(self.topic_ids, tp.partition)
+        return self._topic_id(tp.topic)
 
     def _topic_id(self, topic: str) -> str:
         return "" if self.consumer is None else topic_id(self.consumer, topic)
@@ -606,6 +624,7 @@ class Archiver:
         for tp in tps:
             self.pending.pop(tp, None)
             self.durable.pop(tp, None)
+            self.topic_ids.pop(tp.partition, None)
         if not any(p.records for p in self.pending.values()):
             self.buffered_since = None
             if self.retry_at is not None:  # nothing left to retry: fetch again, the next flush tells

@@ -39,9 +39,9 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
-from consumers.kafka_clients import (KeyPartitions, ReadTimeout, cut_at_new_log, make_consumer, make_producer,
-                                     read_to_end, record_clock, reread_moved_topic, resume, seek_to_committed,
-                                     seek_to_committed_async, topic_id)
+from consumers.kafka_clients import (KeyPartitions, ReadTimeout, began_again, cut_at_new_log, known_id, make_consumer,
+                                     make_producer, poll_arrays, read_to_end, record_clock, reread_moved_topic,
+                                     resume, seek_to_committed, seek_to_committed_async, topic_id)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -170,7 +170,11 @@ class Detector:
                     self._set_health(last_loop=self.last_loop)
                     if self.to_restore:
                         self._restore_assigned()
-                    polled = self._without_moved_topic(polled)
+                    polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids,  # type: ignore[assignment]
+                                                       self._readings_topic_id(), self.log)
+                    for tp in moved:  # its positions were the old topic's: none is committed or snapshotted again
+                        if tp.partition in self.checkpoints.cursors:
+                            self.checkpoints.restart(tp.partition, 0)
                     if polled:
                         self.process(polled)
                     self._finish_checkpoint(wait=False)
@@ -303,15 +307,12 @@ class Detector:
     def process(self, polled: dict[TopicPartition, list[Any]]) -> None:
         t0 = time.perf_counter()
         s = self.settings
-        records = [r for tp in sorted(polled) for r in polled[tp]]
-        offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
-        partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
+        records, offsets, partitions = poll_arrays(polled)
         cut = None if self.consumer is None else cut_at_new_log(self.consumer, polled, offsets, partitions)
+        drops: dict[TopicPartition, int] = {}
         if cut is not None:
-            polled = cut  # type: ignore[assignment]
-            records = [r for tp in sorted(polled) for r in polled[tp]]
-            offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
-            partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
+            polled, drops = cut  # type: ignore[assignment]
+            records, offsets, partitions = poll_arrays(polled)
         metrics.RECORDS.inc(len(records))
         self.stats.records += len(records)
         keys = np.array([_text(r.key) for r in records], dtype=object)
@@ -319,7 +320,7 @@ class Detector:
             self.log.warning("readings partition began again below its position (topic created again, broker on "
                              "fresh storage, or truncated): its records are read as new", partition=p, offset=first,
                              position=self.checkpoints.cursors[p].position)
-            self.checkpoints.restart(p, first)
+            self._began_again(p, first)
         plan = self.checkpoints.plan(partitions, offsets, keys)
         todo = np.flatnonzero(plan.process)
         silent_rec = plan.silent[todo]  # per processed record
@@ -377,6 +378,9 @@ class Detector:
         for tp, recs in polled.items():
             if tp.partition in self.checkpoints.cursors:  # (records of a partition not restored were not processed)
                 self.checkpoints.processed(tp.partition, recs[-1].offset + 1, touched.get(tp.partition, ()))
+        for tp, offset in drops.items():  # the old log's records are processed: its new log goes on from the drop
+            if tp.partition in self.checkpoints.cursors:
+                self._began_again(tp.partition, offset)
         if futures:
             self._record_progress(self.checkpoints.published(sorted({tp.partition for tp in polled})))
         metrics.ASSETS.set(len(self.engine.state))
@@ -463,23 +467,18 @@ class Detector:
                                     retriable=bool(getattr(exc, "retriable", False))) from exc
 
     # ------------------------------------------------------------ state topic
-    def _without_moved_topic(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
-        """The poll without the partitions of a readings topic created again since their last poll,
-        which are read again from their beginning (:func:`reread_moved_topic`)."""
-        assert self.consumer is not None
-        tid = self._readings_topic_id()
-        kept, moved = reread_moved_topic(self.consumer, polled, self.topic_ids, tid)
-        if moved:
-            self.log.warning("readings topic created again: its partitions are read from their beginning",
-                             partitions=[tp.partition for tp in moved], topic_id=tid)
-        return kept  # type: ignore[return-value]
+    def _began_again(self, partition: int, offset: int) -> None:
+        """The partition's log began again at ``offset``: its positions start afresh there, under the
+        topic id the client learns next (:func:`began_again`)."""
+        self.checkpoints.restart(partition, offset)
+        began_again(self.topic_ids, partition, self._readings_topic_id())
 
     def _state_send(self, partition: int, key: str, value: bytes | None, kind: str, position: int,
                     producer: Any = None) -> Any:
         s = self.settings
         headers = [(KIND, kind.encode()), (GROUP, s.detector.group_id.encode()),
                    (PARTITION, str(partition).encode()), (POSITION, str(position).encode()),
-                   (TOPIC_ID, (self.topic_ids.get(partition) or self._readings_topic_id()).encode())]
+                   (TOPIC_ID, (known_id(self.topic_ids, partition) or self._readings_topic_id()).encode())]
         return (producer or self.state_producer).send(s.topics.state_topic, key=f"{s.detector.group_id}\x00{key}".encode(),
                                   value=value, headers=headers, partition=self._state_partition(partition))
 

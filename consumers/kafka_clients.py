@@ -280,49 +280,85 @@ def topic_id(consumer: KafkaConsumer, topic: str) -> str:
 Polled = Mapping[TopicPartition, Sequence[Any]]
 
 
-def reread_moved_topic(consumer: KafkaConsumer, polled: Polled, known: dict[int, str],
-                       tid: str) -> tuple[Polled, list[TopicPartition]]:
-    """The poll without the assigned partitions whose topic id changed (``known``, partition → id,
-    is brought up to date), and those partitions. Call it after every poll, empty ones too.
+def poll_arrays(polled: Polled) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    """A poll's records in partition order, with their offsets and partitions as arrays."""
+    records = [r for tp in sorted(polled) for r in polled[tp]]
+    offsets = np.fromiter((r.offset for r in records), np.int64, len(records))
+    partitions = np.fromiter((r.partition for r in records), np.int64, len(records))
+    return records, offsets, partitions
+
+
+_NEW_LOG = "\x00began again under "  # a known id's marker: the log began again while the client still knew this id
+
+
+def reread_moved_topic(consumer: KafkaConsumer, polled: Polled, known: dict[int, str], tid: str,
+                       log: Any) -> tuple[Polled, list[TopicPartition]]:
+    """The poll without the assigned partitions whose topic id changed (``known``, partition → the
+    id their positions belong to, is brought up to date), which are sent back to their beginning
+    with a warning; and those partitions, whose positions the caller starts afresh at 0. Call it
+    after every poll, empty ones too.
 
     The topic was deleted and created again under the client. Its position in the old topic says
     nothing about the new one: where the new topic has reached it, the client reads on from there,
     past the new topic's earlier records, and a broker that does not report a position past the
-    end as out of range (the embedded one) leaves it waiting there. Those partitions are sent back
-    to their beginning, where the log is seen to begin again (:func:`cut_at_new_log`,
-    ``Checkpoints.restarted``). The client learns the new id at its next metadata refresh (at most
-    ``metadata_max_age_ms``, see :func:`make_consumer`). A broker that reports no ids (``tid`` "")
-    changes nothing."""
+    end as out of range (the embedded one) leaves it waiting there. The client learns the new id at
+    its next metadata refresh (at most ``metadata_max_age_ms``, see :func:`make_consumer`). A
+    partition whose log was already seen to begin again (:func:`began_again`) only learns the new
+    id. A broker that reports no ids (``tid`` "") changes nothing."""
     if not tid:
         return polled, []
-    owned = consumer.assignment()
-    moved = sorted(tp for tp in owned if known.get(tp.partition, tid) not in ("", tid))
-    known.update({tp.partition: tid for tp in owned})
+    moved = []
+    for tp in consumer.assignment():
+        was = known.get(tp.partition, "")
+        if was.startswith(_NEW_LOG) and was == _NEW_LOG + tid:
+            continue  # the client's metadata still names the old topic
+        if was and not was.startswith(_NEW_LOG) and was != tid:
+            moved.append(tp)
+        known[tp.partition] = tid
     if not moved:
         return polled, []
+    moved.sort()
+    log.warning("readings topic created again: its partitions are read from their beginning",
+                partitions=[tp.partition for tp in moved], topic_id=tid)
     consumer.seek_to_beginning(*moved)
     return {tp: recs for tp, recs in polled.items() if tp not in moved}, moved
 
 
+def began_again(known: dict[int, str], partition: int, tid: str) -> None:
+    """The partition's log began again (its offsets went back) while the client knew the topic as
+    ``tid``: the id its metadata names next is the new log's, not a move (:func:`reread_moved_topic`)."""
+    was = known.get(partition, "")
+    known[partition] = tid if was and not was.startswith(_NEW_LOG) and was != tid else _NEW_LOG + tid
+
+
+def known_id(known: dict[int, str], partition: int) -> str:
+    """The id the partition's positions belong to, "" while not known (the log began again and the
+    client's metadata still names the old topic)."""
+    tid = known.get(partition, "")
+    return "" if tid.startswith(_NEW_LOG) else tid
+
+
 def cut_at_new_log(consumer: KafkaConsumer, polled: Polled, offsets: np.ndarray,
-                   partitions: np.ndarray) -> Polled | None:
+                   partitions: np.ndarray) -> tuple[Polled, dict[TopicPartition, int]] | None:
     """None when every partition's offsets rise through the poll (``offsets`` and ``partitions``:
-    the poll's records in partition order); else the poll cut where a partition's offsets drop.
+    the poll's records in partition order); else the poll cut where a partition's offsets drop,
+    and per partition cut the offset of the drop, where its new log is read on from.
 
     A drop means the log began again within the poll (a topic created again, a broker on fresh
     storage, a truncation: the client, past the new log's end, starts again from its earliest
     record). The records before the drop are the old log's; the client is sent back to the drop,
-    so the next poll starts with the new log, under the id the client knows by then."""
+    so the next poll starts with the new log."""
     if not ((np.diff(offsets) < 0) & (partitions[1:] == partitions[:-1])).any():
         return None
-    out = {}
+    out, drops = {}, {}
     for tp, recs in polled.items():
         at = next((i for i in range(1, len(recs)) if recs[i].offset < recs[i - 1].offset), None)
         if at is not None:
-            consumer.seek(tp, recs[at].offset)
+            drops[tp] = recs[at].offset
+            consumer.seek(tp, drops[tp])
             recs = recs[:at]
         out[tp] = recs
-    return out
+    return out, drops
 
 
 def record_clock(records: Sequence[Any], wall_ms: int, earliest_ms: int) -> np.ndarray:

@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import Any
 
-import numpy as np
 from kafka import TopicPartition
 
-from consumers.kafka_clients import cut_at_new_log, reread_moved_topic
+from consumers.kafka_clients import began_again, cut_at_new_log, known_id, poll_arrays, reread_moved_topic
+from pipeline.logs import get_logger
+
+LOG = get_logger("test")
 
 Rec = namedtuple("Rec", "partition offset")
 TP0, TP1 = TopicPartition("r", 0), TopicPartition("r", 1)
@@ -30,20 +32,16 @@ class _Client:
         self.seeks += [(tp, "beginning") for tp in tps]
 
 
-def _arrays(polled: dict[TopicPartition, list[Rec]]) -> tuple[np.ndarray, np.ndarray]:
-    recs = [r for tp in sorted(polled) for r in polled[tp]]
-    return np.array([r.offset for r in recs]), np.array([r.partition for r in recs])
-
-
 def test_a_poll_whose_offsets_drop_is_cut_there_and_the_client_sent_back() -> None:
     client = _Client()
     polled = {TP0: [Rec(0, o) for o in (998, 999, 0, 1)], TP1: [Rec(1, 5), Rec(1, 7)]}
-    cut = cut_at_new_log(client, polled, *_arrays(polled))  # type: ignore[arg-type]
+    cut = cut_at_new_log(client, polled, *poll_arrays(polled)[1:])  # type: ignore[arg-type]
     assert cut is not None
-    assert [r.offset for r in cut[TP0]] == [998, 999] and cut[TP1] == polled[TP1]
+    kept, drops = cut
+    assert [r.offset for r in kept[TP0]] == [998, 999] and kept[TP1] == polled[TP1] and drops == {TP0: 0}
     assert client.seeks == [(TP0, 0)]
     rising = {TP0: [Rec(0, 3), Rec(0, 9)], TP1: [Rec(1, 0)]}  # gaps (compaction, markers) are no drop
-    assert cut_at_new_log(client, rising, *_arrays(rising)) is None  # type: ignore[arg-type]
+    assert cut_at_new_log(client, rising, *poll_arrays(rising)[1:]) is None  # type: ignore[arg-type]
 
 
 def test_partitions_whose_topic_id_changed_are_read_again_from_their_beginning() -> None:
@@ -52,11 +50,26 @@ def test_partitions_whose_topic_id_changed_are_read_again_from_their_beginning()
     client = _Client()
     known = {0: "old", 1: ""}
     polled = {TP0: [Rec(0, 1200)], TP1: [Rec(1, 40)]}
-    kept, moved = reread_moved_topic(client, polled, known, "new")  # type: ignore[arg-type]
+    kept, moved = reread_moved_topic(client, polled, known, "new", LOG)  # type: ignore[arg-type]
     assert moved == [TP0] and list(kept) == [TP1]  # partition 1's id was not known: nothing to compare
     assert client.seeks == [(TP0, "beginning")] and known == {0: "new", 1: "new"}
-    assert reread_moved_topic(client, polled, known, "") == (polled, [])  # type: ignore[arg-type]  # no ids
-    assert reread_moved_topic(client, polled, known, "new") == (polled, [])  # type: ignore[arg-type]
+    assert reread_moved_topic(client, polled, known, "", LOG) == (polled, [])  # type: ignore[arg-type]  # no ids
+    assert reread_moved_topic(client, polled, known, "new", LOG) == (polled, [])  # type: ignore[arg-type]
     client.seeks.clear()
-    assert reread_moved_topic(client, {}, known, "newer") == ({}, [TP0, TP1])  # type: ignore[arg-type]
+    assert reread_moved_topic(client, {}, known, "newer", LOG) == ({}, [TP0, TP1])  # type: ignore[arg-type]
     assert client.seeks == [(TP0, "beginning"), (TP1, "beginning")]
+
+
+def test_a_log_seen_to_begin_again_only_learns_the_new_id() -> None:
+    """Its offsets went back while the client's metadata still named the old topic: the new id, when
+    the client learns it, is that log's, not one more move (which would read it all again)."""
+    client = _Client(owned=(TP0,))
+    known = {0: "old"}
+    began_again(known, 0, "old")
+    assert known_id(known, 0) == ""  # not known yet: not the old topic's
+    assert reread_moved_topic(client, {}, known, "old", LOG) == ({}, [])  # type: ignore[arg-type]
+    assert reread_moved_topic(client, {}, known, "new", LOG) == ({}, [])  # type: ignore[arg-type]
+    assert known_id(known, 0) == "new" and client.seeks == []
+    assert reread_moved_topic(client, {}, known, "newer", LOG)[1] == [TP0]  # type: ignore[arg-type]
+    began_again(known, 0, "newest")  # the client already knew the new id when the offsets went back
+    assert known_id(known, 0) == "newest"
