@@ -170,8 +170,8 @@ class Detector:
                     self._set_health(last_loop=self.last_loop)
                     if self.to_restore:
                         self._restore_assigned()
-                    polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids,  # type: ignore[assignment]
-                                                       self._readings_topic_id(), self.log)
+                    polled, moved = reread_moved_topic(  # type: ignore[assignment]
+                        self.consumer, polled, self.topic_ids, self._readings_topic_id(), self.log)
                     for tp in moved:  # its positions were the old topic's: none is committed or snapshotted again
                         if tp.partition in self.checkpoints.cursors:
                             self.checkpoints.restart(tp.partition, 0)
