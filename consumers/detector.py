@@ -170,11 +170,7 @@ class Detector:
                     self._set_health(last_loop=self.last_loop)
                     if self.to_restore:
                         self._restore_assigned()
-                    polled, moved = reread_moved_topic(  # type: ignore[assignment]
-                        self.consumer, polled, self.topic_ids, self._readings_topic_id(), self.log)
-                    for tp in moved:  # its positions were the old topic's: none is committed or snapshotted again
-                        if tp.partition in self.checkpoints.cursors:
-                            self.checkpoints.restart(tp.partition, 0)
+                    polled = self._without_moved_topic(polled)
                     if polled:
                         self.process(polled)
                     self._finish_checkpoint(wait=False)
@@ -467,6 +463,17 @@ class Detector:
                                     retriable=bool(getattr(exc, "retriable", False))) from exc
 
     # ------------------------------------------------------------ state topic
+    def _without_moved_topic(self, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
+        """The poll without the partitions of a readings topic created again (:func:`reread_moved_topic`),
+        whose positions start afresh at 0 at once: they were the old topic's, and a checkpoint before the
+        new topic's first record must neither snapshot nor commit them under the new id."""
+        assert self.consumer is not None
+        kept, moved = reread_moved_topic(self.consumer, polled, self.topic_ids, self._readings_topic_id(), self.log)
+        for tp in moved:
+            if tp.partition in self.checkpoints.cursors:
+                self.checkpoints.restart(tp.partition, 0)
+        return kept  # type: ignore[return-value]
+
     def _began_again(self, partition: int, offset: int) -> None:
         """The partition's log began again at ``offset``: its positions start afresh there, under the
         topic id the client learns next (:func:`began_again`)."""

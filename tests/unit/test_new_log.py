@@ -4,6 +4,7 @@ are the new log's, and where the client is sent back to (pure, with a stand-in c
 from __future__ import annotations
 
 from collections import namedtuple
+from types import SimpleNamespace
 from typing import Any
 
 from kafka import TopicPartition
@@ -73,3 +74,26 @@ def test_a_log_seen_to_begin_again_only_learns_the_new_id() -> None:
     assert reread_moved_topic(client, {}, known, "newer", LOG)[1] == [TP0]  # type: ignore[arg-type]
     began_again(known, 0, "newest")  # the client already knew the new id when the offsets went back
     assert known_id(known, 0) == "newest"
+
+
+def test_a_detector_that_sees_its_topic_move_commits_and_snapshots_no_old_position() -> None:
+    """Between the new id and the new topic's first record, a checkpoint must not write the old topic's
+    position under the new id (a successor would drop the new topic's records below it)."""
+    from bench.poll_cost import Feed, make_detector
+
+    det = make_detector()
+    ids = {"t": "old"}
+    client = _Client(owned=(TopicPartition(det.settings.topics.readings, 0),))
+    cluster = SimpleNamespace(topic_id=lambda topic: ids["t"])
+    client._client = SimpleNamespace(cluster=cluster)  # type: ignore[attr-defined]
+    client._coordinator = det.consumer._coordinator  # type: ignore[attr-defined]
+    client.highwater = det.consumer.highwater  # type: ignore[attr-defined]
+    det.consumer = client
+    feed = Feed(5, "wide")
+    det.process(feed.poll(40))
+    assert det._without_moved_topic({}) == {} and det.checkpoints.cursors[0].position == 40
+    ids["t"] = "new"
+    assert det._without_moved_topic({}) == {}
+    assert client.seeks == [(TopicPartition(det.settings.topics.readings, 0), "beginning")]
+    position, assets = det.checkpoints.pending()[0]
+    assert position == 0 and len(assets) == 5  # every asset snapshotted again, at the new topic's start
