@@ -300,11 +300,12 @@ class Archiver:
                 polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
                                             max_records=s.kafka.max_poll_records)
                 self.last_loop = time.monotonic()
-                polled, restart_at = self._without_new_logs(polled)
+                polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids,
+                                                   self._topic_id(s.topics.readings), self.log)
                 if polled:
-                    self.add(polled)
+                    polled = self.add(polled)
                     self._update_lag(polled)
-                self._read_on_from(restart_at)
+                self._read_on_from({tp: 0 for tp in moved})  # read again from their beginning
                 if self.retry_at is not None:
                     self._pause_all()  # partitions assigned meanwhile wait too
                 if self._due():
@@ -406,10 +407,16 @@ class Archiver:
                 self.consumer.pause(*assigned)
 
     # ------------------------------------------------------------------ one poll
-    def add(self, polled: Mapping[TopicPartition, Sequence[Any]]) -> None:
-        """Decode a poll in one pass and buffer its readings per partition."""
+    def add(self, polled: Polled) -> Polled:
+        """Decode a poll in one pass and buffer its readings per partition; returns what was buffered:
+        a partition whose offsets drop within the poll (its log began again) only up to the drop, and
+        the rest comes in the next poll (:func:`cut_at_new_log`)."""
+        records, offsets, partitions = poll_arrays(polled)
+        cut = None if self.consumer is None else cut_at_new_log(self.consumer, polled, offsets, partitions)
+        if cut is not None:
+            polled = cut[0]
+            records, offsets, _ = poll_arrays(polled)
         tps = sorted(polled)
-        records, offsets, _ = poll_arrays(polled)
         batch = decode_batch([r.value for r in records], self.settings.model.features,
                              fmt=self.settings.detector.input_format, limits=self.limits,
                              unknown_features="ignore")
@@ -432,11 +439,16 @@ class Archiver:
             pending.end = polled[tp][-1].offset + 1
         if self.buffered_since is None:
             self.buffered_since = time.monotonic()
+        if cut is not None:  # after the old log's readings were stamped with its id
+            for tp in cut[1]:
+                began_again(self.topic_ids, tp.partition, self._topic_id(tp.topic))
+            self._read_on_from(cut[1])
         self.stats.records += len(records)
         RECORDS.inc(len(records))
         BUFFERED.set(sum(p.readings for p in self.pending.values()))
         if batch.rejects:
             self._count_rejects(batch.rejects, records)
+        return polled
 
     def _without_future(self, batch: DecodedBatch, records: Sequence[Any]) -> DecodedBatch:
         """The batch without the records the detector sends to its dead-letter topic as ``future``
@@ -498,23 +510,6 @@ class Archiver:
         BUFFERED.set(sum(p.readings for p in self.pending.values()))
         if files:
             self._count_written(files, readings, rows, time.perf_counter() - t0)
-
-    def _without_new_logs(self, polled: Polled) -> tuple[Polled, dict[TopicPartition, int]]:
-        """The poll without what a readings topic created again under the client skipped or mixed in,
-        and per partition concerned the offset its new log is read on from: partitions whose topic id
-        changed are read again from their beginning (0), and a partition whose offsets drop within the
-        poll is cut at the drop (the rest comes in the next poll)."""
-        assert self.consumer is not None
-        tid = self._topic_id(self.settings.topics.readings)
-        polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids, tid, self.log)
-        restart_at = {tp: 0 for tp in moved}
-        _, offsets, partitions = poll_arrays(polled)
-        cut = cut_at_new_log(self.consumer, polled, offsets, partitions)
-        if cut is None:
-            return polled, restart_at
-        for tp in cut[1]:
-            began_again(self.topic_ids, tp.partition, tid)
-        return cut[0], {**restart_at, **cut[1]}
 
     def _read_on_from(self, restart_at: Mapping[TopicPartition, int]) -> None:
         """Partitions whose new log is read on from these offsets: what their buffered and written

@@ -310,9 +310,9 @@ def reread_moved_topic(consumer: KafkaConsumer, polled: Polled, known: dict[int,
     moved = []
     for tp in consumer.assignment():
         was = known.get(tp.partition, "")
-        if was.startswith(_NEW_LOG) and was == _NEW_LOG + tid:
+        if was == _NEW_LOG + tid:
             continue  # the client's metadata still names the old topic
-        if was and not was.startswith(_NEW_LOG) and was != tid:
+        if _other_id(was, tid):
             moved.append(tp)
         known[tp.partition] = tid
     if not moved:
@@ -327,8 +327,12 @@ def reread_moved_topic(consumer: KafkaConsumer, polled: Polled, known: dict[int,
 def began_again(known: dict[int, str], partition: int, tid: str) -> None:
     """The partition's log began again (its offsets went back) while the client knew the topic as
     ``tid``: the id its metadata names next is the new log's, not a move (:func:`reread_moved_topic`)."""
-    was = known.get(partition, "")
-    known[partition] = tid if was and not was.startswith(_NEW_LOG) and was != tid else _NEW_LOG + tid
+    known[partition] = tid if _other_id(known.get(partition, ""), tid) else _NEW_LOG + tid
+
+
+def _other_id(was: str, tid: str) -> bool:
+    """Whether the positions' known id ``was`` is a topic's other than ``tid`` (not unknown, not marked)."""
+    return bool(was) and not was.startswith(_NEW_LOG) and was != tid
 
 
 def known_id(known: dict[int, str], partition: int) -> str:
