@@ -416,6 +416,7 @@ class Archiver:
         if cut is not None:
             polled = cut[0]
             records, offsets, _ = poll_arrays(polled)
+        self._began_again_before(polled)
         tps = sorted(polled)
         batch = decode_batch([r.value for r in records], self.settings.model.features,
                              fmt=self.settings.detector.input_format, limits=self.limits,
@@ -449,6 +450,24 @@ class Archiver:
         if batch.rejects:
             self._count_rejects(batch.rejects, records)
         return polled
+
+    def _began_again_before(self, polled: Polled) -> None:
+        """Partitions whose poll starts below where their last one ended: their log began again
+        between the polls (Kafka answers a position past a recreated or truncated log's end as out of
+        range, and the client starts again from its earliest record). Their readings from here are
+        the new log's: stamped with no topic id until the client's metadata names the new one (the
+        old id would make the scan drop them as the old log's duplicates), and what is buffered
+        commits this offset of the new log, not the old log's end."""
+        restart = {tp: recs[0].offset for tp, recs in polled.items()
+                   if tp in self.pending and recs and recs[0].offset < self.pending[tp].end}
+        if not restart:
+            return
+        self.log.warning("readings log began again: its offsets went back between polls",
+                         partitions={tp.partition: {"expected": self.pending[tp].end, "polled": offset}
+                                     for tp, offset in sorted(restart.items())})
+        for tp in restart:
+            began_again(self.topic_ids, tp.partition, self._topic_id(tp.topic))
+        self._read_on_from(restart)
 
     def _without_future(self, batch: DecodedBatch, records: Sequence[Any]) -> DecodedBatch:
         """The batch without the records the detector sends to its dead-letter topic as ``future``
