@@ -300,12 +300,7 @@ class Archiver:
                 polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
                                             max_records=s.kafka.max_poll_records)
                 self.last_loop = time.monotonic()
-                polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids,
-                                                   self._topic_id(s.topics.readings), self.log)
-                if polled:
-                    polled = self.add(polled)
-                    self._update_lag(polled)
-                self._read_on_from({tp: 0 for tp in moved})  # read again from their beginning
+                self.take(polled)
                 if self.retry_at is not None:
                     self._pause_all()  # partitions assigned meanwhile wait too
                 if self._due():
@@ -407,6 +402,18 @@ class Archiver:
                 self.consumer.pause(*assigned)
 
     # ------------------------------------------------------------------ one poll
+    def take(self, polled: Polled) -> None:
+        """One poll's records (empty polls too): partitions whose topic was created again are read
+        again from their beginning, and what they buffered or wrote commits offset 0 of the new topic
+        (:func:`~consumers.kafka_clients.reread_moved_topic`); the rest is buffered."""
+        assert self.consumer is not None
+        polled, moved = reread_moved_topic(self.consumer, polled, self.topic_ids,
+                                           self._topic_id(self.settings.topics.readings), self.log)
+        if polled:
+            polled = self.add(polled)
+            self._update_lag(polled)
+        self._read_on_from({tp: 0 for tp in moved})
+
     def add(self, polled: Polled) -> Polled:
         """Decode a poll in one pass and buffer its readings per partition; returns what was buffered:
         a partition whose offsets drop within the poll (its log began again) only up to the drop, and

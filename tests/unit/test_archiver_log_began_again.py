@@ -1,6 +1,7 @@
-"""A readings log that began again between two polls of a running archiver (Kafka answers a position
-past a recreated or truncated log's end as out of range, and the client starts again from its
-earliest record, before its metadata names the new topic id): no reading of the new log is lost."""
+"""A readings log that began again under a running archiver: between two polls (Kafka answers a
+position past a recreated or truncated log's end as out of range, and the client starts again from
+its earliest record, before its metadata names the new topic id), or seen as a new topic id in the
+metadata. No reading of the new log is lost, and no commit skips any (stand-in client, real files)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,27 @@ def test_readings_of_a_log_that_began_again_between_polls_are_neither_the_old_lo
     assert archiver.committable()[TP].offset == 8 and client.seeks == []
     scanned = list(scan_archive(settings.archive.uri, settings.model.features, start_ms=T0, end_ms=T0 + 86_400_000))
     assert sum(b.n_records for b in scanned) == 6 + 8  # both logs' readings, none taken for a duplicate
+
+
+def test_a_partition_whose_topic_moved_commits_the_new_topics_start_not_the_old_topics_end(tmp_path: Path) -> None:
+    """The metadata names a new id while the partition's readings of the old topic are written but not
+    committed: committing the old topic's end would make the next owner skip the new topic's first records."""
+    settings = load_settings(env={}, overrides={"archive.uri": str(tmp_path / "archive")})
+    archiver = Archiver(settings)
+    client = _Client()
+    client.seek_to_beginning = lambda *tps: client.seeks.extend((tp, 0) for tp in tps)  # type: ignore[attr-defined]
+    client.highwater = lambda tp: None  # type: ignore[attr-defined]
+    archiver.consumer = client  # type: ignore[assignment]
+    archiver.topic_ids = {0: "old"}
+    archiver.take(_poll(range(0, 6), 0))
+    archiver.flush()
+    assert archiver.committable()[TP].offset == 6
+    client.topic = "new"
+    archiver.take({})  # nothing polled: the client waits past the new topic's end
+    assert client.seeks == [(TP, 0)] and archiver.committable()[TP].offset == 0
+    archiver.take(_poll(range(0, 3), 100))
+    archiver.flush()
+    assert archiver.committable()[TP].offset == 3
+    assert [tid for tid, _ in archiver.pending[TP].chunks] == []
+    scanned = list(scan_archive(settings.archive.uri, settings.model.features, start_ms=T0, end_ms=T0 + 86_400_000))
+    assert sum(b.n_records for b in scanned) == 6 + 3
