@@ -161,9 +161,13 @@ def poll_costs(n_assets: int, poll: int, polls: int, fmt: str, scores_topic: boo
 
 def timed_polls(d: Any, feed: Feed, poll: int, polls: int) -> list[float]:
     """Seconds of ``d.process`` for each of ``polls`` polls of ``poll`` records, after five
-    warm-up polls (first steps, the model's warm-up steps)."""
+    warm-up polls (first steps, the model's warm-up steps) and the garbage-collector setting the
+    detector's run makes."""
+    from consumers.heap import settle_heap
+
     for _ in range(5):
         d.process(feed.poll(poll))
+    settle_heap()
     times = []
     for _ in range(polls):
         batch = feed.poll(poll)

@@ -10,7 +10,8 @@ scored past the model's warm-up); a small model fitted on simulated history. The
 format, in fresh processes one after the other (the order alternates between rounds):
 
 * ``bare``: a consumer built by :func:`consumers.kafka_clients.make_consumer` (the detector's
-  client settings and packages, e.g. the C CRC32C) polling with the detector's timeout and
+  client settings and packages, e.g. the C CRC32C, and its garbage-collector setting,
+  :func:`consumers.heap.settle_heap`) polling with the detector's timeout and
   ``max_poll_records``, decoding nothing kafka-python does not;
 * ``detector``: :class:`consumers.detector.Detector` as ``plantwatch detect --model`` runs it
   (scores topic off), from the beginning of the topic.
@@ -90,6 +91,7 @@ def produce_readings(settings: Any, fmt: str, n_records: int, n_assets: int, per
 def run_bare(settings: Any, n_records: int) -> dict[str, Any]:
     from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
+    from consumers.heap import settle_heap
     from consumers.kafka_clients import make_consumer
 
     marks: dict[str, float] = {}
@@ -104,6 +106,7 @@ def run_bare(settings: Any, n_records: int) -> dict[str, Any]:
     s = settings
     consumer = make_consumer(s, group_id=f"bench-bare-{uuid.uuid4().hex[:8]}")
     consumer.subscribe([s.topics.readings], listener=Mark())
+    settle_heap()  # the detector's process setting of the garbage collector, as `run` makes it
     seen = 0
     try:
         while seen < n_records:

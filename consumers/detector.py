@@ -20,7 +20,6 @@ decides the partition, and an asset must live in exactly one partition.
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 import uuid
@@ -39,6 +38,7 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
+from consumers.heap import settle_heap
 from consumers.kafka_clients import (KeyPartitions, ReadTimeout, began_again, cut_at_new_log, known_id, make_consumer,
                                      make_producer, poll_arrays, read_to_end, record_clock, reread_moved_topic,
                                      resume, seek_to_committed, seek_to_committed_async, topic_id)
@@ -150,7 +150,7 @@ class Detector:
         self.state_producer = make_state_producer(s)
         self.consumer = make_consumer(s, group_id=s.detector.group_id, never_compacted=True)
         self.consumer.subscribe([s.topics.readings], listener=_Listener(self))
-        _freeze_heap()
+        settle_heap()
         self.log.info("detector started", topic=s.topics.readings, model_version=self.engine.model_version,
                       step_runtime=self.engine.model.step_runtime)
         if self.follow_registry:
@@ -618,7 +618,7 @@ class Detector:
         if rewarm:
             self.engine.adopt(np.array(rewarm, np.int64))
         self._set_health(assigned=True)
-        _freeze_heap()  # the restored state is long-lived too
+        settle_heap()  # the restored state is long-lived too
         self.restore_s.append(time.perf_counter() - t)
         self.log.info("state restored", partitions=sorted(tp.partition for tp in wanted), assets=restored_assets,
                       rewarmed=len(rewarm), seconds=round(self.restore_s[-1], 3))
@@ -683,14 +683,6 @@ class Detector:
         metrics.MODEL_SWAPS.labels("refused").inc()
         self.log.error("model refused; the current one keeps serving", version=prepared.bundle.version,
                        error=str(exc))
-
-
-def _freeze_heap() -> None:
-    """Keep what is alive now (TensorFlow, the model, the fleet's state) out of the cyclic
-    garbage collector's full collections: walking it took 130-290 ms with TensorFlow loaded,
-    a stall of the poll loop every 10-20 s that set the p99 latency; 6-8 ms once frozen.
-    Frozen objects are still freed by reference counting when dropped."""
-    gc.freeze()
 
 
 @dataclass
