@@ -78,8 +78,8 @@ from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
 from consumers.kafka_clients import (Polled, began_again, cut_at_new_log, known_id, make_consumer, poll_arrays,
-                                     record_clock, reread_moved_topic, resume, seek_to_committed,
-                                     seek_to_committed_async, topic_id)
+                                     record_clock, refreshed_topic_id, reread_moved_topic, resume,
+                                     seek_to_committed, seek_to_committed_async, topic_id)
 from pipeline import storage
 from pipeline.grid import too_far_ahead
 from pipeline.logs import get_logger
@@ -448,8 +448,7 @@ class Archiver:
         if self.buffered_since is None:
             self.buffered_since = time.monotonic()
         if cut is not None:  # after the old log's readings were stamped with its id
-            for tp in cut[1]:
-                began_again(self.topic_ids, tp.partition, self._topic_id(tp.topic))
+            self._began_again(cut[1])
             self._read_on_from(cut[1])
         self.stats.records += len(records)
         RECORDS.inc(len(records))
@@ -462,9 +461,8 @@ class Archiver:
         """Partitions whose poll starts below where their last one ended: their log began again
         between the polls (Kafka answers a position past a recreated or truncated log's end as out of
         range, and the client starts again from its earliest record). Their readings from here are
-        the new log's: stamped with no topic id until the client's metadata names the new one (the
-        old id would make the scan drop them as the old log's duplicates), and what is buffered
-        commits this offset of the new log, not the old log's end."""
+        the new log's (:meth:`_began_again`), and what is buffered commits this offset of the new log,
+        not the old log's end."""
         restart = {tp: recs[0].offset for tp, recs in polled.items()
                    if tp in self.pending and recs and recs[0].offset < self.pending[tp].end}
         if not restart:
@@ -472,9 +470,23 @@ class Archiver:
         self.log.warning("readings log began again: its offsets went back between polls",
                          partitions={tp.partition: {"expected": self.pending[tp].end, "polled": offset}
                                      for tp, offset in sorted(restart.items())})
-        for tp in restart:
-            began_again(self.topic_ids, tp.partition, self._topic_id(tp.topic))
+        self._began_again(restart)
         self._read_on_from(restart)
+
+    def _began_again(self, tps: Iterable[TopicPartition]) -> None:
+        """The logs of these partitions began again: their readings from here are stamped with the
+        topic id of metadata refreshed now (a new id: the topic was created again; the same: its log
+        was truncated, and the scan drops what is read again as duplicates). When no refresh
+        completes in time (:func:`~consumers.kafka_clients.refreshed_topic_id`), with no id until
+        the client's metadata names the new one (the old id would make the scan drop the new log's
+        readings as the old log's)."""
+        tps = list(tps)
+        if not tps or self.consumer is None:
+            return
+        fresh = refreshed_topic_id(self.consumer, tps[0].topic)
+        for tp in tps:
+            began_again(self.topic_ids, tp.partition, self._topic_id(tp.topic) if fresh is None else fresh,
+                        fresh=fresh is not None)
 
     def _without_future(self, batch: DecodedBatch, records: Sequence[Any]) -> DecodedBatch:
         """The batch without the records the detector sends to its dead-letter topic as ``future``

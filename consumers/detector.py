@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +40,8 @@ from consumers import metrics
 from consumers.health import Health
 from consumers.heap import settle_heap
 from consumers.kafka_clients import (KeyPartitions, ReadTimeout, began_again, cut_at_new_log, known_id, make_consumer,
-                                     make_producer, poll_arrays, read_to_end, record_clock, reread_moved_topic,
-                                     resume, seek_to_committed, seek_to_committed_async, topic_id)
+                                     make_producer, poll_arrays, read_to_end, record_clock, refreshed_topic_id,
+                                     reread_moved_topic, resume, seek_to_committed, seek_to_committed_async, topic_id)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
 from pipeline.checkpoint import Checkpoints, Restored
@@ -312,11 +312,12 @@ class Detector:
         metrics.RECORDS.inc(len(records))
         self.stats.records += len(records)
         keys = np.array([_text(r.key) for r in records], dtype=object)
-        for p, first in self.checkpoints.restarted(partitions, offsets).items():
+        restarted = self.checkpoints.restarted(partitions, offsets)
+        for p, first in restarted.items():
             self.log.warning("readings partition began again below its position (topic created again, broker on "
                              "fresh storage, or truncated): its records are read as new", partition=p, offset=first,
                              position=self.checkpoints.cursors[p].position)
-            self._began_again(p, first)
+        self._began_again(restarted)
         plan = self.checkpoints.plan(partitions, offsets, keys)
         todo = np.flatnonzero(plan.process)
         silent_rec = plan.silent[todo]  # per processed record
@@ -374,9 +375,9 @@ class Detector:
         for tp, recs in polled.items():
             if tp.partition in self.checkpoints.cursors:  # (records of a partition not restored were not processed)
                 self.checkpoints.processed(tp.partition, recs[-1].offset + 1, touched.get(tp.partition, ()))
-        for tp, offset in drops.items():  # the old log's records are processed: its new log goes on from the drop
-            if tp.partition in self.checkpoints.cursors:
-                self._began_again(tp.partition, offset)
+        # The old log's records are processed: its new log goes on from the drop.
+        self._began_again({tp.partition: offset for tp, offset in drops.items()
+                           if tp.partition in self.checkpoints.cursors})
         if futures:
             self._record_progress(self.checkpoints.published(sorted({tp.partition for tp in polled})))
         metrics.ASSETS.set(len(self.engine.state))
@@ -474,11 +475,17 @@ class Detector:
                 self.checkpoints.restart(tp.partition, 0)
         return kept  # type: ignore[return-value]
 
-    def _began_again(self, partition: int, offset: int) -> None:
-        """The partition's log began again at ``offset``: its positions start afresh there, under the
-        topic id the client learns next (:func:`began_again`)."""
-        self.checkpoints.restart(partition, offset)
-        began_again(self.topic_ids, partition, self._readings_topic_id())
+    def _began_again(self, restarts: Mapping[int, int]) -> None:
+        """These partitions' logs began again (partition → offset): their positions start afresh there,
+        under the topic id of metadata refreshed now (one refresh for all), or the id the client learns
+        next when no refresh completes in time (:func:`refreshed_topic_id`, :func:`began_again`)."""
+        if not restarts:
+            return
+        fresh = None if self.consumer is None else refreshed_topic_id(self.consumer, self.settings.topics.readings)
+        for partition, offset in restarts.items():
+            self.checkpoints.restart(partition, offset)
+            began_again(self.topic_ids, partition, self._readings_topic_id() if fresh is None else fresh,
+                        fresh=fresh is not None)
 
     def _state_send(self, partition: int, key: str, value: bytes | None, kind: str, position: int,
                     producer: Any = None) -> Any:

@@ -15,6 +15,7 @@ alert exclusions, the detector's state changelog).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -324,10 +325,43 @@ def reread_moved_topic(consumer: KafkaConsumer, polled: Polled, known: dict[int,
     return {tp: recs for tp, recs in polled.items() if tp not in moved}, moved
 
 
-def began_again(known: dict[int, str], partition: int, tid: str) -> None:
-    """The partition's log began again (its offsets went back) while the client knew the topic as
-    ``tid``: the id its metadata names next is the new log's, not a move (:func:`reread_moved_topic`)."""
-    known[partition] = tid if _other_id(known.get(partition, ""), tid) else _NEW_LOG + tid
+def began_again(known: dict[int, str], partition: int, tid: str, *, fresh: bool = False) -> None:
+    """The partition's log began again (its offsets went back); ``tid`` is the topic's id in the
+    client's metadata. ``fresh``: that metadata was refreshed after the offsets went back
+    (:func:`refreshed_topic_id`), so ``tid`` is the new log's id: another id than the known one is a
+    topic created again, the same id a log truncated (an unclean leader election, a broker started
+    on fresh storage under the same id). Else the metadata may still name the old topic, and the id
+    it names next is the new log's, not a move (:func:`reread_moved_topic`); until then the
+    positions' id is unknown (:func:`known_id`)."""
+    if fresh:
+        known[partition] = tid
+    else:
+        known[partition] = tid if _other_id(known.get(partition, ""), tid) else _NEW_LOG + tid
+
+
+def refreshed_topic_id(consumer: KafkaConsumer, topic: str) -> str | None:
+    """The topic's id in metadata the broker sent after this call (see :func:`topic_id`); None when
+    none came within ``READINGS_METADATA_MAX_AGE_MS``, after which the periodic refresh would have
+    brought it anyway. For the rare moment a partition's offsets went back, where the id says whether
+    the topic was created again or its log truncated. Blocks the calling thread, which only waits:
+    the client's own I/O thread sends the request and applies the answer (it alone may drive the
+    client's event loop). A refresh already in flight was asked for before the call, so its answer
+    is waited out and a new one asked for."""
+    cluster = consumer._client.cluster  # pinned kafka-python internals
+    deadline = time.monotonic() + READINGS_METADATA_MAX_AGE_MS / 1000
+    if cluster.metadata_refresh_in_progress and not _waited(cluster._refresh_future, deadline):
+        return None
+    future = cluster.request_update()
+    if not _waited(future, deadline) or future.failed():
+        return None
+    return topic_id(consumer, topic)
+
+
+def _waited(future: Any, deadline: float) -> bool:
+    """Whether the kafka-python future completed (either way) before ``deadline`` (monotonic s)."""
+    done = threading.Event()
+    future.add_both(lambda *_: done.set())
+    return done.wait(max(0.0, deadline - time.monotonic()))
 
 
 def _other_id(was: str, tid: str) -> bool:

@@ -115,6 +115,7 @@ def test_readings_polled_before_and_after_the_topic_was_created_again_are_stampe
     from types import SimpleNamespace
 
     from kafka import TopicPartition
+    from kafka.future import Future
 
     from consumers.archiver import Archiver
     from pipeline.readings import encode_wide
@@ -125,7 +126,9 @@ def test_readings_polled_before_and_after_the_topic_was_created_again_are_stampe
     features = settings.model.features
     ids = {settings.topics.readings: "topic-a"}
     archiver = Archiver(settings)
-    archiver.consumer = SimpleNamespace(_client=SimpleNamespace(cluster=SimpleNamespace(topic_id=ids.get)))
+    cluster = SimpleNamespace(topic_id=ids.get, request_update=lambda: Future().success(None),  # refreshed at once
+                              metadata_refresh_in_progress=False)
+    archiver.consumer = SimpleNamespace(_client=SimpleNamespace(cluster=cluster))
     tp = TopicPartition(settings.topics.readings, 0)
 
     def records(first: int, n: int, start_ms: int) -> list[SimpleNamespace]:
@@ -136,6 +139,7 @@ def test_readings_polled_before_and_after_the_topic_was_created_again_are_stampe
     archiver.add({tp: records(900, 100, MIDNIGHT)})
     ids[tp.topic] = "topic-b"  # the client's metadata now names the topic created again
     archiver.add({tp: records(0, 100, MIDNIGHT + 200_000)})
+    assert [tid for tid, _ in archiver.pending[tp].chunks] == ["topic-a", "topic-b"]
     archiver.flush()
     archiver.add({tp: records(100, 900, MIDNIGHT + 300_000)})
     archiver.flush()

@@ -9,6 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kafka import TopicPartition
+from kafka.errors import KafkaConnectionError
+from kafka.future import Future
 
 from consumers.archiver import Archiver
 from consumers.kafka_clients import reread_moved_topic
@@ -21,12 +23,22 @@ TP = TopicPartition("readings", 0)
 
 
 class _Client:
-    """Only what the archiver asks of its client outside a poll: the topic id its metadata names."""
+    """Only what the archiver asks of its client outside a poll: the topic id its metadata names, and a
+    metadata refresh, which brings ``refreshed`` (None: the refresh fails)."""
 
     def __init__(self) -> None:
         self.topic = "old"
-        self._client = SimpleNamespace(cluster=SimpleNamespace(topic_id=lambda topic: self.topic))
+        self.refreshed: str | None = None
         self.seeks: list[tuple[TopicPartition, int]] = []
+        cluster = SimpleNamespace(topic_id=lambda topic: self.topic, request_update=self._request_update,
+                                  metadata_refresh_in_progress=False)
+        self._client = SimpleNamespace(cluster=cluster)
+
+    def _request_update(self) -> Future:
+        if self.refreshed is None:
+            return Future().failure(KafkaConnectionError("no broker answered"))
+        self.topic = self.refreshed
+        return Future().success(None)
 
     def assignment(self) -> set[TopicPartition]:
         return {TP}
@@ -42,13 +54,55 @@ def _poll(offsets: range, first_s: int) -> dict[TopicPartition, list[SimpleNames
                  for i, o in enumerate(offsets)]}
 
 
-def test_readings_of_a_log_that_began_again_between_polls_are_neither_the_old_logs_nor_committed_past(
-        tmp_path: Path) -> None:
+def _archiver(tmp_path: Path) -> tuple[Archiver, _Client]:
     settings = load_settings(env={}, overrides={"archive.uri": str(tmp_path / "archive")})
     archiver = Archiver(settings)
     client = _Client()
+    client.seek_to_beginning = lambda *tps: client.seeks.extend((tp, 0) for tp in tps)  # type: ignore[attr-defined]
+    client.highwater = lambda tp: None  # type: ignore[attr-defined]
     archiver.consumer = client  # type: ignore[assignment]
     archiver.topic_ids = {0: "old"}  # as on assignment
+    return archiver, client
+
+
+def _scanned(archiver: Archiver) -> int:
+    s = archiver.settings
+    return sum(b.n_records for b in scan_archive(s.archive.uri, s.model.features, start_ms=T0, end_ms=T0 + 86_400_000))
+
+
+def test_a_recreated_topics_readings_are_stamped_with_the_id_a_metadata_refresh_brings(tmp_path: Path) -> None:
+    archiver, client = _archiver(tmp_path)
+    archiver.take(_poll(range(0, 6), 0))
+    archiver.flush()
+    client.refreshed = "new"
+    archiver.take(_poll(range(0, 4), 100))  # the new log from its start, before the periodic refresh
+    assert [tid for tid, _ in archiver.pending[TP].chunks] == ["new"]
+    assert archiver.committable()[TP].offset == 0
+    archiver.take(_poll(range(4, 8), 104))
+    archiver.flush()
+    assert client.seeks == [] and archiver.committable()[TP].offset == 8 and _scanned(archiver) == 6 + 8
+
+
+def test_a_truncated_log_keeps_its_id_and_a_later_recreation_is_still_seen(tmp_path: Path) -> None:
+    """Offsets going back under the same id (an unclean leader election, a reset to the earliest
+    record): what is read again is the same topic's, and the scan drops it as duplicates."""
+    archiver, client = _archiver(tmp_path)
+    archiver.take(_poll(range(0, 6), 0))
+    archiver.flush()
+    client.refreshed = "old"
+    archiver.take(_poll(range(0, 6), 0))  # read again from the earliest record
+    assert [tid for tid, _ in archiver.pending[TP].chunks] == ["old"]
+    archiver.flush()
+    assert _scanned(archiver) == 6
+    client.topic = "newer"  # then the topic is created again: a move, read from its beginning
+    archiver.take({})
+    assert client.seeks == [(TP, 0)] and archiver.committable()[TP].offset == 0
+
+
+def test_readings_of_a_log_that_began_again_between_polls_are_neither_the_old_logs_nor_committed_past(
+        tmp_path: Path) -> None:
+    """The metadata refresh asked for when the offsets went back fails: no id until the client learns it."""
+    archiver, client = _archiver(tmp_path)
     archiver.add(_poll(range(0, 6), 0))  # the old log
     archiver.flush()
     assert archiver.committable()[TP].offset == 6
@@ -61,20 +115,13 @@ def test_readings_of_a_log_that_began_again_between_polls_are_neither_the_old_lo
     assert [tid for tid, _ in archiver.pending[TP].chunks] == ["", "new"]
     archiver.flush()
     assert archiver.committable()[TP].offset == 8 and client.seeks == []
-    scanned = list(scan_archive(settings.archive.uri, settings.model.features, start_ms=T0, end_ms=T0 + 86_400_000))
-    assert sum(b.n_records for b in scanned) == 6 + 8  # both logs' readings, none taken for a duplicate
+    assert _scanned(archiver) == 6 + 8  # both logs' readings, none taken for a duplicate
 
 
 def test_a_partition_whose_topic_moved_commits_the_new_topics_start_not_the_old_topics_end(tmp_path: Path) -> None:
     """The metadata names a new id while the partition's readings of the old topic are written but not
     committed: committing the old topic's end would make the next owner skip the new topic's first records."""
-    settings = load_settings(env={}, overrides={"archive.uri": str(tmp_path / "archive")})
-    archiver = Archiver(settings)
-    client = _Client()
-    client.seek_to_beginning = lambda *tps: client.seeks.extend((tp, 0) for tp in tps)  # type: ignore[attr-defined]
-    client.highwater = lambda tp: None  # type: ignore[attr-defined]
-    archiver.consumer = client  # type: ignore[assignment]
-    archiver.topic_ids = {0: "old"}
+    archiver, client = _archiver(tmp_path)
     archiver.take(_poll(range(0, 6), 0))
     archiver.flush()
     assert archiver.committable()[TP].offset == 6
@@ -85,5 +132,4 @@ def test_a_partition_whose_topic_moved_commits_the_new_topics_start_not_the_old_
     archiver.flush()
     assert archiver.committable()[TP].offset == 3
     assert [tid for tid, _ in archiver.pending[TP].chunks] == []
-    scanned = list(scan_archive(settings.archive.uri, settings.model.features, start_ms=T0, end_ms=T0 + 86_400_000))
-    assert sum(b.n_records for b in scanned) == 6 + 3
+    assert _scanned(archiver) == 6 + 3

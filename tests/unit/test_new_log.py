@@ -97,3 +97,35 @@ def test_a_detector_that_sees_its_topic_move_commits_and_snapshots_no_old_positi
     assert client.seeks == [(TopicPartition(det.settings.topics.readings, 0), "beginning")]
     position, assets = det.checkpoints.pending()[0]
     assert position == 0 and len(assets) == 5  # every asset snapshotted again, at the new topic's start
+
+
+def test_a_refreshed_id_comes_from_metadata_asked_for_after_the_call(monkeypatch: Any) -> None:
+    """A refresh already in flight was sent before the offsets went back: its answer may still name the
+    old topic, so it is waited out and a new one asked for; no answer in time is no id."""
+    import threading
+
+    from kafka.future import Future
+
+    import consumers.kafka_clients as kc
+
+    in_flight, asked = Future(), Future()
+    ids = {"t": "old"}
+
+    def request_update() -> Future:
+        assert in_flight.is_done  # asked only once the earlier refresh is over
+        return asked
+
+    cluster = SimpleNamespace(topic_id=lambda topic: ids["t"], request_update=request_update,
+                              metadata_refresh_in_progress=True, _refresh_future=in_flight)
+    client = SimpleNamespace(_client=SimpleNamespace(cluster=cluster))
+
+    def io_thread() -> None:  # the client's own thread answers both, in order
+        in_flight.success(None)
+        ids["t"] = "new"
+        asked.success(None)
+
+    threading.Timer(0.05, io_thread).start()
+    assert kc.refreshed_topic_id(client, "t") == "new"  # type: ignore[arg-type]
+    monkeypatch.setattr(kc, "READINGS_METADATA_MAX_AGE_MS", 50)
+    cluster.metadata_refresh_in_progress, cluster.request_update = False, Future  # never answered
+    assert kc.refreshed_topic_id(client, "t") is None  # type: ignore[arg-type]
