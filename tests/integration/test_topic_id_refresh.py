@@ -22,10 +22,10 @@ def test_a_refresh_asked_for_names_the_id_of_a_topic_created_again(broker: Any, 
     try:
         consumer.assign([TopicPartition(topic, 0)])
         consumer.poll(timeout_ms=1_000)
-        first = refreshed_topic_id(consumer, topic, 10_000)
+        first = refreshed_topic_id(consumer, topic)
         assert first and first == topic_id(consumer, topic)
         recreate_readings_topic(settings)
-        again = refreshed_topic_id(consumer, topic, 10_000)
+        again = refreshed_topic_id(consumer, topic)
         assert again and again != first and topic_id(consumer, topic) == again
     finally:
         consumer.close()
