@@ -77,9 +77,9 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import (Polled, began_again, cut_at_new_log, known_id, make_consumer, poll_arrays,
-                                     record_clock, refreshed_topic_id, reread_moved_topic, resume,
-                                     seek_to_committed, seek_to_committed_async, topic_id)
+from consumers.kafka_clients import (Polled, cut_at_new_log, known_id, logs_began_again, make_consumer, poll_arrays,
+                                     record_clock, reread_moved_topic, resume, seek_to_committed,
+                                     seek_to_committed_async, topic_id)
 from pipeline import storage
 from pipeline.grid import too_far_ahead
 from pipeline.logs import get_logger
@@ -481,12 +481,8 @@ class Archiver:
         the client's metadata names the new one (the old id would make the scan drop the new log's
         readings as the old log's)."""
         tps = list(tps)
-        if not tps or self.consumer is None:
-            return
-        fresh = refreshed_topic_id(self.consumer, tps[0].topic)
-        for tp in tps:
-            began_again(self.topic_ids, tp.partition, self._topic_id(tp.topic) if fresh is None else fresh,
-                        fresh=fresh is not None)
+        if tps and self.consumer is not None:
+            logs_began_again(self.consumer, self.topic_ids, [tp.partition for tp in tps], tps[0].topic)
 
     def _without_future(self, batch: DecodedBatch, records: Sequence[Any]) -> DecodedBatch:
         """The batch without the records the detector sends to its dead-letter topic as ``future``

@@ -39,8 +39,8 @@ from kafka.structs import OffsetAndMetadata
 from consumers import metrics
 from consumers.health import Health
 from consumers.heap import settle_heap
-from consumers.kafka_clients import (KeyPartitions, ReadTimeout, began_again, cut_at_new_log, known_id, make_consumer,
-                                     make_producer, poll_arrays, read_to_end, record_clock, refreshed_topic_id,
+from consumers.kafka_clients import (KeyPartitions, ReadTimeout, cut_at_new_log, known_id, logs_began_again,
+                                     make_consumer, make_producer, poll_arrays, read_to_end, record_clock,
                                      reread_moved_topic, resume, seek_to_committed, seek_to_committed_async, topic_id)
 from pipeline.alerts import AlertEvent
 from pipeline.bundle import ModelBundle
@@ -478,14 +478,11 @@ class Detector:
     def _began_again(self, restarts: Mapping[int, int]) -> None:
         """These partitions' logs began again (partition → offset): their positions start afresh there,
         under the topic id of metadata refreshed now (one refresh for all), or the id the client learns
-        next when no refresh completes in time (:func:`refreshed_topic_id`, :func:`began_again`)."""
-        if not restarts:
-            return
-        fresh = None if self.consumer is None else refreshed_topic_id(self.consumer, self.settings.topics.readings)
+        next when no refresh completes in time (:func:`logs_began_again`)."""
         for partition, offset in restarts.items():
             self.checkpoints.restart(partition, offset)
-            began_again(self.topic_ids, partition, self._readings_topic_id() if fresh is None else fresh,
-                        fresh=fresh is not None)
+        if restarts and self.consumer is not None:
+            logs_began_again(self.consumer, self.topic_ids, list(restarts), self.settings.topics.readings)
 
     def _state_send(self, partition: int, key: str, value: bytes | None, kind: str, position: int,
                     producer: Any = None) -> Any:

@@ -357,6 +357,16 @@ def refreshed_topic_id(consumer: KafkaConsumer, topic: str) -> str | None:
     return topic_id(consumer, topic)
 
 
+def logs_began_again(consumer: KafkaConsumer, known: dict[int, str], partitions: Iterable[int], topic: str) -> None:
+    """These partitions' logs began again (their offsets went back): each takes the topic id of
+    metadata refreshed now (one refresh for all, :func:`refreshed_topic_id`), or, when none completes
+    in time, the id the client learns next (:func:`began_again`)."""
+    fresh = refreshed_topic_id(consumer, topic)
+    tid = topic_id(consumer, topic) if fresh is None else fresh
+    for partition in partitions:
+        began_again(known, partition, tid, fresh=fresh is not None)
+
+
 def _waited(future: Any, deadline: float) -> bool:
     """Whether the kafka-python future completed (either way) before ``deadline`` (monotonic s)."""
     done = threading.Event()

@@ -129,3 +129,33 @@ def test_a_refreshed_id_comes_from_metadata_asked_for_after_the_call(monkeypatch
     monkeypatch.setattr(kc, "READINGS_METADATA_MAX_AGE_MS", 50)
     cluster.metadata_refresh_in_progress, cluster.request_update = False, Future  # never answered
     assert kc.refreshed_topic_id(client, "t") is None  # type: ignore[arg-type]
+
+
+def test_a_detector_whose_offsets_go_back_restarts_its_positions_under_the_refreshed_id() -> None:
+    """The client, past a recreated topic's end, starts again from its earliest record before its
+    periodic refresh: the refresh asked for then names the new topic, and the positions start afresh."""
+    from kafka.future import Future
+
+    from bench.poll_cost import Feed, make_detector
+
+    det = make_detector()
+    ids = {"t": "old"}
+
+    def request_update() -> Future:
+        ids["t"] = "new"
+        return Future().success(None)
+
+    client = _Client(owned=(TopicPartition(det.settings.topics.readings, 0),))
+    cluster = SimpleNamespace(topic_id=lambda topic: ids["t"], request_update=request_update,
+                              metadata_refresh_in_progress=False)
+    client._client = SimpleNamespace(cluster=cluster)  # type: ignore[attr-defined]
+    client._coordinator = det.consumer._coordinator  # type: ignore[attr-defined]
+    client.highwater = det.consumer.highwater  # type: ignore[attr-defined]
+    det.consumer = client
+    det.topic_ids = {0: "old"}
+    feed = Feed(5, "wide")
+    det.process(feed.poll(40))
+    assert det.checkpoints.cursors[0].position == 40
+    feed.offset = 0  # the new log's records, from its first
+    det.process(feed.poll(10))
+    assert det.topic_ids == {0: "new"} and det.checkpoints.cursors[0].position == 10
