@@ -6,7 +6,8 @@ Layout (what :mod:`trainers.archive_scan` reads)::
     <archive.uri>/.archiver-tmp/<group>/<run>-part-….parquet.tmp    files being written
 
 long format, one row per (reading, feature): ``asset`` string, ``ts_ms`` int64, ``feature``
-string, ``value`` float64, ``partition`` int32, ``offset`` int64, in Kafka order. The date
+string, ``value`` float64, ``partition`` int32, ``offset`` int64, ``leader_epoch`` int32 (the
+record's partition leader epoch, -1 where the client gives none), in Kafka order. The date
 is the UTC date of ``ts_ms``. Nothing of a record enters a path (asset ids are column values
 only), and every path written or swept is checked to stay inside the archive root: on a
 local disk a symbolic link leading out of it (a date directory, ``.archiver-tmp``) makes the
@@ -15,10 +16,10 @@ write fail instead of being followed.
 A flush writes, for each Kafka partition with buffered readings, one file per date holding
 *every* reading of that partition consumed since the previous flush. That is what makes the
 scan's dedupe exact: a file covers a contiguous offset range of one partition completely for
-its date, so a later file's rows inside that range are duplicates. File names start with
-the write time (kept strictly increasing within a process), so they sort in write order and
-a rewrite after a crash lands in a later file; partition and first offset make each name
-unique without coordination between archivers. Each file's Parquet metadata names the readings
+its date, so a later file's rows inside that range (of the same leader epoch) are duplicates.
+File names start with the write time (kept strictly increasing within a process), so they sort
+in write order and a rewrite after a crash lands in a later file; partition and first offset make
+each name unique without coordination between archivers. Each file's Parquet metadata names the readings
 topic's id (``plantwatch.topic_id``): a topic created again numbers its records from 0 again, and
 the scan compares offsets only within one id.
 
@@ -77,8 +78,8 @@ from prometheus_client import Counter, Gauge
 from consumers import metrics
 from consumers.health import Health
 from consumers.http_server import serve
-from consumers.kafka_clients import (Polled, cut_at_new_log, known_id, logs_began_again, make_consumer, poll_arrays,
-                                     record_clock, reread_moved_topic, resume, seek_to_committed,
+from consumers.kafka_clients import (Polled, cut_at_new_log, known_id, leader_epochs, logs_began_again, make_consumer,
+                                     poll_arrays, record_clock, reread_moved_topic, resume, seek_to_committed,
                                      seek_to_committed_async, topic_id)
 from pipeline import storage
 from pipeline.grid import too_far_ahead
@@ -88,7 +89,8 @@ from pipeline.settings import Settings
 from pipeline.tables import ARCHIVE_TOPIC_ID_KEY
 
 SCHEMA = pa.schema([("asset", pa.string()), ("ts_ms", pa.int64()), ("feature", pa.string()),
-                    ("value", pa.float64()), ("partition", pa.int32()), ("offset", pa.int64())])
+                    ("value", pa.float64()), ("partition", pa.int32()), ("offset", pa.int64()),
+                    ("leader_epoch", pa.int32())])
 # One row group per batch of the archive scan (its default batch_rows): time pruning skips
 # whole batches, and a scan holds one row group in memory.
 ROW_GROUP_ROWS = 262_144
@@ -138,24 +140,32 @@ class Rows:
     feature: np.ndarray  # int32, index into the model features
     value: np.ndarray    # float64
     offset: np.ndarray   # int64
+    # int32: the partition leader epoch of each row's record, -1 where the client did not say (None: all -1).
+    # With the offset it names a record for good: a log truncated under its id (an unclean leader
+    # election) writes new records at offsets it had used before, under a later epoch.
+    leader_epoch: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.leader_epoch is None:
+            self.leader_epoch = np.full(len(self.offset), -1, np.int32)
 
     @staticmethod
     def concat(chunks: Sequence[Rows]) -> Rows:
         if len(chunks) == 1:
             return chunks[0]
         return Rows(*(np.concatenate([getattr(c, name) for c in chunks])
-                      for name in ("asset", "ts_ms", "feature", "value", "offset")))
+                      for name in ("asset", "ts_ms", "feature", "value", "offset", "leader_epoch")))
 
     def take(self, index: np.ndarray) -> Rows:
         return Rows(self.asset[index], self.ts_ms[index], self.feature[index], self.value[index],
-                    self.offset[index])
+                    self.offset[index], self.leader_epoch[index])
 
     def table(self, partition: int, features: pa.Array) -> pa.Table:
         feature = pa.DictionaryArray.from_arrays(pa.array(self.feature, pa.int32()), features)
         return pa.Table.from_arrays([
             pa.array(self.asset, pa.string()), pa.array(self.ts_ms, pa.int64()), feature.cast(pa.string()),
             pa.array(self.value, pa.float64()), pa.array(np.full(len(self.value), partition, np.int32)),
-            pa.array(self.offset, pa.int64()),
+            pa.array(self.offset, pa.int64()), pa.array(self.leader_epoch, pa.int32()),
         ], schema=SCHEMA)
 
 
@@ -429,6 +439,7 @@ class Archiver:
                              fmt=self.settings.detector.input_format, limits=self.limits,
                              unknown_features="ignore")
         batch = self._without_future(batch, records)
+        epochs = leader_epochs(records)
         # Records are grouped by partition and rows follow their records: each partition is one slice.
         record_bounds = np.cumsum([0] + [len(polled[tp]) for tp in tps])
         row_bounds = np.searchsorted(batch.record_index, record_bounds)
@@ -441,7 +452,7 @@ class Archiver:
                 # The id now, not at the flush: by then the topic may be gone from the metadata, or created again.
                 pending.chunks.append((self._stamp(tp), Rows(
                     batch.asset[lo:hi], batch.ts_ms[lo:hi], batch.feature[lo:hi], batch.value[lo:hi],
-                    offsets[batch.record_index[lo:hi]])))
+                    offsets[batch.record_index[lo:hi]], epochs[batch.record_index[lo:hi]])))
             pending.readings += int(readings_of[i])
             pending.records += len(polled[tp])
             pending.end = polled[tp][-1].offset + 1

@@ -289,6 +289,13 @@ def poll_arrays(polled: Polled) -> tuple[list[Any], np.ndarray, np.ndarray]:
     return records, offsets, partitions
 
 
+def leader_epochs(records: Sequence[Any]) -> np.ndarray:
+    """Each record's partition leader epoch (int32), -1 where the client or the broker gives none
+    (message formats before v2)."""
+    return np.fromiter((-1 if e is None else e for e in (getattr(r, "leader_epoch", -1) for r in records)),
+                       np.int32, len(records))
+
+
 _NEW_LOG = "\x00began again under "  # a known id's marker: the log began again while the client still knew this id
 
 

@@ -6,7 +6,8 @@ The archive (written by the archiver) is hive-partitioned by the UTC date of ``t
 
 in long format, one row per (reading, feature) exactly as the decoder produced it:
 ``asset`` string, ``ts_ms`` int64, ``feature`` string, ``value`` float64, ``partition`` int32,
-``offset`` int64 (the Kafka position of the source record). Archives written by others
+``offset`` int64 (the Kafka position of the source record), ``leader_epoch`` int32 (optional: the
+record's partition leader epoch). Archives written by others
 can be read too: ``columns_map`` renames the logical columns (``{"asset": "device_id",
 "ts_ms": "event_time"}``; ``ts_ms`` may be integer milliseconds or an Arrow timestamp), and a
 file without a ``feature`` column is read as *wide*, one column per feature. A root without
@@ -34,7 +35,10 @@ same topic: the archiver stamps each file with the readings topic's id (Parquet 
 ``plantwatch.topic_id``), and a topic deleted and created again (or a broker started afresh
 on memory storage) numbers its records from 0 again under a new id, so its readings are new,
 not duplicates. Files without the stamp (written before it, or from a broker that does not
-report topic ids) count as one topic.
+report topic ids) count as one topic. Within a topic, ranges are kept per leader epoch: a log
+truncated under its id (an unclean leader election) writes new records at offsets it had used, in a
+later epoch, and those are kept. Rows without an epoch (files written before the column, clients
+that give none: -1) match every epoch.
 
 Confinement: on a local disk, a data file whose path leads out of the archive root through a
 symbolic link is refused (:class:`ArchiveError`), not read.
@@ -57,7 +61,7 @@ from pipeline import storage
 from pipeline.readings import DecodedBatch
 from pipeline.tables import ARCHIVE_TOPIC_ID_KEY
 
-LOGICAL_COLUMNS = ("asset", "ts_ms", "feature", "value", "partition", "offset", "date")
+LOGICAL_COLUMNS = ("asset", "ts_ms", "feature", "value", "partition", "offset", "leader_epoch", "date")
 _FORMAT = ds.ParquetFileFormat()
 _READ_AHEAD = 2  # batches decoded ahead of the consumer: part of the memory bound
 
@@ -171,29 +175,27 @@ def topic_id_of(schema: pa.Schema) -> str:
 
 
 class _Coverage:
-    """Merged offset ranges, per topic id and Kafka partition, of the files already read in one date
-    directory."""
+    """Merged offset ranges, per topic id, Kafka partition and leader epoch, of the files already read in
+    one date directory. Epoch -1 (a file written before epochs were archived, or a client that gave
+    none) is any epoch: such ranges cover every epoch's rows at those offsets, and such rows are covered
+    by any epoch's ranges."""
 
     def __init__(self) -> None:
-        self.ranges: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.ranges: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def contains(self, topic: str, partition: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    def contains(self, topic: str, partition: np.ndarray, epoch: np.ndarray, offset: np.ndarray) -> np.ndarray:
         inside = np.zeros(len(offset), bool)
-        for p in np.unique(partition):
-            if (topic, int(p)) not in self.ranges:
-                continue
-            lo, hi = self.ranges[topic, int(p)]
-            sel = np.flatnonzero(partition == p)
+        for p, e in _pairs(partition, epoch):
+            sel = np.flatnonzero((partition == p) & (epoch == e))
             o = offset[sel]
-            i = np.searchsorted(hi, o)  # the first range ending at or after o
-            hit = i < len(hi)
-            hit[hit] = lo[i[hit]] <= o[hit]
-            inside[sel] = hit
+            for key in self.ranges:
+                if key[:2] == (topic, p) and (e < 0 or key[2] in (e, -1)):
+                    inside[sel] |= _within(*self.ranges[key], o)
         return inside
 
-    def add(self, topic: str, spans: Mapping[int, tuple[int, int]]) -> None:
-        for p, span in spans.items():
-            lo, hi = self.ranges.get((topic, p), (np.empty(0, np.int64), np.empty(0, np.int64)))
+    def add(self, topic: str, spans: Mapping[tuple[int, int], tuple[int, int]]) -> None:
+        for (p, e), span in spans.items():
+            lo, hi = self.ranges.get((topic, p, e), (np.empty(0, np.int64), np.empty(0, np.int64)))
             merged: list[list[int]] = []
             for a, b in sorted([*zip(lo.tolist(), hi.tolist()), span]):
                 if merged and a <= merged[-1][1] + 1:
@@ -201,15 +203,30 @@ class _Coverage:
                 else:
                     merged.append([a, b])
             arr = np.array(merged, np.int64)
-            self.ranges[topic, p] = (arr[:, 0], arr[:, 1])
+            self.ranges[topic, p, e] = (arr[:, 0], arr[:, 1])
 
 
-def _spans(partition: np.ndarray, offset: np.ndarray, into: dict[int, tuple[int, int]]) -> None:
-    """Widen each partition's (min, max) offset span of the current file by this batch."""
-    for p in np.unique(partition):
-        o = offset[partition == p]
-        lo, hi = into.get(int(p), (int(o.min()), int(o.max())))
-        into[int(p)] = (min(lo, int(o.min())), max(hi, int(o.max())))
+def _within(lo: np.ndarray, hi: np.ndarray, o: np.ndarray) -> np.ndarray:
+    """Which offsets ``o`` lie in one of the sorted, disjoint ranges ``[lo, hi]``."""
+    i = np.searchsorted(hi, o)  # the first range ending at or after o
+    hit = i < len(hi)
+    hit[hit] = lo[i[hit]] <= o[hit]
+    return hit
+
+
+def _pairs(partition: np.ndarray, epoch: np.ndarray) -> list[tuple[int, int]]:
+    """The distinct (partition, leader epoch) pairs of these rows."""
+    keys = np.unique(partition * 2**32 + (epoch + 1))  # partitions below 2**31, epochs from -1 below 2**31
+    return [(int(k) >> 32, (int(k) & 0xFFFFFFFF) - 1) for k in keys]
+
+
+def _spans(partition: np.ndarray, epoch: np.ndarray, offset: np.ndarray,
+           into: dict[tuple[int, int], tuple[int, int]]) -> None:
+    """Widen each (partition, leader epoch)'s (min, max) offset span of the current file by this batch."""
+    for p, e in _pairs(partition, epoch):
+        o = offset[(partition == p) & (epoch == e)]
+        lo, hi = into.get((p, e), (int(o.min()), int(o.max())))
+        into[p, e] = (min(lo, int(o.min())), max(hi, int(o.max())))
 
 
 # ---------------------------------------------------------------- columns
@@ -277,12 +294,14 @@ class _Scan:
         wide = [f for f in self.features if f in schema.names]
         values = [c["feature"], c["value"]] if long else wide
         positions = [c["partition"], c["offset"]] if {c["partition"], c["offset"]} <= set(schema.names) else []
+        if positions and c["leader_epoch"] in schema.names:
+            positions.append(c["leader_epoch"])
         read = [c["asset"], c["ts_ms"], *values, *positions]
         missing = [name for name in read[:4 if long else 2] if name not in schema.names]
         if missing:
             raise ArchiveError(f"{path}: no column {', '.join(map(repr, missing))}; it has {schema.names}")
         size = self.batch_rows if long else max(1, self.batch_rows // max(1, len(wide)))
-        spans: dict[int, tuple[int, int]] = {}
+        spans: dict[tuple[int, int], tuple[int, int]] = {}
         topic = topic_id_of(schema)
         for rb in _named_errors(path, fragment.to_batches(columns=read, filter=self._filter(schema, path),
                                                           batch_size=size, batch_readahead=_READ_AHEAD)):
@@ -316,17 +335,23 @@ class _Scan:
         return expr
 
     def _dedupe(self, rb: pa.RecordBatch, seen: _Coverage, topic: str,
-                spans: dict[int, tuple[int, int]]) -> pa.RecordBatch:
+                spans: dict[tuple[int, int], tuple[int, int]]) -> pa.RecordBatch:
         partition, offset = _ints(rb.column(self.cols["partition"])), _ints(rb.column(self.cols["offset"]))
+        epoch = self._epochs(rb)
         known = (partition >= 0) & (offset >= 0)
         dup = np.zeros(len(offset), bool)
-        dup[known] = seen.contains(topic, partition[known], offset[known])
+        dup[known] = seen.contains(topic, partition[known], epoch[known], offset[known])
         if known.any():
-            _spans(partition[known], offset[known], spans)
+            _spans(partition[known], epoch[known], offset[known], spans)
         if not dup.any():
             return rb
         self.stats.duplicates += int(dup.sum())
         return rb.filter(pa.array(~dup))
+
+    def _epochs(self, rb: pa.RecordBatch) -> np.ndarray:
+        """Each row's leader epoch, -1 (any) where the file has none."""
+        name = self.cols["leader_epoch"]
+        return _ints(rb.column(name)) if name in rb.schema.names else np.full(rb.num_rows, -1, np.int64)
 
     def _keys(self, rb: pa.RecordBatch, rows: np.ndarray, asset: np.ndarray,
               ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -338,6 +363,8 @@ class _Scan:
             return asset, ts
         partition, offset = _ints(rb.column(c["partition"]))[rows], _ints(rb.column(c["offset"]))[rows]
         unknown = (partition < 0) | (offset < 0)
+        # Two records at one offset (a log truncated under its id) differ in epoch; partitions stay below 2**31.
+        partition = partition + (self._epochs(rb)[rows] + 1) * 2**31
         if not unknown.any():
             return partition, offset
         first = partition.astype(object)  # an asset name never equals a partition number

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -208,6 +209,8 @@ def test_every_reading_is_archived_once_split_by_date_and_bad_records_are_counte
         assert match, f"unexpected file {f}"
         meta = pq.read_metadata(storage.join(root, f), filesystem=fs)
         assert meta.schema.to_arrow_schema().remove_metadata() == SCHEMA
+        epochs = pq.read_table(storage.join(root, f), filesystem=fs, columns=["leader_epoch"]).column(0)
+        assert pc.min(epochs).as_py() >= 0  # the client's leader epoch of each record, not "unknown"
         first_offsets.setdefault((day, int(match[1])), []).append(int(match[2]))
     assert stats.files == len(files) > 8
     # names sort in write order: within a date, each partition's files follow its offsets

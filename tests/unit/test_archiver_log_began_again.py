@@ -47,10 +47,14 @@ class _Client:
         self.seeks.append((tp, offset))
 
 
-def _poll(offsets: range, first_s: int) -> dict[TopicPartition, list[SimpleNamespace]]:
+def _poll(offsets: range, first_s: int, epochs: dict[int, int] | None = None
+          ) -> dict[TopicPartition, list[SimpleNamespace]]:
+    """Records of these offsets; ``epochs``: offset → the record's leader epoch (none given: the record
+    has no ``leader_epoch``, as a client that does not report it)."""
     values = {f: 1.0 for f in PUMP_FEATURES}
     return {TP: [SimpleNamespace(topic=TP.topic, partition=0, offset=o, key=b"p1", timestamp=T0,
-                                 value=encode_wide("p1", T0 + (first_s + i) * 1_000, values))
+                                 value=encode_wide("p1", T0 + (first_s + i) * 1_000, values),
+                                 **({} if epochs is None else {"leader_epoch": epochs[o]}))
                  for i, o in enumerate(offsets)]}
 
 
@@ -97,6 +101,20 @@ def test_a_truncated_log_keeps_its_id_and_a_later_recreation_is_still_seen(tmp_p
     client.topic = "newer"  # then the topic is created again: a move, read from its beginning
     archiver.take({})
     assert client.seeks == [(TP, 0)] and archiver.committable()[TP].offset == 0
+
+
+def test_records_a_truncated_log_wrote_again_at_its_old_offsets_are_kept_by_their_leader_epoch(tmp_path: Path) -> None:
+    """An unclean leader election: the new leader (epoch 1) lacks offsets 3-5 of the old one (epoch 0) and
+    writes new readings there, under the same topic id. Read again from the earliest record, offsets 0-2
+    are the same records (dropped as duplicates), 3-7 new ones (kept, though the old 3-5 are archived)."""
+    archiver, client = _archiver(tmp_path)
+    archiver.take(_poll(range(0, 6), 0, {o: 0 for o in range(6)}))
+    archiver.flush()
+    client.refreshed = "old"
+    archiver.take(_poll(range(0, 8), 0, {o: 0 if o < 3 else 1 for o in range(8)}))  # new records from offset 3 on
+    archiver.flush()
+    assert archiver.committable()[TP].offset == 8
+    assert _scanned(archiver) == 6 + 5
 
 
 def test_readings_of_a_log_that_began_again_between_polls_are_neither_the_old_logs_nor_committed_past(
