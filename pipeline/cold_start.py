@@ -200,15 +200,42 @@ def step_scaling(state: FleetState, bundle: ModelBundle, rows: np.ndarray, asset
     return StepScaling(mean, scale, index)
 
 
+@dataclass(frozen=True)
+class LevelStretch:
+    """What a cold start's largest smoothed terms are multiplied by to make the asset's levels (one
+    model's: :meth:`of`), the way the fit calibrates them: the margin, stretched for the few
+    independent excursions a short sample holds (:func:`excursion_factor`), and the novelty levels
+    widened for the few independent values a slow feature holds in the level part
+    (:func:`scale_uncertainty_factor`, with the fit's ``novelty_memory``)."""
+
+    forecast: float
+    novelty: np.ndarray | float  # (F,) with the fit's memory of each feature's novelty residual
+
+    @classmethod
+    def of(cls, bundle: ModelBundle) -> LevelStretch:
+        """Computed when a model is installed, not at an asset's end of cold start: the first call
+        imports scipy's quantiles, which stalled that poll (0.6–0.75 s for scipy.stats here)."""
+        p, plan = bundle.thresholds, ColdPlan.of(bundle)
+        q = feature_quantile(p.quantile, bundle.n_features)
+        forecast = p.margin * excursion_factor(plan.level, p.smoothing_alpha, q)
+        novelty: np.ndarray | float = p.novelty_margin * excursion_factor(plan.level, p.novelty_alpha, q)
+        # The level part attests a memory of at most a tenth of its length, as the fit's estimate of a
+        # short history does (MIN_BATCHES): a residual slower than that is judged from as many values
+        # as the fit would have judged it, not from one.
+        memory = np.ones(bundle.n_features) if bundle.novelty_memory is None \
+            else np.minimum(bundle.novelty_memory, plan.level / MIN_BATCHES)
+        factor = scale_uncertainty_factor(plan.level / np.maximum(memory, 1.0), q)
+        if bundle.novelty_memory is not None:
+            novelty = novelty * factor
+        return cls(forecast, novelty)
+
+
 def learn_levels(state: FleetState, rows: np.ndarray, index: np.ndarray, levels: TermLevels, p: ThresholdParams,
-                 plan: ColdPlan, novelty_memory: np.ndarray | None = None) -> np.ndarray:
+                 plan: ColdPlan, stretch: LevelStretch) -> np.ndarray:
     """One step of each of ``rows`` (distinct assets), after its score terms advanced: track the
     largest smoothed term per feature over the level part and, at its end, set the asset's own
-    levels the way the fit calibrates them (the sample's top times the margin, stretched for the
-    few independent excursions a short sample holds, see :func:`excursion_factor`, and the
-    novelty levels widened for the few independent values a slow feature holds in the level
-    part, see :func:`scale_uncertainty_factor`, with the fit's ``novelty_memory``), never below
-    the fleet's (``levels``, the rows of these steps). Returns which steps are still learning."""
+    levels: the sample's top times ``stretch``, never below the fleet's (``levels``, the rows of
+    these steps). Returns which steps are still learning."""
     v = state.vectors
     lv = (index >= plan.scaling) & (index < plan.total)
     r = rows[lv]
@@ -219,21 +246,12 @@ def learn_levels(state: FleetState, rows: np.ndarray, index: np.ndarray, levels:
     end = index == plan.total - 1
     if end.any():
         e = rows[end]
-        q = feature_quantile(p.quantile, v["cold_fc_max"].shape[1])
         shape = (len(rows), v["cold_fc_max"].shape[1])  # levels hold one row for all steps or one per step
         fc_fleet = np.broadcast_to(levels.forecast, shape)[end]
         nv_fleet = np.broadcast_to(levels.novelty, shape)[end]
         flat_fleet = np.broadcast_to(levels.flat, shape)[end]
-        fc_stretch = p.margin * excursion_factor(plan.level, p.smoothing_alpha, q)
-        nv_stretch = p.novelty_margin * excursion_factor(plan.level, p.novelty_alpha, q)
-        if novelty_memory is not None:
-            # The level part attests a memory of at most a tenth of its length, as the fit's
-            # estimate of a short history does (MIN_BATCHES): a residual slower than that is
-            # judged from as many values as the fit would have judged it, not from one.
-            memory = np.minimum(novelty_memory, plan.level / MIN_BATCHES)
-            nv_stretch = nv_stretch * scale_uncertainty_factor(plan.level / np.maximum(memory, 1.0), q)
-        v["own_fc_level"][e] = np.maximum(fc_fleet, v["cold_fc_max"][e] * fc_stretch)
-        v["own_nv_level"][e] = np.maximum(nv_fleet, v["cold_nv_max"][e] * nv_stretch)
+        v["own_fc_level"][e] = np.maximum(fc_fleet, v["cold_fc_max"][e] * stretch.forecast)
+        v["own_nv_level"][e] = np.maximum(nv_fleet, v["cold_nv_max"][e] * stretch.novelty)
         v["own_flat_limit"][e] = np.maximum(flat_fleet, p.flat_factor * v["cold_flat_max"][e])
         # The online threshold statistics start afresh under the asset's own levels.
         state.cols["adapt_mean"][e] = state.cols["adapt_var"][e] = np.nan

@@ -15,8 +15,8 @@ import numpy as np
 
 from pipeline.alerts import AlertEvent, close_long_alerts, update_alerts
 from pipeline.bundle import ModelBundle
-from pipeline.cold_start import (ColdPlan, after_swap, learn_levels, rebaseline, row_scaling, step_scaling,
-                                 with_own_levels, with_own_scaling)
+from pipeline.cold_start import (ColdPlan, LevelStretch, after_swap, learn_levels, rebaseline, row_scaling,
+                                 step_scaling, with_own_levels, with_own_scaling)
 from pipeline.grid import NO_GAP, GridConfig, GridCounters, GridResult, GridSteps
 from pipeline.model import StepFunction
 from pipeline.readings import DecodedBatch
@@ -91,6 +91,7 @@ class DetectionEngine:
         self.model = model or StepFunction(bundle.n_features, bundle.units, bundle.weights)
         if model is None:
             self.model.warm_up()
+        self.stretch = LevelStretch.of(bundle)
 
     @property
     def model_version(self) -> str:
@@ -203,7 +204,7 @@ class DetectionEngine:
         state = self.state
         state.units = tuple(bundle.units)
         state.lstm = [np.zeros((len(state.last_pred), u), np.float32) for u in bundle.units for _ in range(2)]
-        self.bundle, self.model = bundle, model
+        self.bundle, self.model, self.stretch = bundle, model, LevelStretch.of(bundle)
         after_swap(state, bundle)
 
     def adopt(self, rows: np.ndarray) -> int:
@@ -283,7 +284,7 @@ class DetectionEngine:
             alert_score[sel] = score = combined.score
             if cold:
                 learning[sel] = learn_levels(state, rows, scaling.index[sel], step_levels, b.thresholds, plan,
-                                             b.novelty_memory)
+                                             self.stretch)
                 learning[sel] |= rebased[sel]
                 score = np.where(learning[sel], np.nan, score)
             terms[sel, 0], terms[sel, 1], terms[sel, 2] = combined.forecast, combined.novelty, combined.flat

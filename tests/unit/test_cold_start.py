@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -265,3 +269,44 @@ def test_one_assets_huge_reading_neither_reaches_another_asset_nor_poisons_its_o
     assert all(np.isfinite(layer[r]).all() for layer in s.lstm) and np.isfinite(s.last_pred[r]).all()
     assert np.isfinite(s.vectors["own_scale"][r]).all()
     assert not s.cols["alert_open"][r]
+
+
+_NO_IMPORT_IN_THE_HOT_PATH = '''
+import dataclasses, sys
+import numpy as np
+from bench.scoring_cost import random_bundle
+from pipeline.bundle import Scaler
+from pipeline.engine import DetectionEngine
+from pipeline.readings import DecodedBatch
+from pipeline.settings import GridSettings
+
+bundle = random_bundle(8)
+f = bundle.n_features  # a model fitted on two other assets: "p9" cold-starts
+bundle = dataclasses.replace(bundle, novelty_memory=np.full(f, 5.0), scaler=Scaler(
+    bundle.scaler.mean, bundle.scaler.scale, ("x0", "x1"), np.zeros((2, f)), np.ones((2, f))))
+engine = DetectionEngine(bundle, GridSettings(allowed_lateness_s=0))
+rng = np.random.default_rng(0)
+
+def poll(first: int, n: int) -> None:
+    steps = np.repeat(np.arange(first, first + n), f)
+    engine.process(DecodedBatch(steps - first, np.full(len(steps), "p9", object), 1_700_000_000_000 + 1000 * steps,
+                                np.tile(np.arange(f, dtype=np.int32), n), rng.normal(size=len(steps)), [], n))
+
+poll(0, 20)
+before = set(sys.modules)
+for first in range(20, 420, 20):
+    poll(first, 20)
+row = engine.state.index["p9"]
+assert np.isfinite(engine.state.vectors["own_nv_level"][row]).all(), "the cold start did not end"
+print(sorted(set(sys.modules) - before))
+'''
+
+
+def test_no_module_is_imported_while_polls_are_processed_through_an_assets_cold_start() -> None:
+    """An import in the hot path stalls that poll: scipy's quantiles, first needed when an asset's cold
+    start ends, took 0.6–0.75 s to import. A fresh interpreter, so nothing was imported before."""
+    done = subprocess.run([sys.executable, "-c", _NO_IMPORT_IN_THE_HOT_PATH], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2],
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
