@@ -253,11 +253,13 @@ class _Pending:
     days_done: dict[int, set[int]] = field(default_factory=dict)
 
     def by_topic_id(self) -> list[tuple[str, Rows]]:
-        """The chunks, each run polled under one topic id concatenated (a topic deleted and created
-        again while this process reads it numbers its records from 0 again: its own files)."""
+        """The chunks, each run polled under one topic id with offsets going forward concatenated: a
+        topic deleted and created again while this process reads it numbers its records from 0
+        again, and a log that began again under its id (read again from an earlier offset) rereads
+        records, so each gets files of its own, which the scan compares with the earlier ones."""
         runs: list[tuple[str, list[Rows]]] = []
         for tid, chunk in self.chunks:
-            if runs and runs[-1][0] == tid:
+            if runs and runs[-1][0] == tid and chunk.offset[0] > runs[-1][1][-1].offset[-1]:
                 runs[-1][1].append(chunk)
             else:
                 runs.append((tid, [chunk]))

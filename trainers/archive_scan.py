@@ -20,7 +20,7 @@ statistics, and the time and asset filters run inside the Parquet reader.
 
 Order: dates ascending, files by path within a date, rows in file order. Each batch's
 ``record_index`` numbers readings across the whole scan (consecutive rows with the same
-partition/offset, or else the same asset and time, are one reading), so batches can be
+partition, offset and leader epoch, or else the same asset and time, are one reading), so batches can be
 concatenated.
 
 Deduplication: an archiver that crashes after writing a file but before committing its
@@ -29,7 +29,8 @@ Kafka offsets writes the same readings again in a later file. When ``partition``
 earlier file of the same date directory covered for that Kafka partition. That is exact
 because a file holds every archived reading of its offset range for that date (the archiver
 writes everything it consumed, split by date), and it costs a few ranges per file, not a
-set of keys. Duplicates inside one file (which the archiver does not produce) are kept.
+set of keys. Duplicates inside one file (which the archiver does not produce: a partition's
+offsets that go back start another file) are kept.
 Without those columns nothing is deduplicated. Offsets are compared only between files of the
 same topic: the archiver stamps each file with the readings topic's id (Parquet metadata
 ``plantwatch.topic_id``), and a topic deleted and created again (or a broker started afresh
@@ -185,12 +186,16 @@ class _Coverage:
 
     def contains(self, topic: str, partition: np.ndarray, epoch: np.ndarray, offset: np.ndarray) -> np.ndarray:
         inside = np.zeros(len(offset), bool)
-        for p, e in _pairs(partition, epoch):
-            sel = np.flatnonzero((partition == p) & (epoch == e))
-            o = offset[sel]
-            for key in self.ranges:
-                if key[:2] == (topic, p) and (e < 0 or key[2] in (e, -1)):
-                    inside[sel] |= _within(*self.ranges[key], o)
+        epochs: dict[int, list[int]] = {}  # partition → the epochs it has ranges of, in this topic
+        for t, p, e in self.ranges:
+            if t == topic:
+                epochs.setdefault(p, []).append(e)
+        if not epochs:
+            return inside
+        for (p, e), sel in _groups(partition, epoch):
+            for covered in epochs.get(p, ()):
+                if e < 0 or covered in (e, -1):
+                    inside[sel] |= _within(*self.ranges[topic, p, covered], offset[sel])
         return inside
 
     def add(self, topic: str, spans: Mapping[tuple[int, int], tuple[int, int]]) -> None:
@@ -214,17 +219,22 @@ def _within(lo: np.ndarray, hi: np.ndarray, o: np.ndarray) -> np.ndarray:
     return hit
 
 
-def _pairs(partition: np.ndarray, epoch: np.ndarray) -> list[tuple[int, int]]:
-    """The distinct (partition, leader epoch) pairs of these rows."""
-    keys = np.unique(partition * 2**32 + (epoch + 1))  # partitions below 2**31, epochs from -1 below 2**31
-    return [(int(k) >> 32, (int(k) & 0xFFFFFFFF) - 1) for k in keys]
+def _groups(partition: np.ndarray, epoch: np.ndarray) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """The rows of each distinct (partition, leader epoch), found with one sort."""
+    key = partition * 2**32 + (epoch + 1)  # partitions and epochs below 2**31, epochs from -1 (_Scan._epochs)
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    starts = np.flatnonzero(np.append(True, ordered[1:] != ordered[:-1]))
+    ends = np.append(starts[1:], len(order))
+    return [((int(k) >> 32, (int(k) & 0xFFFFFFFF) - 1), order[a:b])
+            for k, a, b in zip(ordered[starts].tolist(), starts.tolist(), ends.tolist())]
 
 
 def _spans(partition: np.ndarray, epoch: np.ndarray, offset: np.ndarray,
            into: dict[tuple[int, int], tuple[int, int]]) -> None:
     """Widen each (partition, leader epoch)'s (min, max) offset span of the current file by this batch."""
-    for p, e in _pairs(partition, epoch):
-        o = offset[(partition == p) & (epoch == e)]
+    for (p, e), sel in _groups(partition, epoch):
+        o = offset[sel]
         lo, hi = into.get((p, e), (int(o.min()), int(o.max())))
         into[p, e] = (min(lo, int(o.min())), max(hi, int(o.max())))
 
@@ -349,9 +359,13 @@ class _Scan:
         return rb.filter(pa.array(~dup))
 
     def _epochs(self, rb: pa.RecordBatch) -> np.ndarray:
-        """Each row's leader epoch, -1 (any) where the file has none."""
+        """Each row's leader epoch, -1 (any) where the file has none or one Kafka cannot have
+        (an archive written by others: epochs are int32, from 0)."""
         name = self.cols["leader_epoch"]
-        return _ints(rb.column(name)) if name in rb.schema.names else np.full(rb.num_rows, -1, np.int64)
+        if name not in rb.schema.names:
+            return np.full(rb.num_rows, -1, np.int64)
+        epoch = _ints(rb.column(name))
+        return np.where((epoch >= 0) & (epoch < 2**31), epoch, -1)
 
     def _keys(self, rb: pa.RecordBatch, rows: np.ndarray, asset: np.ndarray,
               ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

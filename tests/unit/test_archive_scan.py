@@ -286,3 +286,12 @@ def test_offsets_written_again_under_a_later_leader_epoch_are_new_readings(root:
     assert stats.duplicates == (30 + 10 + 10) * 3
     first_day = np.floor(got.value[got.ts_ms < T0 + DAY]).astype(int)
     assert np.bincount(first_day, minlength=150)[50:100].tolist() == [6] * 50  # offsets 50..99 twice, 3 values each
+
+
+def test_epochs_kafka_cannot_have_count_as_unknown(root: str) -> None:
+    """An archive written by others may hold any integers there: they match every epoch, as no epoch does."""
+    write(root, f"{day_dir(1)}/part-a.parquet", with_epoch(long_rows(T0, 10), 0))
+    write(root, f"{day_dir(1)}/part-b.parquet", long_rows(T0, 20).append_column(
+        "leader_epoch", pa.array([-2] * 30 + [2**32 - 1] * 30, pa.int64())))  # offsets 0..9 again, 10..19
+    batches, stats = scan(root)
+    assert joined(batches).n_records == 20 and stats.duplicates == 10 * 3

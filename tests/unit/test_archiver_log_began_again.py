@@ -107,14 +107,16 @@ def test_records_a_truncated_log_wrote_again_at_its_old_offsets_are_kept_by_thei
     """An unclean leader election: the new leader (epoch 1) lacks offsets 3-5 of the old one (epoch 0) and
     writes new readings there, under the same topic id. Read again from the earliest record, offsets 0-2
     are the same records (dropped as duplicates), 3-7 new ones (kept, though the old 3-5 are archived)."""
-    archiver, client = _archiver(tmp_path)
-    archiver.take(_poll(range(0, 6), 0, {o: 0 for o in range(6)}))
-    archiver.flush()
-    client.refreshed = "old"
-    archiver.take(_poll(range(0, 8), 0, {o: 0 if o < 3 else 1 for o in range(8)}))  # new records from offset 3 on
-    archiver.flush()
-    assert archiver.committable()[TP].offset == 8
-    assert _scanned(archiver) == 6 + 5
+    for flush_between in (True, False):
+        archiver, client = _archiver(tmp_path / str(flush_between))
+        archiver.take(_poll(range(0, 6), 0, {o: 0 for o in range(6)}))
+        if flush_between:
+            archiver.flush()
+        client.refreshed = "old"
+        archiver.take(_poll(range(0, 8), 0, {o: 0 if o < 3 else 1 for o in range(8)}))  # new records from offset 3 on
+        archiver.flush()
+        assert archiver.committable()[TP].offset == 8
+        assert _scanned(archiver) == 6 + 5, f"flushed between the polls: {flush_between}"
 
 
 def test_readings_of_a_log_that_began_again_between_polls_are_neither_the_old_logs_nor_committed_past(
