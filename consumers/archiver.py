@@ -71,7 +71,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import AuthorizationError, KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
@@ -196,17 +196,22 @@ class ArchiveWriter:
         for d in days:
             if done is not None and int(d) in done:
                 continue
-            paths.append(self._write_file(str(np.datetime64(int(d), "D")), partition,
+            paths.append(self._write_file(_day_name(d), partition,
                                           rows if len(days) == 1 else rows.take(np.flatnonzero(day == d)), topic_id))
             if done is not None:
                 done.add(int(d))
-        for directory in sorted({posixpath.dirname(p) for p in paths} | {self.root}):
-            storage.fsync(self.fs, directory)  # local disk: the renames and new date directories persist
+        # Local disk: the renames and new date directories persist, those of an earlier try of these
+        # rows too (it failed before this step, and its offsets are committed once this returns).
+        for directory in sorted({self._date_dir(_day_name(d)) for d in days} | {self.root}):
+            storage.fsync(self.fs, directory)
         return paths
+
+    def _date_dir(self, day: str) -> str:
+        return self._inside(storage.join(self.root, storage.check_component(f"date={day}", "date directory")))
 
     def _write_file(self, day: str, partition: int, rows: Rows, topic_id: str) -> str:
         name = f"part-{self._stamp()}-{partition:05d}-{int(rows.offset[0]):019d}.parquet"
-        final = self._inside(storage.join(self.root, storage.check_component(f"date={day}", "date directory"), name))
+        final = self._inside(storage.join(self._date_dir(day), name))
         table = rows.table(partition, self.features)
         if topic_id:
             table = table.replace_schema_metadata({ARCHIVE_TOPIC_ID_KEY: topic_id.encode()})
@@ -239,6 +244,11 @@ class ArchiveWriter:
         us = max(time.time_ns() // 1000, self._last_us + 1)
         self._last_us = us
         return datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y%m%dT%H%M%S") + f"{us % 1_000_000:06d}Z"
+
+
+def _day_name(day: np.integer) -> str:
+    """``YYYY-MM-DD`` of a day counted from the epoch."""
+    return str(np.datetime64(int(day), "D"))
 
 
 @dataclass
@@ -560,12 +570,13 @@ class Archiver:
 
     def _read_on_from(self, restart_at: Mapping[TopicPartition, int]) -> None:
         """Partitions whose new log is read on from these offsets: what their buffered and written
-        readings of the old log commit is that offset of the new one, not the old log's end."""
+        readings of the old log commit is that offset of the new one, not the old log's end, and a
+        commit of the old log's end already made is moved back to it at the next commit (a kill or
+        a rebalance before the new log's first flush would make the next owner start past it)."""
         for tp, offset in restart_at.items():
             if tp in self.pending:
                 self.pending[tp].end = offset
-            if tp in self.durable:
-                self.durable[tp] = offset
+            self.durable[tp] = offset
 
     def _stamp(self, tp: TopicPartition) -> str:
         """The topic id to stamp the partition's readings polled now with: "" while its log began again
@@ -633,13 +644,15 @@ class Archiver:
 
     def _rewind(self) -> None:
         """Seek the partitions paused for a rewind to their committed offsets (retried with a
-        backoff while that fails)."""
+        backoff while that fails, but for an authorisation refusal)."""
         assert self.consumer is not None
         owned = self.consumer.assignment()
         wanted = {tp for tp in self.rewind if tp in owned}
         self.rewind &= owned
         try:
             seek_to_committed(self.consumer, wanted, self.settings.kafka.request_timeout_ms)
+        except AuthorizationError:
+            raise  # a refusal no retry changes (a group this archiver is not authorised for): exit 1
         except KafkaError as exc:
             self.rewind_failures += 1
             delay = min(0.5 * 2 ** min(self.rewind_failures - 1, 5), 15.0)  # as the detector's broker backoff

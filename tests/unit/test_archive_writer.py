@@ -147,3 +147,29 @@ def test_readings_polled_before_and_after_the_topic_was_created_again_are_stampe
     got = sum(b.n_records for b in scan_archive(settings.archive.uri, features, start_ms=MIDNIGHT,
                                                 end_ms=MIDNIGHT + 86_400_000, stats=stats))
     assert (got, stats.duplicates, stats.files) == (1100, 0, 3)
+
+
+def test_a_retried_write_makes_the_days_an_earlier_try_wrote_durable_too(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first try writes the first day and fails on the second; the retry skips the first day's file
+    but still flushes its directory, whose offsets are committed once the retry returns."""
+    root = str(tmp_path / "archive")
+    synced: list[str] = []
+    fsync = storage.fsync
+    monkeypatch.setattr(storage, "fsync", lambda fs, path: (synced.append(path), fsync(fs, path))[1])
+    write_table, calls = archiver.pq.write_table, []
+
+    def second_fails(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("input/output error")
+        write_table(*args, **kwargs)
+
+    monkeypatch.setattr(archiver.pq, "write_table", second_fails)
+    writer, done = ArchiveWriter(root, FEATURES), set()
+    with pytest.raises(OSError):
+        writer.write(0, rows(0, 10, MIDNIGHT - 5_000), done=done)  # five readings on each side of midnight
+    assert len(done) == 1
+    synced.clear()
+    assert [p.split("/")[-2] for p in writer.write(0, rows(0, 10, MIDNIGHT - 5_000), done=done)] == ["date=2026-01-01"]
+    assert {p.rsplit("/", 1)[-1] for p in synced} >= {"date=2025-12-31", "date=2026-01-01", "archive"}

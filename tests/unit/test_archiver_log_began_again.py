@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from kafka import TopicPartition
 from kafka.errors import KafkaConnectionError
@@ -30,6 +31,7 @@ class _Client:
         self.topic = "old"
         self.refreshed: str | None = None
         self.seeks: list[tuple[TopicPartition, int]] = []
+        self.committed: dict[TopicPartition, int] = {}
         cluster = SimpleNamespace(topic_id=lambda topic: self.topic, request_update=self._request_update,
                                   metadata_refresh_in_progress=False)
         self._client = SimpleNamespace(cluster=cluster)
@@ -45,6 +47,9 @@ class _Client:
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
+
+    def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        self.committed.update({tp: om.offset for tp, om in offsets.items()})
 
 
 def _poll(offsets: range, first_s: int, epochs: dict[int, int] | None = None
@@ -153,3 +158,20 @@ def test_a_partition_whose_topic_moved_commits_the_new_topics_start_not_the_old_
     assert archiver.committable()[TP].offset == 3
     assert [tid for tid, _ in archiver.pending[TP].chunks] == []
     assert _scanned(archiver) == 6 + 3
+
+
+def test_a_commit_of_the_old_logs_end_is_moved_back_to_where_the_new_log_is_read_from(tmp_path: Path) -> None:
+    """The old log's end was committed before its log began again: until the new log's first flush,
+    a kill or a rebalance must leave the next owner reading the new log from there, not from 6."""
+    archiver, client = _archiver(tmp_path)
+    archiver.take(_poll(range(0, 6), 0, {o: 0 for o in range(6)}))
+    archiver.flush()
+    archiver._commit()
+    assert client.committed[TP] == 6
+    client.refreshed = "old"
+    archiver.take(_poll(range(3, 10), 100, {o: 1 for o in range(3, 10)}))  # truncated to 3, new records from there
+    archiver._commit()  # nothing of the new log is written: what a rebalance's hook or the next flush commits
+    assert client.committed[TP] == 3
+    archiver.flush()
+    archiver._commit()
+    assert client.committed[TP] == 10 and _scanned(archiver) == 6 + 7
