@@ -5,7 +5,8 @@ there triggers a registry check) or, as a fallback, by polling the registry. It 
 verifies the bundle, sets its weights into an idle inference network of the same shape
 (kept from the previous swap, so repeated swaps build no new graphs), warms it, and offers
 it to the detector, which swaps between two polls. A bundle that fails to load or verify
-is refused, logged and counted; the old model keeps serving and the version is not retried.
+is refused, logged and counted; the old model keeps serving and the version is not retried (a
+version the registry cannot find or a store that does not answer is tried again at the next check).
 A prepared version the registry no longer names current when the swap is due (rolled back
 meanwhile) is withdrawn, not swapped in.
 """
@@ -104,8 +105,13 @@ class ModelWatcher:
         while not self._stop.is_set():
             self._wake.wait(interval)
             self._wake.clear()
-            if not self._stop.is_set():
+            if self._stop.is_set():
+                break
+            try:
                 self.check()
+            except Exception as exc:  # the thread must outlive one bad check, or no later model is taken
+                self.log.error("model check failed; tried again at the next one", error=repr(exc),
+                               serving=self.serving_version)
 
     def check(self) -> None:
         """Read which version the registry names current; prepare it if it is new and nothing waits."""
@@ -124,16 +130,25 @@ class ModelWatcher:
         t = time.perf_counter()
         try:
             bundle = load_version(self.settings.registry.uri, version, expected_features=self.features)
-        except OSError as exc:  # the store did not answer: the version may be fine, tried again next time
+            model = self._network_for(bundle)
+        except (OSError, RegistryError) as exc:
+            # The store did not answer, or the version is not (yet) there: a pointer read before its
+            # directory is visible, a pin racing a prune. It may be fine: tried again next time.
             self.log.warning("model unreadable for now; the current one keeps serving", version=version,
                              error=str(exc), serving=self.serving_version)
             return
-        except (BundleError, RegistryError) as exc:
+        except Exception as exc:  # a defective bundle (BundleError), or one the network cannot take
             self.refused.add(version)
             metrics.MODEL_SWAPS.labels("refused").inc()
-            self.log.error("model refused; the current one keeps serving", version=version, error=str(exc),
-                           serving=self.serving_version)
+            self.log.error("model refused; the current one keeps serving", version=version,
+                           error=str(exc) if isinstance(exc, BundleError) else repr(exc), serving=self.serving_version)
             return
+        prepared = PreparedModel(bundle, model, time.perf_counter() - t)
+        self.log.info("model prepared", version=version, prepare_s=round(prepared.prepare_s, 3))
+        self._offer.put(prepared)
+
+    def _network_for(self, bundle: ModelBundle) -> StepFunction:
+        """An inference network holding the bundle's weights, warmed: the idle one of its shape if any."""
         shape = (bundle.n_features, tuple(bundle.units))
         model = self._idle.pop(shape, None)
         if model is None:
@@ -141,9 +156,7 @@ class ModelWatcher:
         else:
             model.set_weights(bundle.weights)
         model.warm_up()
-        prepared = PreparedModel(bundle, model, time.perf_counter() - t)
-        self.log.info("model prepared", version=version, prepare_s=round(prepared.prepare_s, 3))
-        self._offer.put(prepared)
+        return model
 
     def _follow_control_topic(self) -> None:
         """Any announcement on the models topic triggers an immediate registry check."""

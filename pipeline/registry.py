@@ -16,8 +16,9 @@ stores, it is copied) and verified again there; only then does CURRENT name it, 
 CURRENT is replaced by moving a complete temp file over it. Readers resolve versions only
 through PINNED and CURRENT, so a process killed at any point leaves them naming a complete
 bundle: the previous one or the new one. Pruning never deletes the current or pinned
-version, and it first moves a doomed version into ``.staging`` where it can, so on local
-disk ``models/`` only ever holds complete versions.
+version (it reads the pointers again before each deletion, and a pin checks after it is written
+that its version is still there), and it first moves a doomed version into ``.staging`` where it
+can, so on local disk ``models/`` only ever holds complete versions.
 
 Every path is confined to the root: version names are single path components (letters,
 digits, ``.``, ``_``, ``-``) wherever they come from (a command line, a pointer file, a
@@ -37,6 +38,7 @@ import posixpath
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -76,6 +78,11 @@ class Pointers:
     def serving(self) -> str | None:
         """The version readers load: the pinned one, else the current one."""
         return self.pinned or self.current
+
+    @property
+    def protected(self) -> set[str | None]:
+        """The versions a prune must keep."""
+        return {self.current, self.pinned}
 
 
 @dataclass(frozen=True)
@@ -446,12 +453,15 @@ def _extras(extra: dict[str, bytes] | None) -> dict[str, bytes]:
 
 
 def _move_dir(fs: pafs.FileSystem, src: str, dest: str) -> None:
-    """A rename where the filesystem has one; a copy where it cannot move directories."""
+    """A rename where the filesystem has one; a copy where it cannot move directories, with the
+    manifest copied last: a directory is a version once it has one, so a copy killed half-way leaves
+    an incomplete directory (swept after an hour), not a version without its weights."""
     fs.create_dir(posixpath.dirname(dest), recursive=True)
     try:
         fs.move(src, dest)
     except (NotImplementedError, OSError):
-        _write_files(fs, dest, {**_read_files(fs, src), **_read_extras(fs, src)})
+        files = {**_read_files(fs, src), **_read_extras(fs, src)}
+        _write_files(fs, dest, {**{n: d for n, d in files.items() if n != MANIFEST}, MANIFEST: files[MANIFEST]})
         fs.delete_dir(src)
 
 
@@ -470,7 +480,7 @@ def promote(root_uri: str, version: str, *, keep: int | None = None) -> None:
     _require_known(root, version)
     _verified(root, version, "promote")
     previous = _pointers(root).current
-    _write_pointer(root, PINNED, {"version": version})
+    _pin(root, version, "promote")
     _write_pointer(root, CURRENT, {"version": version, "published_at": _now(),
                                    "previous": previous if previous != version else None})
 
@@ -482,8 +492,23 @@ def rollback(root_uri: str, to: str | None = None) -> str:
         to = _version_before(root, _pointers(root).serving)
     _require_known(root, to)
     _verified(root, to, "roll back to")
-    _write_pointer(root, PINNED, {"version": to})
+    _pin(root, to, "roll back to")
     return to
+
+
+def _pin(root: _Root, version: str, action: str) -> None:
+    """Write PINNED, then check the version is still there: a prune running meanwhile (a publish's)
+    read the pointers before this one and may have deleted it, and it re-reads them before each
+    deletion. If it is gone, the pin is undone and the action refused."""
+    before = _read_json(root.fs, root.pointer(PINNED))
+    _write_pointer(root, PINNED, {"version": version})
+    if storage.exists(root.fs, root.bundle_file(version, MANIFEST)):
+        return
+    if before is None:
+        root.fs.delete_file(root.pointer(PINNED))
+    else:
+        _write_pointer(root, PINNED, before)
+    raise RegistryError(f"refusing to {action} {version}: a prune deleted it meanwhile")
 
 
 def unpin(root_uri: str) -> str | None:
@@ -528,8 +553,7 @@ def prune(root_uri: str, *, keep: int, now: float | None = None) -> list[str]:
 def _prune(root: _Root, keep: int, now: float) -> list[str]:
     if keep < 1:
         raise ValueError("keep must be >= 1")
-    p = _pointers(root)
-    protected = {p.current, p.pinned}
+    protected = _pointers(root).protected
     complete = [v for v, _ in _manifests(root)]
     doomed = [v for v in complete[:max(0, len(complete) - keep)] if v not in protected]
     for d in storage.list_dirs(root.fs, storage.join(root.path, MODELS)):
@@ -542,22 +566,37 @@ def _prune(root: _Root, keep: int, now: float) -> list[str]:
             continue
         if _stale(root.fs, path, now):
             doomed.append(d)
+    def doomed_still(version: str) -> bool:  # not pinned or published since the pointers were read
+        return version not in _pointers(root).protected
+
+    removed = []
     for version in doomed:
-        _remove_version(root, version)
+        if doomed_still(version) and _remove_version(root, version, unless_kept=doomed_still):
+            removed.append(version)
     _clean_staging(root, now)
-    return doomed
+    return removed
 
 
-def _remove_version(root: _Root, version: str, area: str = MODELS) -> None:
-    """Move out of ``models/`` first where possible, so a kill mid-delete leaves no half version."""
+def _remove_version(root: _Root, version: str, area: str = MODELS,
+                    unless_kept: Callable[[str], bool] | None = None) -> bool:
+    """Move out of ``models/`` first where possible, so a kill mid-delete leaves no half version.
+    ``unless_kept``: asked once the version is out of ``models/``; False puts it back (an operator
+    pinned it meanwhile) and nothing is deleted. Returns whether it was deleted."""
     src = root.area_dir(area, version)
     trash = root.staging(f"{version}-{secrets.token_hex(4)}.deleted")
     try:
         root.fs.create_dir(root.confined(storage.join(root.path, STAGING)), recursive=True)
         root.fs.move(src, trash)
-    except (NotImplementedError, OSError):
+    except (NotImplementedError, OSError):  # deleted in place: the manifest first, so it stops being a version
         trash = src
+        manifest = storage.join(src, MANIFEST)
+        if storage.exists(root.fs, manifest):
+            root.fs.delete_file(manifest)
+    if trash != src and unless_kept is not None and not unless_kept(version):
+        root.fs.move(trash, src)
+        return False
     root.fs.delete_dir(trash)
+    return True
 
 
 def _clean_staging(root: _Root, now: float) -> None:

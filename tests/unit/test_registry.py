@@ -252,6 +252,42 @@ def test_filesystems_without_directory_moves_copy_then_point(monkeypatch: pytest
     assert registry.rollback(root) == "v2"
 
 
+_KILLED_MID_COPY = """
+import os, sys
+import pyarrow.fs as pafs
+from pipeline import registry, storage
+from tests.unit.test_registry import _NoDirMoves, make_bundle
+
+class Killed(_NoDirMoves):
+    def open_output_stream(self, path, metadata):
+        if "/models/" in path and path.endswith(sys.argv[2]):
+            os._exit(9)  # killed as the copy into models/ reaches this file
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+fs = pafs.PyFileSystem(Killed(pafs.LocalFileSystem()))
+storage.resolve = lambda uri: (fs, uri)
+registry.publish(sys.argv[1], make_bundle("v3"), keep=2)
+"""
+
+
+@pytest.mark.parametrize("killed_at", [WEIGHTS, MANIFEST])
+def test_a_copy_into_models_killed_half_way_is_not_a_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            killed_at: str) -> None:
+    """Where directories cannot move (S3, GCS), a publish copies the bundle into models/: killed
+    there, it leaves no version that lacks files, keeps no retention slot and does not stop a rollback."""
+    fs = pafs.PyFileSystem(_NoDirMoves(pafs.LocalFileSystem()))
+    monkeypatch.setattr(storage, "resolve", lambda uri: (fs, uri))
+    root = str(tmp_path / "reg")
+    for v in ("v1", "v2"):
+        registry.publish(root, make_bundle(v), keep=2)
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_COPY, root, killed_at], cwd=REPO, timeout=120)
+    assert done.returncode == 9
+    assert [v.version for v in registry.list_versions(root)] == ["v2", "v1"]
+    registry.publish(root, make_bundle("v4"), keep=2)
+    assert registry.rollback(root) == "v2"
+    assert registry.prune(root, keep=2, now=time.time() + 7200) == ["v3"]  # the incomplete directory, after an hour
+
+
 # ---------------------------------------------------------------- crash safety
 
 
@@ -513,3 +549,42 @@ def test_cli_reports_corruption_and_unknown_versions(tmp_path: Path, capsys: pyt
     assert _row("integrity", "FAILED: weights.npz checksum mismatch (corrupted or truncated)") in out.splitlines()
     with pytest.raises(UsageError, match="unknown version 'v7'"):
         _cli(capsys, "promote", "v7", "--registry", root)
+
+
+class _PinsDuringMoves(Delegating):
+    """Runs ``during`` (an operator's action) as the first move of a version out of models/ begins."""
+
+    def __init__(self, fs: pafs.FileSystem, during: Any) -> None:
+        super().__init__(fs)
+        self.during = during
+
+    def get_type_name(self) -> str:
+        return "pinsduringmoves"
+
+    def move(self, src: str, dest: str) -> None:
+        if self.during is not None and "/models/" in src and ".staging" in dest:
+            during, self.during = self.during, None
+            during()
+        self.fs.move(src, dest)
+
+
+def test_a_version_pinned_while_a_prune_deletes_it_is_kept_or_the_pin_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator rolls back to the version a publish's prune is deleting at that moment."""
+    root = str(tmp_path / "reg")
+    for v in ("v1", "v2"):
+        registry.publish(root, make_bundle(v), keep=2)
+    outcome: list[str] = []
+
+    def roll_back() -> None:
+        try:
+            outcome.append(registry.rollback(root, "v1"))
+        except RegistryError as exc:
+            outcome.append(str(exc))
+
+    wrapped = _PinsDuringMoves(pafs.LocalFileSystem(), roll_back)
+    monkeypatch.setattr(storage, "resolve", lambda uri: (pafs.PyFileSystem(wrapped), uri))
+    registry.publish(root, make_bundle("v3"), keep=2)  # prunes v1
+    pinned = registry.pointers(root).pinned
+    assert outcome == ["v1"] and pinned == "v1"
+    assert registry.load_version(root, pinned).version == "v1"  # the pinned version is still there
