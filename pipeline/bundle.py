@@ -20,14 +20,13 @@ people: the manifest does not list them, loading never reads them, and a bundle 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
 import math
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from typing import Any
 
@@ -311,7 +310,7 @@ def encode_bundle(bundle: ModelBundle) -> dict[str, bytes]:
         "units": list(bundle.units),
         "warmup_steps": bundle.warmup_steps,
         "n_weights": len(bundle.weights),
-        "thresholds": dataclasses.asdict(bundle.thresholds),
+        "thresholds": asdict(bundle.thresholds),
         "metadata": bundle.metadata,
         "files": {name: _sha256(data) for name, data in files.items()},
     }
@@ -375,7 +374,12 @@ def decode_bundle(files: dict[str, bytes]) -> ModelBundle:
         )
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise BundleError(f"bundle content is inconsistent: {exc}") from None
-    _check_shapes(bundle)
+    try:
+        _check_shapes(bundle)
+    except BundleError:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. an array of strings where numbers belong
+        raise BundleError(f"bundle content is inconsistent: {exc}") from None
     return bundle
 
 
@@ -411,6 +415,11 @@ def _check_shapes(b: ModelBundle) -> None:
     got = [tuple(w.shape) for w in b.weights]
     if got != expected:
         raise BundleError(f"weights do not match {f} features and layers {b.units}: {got} != {expected}")
+    if not all(np.all(np.isfinite(w)) for w in b.weights):
+        raise BundleError("weights must be finite numbers")
+    if b.period_ms <= 0:
+        raise BundleError(f"period_ms must be positive, not {b.period_ms}")
+    _check_thresholds(b.thresholds)
     for name, arr in (("mean", b.scaler.mean), ("scale", b.scaler.scale), ("error_scale", b.error_scale),
                       ("novelty_scale", b.novelty_scale), ("flat_limit", b.flat_limit),
                       ("forecast_level", b.forecast_level), ("novelty_level", b.novelty_level)):
@@ -429,8 +438,11 @@ def _check_shapes(b: ModelBundle) -> None:
     if min(b.scaler.scale.min(), b.error_scale.min(), b.novelty_scale.min(), b.forecast_level.min(),
            b.novelty_level.min(), b.flat_limit.min()) <= 0:
         raise BundleError("scales must be positive")
-    if b.scaler.asset_names and b.scaler.asset_mean.shape != (len(b.scaler.asset_names), f):
-        raise BundleError("per-asset scaling does not match the asset list")
+    sc = b.scaler
+    if sc.asset_names and (sc.asset_mean.shape != (len(sc.asset_names), f) or sc.asset_scale.shape != sc.asset_mean.shape
+                           or not (np.all(np.isfinite(sc.asset_mean)) and np.all(np.isfinite(sc.asset_scale)))
+                           or sc.asset_scale.min() <= 0):
+        raise BundleError(f"per-asset scaling must be finite, one mean and one positive scale of {f} per listed asset")
     hd = b.heads
     if hd.names and (hd.kernel.shape != (len(hd.names), b.units[-1], f) or hd.bias.shape != (len(hd.names), f)
                      or not (np.all(np.isfinite(hd.kernel)) and np.all(np.isfinite(hd.bias)))):
@@ -443,6 +455,23 @@ def _check_shapes(b: ModelBundle) -> None:
         ag = lv.agree
         if b.agree_level is not None and (ag.shape != (len(lv.names),) or not np.all(np.isfinite(ag)) or np.any(ag <= 0)):
             raise BundleError("asset_agree_level must be one positive finite number per listed asset")
+
+
+def _check_thresholds(p: ThresholdParams) -> None:
+    """Refuse threshold parameters that would silence or break scoring (a crafted manifest: numbers
+    of the wrong type, NaN, a smoothing weight outside its range), as the settings refuse them."""
+    for name, value in asdict(p).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise BundleError(f"thresholds.{name} must be a number, not {value!r}")
+    if not (0 < p.threshold < math.inf and math.isfinite(p.normal_mean) and 0 <= p.normal_std < math.inf):
+        raise BundleError("thresholds: threshold must be positive and finite, normal_mean and normal_std finite")
+    for name in ("smoothing_alpha", "novelty_alpha"):
+        if not 0 < getattr(p, name) <= 1:
+            raise BundleError(f"thresholds.{name} must be in (0, 1]")
+    if not 0 <= p.adapt_alpha < 1:
+        raise BundleError("thresholds.adapt_alpha must be in [0, 1)")
+    if not 0 < p.quantile < 1:
+        raise BundleError("thresholds.quantile must be in (0, 1)")
 
 
 def save_bundle(bundle: ModelBundle, uri: str, extra: dict[str, bytes] | None = None) -> None:

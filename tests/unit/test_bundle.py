@@ -238,3 +238,30 @@ def test_the_agreement_levels_round_trip_and_old_bundles_have_no_agreement_term(
     zero = dataclasses.replace(tiny_bundle, agree_level=0.0)
     with pytest.raises(BundleError, match="agree_level"):
         decode_bundle(encode_bundle(zero))
+
+
+def _nan_weight(b):  # type: ignore[no-untyped-def]
+    weights = [w.copy() for w in b.weights]
+    weights[0][0, 0] = np.nan
+    return dataclasses.replace(b, weights=weights)
+
+
+@pytest.mark.parametrize("change, says", [
+    (_nan_weight, "weights must be finite"),
+    (lambda b: dataclasses.replace(b, period_ms=0), "period_ms"),
+    (lambda b: dataclasses.replace(b, thresholds=dataclasses.replace(b.thresholds, threshold=float("nan"))),
+     "thresholds.threshold"),
+    (lambda b: dataclasses.replace(b, thresholds=dataclasses.replace(b.thresholds, open_after="3")),
+     "thresholds.open_after"),
+    (lambda b: dataclasses.replace(b, thresholds=dataclasses.replace(b.thresholds, smoothing_alpha=2.0)),
+     "smoothing_alpha"),
+    (lambda b: dataclasses.replace(b, scaler=dataclasses.replace(
+        b.scaler, asset_names=("p1",), asset_mean=np.zeros((1, len(FEATURES))),
+        asset_scale=np.zeros((1, len(FEATURES))))), "per-asset scaling"),
+    (lambda b: dataclasses.replace(b, error_scale=np.array(["1.0"] * len(FEATURES))), "inconsistent"),
+])
+def test_a_bundle_that_would_silence_or_break_scoring_is_refused(tiny_bundle, change, says) -> None:  # type: ignore[no-untyped-def]
+    """Checksums prove the files are the ones written, not that their content can serve: a crafted or
+    broken manifest or array is refused with a BundleError, never another exception."""
+    with pytest.raises(BundleError, match=says):
+        decode_bundle(encode_bundle(change(tiny_bundle)))
