@@ -69,7 +69,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _wait_for_current(settings: Settings, stop: threading.Event, health: Health):  # type: ignore[no-untyped-def]
-    """The registry's current bundle; a fresh deployment waits (logging) until a first one is published."""
+    """The registry's serving bundle. A fresh deployment waits (logging) until a first one is
+    published, and a serving version that cannot be loaded (damaged, or deleted under its pointer)
+    until an operator rolls back or a new one is published: a restart would fail the same way. A
+    sound bundle of other features than the configured ones is a configuration error (exit 2)."""
+    from pipeline.bundle import BundleError, FeatureMismatch
     from pipeline.logs import get_logger
     from pipeline.registry import RegistryError, current_version, load_current
 
@@ -80,9 +84,15 @@ def _wait_for_current(settings: Settings, stop: threading.Event, health: Health)
             try:
                 if current_version(settings.registry.uri) is not None:
                     return load_current(settings.registry.uri, expected_features=settings.model.features)
+                log.info("waiting for a first model in the registry", registry=settings.registry.uri)
+            except FeatureMismatch:
+                raise
+            except BundleError as exc:
+                health.waiting_for = "a loadable model"
+                log.error("the registry's serving model cannot be loaded; waiting for a rollback or a new version",
+                          registry=settings.registry.uri, error=str(exc))
             except (RegistryError, OSError) as exc:  # (OSError: the store did not answer this time)
                 log.warning("registry not usable yet", error=str(exc))
-            log.info("waiting for a first model in the registry", registry=settings.registry.uri)
             stop.wait(settings.detector.registry_poll_s)
         return None
     finally:

@@ -50,6 +50,11 @@ class BundleError(ValueError):
     """A bundle is missing, incomplete, corrupted or inconsistent."""
 
 
+class FeatureMismatch(BundleError):
+    """A sound bundle fitted on other features than the configured ones: the configuration or the
+    model is wrong, which waiting does not change."""
+
+
 def asset_rows(index: dict[str, int], assets: np.ndarray) -> np.ndarray:
     """Each asset's row in a per-asset table, -1 where the table has none."""
     if not index:
@@ -493,9 +498,15 @@ def load_bundle(uri: str, expected_features: tuple[str, ...] | None = None) -> M
     except (FileNotFoundError, OSError) as exc:
         raise BundleError(f"cannot read bundle at {uri}: {exc}") from None
     bundle = decode_bundle(files)
-    if expected_features is not None and bundle.features != tuple(expected_features):
-        raise BundleError(f"bundle features {list(bundle.features)} differ from the configured {list(expected_features)}")
+    if expected_features is not None:
+        check_features(bundle, expected_features)
     return bundle
+
+
+def check_features(bundle: ModelBundle, expected: Sequence[str]) -> None:
+    """Refuse a bundle fitted on other features than the configured ones (a configuration error)."""
+    if bundle.features != tuple(expected):
+        raise FeatureMismatch(f"bundle features {list(bundle.features)} differ from the configured {list(expected)}")
 
 
 def read_report_files(uri: str) -> dict[str, bytes]:

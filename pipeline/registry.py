@@ -47,7 +47,7 @@ import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.bundle import (MANIFEST, REPORT_FILES, REPORT_JSON, SCALING, WEIGHTS, BundleError, ModelBundle,
-                             decode_bundle, encode_bundle)
+                             check_features, decode_bundle, encode_bundle)
 from pipeline.logs import get_logger
 
 MODELS = "models"
@@ -226,9 +226,8 @@ def _read_bundle(root: _Root, version: str, expected_features: tuple[str, ...] |
     bundle = decode_bundle(files)
     if bundle.version != version:
         raise BundleError(f"directory of version {version} holds version {bundle.version}")
-    if expected_features is not None and bundle.features != tuple(expected_features):
-        raise BundleError(f"bundle features {list(bundle.features)} differ from the configured "
-                          f"{list(expected_features)}")
+    if expected_features is not None:
+        check_features(bundle, expected_features)
     return bundle
 
 
