@@ -352,8 +352,10 @@ class RunLock:
             self.check()
 
     def check_settled(self, attempts: int = 3, pause_s: float = 0.2) -> None:
-        """:meth:`check`, forgiving a moment without the file: a taker that judged an old
-        heartbeat moves it aside to compare, and puts a renewed one back."""
+        """:meth:`check`, forgiving a moment without the file (between a taker's deletion of an
+        expired lock and its own lock's creation nothing is there). A renewal written between a
+        taker's comparison and its deletion is deleted with the lock: this run then finds the
+        taker's token, or none, and does not publish."""
         for n in range(attempts):
             try:
                 self.check()
