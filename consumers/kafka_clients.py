@@ -318,11 +318,12 @@ def reread_moved_topic(consumer: KafkaConsumer, polled: Polled, known: dict[int,
     moved = []
     for tp in consumer.assignment():
         was = known.get(tp.partition, "")
-        if was == _NEW_LOG + tid:
-            continue  # the client's metadata still names the old topic
+        marked = _marked(was)
+        if marked is not None and marked[0] == tid and not _refreshed_after(consumer, marked[1]):
+            continue  # the client's metadata may still name the old topic
         if _other_id(was, tid):
             moved.append(tp)
-        known[tp.partition] = tid
+        known[tp.partition] = tid  # marked: the new log's id, or, refreshed since and the same, a truncated log's
     if not moved:
         return polled, []
     moved.sort()
@@ -338,12 +339,13 @@ def began_again(known: dict[int, str], partition: int, tid: str, *, fresh: bool 
     (:func:`refreshed_topic_id`), so ``tid`` is the new log's id: another id than the known one is a
     topic created again, the same id a log truncated (an unclean leader election, a broker started
     on fresh storage under the same id). Else the metadata may still name the old topic, and the id
-    it names next is the new log's, not a move (:func:`reread_moved_topic`); until then the
-    positions' id is unknown (:func:`known_id`)."""
+    it names next is the new log's, not a move (:func:`reread_moved_topic`), or, if a refresh after
+    this still names the same id, the log was truncated and keeps it; until then the positions' id
+    is unknown (:func:`known_id`)."""
     if fresh:
         known[partition] = tid
     else:
-        known[partition] = tid if _other_id(known.get(partition, ""), tid) else _NEW_LOG + tid
+        known[partition] = tid if _other_id(known.get(partition, ""), tid) else _mark(tid)
 
 
 def refreshed_topic_id(consumer: KafkaConsumer, topic: str) -> str | None:
@@ -379,6 +381,25 @@ def _waited(future: Any, deadline: float) -> bool:
     done = threading.Event()
     future.add_both(lambda *_: done.set())
     return done.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _mark(tid: str) -> str:
+    """The marker of a log that began again while the client's metadata named ``tid``, with the time
+    (the client's metadata clock, monotonic ms) after which a refresh that still names it settles it."""
+    return f"{_NEW_LOG}{tid}\x00{time.monotonic() * 1000!r}"
+
+
+def _marked(was: str) -> tuple[str, float] | None:
+    """The id and time of a marker (:func:`_mark`), None for a plain id."""
+    if not was.startswith(_NEW_LOG):
+        return None
+    tid, _, since = was[len(_NEW_LOG):].rpartition("\x00")
+    return tid, float(since)
+
+
+def _refreshed_after(consumer: KafkaConsumer, since_ms: float) -> bool:
+    """Whether the client's metadata was refreshed after ``since_ms`` (its own monotonic clock)."""
+    return float(getattr(consumer._client.cluster, "_last_successful_refresh_ms", 0)) > since_ms  # pinned internals
 
 
 def _other_id(was: str, tid: str) -> bool:

@@ -5,6 +5,7 @@ metadata. No reading of the new log is lost, and no commit skips any (stand-in c
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -175,3 +176,22 @@ def test_a_commit_of_the_old_logs_end_is_moved_back_to_where_the_new_log_is_read
     archiver.flush()
     archiver._commit()
     assert client.committed[TP] == 10 and _scanned(archiver) == 6 + 7
+
+
+def test_a_truncation_seen_without_a_refresh_takes_back_its_id_at_the_next_refresh_that_names_it(
+        tmp_path: Path) -> None:
+    """The refresh asked for when the offsets went back fails: the readings have no id until a later
+    refresh (the client's periodic one) still names the same id, which makes it a truncated log's
+    again, and a recreation after that is seen as a move."""
+    archiver, client = _archiver(tmp_path)
+    archiver.take(_poll(range(0, 6), 0))
+    archiver.flush()
+    archiver.take(_poll(range(0, 6), 0))  # read again from the earliest record; the refresh fails
+    archiver.take({})
+    assert [tid for tid, _ in archiver.pending[TP].chunks] == [""]
+    client._client.cluster._last_successful_refresh_ms = time.monotonic() * 1000 + 1  # the periodic refresh: "old"
+    archiver.take(_poll(range(6, 8), 6))
+    assert [tid for tid, _ in archiver.pending[TP].chunks] == ["", "old"]
+    client.topic = "newer"
+    archiver.take({})
+    assert client.seeks == [(TP, 0)]

@@ -22,6 +22,7 @@ class _Client:
     def __init__(self, owned: tuple[TopicPartition, ...] = (TP0, TP1)) -> None:
         self.seeks: list[tuple[Any, ...]] = []
         self.owned = set(owned)
+        self._client = SimpleNamespace(cluster=SimpleNamespace(_last_successful_refresh_ms=0.0))  # no refresh yet
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.owned)
