@@ -47,6 +47,13 @@ comparison refuses ordinary retrains by chance. Instead:
    one whose difference the held-out data cannot tell apart from chance. A figure that
    cannot be computed (no step scored by both, no feature moved) refuses.
 
+4. A bound, not a test: each model's **score level**, the mean over the same steps of its alert
+   score over its threshold. Both models' levels are calibrated on normal data the same way, so
+   both read their normal steps at a similar fraction of the threshold; a challenger whose
+   fraction is more than :data:`SENSITIVITY_FACTOR` times below the champion's has levels its
+   scores cannot reach (a model that would never alert, which the alert fraction rewards) and is
+   refused.
+
 Memory is bounded by one batch plus one row per block (``F`` floats per model).
 """
 
@@ -70,6 +77,7 @@ RESAMPLES = 1000          # bootstrap resamples
 CONFIDENCE = 0.95         # two-sided level of the intervals; refusal looks at the lower bound only
 SEED = 0                  # the same held-out data always gives the same decision
 ALERT_TOLERANCE = 0.002   # default absolute room on the alert fraction (trainer.gate_alert_tolerance)
+SENSITIVITY_FACTOR = 10.0  # a challenger's score level this many times below the champion's is refused
 _CELLS = 1 << 21          # resample weights built per call (resamples × blocks): bounds memory
 _KEY_SPAN = 1 << 40       # block key = asset code × span + block number
 
@@ -88,11 +96,12 @@ class GateFigures:
     alert_fraction: float           # NaN when no step was scored
     alerts: int                     # alerts the model opened
     feature_error: dict[str, float | None] = field(default_factory=dict)
+    score_level: float = math.nan   # mean alert score over its threshold (higher: more sensitive); NaN: unknown
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "steps": self.steps, "forecast_error": _finite(self.forecast_error),
                 "alert_fraction": _finite(self.alert_fraction), "alerts": self.alerts,
-                "feature_error": self.feature_error}
+                "feature_error": self.feature_error, "score_level": _finite(self.score_level)}
 
 
 @dataclass(frozen=True)
@@ -329,20 +338,20 @@ def compare(champion: ModelBundle, challenger: ModelBundle, batches: Iterable[De
     engines = (DetectionEngine(champion, grid), DetectionEngine(challenger, grid))
     acc = _Blocks(challenger.n_features, block_steps)
     changes = _Changes(challenger.n_features)
-    alerts = [0, 0]
+    alerts, levels = [0, 0], [0.0, 0.0]
     for batch in batches:
-        _add(bundles, [e.process(batch) for e in engines], acc, changes, alerts)
-    _add(bundles, [e.flush() for e in engines], acc, changes, alerts)
+        _add(bundles, [e.process(batch) for e in engines], acc, changes, alerts, levels)
+    _add(bundles, [e.flush() for e in engines], acc, changes, alerts, levels)
     naive = changes.mean()
     blocks, sq = acc.blocks(naive)
     steps = int(blocks.steps.sum())
-    figures = tuple(_figures(b, steps, sq[m], float(blocks.above[:, m].sum()), alerts[m], naive)
+    figures = tuple(_figures(b, steps, sq[m], float(blocks.above[:, m].sum()), alerts[m], naive, levels[m])
                     for m, b in enumerate(bundles))
     return Comparison(figures[0], figures[1], blocks)
 
 
 def _add(bundles: tuple[ModelBundle, ModelBundle], outs: list[EngineOutput], acc: _Blocks, changes: _Changes,
-         alerts: list[int]) -> None:
+         alerts: list[int], levels: list[float]) -> None:
     a, b = outs
     if len(a) != len(b) or not (np.array_equal(a.step, b.step) and np.array_equal(a.asset, b.asset)):
         raise GateError("the two models closed different grid steps on the same data")
@@ -356,18 +365,20 @@ def _add(bundles: tuple[ModelBundle, ModelBundle], outs: list[EngineOutput], acc
         sq.append(raw**2)
         above.append((out.alert_score[both] > out.threshold[both]).astype(float))
         alerts[m] += sum(e.state == "open" for e in out.events)
+        levels[m] += float(np.sum(out.alert_score[both] / out.threshold[both]))
     acc.add(a.asset[both], a.step[both], (sq[0], sq[1]), (above[0], above[1]))
     changes.add(a)
 
 
 def _figures(bundle: ModelBundle, steps: int, sq: np.ndarray, above: float, alerts: int,
-             naive: np.ndarray) -> GateFigures:
+             naive: np.ndarray, level: float) -> GateFigures:
     moved = naive > 0
     mse = sq / steps if steps else np.full(len(naive), np.nan)
     ratio = np.where(moved, mse / np.where(moved, naive, 1.0), np.nan)
     error = float(np.mean(ratio[moved])) if moved.any() and steps else math.nan
     per_feature = {name: _finite(float(r)) for name, r in zip(bundle.features, ratio)}
-    return GateFigures(bundle.version, steps, error, above / steps if steps else math.nan, alerts, per_feature)
+    return GateFigures(bundle.version, steps, error, above / steps if steps else math.nan, alerts, per_feature,
+                       level / steps if steps else math.nan)
 
 
 # ---------------------------------------------------------------- the decision
@@ -397,6 +408,10 @@ def decide(comparison: Comparison, margin: float, alert_tolerance: float = ALERT
         worse.append(f"{error_text}: lower bound above the margin {_pct(test.error_allowed)}")
     if test.alert_worse:
         worse.append(f"{alert_text}: lower bound above the allowed {_abs(test.alert_allowed)}")
+    if challenger.score_level < champion.score_level / SENSITIVITY_FACTOR:  # (NaN: not measured, no bound)
+        worse.append(f"score level {challenger.score_level:.3g} of its threshold against the serving model's "
+                     f"{champion.score_level:.3g}: more than {SENSITIVITY_FACTOR:g}× less sensitive, levels its "
+                     f"scores cannot reach")
     if worse:
         return GateDecision(False, f"worse than the serving model ({level} intervals over {test.blocks} blocks): "
                                    + "; ".join(worse), margin, champion, challenger, test)

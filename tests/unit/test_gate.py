@@ -331,3 +331,23 @@ def test_bad_labels_fail_the_run(tmp_path: Path, content: str, problem: str) -> 
         read_label_ranges(str(path))
     with pytest.raises(TrainError, match="cannot read the labels"):
         read_label_ranges(str(tmp_path / "missing.csv"))
+
+
+def test_a_model_whose_levels_its_scores_cannot_reach_is_refused(tiny_bundle: ModelBundle) -> None:
+    """Levels a million times too high: it would never alert, so its alert fraction and forecast error
+    cannot tell it from the serving model."""
+    own = tiny_bundle.asset_levels
+    deaf = variant(tiny_bundle, "deaf", forecast_level=tiny_bundle.forecast_level * 1e6,
+                   novelty_level=tiny_bundle.novelty_level * 1e6,
+                   asset_levels=AssetLevels(own.names, own.forecast * 1e6, own.novelty * 1e6))
+    c = compare(tiny_bundle, deaf, holdout_batches(), tiny_settings().grid)
+    assert c.challenger.forecast_error == pytest.approx(c.champion.forecast_error, rel=1e-9)
+    assert c.challenger.alert_fraction <= c.champion.alert_fraction
+    d = decide(c, 0.05)
+    assert not d.publish and "less sensitive" in d.reason
+    assert c.champion.score_level > 0.05  # a fitted model reads its normal steps well within reach of its levels
+
+
+def test_a_model_compared_with_itself_has_the_same_score_level(tiny_bundle: ModelBundle) -> None:
+    c = compare(tiny_bundle, variant(tiny_bundle, "same"), holdout_batches(), tiny_settings().grid)
+    assert c.challenger.score_level == c.champion.score_level and math.isfinite(c.champion.score_level)
