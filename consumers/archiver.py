@@ -261,6 +261,15 @@ class _Pending:
     records: int = 0
     # per run of chunks of one topic id: days in place from a failed try of this flush
     days_done: dict[int, set[int]] = field(default_factory=dict)
+    start: int = -1  # offset of the first record consumed since the last flush (-1 at creation: ``end``)
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            self.start = self.end
+
+    def unwritten_from(self) -> int | None:
+        """The first offset whose record is consumed but not written, None when none is."""
+        return self.start if self.records else None
 
     def by_topic_id(self) -> list[tuple[str, Rows]]:
         """The chunks, each run polled under one topic id with offsets going forward concatenated: a
@@ -572,11 +581,16 @@ class Archiver:
         """Partitions whose new log is read on from these offsets: what their buffered and written
         readings of the old log commit is that offset of the new one, not the old log's end, and a
         commit of the old log's end already made is moved back to it at the next commit (a kill or
-        a rebalance before the new log's first flush would make the next owner start past it)."""
+        a rebalance before the new log's first flush would make the next owner start past it), or to
+        the first record buffered and not yet written, if lower."""
         for tp, offset in restart_at.items():
-            if tp in self.pending:
-                self.pending[tp].end = offset
-            self.durable[tp] = offset
+            pending = self.pending.get(tp)
+            unwritten = None if pending is None else pending.unwritten_from()
+            if pending is not None:
+                pending.end = offset
+            # Not past what is buffered: a truncated log is read again from where it diverged, and the
+            # old log's records buffered below that are still in Kafka, for the next owner to read.
+            self.durable[tp] = offset if unwritten is None else min(offset, unwritten)
 
     def _stamp(self, tp: TopicPartition) -> str:
         """The topic id to stamp the partition's readings polled now with: "" while its log began again

@@ -50,6 +50,7 @@ class ModelWatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.refused: set[str] = set()
+        self._unreadable: dict[str, str] = {}  # version → the last error that kept it from loading
         self.current: str | None = None  # what the registry named current at its last check
         self._thread = threading.Thread(target=self._run, name="model-watch", daemon=True)
 
@@ -133,9 +134,12 @@ class ModelWatcher:
             model = self._network_for(bundle)
         except (OSError, RegistryError) as exc:
             # The store did not answer, or the version is not (yet) there: a pointer read before its
-            # directory is visible, a pin racing a prune. It may be fine: tried again next time.
-            self.log.warning("model unreadable for now; the current one keeps serving", version=version,
-                             error=str(exc), serving=self.serving_version)
+            # directory is visible, a pin racing a prune. It may be fine: tried again next time (and
+            # logged again only when the error changes: a registry left so is checked every interval).
+            if self._unreadable.get(version) != str(exc):
+                self.log.warning("model unreadable for now; the current one keeps serving", version=version,
+                                 error=str(exc), serving=self.serving_version)
+            self._unreadable[version] = str(exc)
             return
         except Exception as exc:  # a defective bundle (BundleError), or one the network cannot take
             self.refused.add(version)

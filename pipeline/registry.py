@@ -15,10 +15,13 @@ moved to ``models/<version>`` (where the filesystem cannot move a directory, as 
 stores, it is copied) and verified again there; only then does CURRENT name it, and
 CURRENT is replaced by moving a complete temp file over it. Readers resolve versions only
 through PINNED and CURRENT, so a process killed at any point leaves them naming a complete
-bundle: the previous one or the new one. Pruning never deletes the current or pinned
-version (it reads the pointers again before each deletion, and a pin checks after it is written
-that its version is still there), and it first moves a doomed version into ``.staging`` where it
-can, so on local disk ``models/`` only ever holds complete versions.
+bundle: the previous one or the new one. Pruning never deletes the current or pinned version,
+and it first moves a doomed version into ``.staging`` where it can, so on local disk ``models/``
+only ever holds complete versions. An operator may pin a version while a publish prunes it: the
+prune reads the pointers again before each deletion and puts back a version pinned while it was
+being moved out, and the pin checks that its version is still there. On an object store, where a
+version is deleted in place, a pin in the moment between that re-read and the deletion can still
+lose it (the pin then names a missing version: roll back again).
 
 Every path is confined to the root: version names are single path components (letters,
 digits, ``.``, ``_``, ``-``) wherever they come from (a command line, a pointer file, a
@@ -592,7 +595,11 @@ def _remove_version(root: _Root, version: str, area: str = MODELS,
         if storage.exists(root.fs, manifest):
             root.fs.delete_file(manifest)
     if trash != src and unless_kept is not None and not unless_kept(version):
-        root.fs.move(trash, src)
+        try:
+            root.fs.move(trash, src)
+        except OSError as exc:
+            log.error("a version pinned while it was pruned could not be put back: move it back by hand",
+                      version=version, kept_at=trash, error=str(exc))
         return False
     root.fs.delete_dir(trash)
     return True

@@ -195,3 +195,20 @@ def test_a_truncation_seen_without_a_refresh_takes_back_its_id_at_the_next_refre
     client.topic = "newer"
     archiver.take({})
     assert client.seeks == [(TP, 0)]
+
+
+def test_a_log_read_again_from_where_it_diverged_commits_nothing_past_what_is_buffered(tmp_path: Path) -> None:
+    """kafka-python reads a truncated log again from where it diverged from the old one (8 here), which
+    may lie above records buffered and not yet written (6, 7): a commit before the flush stops at 6."""
+    archiver, client = _archiver(tmp_path)
+    archiver.take(_poll(range(0, 6), 0, {o: 0 for o in range(6)}))
+    archiver.flush()
+    archiver._commit()
+    archiver.take(_poll(range(6, 10), 6, {o: 0 for o in range(6, 10)}))  # buffered, not written
+    client.refreshed = "old"
+    archiver.take(_poll(range(8, 12), 20, {o: 1 for o in range(8, 12)}))
+    archiver._commit()  # e.g. the flush failed, or a rebalance's hook commits before writing
+    assert client.committed[TP] == 6
+    archiver.flush()
+    archiver._commit()
+    assert client.committed[TP] == 12 and _scanned(archiver) == 10 + 4
