@@ -249,11 +249,16 @@ def test_a_worse_forecaster_is_refused(tiny_bundle: ModelBundle) -> None:
     assert d.paired is not None and d.paired.error_change.low > 1.0
 
 
+def with_levels_scaled(bundle: ModelBundle, version: str, factor: float) -> ModelBundle:
+    """The same network with its calibrated term levels (fleet and per asset) times ``factor``."""
+    own = bundle.asset_levels
+    return variant(bundle, version, forecast_level=bundle.forecast_level * factor,
+                   novelty_level=bundle.novelty_level * factor,
+                   asset_levels=AssetLevels(own.names, own.forecast * factor, own.novelty * factor))
+
+
 def test_a_model_alerting_on_normal_data_is_refused(tiny_bundle: ModelBundle) -> None:
-    own = tiny_bundle.asset_levels
-    jumpy = variant(tiny_bundle, "jumpy", forecast_level=tiny_bundle.forecast_level * 0.05,
-                    novelty_level=tiny_bundle.novelty_level * 0.05,
-                    asset_levels=AssetLevels(own.names, own.forecast * 0.05, own.novelty * 0.05))
+    jumpy = with_levels_scaled(tiny_bundle, "jumpy", 0.05)
     c = compare(tiny_bundle, jumpy, holdout_batches(), tiny_settings().grid)
     assert c.challenger.forecast_error == pytest.approx(c.champion.forecast_error, rel=1e-9)
     assert c.challenger.alert_fraction > c.champion.alert_fraction + 10 * ALERT_TOLERANCE
@@ -336,10 +341,7 @@ def test_bad_labels_fail_the_run(tmp_path: Path, content: str, problem: str) -> 
 def test_a_model_whose_levels_its_scores_cannot_reach_is_refused(tiny_bundle: ModelBundle) -> None:
     """Levels a million times too high: it would never alert, so its alert fraction and forecast error
     cannot tell it from the serving model."""
-    own = tiny_bundle.asset_levels
-    deaf = variant(tiny_bundle, "deaf", forecast_level=tiny_bundle.forecast_level * 1e6,
-                   novelty_level=tiny_bundle.novelty_level * 1e6,
-                   asset_levels=AssetLevels(own.names, own.forecast * 1e6, own.novelty * 1e6))
+    deaf = with_levels_scaled(tiny_bundle, "deaf", 1e6)
     c = compare(tiny_bundle, deaf, holdout_batches(), tiny_settings().grid)
     assert c.challenger.forecast_error == pytest.approx(c.champion.forecast_error, rel=1e-9)
     assert c.challenger.alert_fraction <= c.champion.alert_fraction
