@@ -221,6 +221,8 @@ def _within(lo: np.ndarray, hi: np.ndarray, o: np.ndarray) -> np.ndarray:
 
 def _groups(partition: np.ndarray, epoch: np.ndarray) -> list[tuple[tuple[int, int], np.ndarray]]:
     """The rows of each distinct (partition, leader epoch), found with one sort."""
+    if not len(partition):
+        return []
     key = partition * 2**32 + (epoch + 1)  # partitions and epochs below 2**31, epochs from -1 (_Scan._epochs)
     order = np.argsort(key, kind="stable")
     ordered = key[order]

@@ -295,3 +295,13 @@ def test_epochs_kafka_cannot_have_count_as_unknown(root: str) -> None:
         "leader_epoch", pa.array([-2] * 30 + [2**32 - 1] * 30, pa.int64())))  # offsets 0..9 again, 10..19
     batches, stats = scan(root)
     assert joined(batches).n_records == 20 and stats.duplicates == 10 * 3
+
+
+def test_a_batch_without_rows_is_checked_against_existing_coverage() -> None:
+    """The Parquet reader may hand over an empty batch (every row filtered out) after a file was read."""
+    from trainers.archive_scan import _Coverage
+
+    seen = _Coverage()
+    seen.add("t", {(0, 0): (0, 9)})
+    empty = np.empty(0, np.int64)
+    assert seen.contains("t", empty, empty, empty).tolist() == []
