@@ -37,6 +37,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--live needs a terminal on stdout")
     stop = stop_on_signals()
     health = Health()
+    if not args.model:  # before the probes answer: loading the registry's modules takes a while
+        health.waiting_for = "first model"
     server = serve(settings.detector.http_port, health=health) if settings.detector.http_port else None
     try:
         try:
