@@ -222,11 +222,9 @@ class LevelStretch:
         # The level part attests a memory of at most a tenth of its length, as the fit's estimate of a
         # short history does (MIN_BATCHES): a residual slower than that is judged from as many values
         # as the fit would have judged it, not from one.
-        memory = np.ones(bundle.n_features) if bundle.novelty_memory is None \
-            else np.minimum(bundle.novelty_memory, plan.level / MIN_BATCHES)
-        factor = scale_uncertainty_factor(plan.level / np.maximum(memory, 1.0), q)
         if bundle.novelty_memory is not None:
-            novelty = novelty * factor
+            memory = np.minimum(bundle.novelty_memory, plan.level / MIN_BATCHES)
+            novelty = novelty * scale_uncertainty_factor(plan.level / np.maximum(memory, 1.0), q)
         return cls(forecast, novelty)
 
 
