@@ -31,8 +31,8 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import (CommitFailedError, InvalidProducerEpochError, KafkaError, KafkaTimeoutError,
-                          OutOfOrderSequenceNumberError, RebalanceInProgressError, UnknownProducerIdError,
+from kafka.errors import (CommitFailedError, CorruptRecordError, InvalidProducerEpochError, KafkaError,
+                          KafkaTimeoutError, OutOfOrderSequenceNumberError, RebalanceInProgressError, UnknownProducerIdError,
                           UnsupportedCodecError)
 from kafka.structs import OffsetAndMetadata
 
@@ -196,8 +196,13 @@ class Detector:
                         code = 1
                         break
                     self._set_health(broker_ok=False)
-                    self.log.warning("broker did not acknowledge; rewinding to the last checkpoint",
-                                     error=str(exc), retry_in_s=backoff)
+                    if isinstance(exc, CorruptRecordError):  # the same batch fails again until it is moved past
+                        self.log.error("a fetched batch of the readings topic cannot be parsed (corrupt, or header "
+                                       "names that are not UTF-8); rewinding to the last checkpoint and reading it "
+                                       "again", error=str(exc), retry_in_s=backoff)
+                    else:
+                        self.log.warning("broker did not acknowledge; rewinding to the last checkpoint",
+                                         error=str(exc), retry_in_s=backoff)
                     self._forget_all("delivery failed", rewind=True)
                     self.stop.wait(backoff)
                     backoff = min(backoff * 2, 15.0)
