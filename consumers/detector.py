@@ -31,9 +31,9 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import (CommitFailedError, CorruptRecordError, InvalidProducerEpochError, KafkaError,
-                          KafkaTimeoutError, OutOfOrderSequenceNumberError, RebalanceInProgressError, UnknownProducerIdError,
-                          UnsupportedCodecError)
+from kafka.errors import (AuthorizationError, CommitFailedError, CorruptRecordError, InvalidProducerEpochError,
+                          KafkaError, KafkaTimeoutError, OutOfOrderSequenceNumberError, RebalanceInProgressError,
+                          UnknownProducerIdError, UnsupportedCodecError)
 from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
@@ -189,6 +189,10 @@ class Detector:
                                    "cannot decode; stopping without commit", error=str(exc))
                     code = 1
                     break
+                except AuthorizationError as exc:  # refused for good (a poll, or a send that asked for metadata)
+                    self.log.error("not authorised for a topic or the group; stopping without commit", error=str(exc))
+                    code = 1
+                    break
                 except (DeliveryError, KafkaError) as exc:
                     renewed = self._renew_lost_producers(exc)
                     if isinstance(exc, DeliveryError) and not exc.retriable and not renewed:
@@ -264,7 +268,7 @@ class Detector:
         """On a graceful stop: write the changed state and commit, so a successor replays nothing."""
         try:
             self.checkpoint()
-        except (Fenced, DeliveryError) as exc:
+        except (Fenced, DeliveryError, KafkaError) as exc:  # (a send or commit that raises at once)
             self.log.warning("final checkpoint failed; the next owner replays since the last one", error=str(exc))
 
     def _forget_all(self, why: str, rewind: bool = False) -> None:
