@@ -71,11 +71,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import AuthorizationError, KafkaError
+from kafka.errors import AuthorizationError, CorruptRecordError, KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from consumers import metrics
+from consumers.fetch_holes import unparsable_batch
 from consumers.health import Health
 from consumers.http_server import serve
 from consumers.kafka_clients import (Polled, cut_at_new_log, known_id, leader_epochs, logs_began_again, make_consumer,
@@ -328,8 +329,13 @@ class Archiver:
             while not self.stop.is_set():
                 if self.rewind and time.monotonic() >= self.rewind_at:
                     self._rewind()
-                polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
-                                            max_records=s.kafka.max_poll_records)
+                try:
+                    polled = self.consumer.poll(timeout_ms=self._poll_timeout_ms(),
+                                                max_records=s.kafka.max_poll_records)
+                except CorruptRecordError as exc:
+                    if not self._pass_unparsable(exc):
+                        raise
+                    continue
                 self.last_loop = time.monotonic()
                 self.take(polled)
                 if self.retry_at is not None:
@@ -488,6 +494,27 @@ class Archiver:
         if batch.rejects:
             self._count_rejects(batch.rejects, records)
         return polled
+
+    def _pass_unparsable(self, exc: CorruptRecordError) -> bool:
+        """Read on after a record batch the client cannot parse (the detector dead-letters it whole;
+        it stays in the readings topic too): its offsets commit as handled, after what is buffered
+        below them is written. False when the batch cannot be told."""
+        assert self.consumer is not None
+        found = unparsable_batch(self.consumer)
+        if found is None:
+            return False
+        tp, base, after, _ = found
+        pending = self.pending.get(tp)
+        if pending is not None and pending.records:
+            pending.end = after
+        else:  # nothing below it waits to be written
+            self.durable[tp] = after
+        self.consumer.seek(tp, after)
+        REJECTS.labels("unparsable").inc()
+        self.stats.rejects["unparsable"] = self.stats.rejects.get("unparsable", 0) + 1
+        self.log.error("a record batch of the readings topic cannot be parsed: not archived, reading on after it",
+                       partition=tp.partition, offsets=[base, after - 1], error=str(exc))
+        return True
 
     def _began_again_before(self, polled: Polled) -> None:
         """Partitions whose poll starts below where their last one ended: their log began again

@@ -38,6 +38,7 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
+from consumers.fetch_holes import unparsable_batch
 from consumers.heap import settle_heap
 from consumers.kafka_clients import (KeyPartitions, ReadTimeout, cut_at_new_log, known_id, logs_began_again,
                                      make_consumer, make_producer, poll_arrays, read_to_end, record_clock,
@@ -164,8 +165,13 @@ class Detector:
                 try:
                     if self.rewind:
                         self._rewind()
-                    polled = self.consumer.poll(timeout_ms=s.detector.poll_timeout_ms,
-                                                max_records=s.kafka.max_poll_records)
+                    try:
+                        polled = self.consumer.poll(timeout_ms=s.detector.poll_timeout_ms,
+                                                    max_records=s.kafka.max_poll_records)
+                    except CorruptRecordError as exc:
+                        if not self._pass_unparsable(exc):
+                            raise  # not told apart: read again from the last checkpoint, below
+                        continue
                     self.last_loop = time.monotonic()
                     self._set_health(last_loop=self.last_loop)
                     if self.to_restore:
@@ -199,16 +205,7 @@ class Detector:
                         self.log.error("an output cannot be delivered; stopping without commit", error=str(exc))
                         code = 1
                         break
-                    self._set_health(broker_ok=False)
-                    if isinstance(exc, CorruptRecordError):  # the same batch fails again until it is moved past
-                        self.log.error("a fetched batch of the readings topic cannot be parsed (corrupt, or header "
-                                       "names that are not UTF-8); rewinding to the last checkpoint and reading it "
-                                       "again", error=str(exc), retry_in_s=backoff)
-                    else:
-                        self.log.warning("broker did not acknowledge; rewinding to the last checkpoint",
-                                         error=str(exc), retry_in_s=backoff)
-                    self._forget_all("delivery failed", rewind=True)
-                    self.stop.wait(backoff)
+                    self._retry(exc, backoff)
                     backoff = min(backoff * 2, 15.0)
             if code == 0:
                 self.log.info("stopping: final checkpoint")
@@ -263,6 +260,46 @@ class Detector:
     @property
     def ready(self) -> bool:
         return self.assigned and not self.to_restore and time.monotonic() - self.last_loop < 30
+
+    def _retry(self, exc: Exception, backoff: float) -> None:
+        """Rewind every owned partition to its last checkpoint and wait ``backoff`` seconds."""
+        self._set_health(broker_ok=False)
+        if isinstance(exc, CorruptRecordError):
+            self.log.error("a fetched batch of the readings topic cannot be parsed; rewinding to the last "
+                           "checkpoint and reading it again", error=str(exc), retry_in_s=backoff)
+        else:
+            self.log.warning("broker did not acknowledge; rewinding to the last checkpoint",
+                             error=str(exc), retry_in_s=backoff)
+        self._forget_all("delivery failed", rewind=True)
+        self.stop.wait(backoff)
+
+    def _pass_unparsable(self, exc: CorruptRecordError) -> bool:
+        """Dead-letter the record batch the client cannot parse (a CRC that does not match, a header
+        name that is not UTF-8) as its raw bytes, and read on after it; False when the batch cannot
+        be told, and so is not passed. A successor replaying past it does not send it again."""
+        assert self.consumer is not None
+        if self.to_restore:  # assigned in the poll that failed: restore first, meet the batch again after
+            self._restore_assigned()
+            return True
+        found = unparsable_batch(self.consumer)
+        cur = None if found is None else self.checkpoints.cursors.get(found[0].partition)
+        if found is None or cur is None:
+            return False
+        tp, base, after, raw = found
+        self._check_membership()
+        if after > cur.emitted:
+            metrics.REJECTS.labels("unparsable").inc()
+            d = dead_letter(key=None, value=raw, headers=[], reason="unparsable",
+                            detail=f"record batch of offsets {base}-{after - 1}: {exc}", topic=tp.topic,
+                            partition=tp.partition, offset=base, timestamp_ms=-1, max_bytes=MAX_PRODUCE_BYTES)
+            self._await([self.producer.send(self.settings.topics.dlq_topic, key=d.key, value=d.value,
+                                            headers=d.headers)])
+        self.log.error("a record batch of the readings topic cannot be parsed: dead-lettered whole, reading on "
+                       "after it", partition=tp.partition, offsets=[base, after - 1], error=str(exc))
+        self.consumer.seek(tp, after)
+        self.checkpoints.processed(tp.partition, after, ())
+        self._record_progress(self.checkpoints.published([tp.partition]))
+        return True
 
     def _final_checkpoint(self) -> None:
         """On a graceful stop: write the changed state and commit, so a successor replays nothing."""

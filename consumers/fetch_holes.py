@@ -53,9 +53,27 @@ def first_hole(records: bytes | memoryview, fetch_offset: int) -> tuple[int, int
     return None
 
 
+def batch_at(records: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
+    """The record batch (format v2) of a fetch response that holds ``offset`` (or comes first after
+    it): its base offset, the offset after it, and its bytes; None when the response has no such
+    batch whole."""
+    pos, end = 0, len(records)
+    while end - pos >= _HEADER.size:
+        base, length, _, magic, _, _, last_delta = _HEADER.unpack_from(records, pos)
+        stop = pos + _LENGTH_OVERHEAD + length
+        if magic < 2 or stop > end:
+            return None
+        if offset <= base + last_delta:  # the first batch that reaches it (a compacted gap: the one after)
+            return base, base + last_delta + 1, bytes(records[pos:stop])
+        pos = stop
+    return None
+
+
 class FetchHoleGuard:
     """Wraps a consumer's parsing of fetch responses (pinned kafka-python internals): a response
-    with a hole is cut there until the hole has lasted ``patience_s``."""
+    with a hole is cut there until the hole has lasted ``patience_s``. It also keeps each
+    partition's latest response, so a batch the client fails to parse can be dead-lettered whole
+    (:func:`unparsable_batch`): at most one fetch (``max_partition_fetch_bytes``) a partition."""
 
     def __init__(self, consumer: KafkaConsumer, patience_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -64,6 +82,7 @@ class FetchHoleGuard:
         self.holes: dict[TopicPartition, tuple[int, float]] = {}  # partition → (missing offset, first seen)
         self.cut = 0       # responses cut at a hole
         self.accepted = 0  # holes taken for real after the patience
+        self.latest: dict[TopicPartition, bytes | memoryview] = {}  # partition → its latest response's records
         fetcher = consumer._fetcher
         self._parse = fetcher._parse_fetched_data
         fetcher._parse_fetched_data = self._parse_guarded
@@ -77,6 +96,7 @@ class FetchHoleGuard:
                 self.holes.pop(tp, None)
             elif self._wait(tp, hole[1], hole[0] == 0):
                 data.records = data.records[:hole[0]]
+            self.latest[tp] = data.records
         return self._parse(completed)
 
     def _wait(self, tp: TopicPartition, missing: int, at_start: bool) -> bool:
@@ -97,3 +117,19 @@ class FetchHoleGuard:
         HOLES.labels("refetched").inc()
         return True
 
+
+
+def unparsable_batch(consumer: KafkaConsumer) -> tuple[TopicPartition, int, int, bytes] | None:
+    """After ``poll`` raised ``CorruptRecordError``: the partition whose records kafka-python failed
+    to parse, and the whole record batch that failed (base offset, the offset after it, its bytes).
+    kafka-python parses a batch whole, so a seek inside it fails again; only past it reads on.
+    None when the consumer has no :class:`FetchHoleGuard` or the batch cannot be told."""
+    fetcher = consumer._fetcher
+    guard = getattr(fetcher._parse_fetched_data, "__self__", None)
+    failing = fetcher._next_partition_records  # the records being taken when the parse failed
+    if not isinstance(guard, FetchHoleGuard) or failing is None:
+        return None
+    tp = failing.topic_partition
+    records = guard.latest.get(tp)
+    found = None if records is None else batch_at(records, failing.next_fetch_offset)
+    return None if found is None else (tp, *found)

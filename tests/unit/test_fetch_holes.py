@@ -11,7 +11,7 @@ from kafka.consumer.fetcher import CompletedFetch
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from kafka.record.memory_records import MemoryRecords
 
-from consumers.fetch_holes import FetchHoleGuard, first_hole
+from consumers.fetch_holes import FetchHoleGuard, batch_at, first_hole
 
 TP = TopicPartition("readings", 0)
 
@@ -98,3 +98,14 @@ def test_error_responses_pass_through_untouched() -> None:
     failed = CompletedFetch(TP, 5, 12, SimpleNamespace(error_code=1, records=batch(9, 1)), None)
     consumer._fetcher._parse_fetched_data(failed)
     assert consumer.parsed == [failed]
+
+
+def test_the_batch_that_holds_an_offset_is_found_whole_in_a_response() -> None:
+    first, second, third = batch(0, 5), batch(5, 3), batch(20, 2)  # a compacted gap before the third
+    response = first + second + third
+    assert batch_at(response, 0) == (0, 5, first)
+    assert batch_at(response, 6) == (5, 8, second)
+    assert batch_at(response, 9) == (20, 22, third)  # in the gap: the batch after it
+    assert batch_at(memoryview(response), 21) == (20, 22, third)
+    assert batch_at(response, 22) is None
+    assert batch_at(response[:-1], 20) is None  # the last batch cut short by the fetch size
