@@ -38,7 +38,7 @@ from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
 from consumers.health import Health
-from consumers.fetch_holes import unparsable_batch
+from consumers.fetch_holes import drop_failed_fetch, unparsable_batch
 from consumers.heap import settle_heap
 from consumers.kafka_clients import (KeyPartitions, ReadTimeout, cut_at_new_log, known_id, logs_began_again,
                                      make_consumer, make_producer, poll_arrays, read_to_end, record_clock,
@@ -278,10 +278,10 @@ class Detector:
         name that is not UTF-8) as its raw bytes, and read on after it; False when the batch cannot
         be told, and so is not passed. A successor replaying past it does not send it again."""
         assert self.consumer is not None
-        if self.to_restore:  # assigned in the poll that failed: restore first, meet the batch again after
-            self._restore_assigned()
-            return True
         found = unparsable_batch(self.consumer)
+        drop_failed_fetch(self.consumer)  # before anything that can raise: a retry from its offset would spin
+        if self.to_restore:  # assigned in the poll that failed: its cursor first (a restore does not seek)
+            self._restore_assigned()
         cur = None if found is None else self.checkpoints.cursors.get(found[0].partition)
         if found is None or cur is None:
             return False

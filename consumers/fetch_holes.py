@@ -53,27 +53,36 @@ def first_hole(records: bytes | memoryview, fetch_offset: int) -> tuple[int, int
     return None
 
 
+_RECORDS_COUNT = struct.Struct(">i")
+_RECORDS_COUNT_AT = 57  # after the header above, two timestamps, the producer id, epoch and base sequence
+
+
 def batch_at(records: bytes | memoryview, offset: int) -> tuple[int, int, bytes] | None:
-    """The record batch (format v2) of a fetch response that holds ``offset`` (or comes first after
-    it): its base offset, the offset after it, and its bytes; None when the response has no such
-    batch whole."""
+    """The record batch (format v2) of a fetch response that holds ``offset``: its base offset, the
+    offset after it, and its bytes. None unless the response holds it whole and its header is
+    consistent (a batch that fails its CRC may have a damaged header: its offset delta must match
+    its record count, as in a topic that is never compacted, and end before the next batch)."""
     pos, end = 0, len(records)
-    while end - pos >= _HEADER.size:
+    while end - pos >= _RECORDS_COUNT_AT + _RECORDS_COUNT.size:
         base, length, _, magic, _, _, last_delta = _HEADER.unpack_from(records, pos)
         stop = pos + _LENGTH_OVERHEAD + length
-        if magic < 2 or stop > end:
+        if magic < 2 or length < 0 or stop > end:
             return None
-        if offset <= base + last_delta:  # the first batch that reaches it (a compacted gap: the one after)
-            return base, base + last_delta + 1, bytes(records[pos:stop])
+        if base <= offset <= base + last_delta:
+            (count,) = _RECORDS_COUNT.unpack_from(records, pos + _RECORDS_COUNT_AT)
+            after = base + last_delta + 1
+            if count != last_delta + 1 or (end - stop >= 8 and struct.unpack_from(">q", records, stop)[0] < after):
+                return None
+            return base, after, bytes(records[pos:stop])
         pos = stop
     return None
 
 
 class FetchHoleGuard:
     """Wraps a consumer's parsing of fetch responses (pinned kafka-python internals): a response
-    with a hole is cut there until the hole has lasted ``patience_s``. It also keeps each
-    partition's latest response, so a batch the client fails to parse can be dead-lettered whole
-    (:func:`unparsable_batch`): at most one fetch (``max_partition_fetch_bytes``) a partition."""
+    with a hole is cut there until the hole has lasted ``patience_s``. The parsed records keep the
+    raw bytes they come from (``raw_records``, as long as kafka-python keeps them), so a batch the
+    client fails to parse can be dead-lettered whole (:func:`unparsable_batch`)."""
 
     def __init__(self, consumer: KafkaConsumer, patience_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -82,7 +91,6 @@ class FetchHoleGuard:
         self.holes: dict[TopicPartition, tuple[int, float]] = {}  # partition → (missing offset, first seen)
         self.cut = 0       # responses cut at a hole
         self.accepted = 0  # holes taken for real after the patience
-        self.latest: dict[TopicPartition, bytes | memoryview] = {}  # partition → its latest response's records
         fetcher = consumer._fetcher
         self._parse = fetcher._parse_fetched_data
         fetcher._parse_fetched_data = self._parse_guarded
@@ -96,8 +104,10 @@ class FetchHoleGuard:
                 self.holes.pop(tp, None)
             elif self._wait(tp, hole[1], hole[0] == 0):
                 data.records = data.records[:hole[0]]
-            self.latest[tp] = data.records
-        return self._parse(completed)
+        parsed = self._parse(completed)
+        if parsed is not None and data.error_code == 0:
+            parsed.raw_records = data.records
+        return parsed
 
     def _wait(self, tp: TopicPartition, missing: int, at_start: bool) -> bool:
         """Whether to cut the response at this hole (else it is taken as real)."""
@@ -119,17 +129,24 @@ class FetchHoleGuard:
 
 
 
+def drop_failed_fetch(consumer: KafkaConsumer) -> None:
+    """Forget the records kafka-python failed to parse. The pinned kafka-python leaves them in
+    line, spent but not drained: a poll from the offset they stopped at loops over them for ever
+    (a seek elsewhere drains them)."""
+    fetcher = consumer._fetcher
+    failing = fetcher._next_partition_records
+    if failing is not None:
+        failing.drain()
+        fetcher._next_partition_records = None
+
+
 def unparsable_batch(consumer: KafkaConsumer) -> tuple[TopicPartition, int, int, bytes] | None:
     """After ``poll`` raised ``CorruptRecordError``: the partition whose records kafka-python failed
     to parse, and the whole record batch that failed (base offset, the offset after it, its bytes).
-    kafka-python parses a batch whole, so a seek inside it fails again; only past it reads on.
-    None when the consumer has no :class:`FetchHoleGuard` or the batch cannot be told."""
-    fetcher = consumer._fetcher
-    guard = getattr(fetcher._parse_fetched_data, "__self__", None)
-    failing = fetcher._next_partition_records  # the records being taken when the parse failed
-    if not isinstance(guard, FetchHoleGuard) or failing is None:
-        return None
-    tp = failing.topic_partition
-    records = guard.latest.get(tp)
+    kafka-python parses a batch's records in turn and cannot go on inside it after one that fails
+    (a seek inside it parses the batch from its start again): only past it reads on.
+    None when the consumer has no :class:`FetchHoleGuard` or the batch cannot be told apart."""
+    failing = consumer._fetcher._next_partition_records  # the records being taken when the parse failed
+    records = getattr(failing, "raw_records", None)
     found = None if records is None else batch_at(records, failing.next_fetch_offset)
-    return None if found is None else (tp, *found)
+    return None if found is None else (failing.topic_partition, *found)
