@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,8 @@ from kafka.errors import (AuthorizationError, CommitFailedError, CorruptRecordEr
 from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
-from consumers.health import Health
 from consumers.fetch_holes import drop_failed_fetch, unparsable_batch
+from consumers.health import Health
 from consumers.heap import settle_heap
 from consumers.kafka_clients import (KeyPartitions, ReadTimeout, cut_at_new_log, known_id, logs_began_again,
                                      make_consumer, make_producer, poll_arrays, read_to_end, record_clock,
@@ -288,12 +289,10 @@ class Detector:
         tp, base, after, raw = found
         self._check_membership()
         if after > cur.emitted:
-            metrics.REJECTS.labels("unparsable").inc()
-            d = dead_letter(key=None, value=raw, headers=[], reason="unparsable",
-                            detail=f"record batch of offsets {base}-{after - 1}: {exc}", topic=tp.topic,
-                            partition=tp.partition, offset=base, timestamp_ms=-1, max_bytes=MAX_PRODUCE_BYTES)
-            self._await([self.producer.send(self.settings.topics.dlq_topic, key=d.key, value=d.value,
-                                            headers=d.headers)])
+            batch = SimpleNamespace(key=None, value=raw, headers=[], topic=tp.topic, partition=tp.partition,
+                                    offset=base, timestamp=-1)
+            self._await([self._dead_letter(batch, Reject(-1, "unparsable",
+                                                         f"record batch of offsets {base}-{after - 1}: {exc}"))])
         self.log.error("a record batch of the readings topic cannot be parsed: dead-lettered whole, reading on "
                        "after it", partition=tp.partition, offsets=[base, after - 1], error=str(exc))
         self.consumer.seek(tp, after)
