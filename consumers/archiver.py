@@ -76,7 +76,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from consumers import metrics
-from consumers.fetch_holes import drop_failed_fetch, unparsable_batch
+from consumers.fetch_holes import unparsable_batch
 from consumers.health import Health
 from consumers.http_server import serve
 from consumers.kafka_clients import (Polled, cut_at_new_log, known_id, leader_epochs, logs_began_again, make_consumer,
@@ -501,7 +501,6 @@ class Archiver:
         below them is written. False when the batch cannot be told."""
         assert self.consumer is not None
         found = unparsable_batch(self.consumer)
-        drop_failed_fetch(self.consumer)
         if found is None:
             return False
         tp, base, after, _ = found

@@ -38,7 +38,7 @@ from kafka.errors import (AuthorizationError, CommitFailedError, CorruptRecordEr
 from kafka.structs import OffsetAndMetadata
 
 from consumers import metrics
-from consumers.fetch_holes import drop_failed_fetch, unparsable_batch
+from consumers.fetch_holes import unparsable_batch
 from consumers.health import Health
 from consumers.heap import settle_heap
 from consumers.kafka_clients import (KeyPartitions, ReadTimeout, cut_at_new_log, known_id, logs_began_again,
@@ -279,8 +279,7 @@ class Detector:
         name that is not UTF-8) as its raw bytes, and read on after it; False when the batch cannot
         be told, and so is not passed. A successor replaying past it does not send it again."""
         assert self.consumer is not None
-        found = unparsable_batch(self.consumer)
-        drop_failed_fetch(self.consumer)  # before anything that can raise: a retry from its offset would spin
+        found = unparsable_batch(self.consumer)  # first: it drops the failed records, else a retry would spin
         if self.to_restore:  # assigned in the poll that failed: its cursor first (a restore does not seek)
             self._restore_assigned()
         cur = None if found is None else self.checkpoints.cursors.get(found[0].partition)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -32,6 +32,19 @@ _HEADER = struct.Struct(">qiibIhi")  # base offset, batch length, leader epoch, 
 _LENGTH_OVERHEAD = 12  # the base offset and the batch length precede what the length counts
 
 
+def _batches(records: bytes | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
+    """(start, stop, base offset, last offset delta, magic) of each whole batch of a fetch response,
+    in order; a last batch cut short by the fetch size is left out."""
+    pos, end = 0, len(records)
+    while end - pos >= _HEADER.size:
+        base, length, _, magic, _, _, last_delta = _HEADER.unpack_from(records, pos)
+        stop = pos + _LENGTH_OVERHEAD + length
+        if length < 0 or stop > end:
+            return
+        yield pos, stop, base, last_delta, magic
+        pos = stop
+
+
 def first_hole(records: bytes | memoryview, fetch_offset: int) -> tuple[int, int] | None:
     """Where the batches of one partition's fetch response (record format v2) first skip an
     offset: (bytes before that batch, the first offset missing), or None without a hole.
@@ -39,17 +52,13 @@ def first_hole(records: bytes | memoryview, fetch_offset: int) -> tuple[int, int
     A batch that starts before ``fetch_offset`` (asked for mid-batch) is no hole, nor is a last
     batch cut short by the fetch size. Responses in the legacy formats are not checked.
     """
-    expected, pos, end = fetch_offset, 0, len(records)
-    while end - pos >= _HEADER.size:
-        base, length, _, magic, _, _, last_delta = _HEADER.unpack_from(records, pos)
+    expected = fetch_offset
+    for pos, _, base, last_delta, magic in _batches(records):
         if magic < 2:
-            return None
-        if pos + _LENGTH_OVERHEAD + length > end:  # truncated last batch
             return None
         if base > expected:
             return pos, expected
         expected = max(expected, base + last_delta + 1)
-        pos += _LENGTH_OVERHEAD + length
     return None
 
 
@@ -62,19 +71,16 @@ def batch_at(records: bytes | memoryview, offset: int) -> tuple[int, int, bytes]
     offset after it, and its bytes. None unless the response holds it whole and its header is
     consistent (a batch that fails its CRC may have a damaged header: its offset delta must match
     its record count, as in a topic that is never compacted, and end before the next batch)."""
-    pos, end = 0, len(records)
-    while end - pos >= _RECORDS_COUNT_AT + _RECORDS_COUNT.size:
-        base, length, _, magic, _, _, last_delta = _HEADER.unpack_from(records, pos)
-        stop = pos + _LENGTH_OVERHEAD + length
-        if magic < 2 or length < 0 or stop > end:
+    for pos, stop, base, last_delta, magic in _batches(records):
+        if magic < 2 or stop - pos < _RECORDS_COUNT_AT + _RECORDS_COUNT.size:
             return None
         if base <= offset <= base + last_delta:
             (count,) = _RECORDS_COUNT.unpack_from(records, pos + _RECORDS_COUNT_AT)
             after = base + last_delta + 1
-            if count != last_delta + 1 or (end - stop >= 8 and struct.unpack_from(">q", records, stop)[0] < after):
+            overlaps = len(records) - stop >= 8 and struct.unpack_from(">q", records, stop)[0] < after
+            if count != last_delta + 1 or overlaps:
                 return None
             return base, after, bytes(records[pos:stop])
-        pos = stop
     return None
 
 
@@ -129,11 +135,10 @@ class FetchHoleGuard:
 
 
 
-def drop_failed_fetch(consumer: KafkaConsumer) -> None:
+def _drop_failed(fetcher: Any) -> None:
     """Forget the records kafka-python failed to parse. The pinned kafka-python leaves them in
     line, spent but not drained: a poll from the offset they stopped at loops over them for ever
     (a seek elsewhere drains them)."""
-    fetcher = consumer._fetcher
     failing = fetcher._next_partition_records
     if failing is not None:
         failing.drain()
@@ -145,8 +150,10 @@ def unparsable_batch(consumer: KafkaConsumer) -> tuple[TopicPartition, int, int,
     to parse, and the whole record batch that failed (base offset, the offset after it, its bytes).
     kafka-python parses a batch's records in turn and cannot go on inside it after one that fails
     (a seek inside it parses the batch from its start again): only past it reads on.
-    None when the consumer has no :class:`FetchHoleGuard` or the batch cannot be told apart."""
+    The failed records are dropped either way (see :func:`_drop_failed`). None when the consumer
+    has no :class:`FetchHoleGuard` or the batch cannot be told apart."""
     failing = consumer._fetcher._next_partition_records  # the records being taken when the parse failed
     records = getattr(failing, "raw_records", None)
     found = None if records is None else batch_at(records, failing.next_fetch_offset)
+    _drop_failed(consumer._fetcher)
     return None if found is None else (failing.topic_partition, *found)

@@ -16,7 +16,7 @@ from kafka.record.memory_records import MemoryRecords
 from kafka.record.util import calc_crc32c
 from kafka.structs import OffsetAndMetadata
 
-from consumers.fetch_holes import FetchHoleGuard, batch_at, drop_failed_fetch, first_hole, unparsable_batch
+from consumers.fetch_holes import FetchHoleGuard, batch_at, first_hole, unparsable_batch
 
 TP = TopicPartition("readings", 0)
 
@@ -179,5 +179,4 @@ def test_a_batch_the_client_fails_on_is_found_and_dropped_so_the_next_poll_does_
         assert len(appends) < 1000, "kafka-python loops on the spent records"
         return append(*args)
     fetcher._append = counted
-    drop_failed_fetch(consumer)
     assert fetcher.fetched_records(10) == ({}, False)  # from the same offset: returns at once
